@@ -1,0 +1,320 @@
+"""Score a checkpoint on a packed split: BLEU-1..4, METEOR, ROUGE-L, CIDEr (coco-caption), and on the
+built-in shapes dataset, attention fidelity.
+
+    python eval.py --checkpoint runs/shapes/best.pt --data-folder data/shapes --split test --beam-size 5
+
+Each image is decoded once and scored against all its original reference captions (the stored raw
+texts, PTB-tokenised as coco-caption does), never against references re-decoded through the word map.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import shutil
+import sys
+from collections import defaultdict
+from pathlib import Path
+from typing import Any, Iterable, Sequence
+
+import torch
+from torch.utils.data import DataLoader
+from tqdm import tqdm
+
+from models import ShowAttendTell, beam_search, hard_decode_mode, model_from_checkpoint
+from utils import atomic_write_text, autocast_context, decode_ids, load_checkpoint, resolve_device
+
+ALL_METRICS = ("BLEU", "METEOR", "ROUGE_L", "CIDEr")
+_JAVA_METRICS = ("METEOR",)  # the PTB tokenizer needs Java too; without it we tokenise in Python
+
+
+# --------------------------------------------------------------------------------------------
+# Decoding a split
+# --------------------------------------------------------------------------------------------
+@torch.no_grad()
+def decode_split(
+    model: ShowAttendTell,
+    loader: DataLoader,
+    word_map: dict[str, int],
+    *,
+    device: torch.device,
+    beam_size: int = 5,
+    max_len: int = 50,
+    length_penalty: float = 0.0,
+    mode: str | None = None,
+    amp: str = "off",
+    progress: bool = True,
+) -> list[dict[str, Any]]:
+    """Beam-search every image of `loader` once. Returns per image: index, caption, tokens, words,
+    references, finished, and the attention maps `alphas` (T, enc_size, enc_size)."""
+    model.eval()
+    rev_word_map = {v: k for k, v in word_map.items()}
+    mode = hard_decode_mode(model, mode)
+    decoded = []
+    for batch in tqdm(loader, desc="decode", disable=not progress, dynamic_ncols=True):
+        images = batch["image"].to(device, non_blocking=True)
+        with autocast_context(device, amp):
+            hypotheses = beam_search(
+                model, images, word_map, beam_size=beam_size, max_len=max_len, length_penalty=length_penalty, mode=mode
+            )
+        for index, references, hyp in zip(batch["index"], batch["references"], hypotheses):
+            caption = decode_ids(hyp.tokens, rev_word_map)
+            decoded.append(
+                {
+                    "index": int(index),
+                    "caption": caption,
+                    "tokens": hyp.tokens,
+                    "words": [rev_word_map.get(t, "<unk>") for t in hyp.tokens],
+                    "references": list(references),
+                    "finished": hyp.finished,
+                    "alphas": hyp.alphas,
+                    "betas": hyp.betas,
+                }
+            )
+    return decoded
+
+
+# --------------------------------------------------------------------------------------------
+# Caption metrics (coco-caption through pycocoevalcap; NLTK corpus BLEU as an optional comparison)
+# --------------------------------------------------------------------------------------------
+def simple_tokenize(text: str) -> str:
+    """Lower-cased alphanumeric words, the rule Karpathy's split files use; Python-only fallback."""
+    return " ".join(re.findall(r"[a-z0-9]+", text.lower()))
+
+
+def java_available() -> bool:
+    return shutil.which("java") is not None
+
+
+def score_captions(
+    captions: dict[int, str],
+    references: dict[int, list[str]],
+    *,
+    metrics: Iterable[str] = ALL_METRICS,
+    tokenizer: str = "ptb",
+) -> dict[str, float]:
+    """coco-caption scores of one caption per image against its references.
+
+    Args:
+        captions: image id -> generated caption.
+        references: image id -> raw reference captions.
+        metrics: any of BLEU (gives BLEU-1..4), METEOR, ROUGE_L, CIDEr.
+        tokenizer: "ptb" (coco-caption's Stanford PTB tokenizer, needs Java) or "simple" (Python).
+    """
+    if set(captions) != set(references):
+        raise ValueError("captions and references must cover the same image ids")
+    if not captions:
+        raise ValueError("nothing to score: no captions")
+    metrics = list(metrics)
+    unknown = set(metrics) - set(ALL_METRICS)
+    if unknown:
+        raise ValueError(f"unknown metric(s) {sorted(unknown)}; valid: {', '.join(ALL_METRICS)}")
+    if tokenizer == "ptb" and java_available():
+        from pycocoevalcap.tokenizer.ptbtokenizer import PTBTokenizer
+
+        ptb = PTBTokenizer()
+        gts = ptb.tokenize({i: [{"caption": r} for r in references[i]] for i in captions})
+        res = ptb.tokenize({i: [{"caption": captions[i]}] for i in captions})
+    else:
+        gts = {i: [simple_tokenize(r) for r in references[i]] for i in captions}
+        res = {i: [simple_tokenize(captions[i])] for i in captions}
+    if not java_available() and any(m in _JAVA_METRICS for m in metrics):
+        print("warning: java not found; skipping METEOR (and using a Python tokenizer)", file=sys.stderr)
+        metrics = [m for m in metrics if m not in _JAVA_METRICS]
+
+    scores: dict[str, float] = {}
+    for name in metrics:
+        if name == "BLEU":
+            from pycocoevalcap.bleu.bleu import Bleu
+
+            bleu, _ = Bleu(4).compute_score(gts, res, verbose=0)
+            scores.update({f"BLEU-{n + 1}": float(b) for n, b in enumerate(bleu)})
+        elif name == "METEOR":
+            from pycocoevalcap.meteor.meteor import Meteor
+
+            scores["METEOR"] = float(Meteor().compute_score(gts, res)[0])  # its __del__ stops the JVM
+        elif name == "ROUGE_L":
+            from pycocoevalcap.rouge.rouge import Rouge
+
+            scores["ROUGE-L"] = float(Rouge().compute_score(gts, res)[0])
+        elif name == "CIDEr":
+            from pycocoevalcap.cider.cider import Cider
+
+            scores["CIDEr"] = float(Cider().compute_score(gts, res)[0])
+    return scores
+
+
+def nltk_corpus_bleu(captions: dict[int, str], references: dict[int, list[str]]) -> dict[str, float]:
+    """NLTK corpus BLEU-1..4, as the popular PyTorch tutorial reports it (not coco-caption's BLEU).
+
+    Differences from coco-caption: NLTK's brevity penalty uses the closest reference length per corpus
+    (the same) but counts are clipped and aggregated by NLTK's implementation, and the tutorial scores
+    against word-map-encoded references; we use the raw references with Python tokenisation.
+    """
+    from nltk.translate.bleu_score import corpus_bleu
+
+    ids = sorted(captions)
+    refs = [[simple_tokenize(r).split() for r in references[i]] for i in ids]
+    hyps = [simple_tokenize(captions[i]).split() for i in ids]
+    weights = [(1.0,), (0.5, 0.5), (1 / 3, 1 / 3, 1 / 3), (0.25, 0.25, 0.25, 0.25)]
+    return {f"NLTK-BLEU-{n + 1}": float(corpus_bleu(refs, hyps, weights=w)) for n, w in enumerate(weights)}
+
+
+# --------------------------------------------------------------------------------------------
+# Attention fidelity on the shapes dataset
+# --------------------------------------------------------------------------------------------
+def attention_fidelity(decoded: list[dict[str, Any]], objects: dict[int, list[dict[str, Any]]]) -> dict[str, Any]:
+    """Does the model look at the object it names? (shapes dataset only)
+
+    For each generated mention "<colour> <shape>" of an object present in the image, a hit when the
+    centre of the argmax attention cell lies inside the object's box at the step emitting the shape noun
+    (`noun`), or at the noun or the colour step (`noun_or_colour`). `chance` is the fraction of grid
+    cell centres inside the box: what uniformly random peaks would score.
+    """
+    from shapes import COLORS, SHAPES
+
+    tallies: dict[str, list[float]] = defaultdict(lambda: [0, 0, 0, 0.0])  # mentions, noun, either, chance
+    for item in decoded:
+        words, alphas = item["words"], item["alphas"]  # T words, (T, g, g)
+        image_objects = objects[item["index"]]
+        for t in range(1, len(words)):
+            colour, shape = words[t - 1], words[t]
+            if colour not in COLORS or shape not in SHAPES:
+                continue
+            match = [o for o in image_objects if o["color"] == colour and o["shape"] == shape]
+            if not match:
+                continue  # a mention of an object that is not there: a caption error, not attention
+            box = match[0]["box"]
+            noun_hit = _peak_in_box(alphas[t], box)
+            either_hit = noun_hit or _peak_in_box(alphas[t - 1], box)
+            chance = _fraction_of_cells_in_box(alphas.shape[-1], box)
+            for key in ("all", f"{len(image_objects)}_objects"):
+                tally = tallies[key]
+                tally[0] += 1
+                tally[1] += noun_hit
+                tally[2] += either_hit
+                tally[3] += chance
+    result: dict[str, Any] = {}
+    for key, (mentions, noun, either, chance) in sorted(tallies.items()):
+        result[key] = {
+            "mentions": int(mentions),
+            "hit_noun": noun / mentions,
+            "hit_noun_or_colour": either / mentions,
+            "chance": chance / mentions,
+        }
+    return result
+
+
+def _cell_centres(grid: int) -> torch.Tensor:
+    centres = (torch.arange(grid, dtype=torch.float32) + 0.5) / grid
+    ys, xs = torch.meshgrid(centres, centres, indexing="ij")
+    return torch.stack([xs.flatten(), ys.flatten()], dim=1)  # (g*g, 2) as (x, y) fractions
+
+
+def _in_box(points: torch.Tensor, box: Sequence[float]) -> torch.Tensor:
+    x0, y0, x1, y1 = box
+    return (points[:, 0] >= x0) & (points[:, 0] <= x1) & (points[:, 1] >= y0) & (points[:, 1] <= y1)
+
+
+def _peak_in_box(alpha: torch.Tensor, box: Sequence[float]) -> bool:
+    grid = alpha.shape[-1]
+    peak = int(alpha.flatten().argmax())
+    return bool(_in_box(_cell_centres(grid)[peak : peak + 1], box)[0])
+
+
+def _fraction_of_cells_in_box(grid: int, box: Sequence[float]) -> float:
+    return float(_in_box(_cell_centres(grid), box).float().mean())
+
+
+# --------------------------------------------------------------------------------------------
+# CLI
+# --------------------------------------------------------------------------------------------
+def get_args_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--checkpoint", required=True, help="a best.pt / last.pt written by train.py")
+    parser.add_argument("--data-folder", required=True, help="folder written by create_input_files.py")
+    parser.add_argument("--split", default="test", choices=("train", "val", "test"), help="default: test")
+    parser.add_argument("--beam-size", type=int, default=5, help="default: 5 (1 = greedy)")
+    parser.add_argument("--batch-size", type=int, default=32, help="images decoded at once (default: 32)")
+    parser.add_argument("--max-len", type=int, default=50, help="longest caption decoded (default: 50)")
+    parser.add_argument("--length-penalty", type=float, default=0.0, help="rank by score/len**p (default: 0)")
+    parser.add_argument("--hard-decode", choices=("expected", "argmax", "sample"), default=None,
+                        help="hard-attention models: context at decoding (default: the checkpoint's config)")
+    parser.add_argument("--bleu", choices=("coco", "nltk"), default="coco",
+                        help="coco: coco-caption metrics only; nltk: also NLTK corpus BLEU as the tutorial")
+    parser.add_argument("--out", help="results JSON (COCO format); metrics go to OUT with .metrics.json")
+    parser.add_argument("--device", default="auto", help="auto | cpu | cuda (default: auto)")
+    parser.add_argument("--num-workers", type=int, default=2, help="DataLoader workers (default: 2)")
+    return parser
+
+
+def evaluate(args: argparse.Namespace) -> dict[str, Any]:
+    from datasets import CaptionDataset, collate_captions
+
+    ckpt = load_checkpoint(args.checkpoint)
+    model, cfg = model_from_checkpoint(ckpt)
+    device = resolve_device(args.device)
+    model.to(device)
+    dataset = CaptionDataset(args.data_folder, args.split)
+    if dataset.word_map != ckpt["word_map"]:
+        raise ValueError(f"{args.checkpoint}: word map differs from {args.data_folder}/word_map.json")
+    if args.beam_size < 1 or args.batch_size < 1:
+        raise ValueError("--beam-size and --batch-size must be >= 1")
+    loader = DataLoader(dataset, batch_size=args.batch_size, shuffle=False, num_workers=args.num_workers,
+                        collate_fn=collate_captions)
+    decoded = decode_split(
+        model, loader, ckpt["word_map"], device=device, beam_size=args.beam_size, max_len=args.max_len,
+        length_penalty=args.length_penalty, mode=args.hard_decode or cfg.hard_decode,
+    )
+    captions = {d["index"]: d["caption"] for d in decoded}
+    references = {d["index"]: d["references"] for d in decoded}
+    metrics: dict[str, Any] = score_captions(captions, references)
+    if args.bleu == "nltk":
+        metrics.update(nltk_corpus_bleu(captions, references))
+    unfinished = sum(not d["finished"] for d in decoded)
+    metrics.update({"images": len(decoded), "unfinished": unfinished, "beam_size": args.beam_size,
+                    "split": args.split, "attention": cfg.attention})
+    objects = {d["index"]: dataset.objects(d["index"]) for d in decoded}
+    if all(o is not None for o in objects.values()):
+        fidelity = attention_fidelity(decoded, objects)
+        if "all" in fidelity:
+            metrics["attention_hit_noun"] = fidelity["all"]["hit_noun"]
+            metrics["attention_hit_noun_or_colour"] = fidelity["all"]["hit_noun_or_colour"]
+            metrics["attention_chance"] = fidelity["all"]["chance"]
+        metrics["attention_fidelity"] = fidelity
+
+    out = Path(args.out) if args.out else Path(args.checkpoint).with_name(f"{args.split}_beam{args.beam_size}.json")
+    results = [{"image_id": d["index"], "caption": d["caption"]} for d in decoded]
+    atomic_write_text(out, json.dumps(results, indent=1))
+    atomic_write_text(out.with_name(out.name.removesuffix(".json") + ".metrics.json"), json.dumps(metrics, indent=2))
+    print_table(metrics)
+    print(f"captions: {out}")
+    return metrics
+
+
+def print_table(metrics: dict[str, Any]) -> None:
+    rows = [(k, v) for k, v in metrics.items() if isinstance(v, float)]
+    width = max(len(k) for k, _ in rows) if rows else 0
+    print(f"{'metric'.ljust(width)}  value")
+    for key, value in rows:
+        print(f"{key.ljust(width)}  {value:.4f}")
+    fidelity = metrics.get("attention_fidelity", {})
+    if fidelity:
+        print("attention fidelity       mentions  hit(noun)  hit(noun|colour)  chance")
+        for key, row in fidelity.items():
+            print(f"  {key:<22} {row['mentions']:>8}  {row['hit_noun']:>9.3f}  {row['hit_noun_or_colour']:>16.3f}"
+                  f"  {row['chance']:>6.3f}")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = get_args_parser().parse_args(argv)
+    try:
+        evaluate(args)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,494 @@
+"""Show, Attend and Tell (Xu et al. 2015): ResNet encoder, attention LSTM decoder, decoding.
+
+Symbols follow the paper: a (B, L, D) annotation vectors, L = enc_size**2 locations, D encoder channels;
+alpha_t (B, L) attention weights; beta_t the gate; z_t (B, D) context; h_t, c_t (B, n) LSTM state;
+E the m-dim word embedding; V the vocabulary size; T decoding steps.
+
+One function, `Decoder.step`, advances the decoder by one word. Teacher-forced training, greedy decoding,
+beam search and both attention variants all call it, so they cannot drift apart.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, NamedTuple
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+import torchvision
+
+from utils import Config
+
+__all__ = [
+    "Encoder",
+    "SoftAttention",
+    "HardAttention",
+    "Decoder",
+    "ShowAttendTell",
+    "build_model",
+    "model_from_checkpoint",
+    "doubly_stochastic_penalty",
+    "reinforce_surrogate",
+    "beam_search",
+]
+
+_RESNET_CHANNELS = {"resnet18": 64, "resnet34": 64, "resnet50": 256, "resnet101": 256, "resnet152": 256}
+
+
+# --------------------------------------------------------------------------------------------
+# Encoder
+# --------------------------------------------------------------------------------------------
+class Encoder(nn.Module):
+    """A torchvision ResNet cut before pooling, giving L = enc_size**2 annotation vectors a_i.
+
+    The paper uses VGG's conv5 (14x14x512, not fine-tuned); a ResNet's last stage pooled to 14x14 is the
+    common modern stand-in (D = 2048 for ResNet-50/101/152, 512 for 18/34). `stages=3` stops after layer3,
+    which halves the stride: useful for small images such as the built-in shapes dataset.
+
+    Args:
+        arch: torchvision ResNet name.
+        weights: "imagenet" (torchvision's IMAGENET1K_V1 weights) or "none" (random init).
+        stages: keep layer1..layer{stages}.
+        enc_size: side of the adaptive-average-pooled grid.
+        fine_tune: train the encoder stages >= fine_tune_stages (0 also trains the stem).
+        fine_tune_stages: first trained stage when fine_tune is set.
+    """
+
+    def __init__(
+        self,
+        *,
+        arch: str = "resnet101",
+        weights: str = "imagenet",
+        stages: int = 4,
+        enc_size: int = 14,
+        fine_tune: bool = False,
+        fine_tune_stages: int = 3,
+    ) -> None:
+        super().__init__()
+        if arch not in _RESNET_CHANNELS:
+            raise ValueError(f"encoder {arch!r} is not one of {', '.join(_RESNET_CHANNELS)}")
+        resnet = _load_resnet(arch, weights)
+        self.stem = nn.Sequential(resnet.conv1, resnet.bn1, resnet.relu, resnet.maxpool)
+        self.stages = nn.ModuleList([getattr(resnet, f"layer{i}") for i in range(1, stages + 1)])
+        self.pool = nn.AdaptiveAvgPool2d((enc_size, enc_size))
+        self.out_dim = _RESNET_CHANNELS[arch] * 2 ** (stages - 1)  # D
+        self.enc_size = enc_size
+        # Frozen parts stay frozen and run BatchNorm with running statistics, as a fixed feature extractor.
+        first_trained = fine_tune_stages if fine_tune else len(self.stages) + 1
+        self._frozen = [self.stem] if first_trained > 0 else []
+        self._frozen += [s for i, s in enumerate(self.stages, start=1) if i < first_trained]
+        for module in self._frozen:
+            module.requires_grad_(False)
+
+    def train(self, mode: bool = True) -> "Encoder":
+        super().train(mode)
+        for module in self._frozen:
+            module.eval()
+        return self
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        x = self.stem(images)  # (B, C, S/4, S/4)
+        for stage in self.stages:
+            x = stage(x)
+        x = self.pool(x)  # (B, D, enc_size, enc_size)
+        return x.flatten(2).transpose(1, 2)  # (B, L, D)
+
+
+def _load_resnet(arch: str, weights: str) -> nn.Module:
+    if weights == "none":
+        return getattr(torchvision.models, arch)(weights=None)
+    if weights != "imagenet":
+        raise ValueError(f"encoder_weights={weights!r} is not one of imagenet, none")
+    enum = torchvision.models.get_model_weights(arch).IMAGENET1K_V1
+    try:
+        return getattr(torchvision.models, arch)(weights=enum)
+    except OSError as e:  # URLError, connection refused, DNS failure: all OSError subclasses
+        raise RuntimeError(
+            f"could not download the ImageNet weights for {arch} ({e}); this machine looks offline. "
+            f"Put {enum.url.rsplit('/', 1)[-1]} in {torch.hub.get_dir()}/checkpoints, "
+            "or train from random init with encoder_weights=none"
+        ) from None
+
+
+# --------------------------------------------------------------------------------------------
+# Attention: f_att scores the locations; the variant decides how alpha becomes the context z_t.
+# --------------------------------------------------------------------------------------------
+class SoftAttention(nn.Module):
+    """Deterministic soft attention (Sec. 4.2): z_t = sum_i alpha_ti a_i, trained by backprop."""
+
+    variant = "soft"
+
+    def __init__(self, encoder_dim: int, decoder_dim: int, attention_dim: int) -> None:
+        super().__init__()
+        self.features_att = nn.Linear(encoder_dim, attention_dim)
+        self.hidden_att = nn.Linear(decoder_dim, attention_dim)
+        self.score = nn.Linear(attention_dim, 1)
+
+    def project(self, features: torch.Tensor) -> torch.Tensor:
+        """The h-independent half of f_att, computed once per image rather than every step."""
+        return self.features_att(features)  # (B, L, A)
+
+    def weights(self, features_proj: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
+        """alpha_t = softmax_i f_att(a_i, h_{t-1})."""
+        e = self.score(torch.tanh(features_proj + self.hidden_att(h).unsqueeze(1))).squeeze(2)  # (B, L)
+        return F.softmax(e.float(), dim=1)  # softmax in fp32 even under autocast
+
+    def context(
+        self, features: torch.Tensor, alpha: torch.Tensor, mode: str
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Returns z_t (B, D) and, for sampled locations, s_t (B,) (None when z_t is the expectation)."""
+        del mode  # soft attention always takes the expectation
+        return _expected_context(features, alpha), None
+
+
+class HardAttention(SoftAttention):
+    """Stochastic hard attention (Sec. 4.1): s_t ~ Multinoulli(alpha_t), z_t = a_{s_t}.
+
+    Modes: "sample" (training, and optional decoding), "expected" (the expectation, as the paper's
+    variance-reduction trick and the original code's decoding do), "argmax" (most likely location).
+    """
+
+    variant = "hard"
+
+    def context(
+        self, features: torch.Tensor, alpha: torch.Tensor, mode: str
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        if mode == "expected":
+            return _expected_context(features, alpha), None
+        if mode == "sample":
+            s = torch.multinomial(alpha.float(), 1).squeeze(1)  # (B,)
+        elif mode == "argmax":
+            s = alpha.argmax(dim=1)  # (B,)
+        else:
+            raise ValueError(f"hard attention mode {mode!r} is not one of sample, expected, argmax")
+        z = features[torch.arange(features.size(0), device=features.device), s]  # (B, D)
+        return z, s
+
+
+def _expected_context(features: torch.Tensor, alpha: torch.Tensor) -> torch.Tensor:
+    return torch.bmm(alpha.unsqueeze(1).to(features.dtype), features).squeeze(1)  # (B, D)
+
+
+# --------------------------------------------------------------------------------------------
+# Decoder
+# --------------------------------------------------------------------------------------------
+class StepOutput(NamedTuple):
+    logits: torch.Tensor  # (B, V) unnormalised log p(y_t | a, y_<t)
+    state: tuple[torch.Tensor, torch.Tensor]  # (h_t, c_t), each (B, n)
+    alpha: torch.Tensor  # (B, L)
+    beta: torch.Tensor  # (B, 1) scalar gate, (B, D) vector gate, or ones (B, 1) without a gate
+    location: torch.Tensor | None  # (B,) sampled/argmax location s_t, None for the expected context
+
+
+class Decoder(nn.Module):
+    """The attention LSTM of Sec. 3.1.2 with the gate beta_t and the deep output layer (Eq. 7)."""
+
+    def __init__(
+        self,
+        *,
+        vocab_size: int,
+        encoder_dim: int,
+        attention: str = "soft",
+        attention_dim: int = 512,
+        embed_dim: int = 512,
+        decoder_dim: int = 512,
+        dropout: float = 0.5,
+        gate: str = "scalar",
+        deep_output: bool = True,
+    ) -> None:
+        super().__init__()
+        attention_cls = {"soft": SoftAttention, "hard": HardAttention}.get(attention)
+        if attention_cls is None:
+            raise ValueError(f"attention={attention!r} is not one of soft, hard")
+        if gate not in ("scalar", "vector", "none"):
+            raise ValueError(f"gate={gate!r} is not one of scalar, vector, none")
+        self.vocab_size, self.encoder_dim, self.gate_kind, self.deep_output = vocab_size, encoder_dim, gate, deep_output
+        self.attention = attention_cls(encoder_dim, decoder_dim, attention_dim)
+        self.embedding = nn.Embedding(vocab_size, embed_dim)  # E
+        # c_0, h_0 from the mean annotation through two separate layers (Sec. 3.1.2).
+        self.init_h = nn.Linear(encoder_dim, decoder_dim)
+        self.init_c = nn.Linear(encoder_dim, decoder_dim)
+        # Paper: a scalar beta_t = sigmoid(f_beta(h_{t-1})); a size-D vector is a common variant.
+        self.f_beta = nn.Linear(decoder_dim, 1 if gate == "scalar" else encoder_dim) if gate != "none" else None
+        self.lstm = nn.LSTMCell(embed_dim + encoder_dim, decoder_dim)  # input [E y_{t-1}; z_t]
+        self.dropout = nn.Dropout(dropout)
+        if deep_output:
+            # p(y_t) ∝ exp(L_o(E y_{t-1} + L_h h_t + L_z z_t)), Eq. 7. The paper writes it without a
+            # nonlinearity inside L_o(...), so none is added (the original Theano code applies tanh).
+            self.L_h = nn.Linear(decoder_dim, embed_dim)
+            self.L_z = nn.Linear(encoder_dim, embed_dim)
+            self.L_o = nn.Linear(embed_dim, vocab_size)
+        else:
+            self.fc = nn.Linear(decoder_dim, vocab_size)  # the plain output of most PyTorch ports
+        self.embedding.weight.data.uniform_(-0.1, 0.1)
+
+    def init_state(self, features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        mean_a = features.mean(dim=1)  # (B, D)
+        return self.init_h(mean_a), self.init_c(mean_a)  # (B, n) each
+
+    def step(
+        self,
+        words: torch.Tensor,
+        state: tuple[torch.Tensor, torch.Tensor],
+        features: torch.Tensor,
+        features_proj: torch.Tensor,
+        mode: str = "expected",
+    ) -> StepOutput:
+        """Advance one word: y_{t-1} (B,), (h_{t-1}, c_{t-1}), a (B, L, D) -> logits for y_t and more.
+
+        `mode` is only read by hard attention: "sample", "expected" or "argmax".
+        """
+        h, c = state
+        alpha = self.attention.weights(features_proj, h)  # (B, L)
+        z, location = self.attention.context(features, alpha, mode)  # (B, D), (B,) or None
+        if self.f_beta is not None:
+            beta = torch.sigmoid(self.f_beta(h))  # (B, 1) or (B, D)
+            z = beta * z
+        else:
+            beta = h.new_ones(h.size(0), 1)
+        emb = self.embedding(words)  # (B, m)
+        h, c = self.lstm(torch.cat([emb, z], dim=1), (h, c))  # (B, n) each
+        if self.deep_output:
+            logits = self.L_o(self.dropout(emb + self.L_h(h) + self.L_z(z)))  # (B, V)
+        else:
+            logits = self.fc(self.dropout(h))  # (B, V)
+        return StepOutput(logits, (h, c), alpha, beta, location)
+
+    def forward(
+        self, features: torch.Tensor, captions: torch.Tensor, caplens: torch.Tensor, mode: str = "expected"
+    ) -> dict[str, torch.Tensor]:
+        """Teacher forcing over padded captions, in input order (masks, no sort-and-slice).
+
+        Args:
+            features: a, (N, L, D).
+            captions: (N, T+1) `<start> w_1 .. w_n <end> <pad>..`.
+            caplens: (N,) n + 2, counting <start> and <end>.
+        Returns a dict with logits (N, T, V) for targets captions[:, 1:T+1], alphas (N, T, L),
+        mask (N, T) of real steps, and for sampled hard attention log_p_s and entropy (N, T).
+        """
+        steps = int(caplens.max().item()) - 1  # T: predict w_1 .. <end>
+        mask = torch.arange(steps, device=captions.device)[None, :] < (caplens[:, None] - 1)  # (N, T)
+        features_proj = self.attention.project(features)  # (N, L, A)
+        state = self.init_state(features)
+        logits, alphas, log_p_s, entropy = [], [], [], []
+        for t in range(steps):
+            out = self.step(captions[:, t], state, features, features_proj, mode)
+            state = out.state
+            logits.append(out.logits)
+            alphas.append(out.alpha)
+            log_alpha = torch.log(out.alpha.clamp_min(1e-12))  # (N, L)
+            entropy.append(-(out.alpha * log_alpha).sum(dim=1))  # H[s_t] = -sum_i alpha_ti log alpha_ti
+            if out.location is not None:
+                log_p_s.append(log_alpha.gather(1, out.location[:, None]).squeeze(1))  # log p(s_t | a)
+        result = {
+            "logits": torch.stack(logits, dim=1),  # (N, T, V)
+            "alphas": torch.stack(alphas, dim=1),  # (N, T, L)
+            "entropy": torch.stack(entropy, dim=1),  # (N, T)
+            "mask": mask,
+            "targets": captions[:, 1 : steps + 1],  # (N, T)
+        }
+        if log_p_s:
+            result["log_p_s"] = torch.stack(log_p_s, dim=1)  # (N, T)
+        return result
+
+
+class ShowAttendTell(nn.Module):
+    """Encoder + decoder in one module, so DDP, optimisers and checkpoints see one thing."""
+
+    def __init__(self, cfg: Config, vocab_size: int, encoder_weights: str | None = None) -> None:
+        super().__init__()
+        self.encoder = Encoder(
+            arch=cfg.encoder,
+            weights=encoder_weights or cfg.encoder_weights,
+            stages=cfg.encoder_stages,
+            enc_size=cfg.enc_size,
+            fine_tune=cfg.fine_tune_encoder,
+            fine_tune_stages=cfg.fine_tune_stages,
+        )
+        self.decoder = Decoder(
+            vocab_size=vocab_size,
+            encoder_dim=self.encoder.out_dim,
+            attention=cfg.attention,
+            attention_dim=cfg.attention_dim,
+            embed_dim=cfg.embed_dim,
+            decoder_dim=cfg.decoder_dim,
+            dropout=cfg.dropout,
+            gate=cfg.gate,
+            deep_output=cfg.deep_output,
+        )
+        self.attention_variant = cfg.attention
+
+    def forward(
+        self, images: torch.Tensor, captions: torch.Tensor, caplens: torch.Tensor, mode: str = "expected"
+    ) -> dict[str, torch.Tensor]:
+        """images (B, 3, S, S); captions (B, C, T+1) with C captions per image; caplens (B, C).
+
+        The CNN runs once per image; its annotations are shared by that image's C captions.
+        """
+        features = self.encoder(images)  # (B, L, D)
+        per_image = captions.size(1)
+        features = features.repeat_interleave(per_image, dim=0)  # (B*C, L, D)
+        return self.decoder(features, captions.flatten(0, 1), caplens.flatten(), mode)
+
+
+def build_model(cfg: Config, vocab_size: int, *, encoder_weights: str | None = None) -> ShowAttendTell:
+    return ShowAttendTell(cfg, vocab_size, encoder_weights)
+
+
+def model_from_checkpoint(ckpt: dict[str, Any]) -> tuple[ShowAttendTell, Config]:
+    """Rebuild the exact model a checkpoint was trained with (no download: weights come from it)."""
+    from utils import config_from_dict
+
+    cfg = config_from_dict(ckpt["config"])
+    model = build_model(cfg, len(ckpt["word_map"]), encoder_weights="none")
+    try:
+        model.load_state_dict(ckpt["model"])
+    except RuntimeError as e:
+        raise ValueError(f"checkpoint weights do not match its config: {str(e).splitlines()[0]}") from None
+    return model.eval(), cfg
+
+
+# --------------------------------------------------------------------------------------------
+# Training objectives
+# --------------------------------------------------------------------------------------------
+def doubly_stochastic_penalty(alphas: torch.Tensor, mask: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
+    """lambda-free regulariser sum_i (1 - sum_t alpha_ti)^2 (Sec. 4.2.1), averaged over captions.
+
+    The sum over t runs over real (unpadded) steps only. `reduction="sum"` is the paper's sum over
+    locations i; "mean" divides it by L, as the popular PyTorch tutorial does. With L locations and
+    fewer words than locations no cell can reach 1, so the summed form pulls attention toward uniform.
+    """
+    attention_per_location = (alphas * mask.unsqueeze(2).to(alphas.dtype)).sum(dim=1)  # (N, L)
+    per_location = (1.0 - attention_per_location) ** 2  # (N, L)
+    if reduction == "sum":
+        return per_location.sum(dim=1).mean()
+    if reduction == "mean":
+        return per_location.mean(dim=1).mean()
+    raise ValueError(f"ds_reduction={reduction!r} is not one of sum, mean")
+
+
+def reinforce_surrogate(
+    log_lik: torch.Tensor, log_p_s: torch.Tensor, baseline: float, reinforce_weight: float
+) -> torch.Tensor:
+    """A loss whose gradient is -lambda_r (log p(y|s,a) - b) d log p(s|a)/dW (Sec. 4.1, Eq. 12).
+
+    Args:
+        log_lik: (N,) log p(y|s~,a) per sample; treated as a constant reward (detached).
+        log_p_s: (N,) log p(s~|a) of the sampled locations, summed over steps.
+        baseline: the moving-average baseline b.
+    """
+    advantage = (log_lik.detach() - baseline)  # (N,)
+    return -(reinforce_weight * advantage * log_p_s).mean()
+
+
+# --------------------------------------------------------------------------------------------
+# Decoding: beam search batched over images and beams (greedy is beam_size=1).
+# --------------------------------------------------------------------------------------------
+@dataclass
+class Hypothesis:
+    tokens: list[int]  # word ids, without <start> and <end>
+    score: float  # sum of log-probabilities (including <end> when finished)
+    normalized_score: float  # score / length**length_penalty, what ranks the hypotheses
+    finished: bool  # False when max_len was reached without <end>
+    alphas: torch.Tensor  # (len(tokens), enc_size, enc_size) attention when emitting each word
+    betas: torch.Tensor  # (len(tokens),) gate value (mean over D for a vector gate)
+
+
+@torch.no_grad()
+def beam_search(
+    model: ShowAttendTell,
+    images: torch.Tensor,
+    word_map: dict[str, int],
+    *,
+    beam_size: int = 5,
+    max_len: int = 50,
+    length_penalty: float = 0.0,
+    mode: str | None = None,
+) -> list[Hypothesis]:
+    """Best caption per image, decoding all images and all their beams as one batch.
+
+    A finished beam stays in the beam, extended only by <pad> at no cost, so every image keeps exactly
+    `beam_size` rows and the search ends when every beam is finished or max_len is reached. When no beam
+    of an image reaches <end>, its best unfinished hypothesis is returned rather than nothing.
+
+    Args:
+        images: (B, 3, S, S) normalised.
+        length_penalty: rank finished hypotheses by score / length**length_penalty (0 = raw log-prob).
+        mode: hard attention's decoding mode (expected, argmax, sample); soft ignores it.
+    """
+    if beam_size < 1:
+        raise ValueError(f"beam_size={beam_size} must be >= 1")
+    model.eval()
+    decoder = model.decoder
+    start, end, pad = word_map["<start>"], word_map["<end>"], word_map["<pad>"]
+    k, vocab = beam_size, decoder.vocab_size
+    features = model.encoder(images)  # (B, L, D)
+    batch, num_locations, _ = features.shape
+    features = features.repeat_interleave(k, dim=0)  # (B*k, L, D)
+    features_proj = decoder.attention.project(features)  # (B*k, L, A)
+    state = decoder.init_state(features)
+    words = torch.full((batch * k,), start, dtype=torch.long, device=images.device)  # (B*k,)
+    # Only beam 0 is live at t=0, so the first top-k picks k distinct words rather than k copies.
+    scores = torch.full((batch, k), float("-inf"), device=images.device)
+    scores[:, 0] = 0.0
+    scores = scores.flatten()  # (B*k,)
+    finished = torch.zeros(batch * k, dtype=torch.bool, device=images.device)
+    lengths = torch.zeros(batch * k, dtype=torch.long, device=images.device)  # tokens incl. <end>
+    tokens = torch.empty(batch * k, 0, dtype=torch.long, device=images.device)  # (B*k, t)
+    alphas = features.new_empty(batch * k, 0, num_locations)  # (B*k, t, L)
+    betas = features.new_empty(batch * k, 0)  # (B*k, t)
+    mode = mode or "expected"
+
+    for _ in range(max_len):
+        out = decoder.step(words, state, features, features_proj, mode)
+        log_probs = F.log_softmax(out.logits.float(), dim=1)  # (B*k, V)
+        # A finished beam may only continue with <pad>, at log-prob 0: its score is frozen.
+        frozen = torch.full_like(log_probs, float("-inf"))
+        frozen[:, pad] = 0.0
+        log_probs = torch.where(finished[:, None], frozen, log_probs)
+        candidates = (scores[:, None] + log_probs).view(batch, k * vocab)  # (B, k*V)
+        top_scores, top_ids = candidates.topk(k, dim=1)  # (B, k)
+        parent = (top_ids // vocab + torch.arange(batch, device=images.device)[:, None] * k).flatten()  # (B*k,)
+        words = (top_ids % vocab).flatten()  # (B*k,)
+        scores = top_scores.flatten()
+        was_finished = finished[parent]
+        lengths = lengths[parent] + (~was_finished).long()
+        finished = was_finished | (words == end)
+        tokens = torch.cat([tokens[parent], words[:, None]], dim=1)
+        alphas = torch.cat([alphas[parent], out.alpha[parent].unsqueeze(1).to(alphas.dtype)], dim=1)
+        betas = torch.cat([betas[parent], out.beta[parent].float().mean(dim=1, keepdim=True).to(betas.dtype)], dim=1)
+        state = (out.state[0][parent], out.state[1][parent])
+        if bool(finished.all()):
+            break
+
+    normalized = scores / lengths.clamp_min(1).float() ** length_penalty if length_penalty else scores.clone()
+    # Prefer finished hypotheses; fall back to the best unfinished one for images with none finished.
+    ranking = torch.where(finished, normalized, normalized - 1e9).view(batch, k)  # (B, k)
+    best = ranking.argmax(dim=1) + torch.arange(batch, device=images.device) * k  # (B,)
+    enc = model.encoder.enc_size
+    results = []
+    for row in best.tolist():
+        n_words = int(lengths[row]) - int(finished[row])  # drop <end>
+        results.append(
+            Hypothesis(
+                tokens=tokens[row, :n_words].tolist(),
+                score=float(scores[row]),
+                normalized_score=float(normalized[row]),
+                finished=bool(finished[row]),
+                alphas=alphas[row, :n_words].float().view(n_words, enc, enc).cpu(),
+                betas=betas[row, :n_words].float().cpu(),
+            )
+        )
+    return results
+
+
+def hard_decode_mode(model: ShowAttendTell, requested: str | None) -> str:
+    """The context mode decoding uses: the expectation unless a hard model asks for argmax/sample."""
+    return requested if model.attention_variant == "hard" and requested else "expected"
+
+
+def log_likelihood_per_caption(logits: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """sum_t log p(y_t | ...) over real steps, (N,)."""
+    log_probs = F.log_softmax(logits.float(), dim=2).gather(2, targets.unsqueeze(2)).squeeze(2)  # (N, T)
+    return (log_probs * mask).sum(dim=1)
+
