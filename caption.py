@@ -1,0 +1,461 @@
+"""Caption images with a trained checkpoint and show where the model looked for each word.
+
+    python caption.py --img photo.jpg --checkpoint runs/shapes/best.pt
+    python caption.py --img photos/ "more/*.png" --checkpoint best.pt --beam-size 5 --out-dir captions --show
+
+PATH may be an image file (anything PIL opens, any size or mode), a folder (its image files, sorted, not
+recursive) or a glob pattern. For each image this prints `path: caption` and writes into --out-dir:
+
+    NAME_attention.png  a grid: the image, then one panel per word with alpha_t upsampled and smoothed
+                        over the image (hard attention also outlines the argmax cell s_t)
+    NAME_attention.gif  the same panels animated: frame 0 is the plain image, then one frame per word,
+                        so frames = words + 1; 800 ms per frame, looping forever
+
+NAME is the file's stem (`_1`, `_2`, ... appended when two inputs share a stem). Bad inputs are reported
+as `error: PATH: reason` and skipped; the exit code is 0 when at least one image was captioned.
+"""
+from __future__ import annotations
+
+import argparse
+import glob
+import math
+import os
+import secrets
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import BinaryIO, Callable, Sequence
+
+import numpy as np
+import torch
+from PIL import Image, ImageOps
+
+from models import Hypothesis, ShowAttendTell, beam_search, hard_decode_mode, model_from_checkpoint
+from utils import decode_ids, load_checkpoint, resolve_device
+
+__all__ = [
+    "IMAGE_EXTENSIONS",
+    "collect_images",
+    "load_image",
+    "caption_images",
+    "caption_words",
+    "render_panels",
+    "save_attention_png",
+    "save_attention_gif",
+    "get_args_parser",
+    "main",
+]
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp")
+DEFAULT_IMAGE_SIZE = 256  # when the checkpoint does not record the packed image size S
+IMAGENET_MEAN = (0.485, 0.456, 0.406)  # the normalisation the packed training images get
+IMAGENET_STD = (0.229, 0.224, 0.225)
+GIF_FRAME_MS = 800  # slow enough to read each word
+GRID_COLUMNS = 5
+PANEL_INCHES, PANEL_DPI = 2.6, 100  # every panel has the same pixel size, so grid and GIF frames agree
+
+
+# --------------------------------------------------------------------------------------------
+# Inputs: paths, patterns and folders -> image files; image files -> normalised tensors
+# --------------------------------------------------------------------------------------------
+def collect_images(patterns: Sequence[str]) -> tuple[list[Path], list[tuple[str, str]]]:
+    """Expand files, folders and glob patterns into image paths, in the order given.
+
+    Returns (paths, bad): `bad` holds (input, reason) for inputs that name nothing usable, so the caller
+    can report each one and still caption the rest. A path listed twice is captioned once.
+    """
+    paths: list[Path] = []
+    bad: list[tuple[str, str]] = []
+    for pattern in patterns:
+        path = Path(pattern)
+        if path.is_dir():
+            found = sorted(p for p in path.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
+            if not found:
+                bad.append((pattern, f"folder has no image files ({', '.join(IMAGE_EXTENSIONS)})"))
+        elif path.is_file():
+            found = [path]
+        elif glob.has_magic(pattern):
+            found = [Path(p) for p in sorted(glob.glob(pattern)) if Path(p).is_file()]
+            if not found:
+                bad.append((pattern, "pattern matches no files"))
+        else:
+            found = []
+            bad.append((pattern, "no such file or folder"))
+        paths.extend(found)
+    seen: set[Path] = set()
+    unique = []
+    for path in paths:
+        key = path.resolve()
+        if key not in seen:
+            seen.add(key)
+            unique.append(path)
+    return unique, bad
+
+
+def load_image(path: str | Path, image_size: int) -> tuple[torch.Tensor, Image.Image]:
+    """Read any image PIL opens and prepare it exactly like the packed training images.
+
+    EXIF orientation is applied (phones store rotated pixels), every mode becomes RGB (transparency is
+    composited on white), then a square resize to S = image_size and ImageNet normalisation.
+
+    Returns:
+        tensor: (3, S, S) float, normalised.
+        display: the RGB image resized to S x S, what the attention maps are drawn over.
+    Raises:
+        ValueError: `PATH: reason` for a missing, empty, truncated or unreadable file.
+    """
+    from torchvision import transforms
+
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"{path}: no such file")
+    if path.stat().st_size == 0:
+        raise ValueError(f"{path}: empty file (0 bytes)")
+    try:
+        with Image.open(path) as opened:
+            opened.load()  # decode now, so a truncated file fails here rather than later
+            image = _to_rgb(ImageOps.exif_transpose(opened))
+    except Image.DecompressionBombError as e:
+        raise ValueError(f"{path}: image too large ({e})") from None
+    except Image.UnidentifiedImageError:
+        raise ValueError(f"{path}: not an image PIL can read") from None
+    except Exception as e:  # truncated data, broken EXIF, an unsupported mode, ...
+        raise ValueError(f"{path}: corrupt or truncated image ({_first_line(e)})") from None
+    # Bilinear (antialiased when shrinking) square stretch, as create_input_files.py packs images.
+    display = image.resize((image_size, image_size), Image.Resampling.BILINEAR)
+    normalise = transforms.Compose([transforms.ToTensor(), transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
+    return normalise(display), display
+
+
+def _to_rgb(image: Image.Image) -> Image.Image:
+    """Any PIL mode -> 8-bit RGB, with the same rules as create_input_files.py (the training images).
+
+    Transparency is composited on white; 16/32-bit grey is scaled to 0..255 rather than clipped, as
+    PIL's own convert would (turning most 16-bit photos white).
+    """
+    if image.mode in ("I", "F") or image.mode.startswith("I;16"):
+        grey = np.asarray(image, dtype=np.float64)
+        if image.mode.startswith("I;16") or grey.max(initial=0) > 255:
+            grey = grey / 257.0  # a 16-bit range, 0..65535
+        image = Image.fromarray(np.clip(np.rint(grey), 0, 255).astype(np.uint8), mode="L")
+    if image.mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in image.info:
+        rgba = image.convert("RGBA")
+        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(white, rgba).convert("RGB")
+    return image.convert("RGB")  # L, 1, P, CMYK, YCbCr, RGB, ...
+
+
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip()
+    return text.splitlines()[0][:200] if text else type(error).__name__
+
+
+# --------------------------------------------------------------------------------------------
+# Decoding
+# --------------------------------------------------------------------------------------------
+@torch.no_grad()
+def caption_images(
+    model: ShowAttendTell,
+    images: torch.Tensor | Sequence[torch.Tensor],
+    word_map: dict[str, int],
+    *,
+    beam_size: int = 5,
+    max_len: int = 50,
+    length_penalty: float = 0.0,
+    mode: str | None = None,
+    batch_size: int = 16,
+    device: torch.device | str = "cpu",
+) -> list[Hypothesis]:
+    """Beam-search images (N, 3, S, S) in batches of `batch_size`; one best Hypothesis per image.
+
+    Each batch is one `models.beam_search` call (all images and all their beams decoded together).
+    `mode` is hard attention's decoding context (expected | argmax | sample); soft attention ignores it.
+    """
+    if not isinstance(images, torch.Tensor):
+        images = torch.stack(list(images)) if len(images) else torch.empty(0, 3, 1, 1)
+    if batch_size < 1:
+        raise ValueError(f"batch_size={batch_size} must be >= 1")
+    model.eval()
+    mode = hard_decode_mode(model, mode)
+    hypotheses: list[Hypothesis] = []
+    for first in range(0, images.size(0), batch_size):
+        batch = images[first : first + batch_size].to(device)  # (b, 3, S, S)
+        hypotheses += beam_search(
+            model, batch, word_map, beam_size=beam_size, max_len=max_len, length_penalty=length_penalty, mode=mode
+        )
+    return hypotheses
+
+
+def caption_words(hyp: Hypothesis, rev_word_map: dict[int, str]) -> tuple[list[str], torch.Tensor, torch.Tensor]:
+    """The caption's words with their alpha_t (T, g, g) and beta_t (T,): the words `decode_ids` prints.
+
+    <start>/<pad> tokens (which an untrained model may emit) are dropped together with their maps, so the
+    panels are exactly the printed caption's words.
+    """
+    keep = [t for t, token in enumerate(hyp.tokens) if rev_word_map.get(token, "<unk>") not in ("<start>", "<pad>")]
+    words = [rev_word_map.get(hyp.tokens[t], "<unk>") for t in keep]
+    return words, hyp.alphas[keep], hyp.betas[keep]
+
+
+# --------------------------------------------------------------------------------------------
+# Attention figures: one list of panels feeds both the PNG grid and the GIF, so they cannot disagree
+# --------------------------------------------------------------------------------------------
+@dataclass
+class AttentionMaps:
+    """What the figures show for one image."""
+
+    image: Image.Image  # RGB, S x S (what the model saw)
+    words: list[str]  # T words of the caption
+    alphas: torch.Tensor  # (T, g, g) alpha_t when emitting each word
+    betas: torch.Tensor | None = None  # (T,) gate beta_t, shown in the titles; None without a gate
+    hard: bool = False  # hard attention: outline the argmax cell (the location s_t argmax decoding uses)
+
+
+def smooth_attention(alpha: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """alpha_t (g, g) -> (H, W): bilinear upsampling, then a Gaussian about half a cell wide."""
+    from skimage.filters import gaussian
+    from skimage.transform import resize
+
+    up = resize(alpha.astype(np.float64), size, order=1, mode="edge", anti_aliasing=False)  # (H, W)
+    sigma = 0.5 * max(size) / max(alpha.shape)
+    return gaussian(up, sigma=sigma, mode="nearest")
+
+
+def render_panels(maps: AttentionMaps) -> list[Image.Image]:
+    """Panel 0 is the plain image; panel t (1..T) overlays alpha_t on it with word t as the title.
+
+    Drawn with matplotlib's Agg canvas directly (no pyplot, no global backend switch), so it works
+    headless and leaves an interactive session's backend alone. All panels have the same pixel size.
+    """
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+    from matplotlib.patches import Rectangle
+
+    image = np.asarray(maps.image)  # (H, W, 3)
+    height, width = image.shape[:2]
+    alphas = maps.alphas.detach().float().cpu().numpy()  # (T, g, g)
+    panels = []
+    for t in range(len(maps.words) + 1):
+        fig = Figure(figsize=(PANEL_INCHES, PANEL_INCHES + 0.3), dpi=PANEL_DPI)
+        FigureCanvasAgg(fig)
+        ax = fig.add_axes((0.02, 0.02, 0.96, 0.96 * PANEL_INCHES / (PANEL_INCHES + 0.3)))
+        ax.imshow(image)
+        ax.set_axis_off()
+        if t == 0:
+            title = "image"
+        else:
+            alpha = alphas[t - 1]  # (g, g)
+            heat = smooth_attention(alpha, (height, width))
+            ax.imshow(heat, cmap="jet", alpha=0.5, vmin=0.0, vmax=max(float(heat.max()), 1e-12))
+            # The step number keeps consecutive frames distinct: PIL merges identical GIF frames.
+            title = f"{t}: {maps.words[t - 1]}"
+            if maps.betas is not None:
+                title += f" (β={float(maps.betas[t - 1]):.2f})"
+            if maps.hard:
+                grid = alpha.shape[0]
+                row, col = divmod(int(alpha.argmax()), grid)
+                cell_h, cell_w = height / grid, width / grid
+                ax.add_patch(Rectangle((col * cell_w - 0.5, row * cell_h - 0.5), cell_w, cell_h,
+                                       fill=False, edgecolor="white", linewidth=2))
+        ax.set_title(title, fontsize=9)
+        fig.canvas.draw()
+        panels.append(Image.fromarray(np.asarray(fig.canvas.buffer_rgba())).convert("RGB"))
+    return panels
+
+
+def panel_grid(panels: Sequence[Image.Image], columns: int = GRID_COLUMNS) -> Image.Image:
+    """Tile equal-sized panels row by row on a white canvas."""
+    columns = max(1, min(columns, len(panels)))
+    rows = math.ceil(len(panels) / columns)
+    width, height = panels[0].size
+    grid = Image.new("RGB", (columns * width, rows * height), "white")
+    for i, panel in enumerate(panels):
+        grid.paste(panel, ((i % columns) * width, (i // columns) * height))
+    return grid
+
+
+def save_attention_png(path: str | Path, panels: Sequence[Image.Image]) -> None:
+    """The grid of all panels as one PNG, written atomically."""
+    grid = panel_grid(panels)
+    _atomic_save(path, lambda f: grid.save(f, format="PNG"))
+
+
+def save_attention_gif(path: str | Path, panels: Sequence[Image.Image], frame_ms: int = GIF_FRAME_MS) -> None:
+    """The panels as an animated GIF (one frame each, `frame_ms` per frame, looping forever), atomically."""
+    first, rest = panels[0], list(panels[1:])
+    _atomic_save(
+        path, lambda f: first.save(f, format="GIF", save_all=True, append_images=rest, duration=frame_ms, loop=0)
+    )
+
+
+def _atomic_save(path: str | Path, write: Callable[[BinaryIO], None]) -> None:
+    """Write through a temp file in the target folder, then rename: an interrupted run leaves no half file.
+
+    The temp file is opened with mode "xb" rather than mkstemp so it gets the usual umask permissions.
+    """
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
+    try:
+        with open(tmp, "xb") as f:
+            write(f)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def output_names(paths: Sequence[Path]) -> list[str]:
+    """File stems, with `_1`, `_2`, ... appended to repeats (e.g. a/cat.jpg and b/cat.png)."""
+    used: set[str] = set()
+    names = []
+    for path in paths:
+        name, n = path.stem, 0
+        while name.casefold() in used:  # casefold: case-insensitive file systems
+            n += 1
+            name = f"{path.stem}_{n}"
+        used.add(name.casefold())
+        names.append(name)
+    return names
+
+
+# --------------------------------------------------------------------------------------------
+# Display
+# --------------------------------------------------------------------------------------------
+_NON_INTERACTIVE = {"agg", "cairo", "pdf", "pgf", "ps", "svg", "template"}
+
+
+def _display_available() -> bool:
+    if sys.platform.startswith("linux") and not (os.environ.get("DISPLAY") or os.environ.get("WAYLAND_DISPLAY")):
+        return False
+    import matplotlib
+
+    return matplotlib.get_backend().lower() not in _NON_INTERACTIVE
+
+
+def show_grids(grids: Sequence[tuple[str, Path]]) -> None:
+    """Open one window per captioned image (blocks until they are closed)."""
+    import matplotlib.pyplot as plt
+
+    for caption, png in grids:
+        with Image.open(png) as grid:
+            pixels = np.asarray(grid.convert("RGB"))
+        fig = plt.figure(figsize=(pixels.shape[1] / PANEL_DPI, pixels.shape[0] / PANEL_DPI + 0.4), dpi=PANEL_DPI)
+        fig.suptitle(caption)
+        ax = fig.add_axes((0, 0, 1, pixels.shape[0] / (pixels.shape[0] + 0.4 * PANEL_DPI)))
+        ax.imshow(pixels)
+        ax.set_axis_off()
+    plt.show()
+
+
+# --------------------------------------------------------------------------------------------
+# CLI
+# --------------------------------------------------------------------------------------------
+def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter, add_help=add_help
+    )
+    parser.add_argument("--img", nargs="+", required=True, metavar="PATH",
+                        help="image files, folders (non-recursive) or glob patterns (quote them)")
+    parser.add_argument("--checkpoint", required=True, help="a best.pt / last.pt written by train.py")
+    parser.add_argument("--beam-size", type=int, default=5, help="default: 5 (1 = greedy)")
+    parser.add_argument("--max-len", type=int, default=50, help="longest caption decoded (default: 50)")
+    parser.add_argument("--length-penalty", type=float, default=0.0,
+                        help="rank finished captions by score/len**p (default: 0 = raw log-prob)")
+    parser.add_argument("--hard-decode", choices=("expected", "argmax", "sample"), default=None,
+                        help="hard-attention models: context at decoding (default: the checkpoint's config)")
+    parser.add_argument("--out-dir", default="captions", help="where the PNG/GIF go (default: captions/)")
+    parser.add_argument("--show", action="store_true", help="also open the grids in a window (needs a display)")
+    parser.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N (default: auto)")
+    parser.add_argument("--batch-size", type=int, default=16, help="images decoded at once (default: 16)")
+    parser.add_argument("--image-size", type=int, default=None,
+                        help=f"resize to S x S (default: the checkpoint's image_size, else {DEFAULT_IMAGE_SIZE})")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = get_args_parser().parse_args(argv)
+    for flag in ("beam_size", "max_len", "batch_size", "image_size"):
+        value = getattr(args, flag)
+        if value is not None and value < 1:
+            return _fail(f"--{flag.replace('_', '-')}={value} must be >= 1")
+
+    paths, bad = collect_images(args.img)
+    for source, reason in bad:
+        print(f"error: {source}: {reason}", file=sys.stderr)
+    if not paths:
+        return _fail("no images to caption")
+    try:
+        ckpt = load_checkpoint(args.checkpoint)  # its ValueError already names the file
+        device = resolve_device(args.device)
+    except ValueError as e:
+        return _fail(str(e))
+    try:
+        model, cfg = model_from_checkpoint(ckpt)
+    except (ValueError, TypeError, KeyError, AttributeError) as e:
+        return _fail(f"{args.checkpoint}: cannot rebuild the model ({_first_line(e)})")
+    model.to(device)
+    image_size = args.image_size or int(ckpt.get("image_size", DEFAULT_IMAGE_SIZE))
+    word_map = ckpt["word_map"]
+    rev_word_map = {v: k for k, v in word_map.items()}
+    out_dir = Path(args.out_dir)
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        return _fail(f"{out_dir}: cannot create the output folder ({_first_line(e)})")
+    show = args.show and _display_available()
+    if args.show and not show:
+        print("warning: --show: no display available; the figures are only saved", file=sys.stderr)
+
+    captioned: list[tuple[str, Path]] = []
+    named = list(zip(paths, output_names(paths)))
+    for first in range(0, len(named), args.batch_size):
+        chunk = named[first : first + args.batch_size]
+        loaded = []
+        for path, name in chunk:  # load one batch at a time: a folder of photos need not fit in memory
+            try:
+                tensor, display = load_image(path, image_size)
+            except ValueError as e:
+                print(f"error: {e}", file=sys.stderr)
+                bad.append((str(path), str(e)))
+                continue
+            loaded.append((path, name, tensor, display))
+        if not loaded:
+            continue
+        hypotheses = caption_images(
+            model, [t for _, _, t, _ in loaded], word_map, beam_size=args.beam_size, max_len=args.max_len,
+            length_penalty=args.length_penalty, mode=args.hard_decode or cfg.hard_decode,
+            batch_size=args.batch_size, device=device,
+        )
+        for (path, name, _, display), hyp in zip(loaded, hypotheses):
+            words, alphas, betas = caption_words(hyp, rev_word_map)
+            maps = AttentionMaps(display, words, alphas, betas if cfg.gate != "none" else None, cfg.attention == "hard")
+            panels = render_panels(maps)
+            png, gif = out_dir / f"{name}_attention.png", out_dir / f"{name}_attention.gif"
+            try:
+                save_attention_png(png, panels)
+                save_attention_gif(gif, panels)
+            except OSError as e:
+                print(f"error: {path}: cannot write its figures to {out_dir} ({_first_line(e)})", file=sys.stderr)
+                png.unlink(missing_ok=True)
+                bad.append((str(path), "cannot write figures"))
+                continue
+            caption = decode_ids(hyp.tokens, rev_word_map)
+            print(f"{path}: {caption}", flush=True)
+            captioned.append((f"{path}: {caption}", png))
+
+    if bad:
+        print(f"skipped {len(bad)} bad image(s)", file=sys.stderr)
+    if captioned:
+        print(f"figures: {out_dir}/")
+    if show and captioned:
+        show_grids(captioned)
+    return 0 if captioned else 1
+
+
+def _fail(message: str) -> int:
+    print(f"error: {message}", file=sys.stderr)
+    return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
