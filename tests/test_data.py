@@ -1,0 +1,531 @@
+"""Tests of the data layer: shapes generator, create_input_files.py packing, datasets.CaptionDataset."""
+from __future__ import annotations
+
+import io
+import json
+import os
+import struct
+import subprocess
+import sys
+import zlib
+from pathlib import Path
+from typing import Any, Callable
+
+import h5py
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import create_input_files as cif
+import shapes
+from conftest import ROOT, SHAPES_ARGS
+from datasets import IMAGENET_MEAN, IMAGENET_STD, CaptionDataset, collate_captions
+from utils import SPECIAL_TOKENS, decode_ids, load_word_map
+
+
+# --------------------------------------------------------------------------------------------
+# helpers
+# --------------------------------------------------------------------------------------------
+def read_h5(path: Path) -> dict[str, Any]:
+    """Every dataset (as numpy / lists of str) and attribute of one packed split."""
+    with h5py.File(path, "r") as h5:
+        out = {k: (h5[k].asstr()[()].tolist() if h5[k].dtype == object else h5[k][()]) for k in h5}
+        out["attrs"] = {k: (v.item() if hasattr(v, "item") else v) for k, v in h5.attrs.items()}
+    return out
+
+
+def karpathy_entry(filename: str, split: str, captions: list[str], filepath: str | None = None) -> dict[str, Any]:
+    entry: dict[str, Any] = {"filename": filename, "split": split, "imgid": 0, "sentids": [],
+                             "sentences": [{"raw": c, "tokens": cif.tokenize(c)} for c in captions]}
+    if filepath is not None:
+        entry["filepath"] = filepath
+    return entry
+
+
+def png_with_size(width: int, height: int) -> bytes:
+    """A valid PNG header claiming width x height pixels (with almost no pixel data)."""
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    header = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + chunk(b"IEND", b"")
+
+
+COMMON = ["a dog runs on the grass", "a black dog runs", "the dog is on the grass", "a dog plays", "a dog on grass"]
+
+
+@pytest.fixture
+def tiny_karpathy(tmp_path: Path, write_image: Callable[..., Path]) -> dict[str, Any]:
+    """A COCO-like Karpathy JSON: filepath sub-folders, a restval image, val/test-only words."""
+    images = tmp_path / "images"
+    entries = [
+        karpathy_entry("t0.jpg", "train", COMMON, "train2014"),
+        karpathy_entry("t1.jpg", "train", ["a dog runs", "a black dog"], "train2014"),  # 2 captions: topped up
+        karpathy_entry("t2.png", "train", COMMON + ["a dog", "the grass"], "train2014"),  # 7: sampled down
+        karpathy_entry("t3.jpg", "train", ["A dog runs on the grass , and the dog runs far away ."] + COMMON[:4],
+                       "train2014"),  # 12 words: truncated with --max-len 8
+        karpathy_entry("r0.jpg", "restval", COMMON, "val2014"),
+        karpathy_entry("v0.jpg", "val", ["a zebra on the grass", "a zebra runs", "zebra", "a zebra", "the zebra"], "val2014"),
+        karpathy_entry("v1.jpg", "val", COMMON + ["a dog sleeps on a sofa"], "val2014"),
+        karpathy_entry("s0.jpg", "test", ["a giraffe eats", "a tall giraffe", "giraffe", "a giraffe", "the giraffe"],
+                       "val2014"),
+    ]
+    rng = np.random.default_rng(0)
+    for e in entries:
+        write_image(images / e["filepath"] / e["filename"], Image.fromarray(rng.integers(0, 256, (30, 40, 3), np.uint8)))
+    json_path = tmp_path / "dataset_coco.json"
+    json_path.write_text(json.dumps({"dataset": "coco", "images": entries}))
+    return {"json": json_path, "images": images, "entries": entries, "out": tmp_path / "out"}
+
+
+def karpathy_args(fx: dict[str, Any], *extra: str) -> list[str]:
+    return ["--dataset", "coco", "--karpathy-json", str(fx["json"]), "--image-folder", str(fx["images"]),
+            "--output-folder", str(fx["out"]), "--image-size", "32", "--workers", "1", *extra]
+
+
+# --------------------------------------------------------------------------------------------
+# shapes.py
+# --------------------------------------------------------------------------------------------
+def test_shapes_is_deterministic() -> None:
+    for index in range(5):
+        a, b = shapes.generate_image(7, index, 64), shapes.generate_image(7, index, 64)
+        assert a[0].tobytes() == b[0].tobytes() and a[1:] == b[1:]
+        assert shapes.generate_image(8, index, 64)[0].tobytes() != a[0].tobytes()
+    assert shapes.generate_image(7, 0, 64)[0].tobytes() != shapes.generate_image(7, 1, 64)[0].tobytes()
+
+
+@pytest.mark.parametrize("size", [48, 96])
+def test_shapes_boxes_match_pixels(size: int) -> None:
+    # Object colours are > 36 apart in some channel and noise is <= 18, so "within 18 of colour c on
+    # every channel" classifies a pixel exactly.
+    for index in range(40):
+        image, objects, _, _ = shapes.generate_image(0, index, size)
+        pixels = np.asarray(image, dtype=np.int16)
+        assert 1 <= len(objects) <= shapes.MAX_OBJECTS
+        assert len({(o["color"], o["shape"]) for o in objects}) == len(objects)
+        for color in {o["color"] for o in objects}:
+            close = np.all(np.abs(pixels - np.array(shapes.COLORS[color])) <= shapes.NOISE, axis=2)
+            boxes = [np.round(np.array(o["box"]) * size).astype(int) for o in objects if o["color"] == color]
+            inside = np.zeros_like(close)
+            for x0, y0, x1, y1 in boxes:
+                inside[y0:y1, x0:x1] = True
+                ys, xs = np.nonzero(close[y0:y1, x0:x1])
+                # tight: the coloured pixels reach each edge of the box (to the pixel)
+                assert (xs.min(), ys.min(), xs.max() + 1, ys.max() + 1) == (0, 0, x1 - x0, y1 - y0)
+            assert not np.any(close & ~inside), f"image {index}: {color} pixels outside its boxes"
+        for o in objects:
+            assert all(0 <= v <= 1 for v in o["box"]) and o["box"][0] < o["box"][2] and o["box"][1] < o["box"][3]
+
+
+def check_caption_true(tokens: list[str], word_objects: list[int], objects: list[dict[str, Any]]) -> None:
+    """An independent reading of a shapes caption against the boxes."""
+    gap = shapes.MIN_GAP - 1e-9
+    box = [o["box"] for o in objects]
+    assert len(tokens) == len(word_objects)
+    mentions: list[int] = []
+    for p, (word, obj) in enumerate(zip(tokens, word_objects)):
+        if word in shapes.COLORS:
+            assert obj >= 0 and objects[obj]["color"] == word and tokens[p + 1] == objects[obj]["shape"]
+            assert word_objects[p + 1] == obj
+            mentions.append(obj)
+        elif word in shapes.SHAPES:
+            assert obj >= 0 and objects[obj]["shape"] == word
+        else:
+            assert obj == -1, (tokens, word)
+    text = " ".join(tokens)
+    left = lambda a, b: box[a][2] + gap <= box[b][0]  # noqa: E731
+    above = lambda a, b: box[a][3] + gap <= box[b][1]  # noqa: E731
+    relations = {"to the left of": left, "to the right of": lambda a, b: left(b, a), "above": above,
+                 "below": lambda a, b: above(b, a)}
+    for phrase, holds in relations.items():
+        if f" {phrase} " in text:
+            assert len(mentions) == 2 and holds(*mentions), (text, objects)
+            return
+    assert sorted(mentions) == list(range(len(objects))), text  # every other caption lists all objects once
+    if text.startswith("from left to right"):
+        assert all(left(a, b) for a, b in zip(mentions, mentions[1:])), (text, objects)
+    if text.startswith("from top to bottom"):
+        assert all(above(a, b) for a, b in zip(mentions, mentions[1:])), (text, objects)
+    counts = [w for w in tokens if w in shapes.COUNT_WORDS]
+    if counts:
+        assert counts == [shapes.COUNT_WORDS[len(objects) - 1]], text
+
+
+def test_shapes_captions_are_true() -> None:
+    seen = set()
+    for index in range(300):
+        _, objects, captions, word_objects = shapes.generate_image(1, index, 96)
+        assert len({tuple(c) for c in captions}) == len(captions) >= 5
+        for tokens, wo in zip(captions, word_objects):
+            check_caption_true(tokens, wo, objects)
+            seen.add(" ".join(tokens[:4]))
+    assert any(s.startswith("from left to right") for s in seen) and any(s.startswith("from top to bottom") for s in seen)
+
+
+# --------------------------------------------------------------------------------------------
+# packing: shapes
+# --------------------------------------------------------------------------------------------
+def test_pack_shapes_layout_and_round_trip(shapes_folder: Path) -> None:
+    word_map = load_word_map(shapes_folder / "word_map.json")
+    rev = {i: w for w, i in word_map.items()}
+    summary = json.loads((shapes_folder / "dataset.json").read_text())
+    assert summary["splits"] == {"train": 30, "val": 3, "test": 3} and summary["skipped_images"] == 0
+    assert summary["vocab_size"] == len(word_map) and summary["image_size"] == 48
+    index = 0
+    for split in cif.SPLITS:
+        d = read_h5(shapes_folder / f"{split}.h5")
+        n, cpi = summary["splits"][split], 5
+        assert d["attrs"] == {"captions_per_image": 5, "max_len": 50, "image_size": 48, "dataset": "shapes", "split": split}
+        assert d["images"].shape == (n, 3, 48, 48) and d["images"].dtype == np.uint8
+        assert d["captions"].shape == (n * cpi, 52) and d["captions"].dtype == np.int32
+        assert d["caplens"].dtype == np.int32 and d["word_objects"].dtype == np.int8
+        assert d["boxes"].shape == (n, 4, 4) and d["boxes"].dtype == np.float32
+        with h5py.File(shapes_folder / f"{split}.h5") as h5:
+            assert h5["images"].chunks == (1, 3, 48, 48) and h5["images"].compression is None
+        for i in range(n):
+            image, objects, captions, word_objects = shapes.generate_image(3, index, 48)
+            assert d["filenames"][i] == shapes.shape_filename(index)
+            assert np.array_equal(d["images"][i], np.asarray(image).transpose(2, 0, 1))
+            assert json.loads(d["objects"][i]) == objects and d["num_objects"][i] == len(objects)
+            assert np.allclose(d["boxes"][i, :len(objects)], [o["box"] for o in objects])
+            assert np.isnan(d["boxes"][i, len(objects):]).all()
+            assert json.loads(d["references"][i]) == [" ".join(c) for c in captions]
+            texts = [" ".join(c) for c in captions]
+            for row in range(i * cpi, i * cpi + cpi):
+                ids = d["captions"][row]
+                text = decode_ids(ids, rev)
+                j = texts.index(text)  # every stored caption is one of the image's own captions
+                length = d["caplens"][row]
+                assert ids[0] == word_map["<start>"] and ids[length - 1] == word_map["<end>"] and not ids[length:].any()
+                assert length == len(captions[j]) + 2
+                assert d["word_objects"][row].tolist() == [-1] + word_objects[j] + [-1] * (51 - len(captions[j]))
+            index += 1
+
+
+def test_word_map_order_and_special_ids(shapes_folder: Path) -> None:
+    word_map = json.loads((shapes_folder / "word_map.json").read_text())
+    assert word_map["<pad>"] == 0
+    assert [word_map[t] for t in ("<unk>", "<start>", "<end>")] == [len(word_map) - 3, len(word_map) - 2, len(word_map) - 1]
+    assert sorted(word_map.values()) == list(range(len(word_map)))
+    counts: dict[str, int] = {}
+    for caps in read_h5(shapes_folder / "train.h5")["references"]:
+        for c in json.loads(caps):
+            for w in c.split():
+                counts[w] = counts.get(w, 0) + 1
+    words = [w for w in word_map if w not in SPECIAL_TOKENS]
+    assert words == sorted(words, key=lambda w: (-counts[w], w))
+
+
+def test_pack_is_byte_identical_across_runs_and_worker_counts(tmp_path: Path, shapes_folder: Path, pack) -> None:
+    pack(SHAPES_ARGS[:-1] + ["1", "--output-folder", str(tmp_path / "again")])  # same seed, 1 worker
+    for name in ("word_map.json", "dataset.json"):
+        assert (tmp_path / "again" / name).read_bytes() == (shapes_folder / name).read_bytes()
+    for split in cif.SPLITS:
+        a, b = read_h5(shapes_folder / f"{split}.h5"), read_h5(tmp_path / "again" / f"{split}.h5")
+        assert a.keys() == b.keys()
+        for key in a:
+            if isinstance(a[key], np.ndarray):
+                assert a[key].tobytes() == b[key].tobytes(), key
+            else:
+                assert a[key] == b[key], key
+    other = SHAPES_ARGS + ["--output-folder", str(tmp_path / "other")]
+    other[other.index("--seed") + 1] = "4"
+    pack(other)
+    assert not np.array_equal(read_h5(tmp_path / "other" / "train.h5")["images"], read_h5(shapes_folder / "train.h5")["images"])
+
+
+# --------------------------------------------------------------------------------------------
+# packing: Karpathy JSON and custom captions
+# --------------------------------------------------------------------------------------------
+def test_karpathy_json_subfolders_restval_vocab_and_sampling(tiny_karpathy: dict[str, Any], pack) -> None:
+    fx = tiny_karpathy
+    pack(karpathy_args(fx, "--min-word-freq", "1", "--max-len", "8", "--seed", "5"))
+    out = fx["out"]
+    word_map = load_word_map(out / "word_map.json")
+    rev = {i: w for w, i in word_map.items()}
+    assert "zebra" not in word_map and "giraffe" not in word_map and "sofa" not in word_map  # val/test-only words
+    assert {"dog", "grass", "runs", "and"} <= set(word_map)  # "and" only in the first 8 words of t3's long caption
+    assert "far" not in word_map and "away" not in word_map  # only past max_len
+    train, val, test = (read_h5(out / f"{s}.h5") for s in cif.SPLITS)
+    assert train["filenames"] == ["train2014/t0.jpg", "train2014/t1.jpg", "train2014/t2.png", "train2014/t3.jpg",
+                                  "val2014/r0.jpg"]  # restval counts as train
+    assert val["filenames"] == ["val2014/v0.jpg", "val2014/v1.jpg"] and test["filenames"] == ["val2014/s0.jpg"]
+    by_name = {e["filename"]: e for e in fx["entries"]}
+    for d in (train, val, test):
+        assert d["captions"].shape[1] == 10
+        for i, name in enumerate(d["filenames"]):
+            entry = by_name[os.path.basename(name)]
+            raws = [s["raw"] for s in entry["sentences"]]
+            assert json.loads(d["references"][i]) == raws  # all references, not only the 5 sampled
+            tokenised = [" ".join(w if w in word_map else "<unk>" for w in cif.tokenize(r)[:8]) for r in raws]
+            decoded = [decode_ids(d["captions"][r], rev) for r in range(5 * i, 5 * i + 5)]
+            assert all(c in tokenised for c in decoded), (decoded, tokenised)
+            if len(raws) == 5:  # exactly enough: each caption once
+                assert sorted(decoded) == sorted(tokenised)
+            if name.endswith("t1.jpg"):  # 2 captions topped up to 5 from its own
+                assert set(decoded) == set(tokenised)
+            if name.endswith("t2.png"):  # 7 distinct captions sampled down to 5 distinct
+                assert len(set(decoded)) == 5
+    t3 = train["filenames"].index("train2014/t3.jpg")
+    assert 10 in train["caplens"][5 * t3:5 * t3 + 5]  # the 12-word caption is truncated to 8 (+2)
+    # the same inputs and seed give the same bytes; another seed samples differently
+    pack(karpathy_args(fx, "--min-word-freq", "1", "--max-len", "8", "--seed", "5", "--output-folder",
+                       str(out.parent / "again")))
+    assert np.array_equal(read_h5(out.parent / "again" / "train.h5")["captions"], train["captions"])
+
+
+def test_karpathy_json_real_flickr8k_subset(flickr8k: Path, tmp_path: Path, pack) -> None:
+    data = json.loads((flickr8k / "dataset_flickr8k.json").read_text())
+    keep, want = [], {"train": 10, "val": 3, "test": 3}
+    for entry in data["images"]:
+        if want[entry["split"]] > 0:
+            want[entry["split"]] -= 1
+            keep.append(entry)
+    small = tmp_path / "flickr8k_small.json"
+    small.write_text(json.dumps({"dataset": "flickr8k", "images": keep}))
+    out = tmp_path / "out"
+    pack(["--dataset", "flickr8k", "--karpathy-json", str(small), "--image-folder", str(flickr8k / "images"),
+          "--output-folder", str(out), "--image-size", "64", "--min-word-freq", "1"])
+    word_map = load_word_map(out / "word_map.json")
+    rev = {i: w for w, i in word_map.items()}
+    train = read_h5(out / "train.h5")
+    assert train["images"].shape == (10, 3, 64, 64) and train["filenames"][0] == keep[0]["filename"]
+    decoded = [decode_ids(train["captions"][r], rev) for r in range(5)]
+    assert sorted(decoded) == sorted(" ".join(s["tokens"]) for s in keep[0]["sentences"])
+    ds = CaptionDataset(str(out), "test")
+    assert len(ds) == 3 and ds[0]["references"] == [s["raw"] for s in keep[13]["sentences"]]
+
+
+@pytest.mark.parametrize("fmt", ["csv", "token"])
+def test_custom_captions_file(fmt: str, tmp_path: Path, write_image: Callable[..., Path], pack) -> None:
+    names = [f"img{i:02d}.jpg" for i in range(20)]
+    for name in names:
+        write_image(tmp_path / "imgs" / name)
+    if fmt == "csv":  # the Kaggle Flickr8k captions.txt layout, with a quoted and an unquoted comma
+        lines = ["image,caption"] + [f'{n},"A Dog, running {i}."' if j == 0 else f"{n},a dog runs {j} , fast"
+                                     for i, n in enumerate(names) for j in range(3)]
+    else:
+        lines = [f"{n}#{j}\t{'A Dog, running ' + str(i) + '.' if j == 0 else f'a dog runs {j} , fast'}"
+                 for i, n in enumerate(names) for j in range(3)]
+    captions = tmp_path / ("captions.txt" if fmt == "csv" else "token.txt")
+    captions.write_text("\n".join(lines) + "\n")
+    out = tmp_path / "out"
+    pack(["--dataset", "custom", "--captions-file", str(captions), "--image-folder", str(tmp_path / "imgs"),
+          "--output-folder", str(out), "--image-size", "32", "--val-fraction", "0.2", "--test-fraction", "0.1",
+          "--min-word-freq", "1", "--workers", "2"])
+    splits = {s: read_h5(out / f"{s}.h5") for s in cif.SPLITS}
+    assert {s: len(d["filenames"]) for s, d in splits.items()} == {"train": 14, "val": 4, "test": 2}
+    assert sorted(sum((d["filenames"] for d in splits.values()), [])) == names
+    word_map = load_word_map(out / "word_map.json")
+    rev = {i: w for w, i in word_map.items()}
+    i = int(splits["train"]["filenames"][0][3:5])
+    refs = json.loads(splits["train"]["references"][0])
+    assert refs == [f"A Dog, running {i}.", "a dog runs 1 , fast", "a dog runs 2 , fast"]
+    decoded = {decode_ids(splits["train"]["captions"][r], rev) for r in range(5)}
+    assert decoded <= {f"a dog running {i}", "a dog runs 1 fast", "a dog runs 2 fast"}
+    val_only = {w for d in (splits["val"], splits["test"]) for r in d["references"] for c in json.loads(r)
+                for w in cif.tokenize(c)} - {w for r in splits["train"]["references"] for c in json.loads(r)
+                                             for w in cif.tokenize(c)}
+    assert val_only and not val_only & set(word_map)
+
+
+def test_custom_bad_header_and_missing_inputs(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    (tmp_path / "imgs").mkdir()
+    bad = tmp_path / "captions.csv"
+    bad.write_text("file,text\na.jpg,a dog\n")
+    base = ["--dataset", "custom", "--image-folder", str(tmp_path / "imgs"), "--output-folder", str(tmp_path / "o")]
+    cases = {
+        str(bad): "expected a CSV header with 'image' and 'caption' columns",
+        str(tmp_path / "nope.csv"): "captions file not found",
+    }
+    for path, message in cases.items():
+        assert cif.main(base + ["--captions-file", path]) == 1
+        err = capsys.readouterr().err.strip()
+        assert err.startswith(f"error: {path}: ") and message in err and "\n" not in err
+    assert cif.main(["--dataset", "custom", "--captions-file", str(bad), "--image-folder", str(tmp_path / "none"),
+                     "--output-folder", str(tmp_path / "o")]) == 1
+    assert "image folder not found" in capsys.readouterr().err
+    (tmp_path / "bad.json").write_text("{not json")
+    assert cif.main(["--dataset", "coco", "--karpathy-json", str(tmp_path / "bad.json"), "--image-folder",
+                     str(tmp_path / "imgs"), "--output-folder", str(tmp_path / "o")]) == 1
+    assert "not valid JSON" in capsys.readouterr().err
+    assert cif.main(["--dataset", "coco", "--image-folder", str(tmp_path / "imgs"), "--output-folder", "x"]) == 1
+    assert "needs --karpathy-json" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
+
+
+def test_cli_error_is_one_line_with_exit_code(tmp_path: Path) -> None:
+    missing = tmp_path / "missing.json"
+    proc = subprocess.run([sys.executable, str(ROOT / "create_input_files.py"), "--dataset", "flickr8k", "--karpathy-json",
+                           str(missing), "--image-folder", str(tmp_path), "--output-folder", str(tmp_path / "o")],
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 1 and proc.stderr == f"error: {missing}: Karpathy JSON not found\n"
+
+
+# --------------------------------------------------------------------------------------------
+# images: modes, orientation, bad files
+# --------------------------------------------------------------------------------------------
+def test_load_image_converts_modes(tmp_path: Path, write_image: Callable[..., Path]) -> None:
+    grey = write_image(tmp_path / "grey.png", Image.new("L", (20, 10), 128))
+    rgba = Image.new("RGBA", (20, 10), (255, 0, 0, 255))
+    rgba.paste((0, 0, 255, 0), (0, 0, 10, 10))  # left half fully transparent -> white
+    rgba_path = write_image(tmp_path / "rgba.png", rgba)
+    cmyk = write_image(tmp_path / "cmyk.jpg", Image.new("CMYK", (20, 10), (0, 255, 255, 0)))  # red in CMYK
+    i16 = write_image(tmp_path / "i16.png", Image.fromarray(np.full((10, 20), 32896, dtype=np.uint16)))
+    palette = Image.new("P", (20, 10), 1)
+    palette.putpalette([0, 0, 0, 0, 200, 0] + [0] * 762)
+    palette.paste(0, (0, 0, 10, 10))
+    pal_path = write_image(tmp_path / "pal.png", palette, transparency=0)  # index 0 transparent
+    assert Image.open(i16).mode.startswith("I")
+    got = {p.name: cif.load_image(str(p), 16) for p in (grey, rgba_path, cmyk, i16, pal_path)}
+    for name, arr in got.items():
+        assert arr.shape == (3, 16, 16) and arr.dtype == np.uint8, name
+    assert (got["grey.png"] == 128).all()
+    assert (got["rgba.png"][:, :, :7] == 255).all() and (got["rgba.png"][:, :, 9:] == [[[255]], [[0]], [[0]]]).all()
+    assert got["cmyk.jpg"][0].min() > 200 and got["cmyk.jpg"][1:].max() < 60
+    assert (got["i16.png"] == 128).all()  # 16-bit scaled by 1/257, not clipped to 255
+    assert (got["pal.png"][:, :, :7] == 255).all() and (got["pal.png"][:, :, 9:] == [[[0]], [[200]], [[0]]]).all()
+
+
+def test_load_image_honours_exif_orientation(tmp_path: Path, write_image: Callable[..., Path]) -> None:
+    stored = Image.new("RGB", (40, 20), (0, 0, 255))
+    stored.paste((255, 0, 0), (0, 0, 20, 20))  # stored: red left, blue right
+    exif = Image.Exif()
+    exif[0x0112] = 6  # orientation 6: display = stored rotated 90 degrees clockwise, so left -> top
+    path = write_image(tmp_path / "rot.jpg", stored, exif=exif.tobytes(), quality=95)
+    arr = cif.load_image(str(path), 32)
+    top, bottom = arr[:, :12].reshape(3, -1).mean(1), arr[:, 20:].reshape(3, -1).mean(1)
+    assert top[0] > 200 and top[2] < 50 and bottom[2] > 200 and bottom[0] < 50
+
+
+def write_bad_images(folder: Path, write_image: Callable[..., Path]) -> dict[str, str]:
+    """Bad files by kind -> the expected message fragment ("missing" is not written)."""
+    good = io.BytesIO()
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (40, 40, 3), np.uint8)).save(good, "JPEG")
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "truncated.jpg").write_bytes(good.getvalue()[: len(good.getvalue()) // 2])
+    (folder / "empty.jpg").write_bytes(b"")
+    (folder / "text.jpg").write_text("this is not an image\n")
+    (folder / "bomb.png").write_bytes(png_with_size(20000, 20000))  # > 2x the limit: DecompressionBombError
+    (folder / "bomb_warn.png").write_bytes(png_with_size(10000, 10000))  # > 1x the limit: warning made an error
+    return {"truncated.jpg": "truncated image file", "empty.jpg": "empty file", "text.jpg": "not an image file",
+            "missing.jpg": "file not found", "bomb.png": "decompression-bomb limit", "bomb_warn.png": "decompression-bomb limit"}
+
+
+@pytest.mark.parametrize("kind", ["truncated.jpg", "empty.jpg", "text.jpg", "missing.jpg", "bomb.png", "bomb_warn.png"])
+def test_bad_image_stops_before_writing(kind: str, tiny_karpathy: dict[str, Any], write_image: Callable[..., Path],
+                                        capsys: pytest.CaptureFixture[str]) -> None:
+    fx = tiny_karpathy
+    messages = write_bad_images(fx["images"] / "val2014", write_image)
+    data = json.loads(fx["json"].read_text())
+    data["images"].append(karpathy_entry(kind, "test", COMMON, "val2014"))  # the last split: train/val already done
+    fx["json"].write_text(json.dumps(data))
+    assert cif.main(karpathy_args(fx, "--workers", "2")) == 1
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.startswith(f"error: {fx['images'] / 'val2014' / kind}: ") and messages[kind] in err, err
+    assert not fx["out"].exists()  # nothing written, not even temporary files
+
+
+def test_skip_bad_images_and_images_without_captions(tiny_karpathy: dict[str, Any], write_image: Callable[..., Path],
+                                                     capsys: pytest.CaptureFixture[str], pack) -> None:
+    fx = tiny_karpathy
+    messages = write_bad_images(fx["images"] / "val2014", write_image)
+    data = json.loads(fx["json"].read_text())
+    data["images"].append(karpathy_entry("t0.jpg", "test", ["", " , ."], "train2014"))  # no words at all
+    fx["json"].write_text(json.dumps(data))
+    assert cif.main(karpathy_args(fx)) == 1
+    assert "train2014/t0.jpg: image has no captions" in capsys.readouterr().err
+    for kind in messages:
+        data["images"].append(karpathy_entry(kind, "val", COMMON, "val2014"))
+    fx["json"].write_text(json.dumps(data))
+    pack(karpathy_args(fx, "--skip-bad-images"))
+    summary = json.loads((fx["out"] / "dataset.json").read_text())
+    assert summary["skipped_images"] == len(messages) + 1 and summary["splits"] == {"train": 5, "val": 2, "test": 1}
+    assert read_h5(fx["out"] / "val.h5")["images"].shape[0] == 2
+    assert "skipped 7 bad images" in capsys.readouterr().out
+
+
+def test_existing_output_needs_force(tiny_karpathy: dict[str, Any], capsys: pytest.CaptureFixture[str], pack) -> None:
+    fx = tiny_karpathy
+    fx["out"].mkdir()
+    (fx["out"] / "word_map.json").write_text("{}")
+    assert cif.main(karpathy_args(fx)) == 1
+    assert "already has word_map.json; use --force" in capsys.readouterr().err
+    assert sorted(os.listdir(fx["out"])) == ["word_map.json"]
+    pack(karpathy_args(fx, "--force"))
+    assert sorted(os.listdir(fx["out"])) == sorted(cif.FINAL_FILES)
+
+
+def test_choose_captions() -> None:
+    assert cif.choose_captions(5, 5, 0, "a") == [0, 1, 2, 3, 4]
+    up = cif.choose_captions(2, 5, 0, "a")
+    assert up[:2] == [0, 1] and set(up) <= {0, 1} and up == cif.choose_captions(2, 5, 0, "a")
+    down = cif.choose_captions(9, 5, 0, "a")
+    assert len(set(down)) == 5 and max(down) < 9 and down == cif.choose_captions(9, 5, 0, "a")
+    assert {tuple(cif.choose_captions(9, 5, s, "a")) for s in range(10)} != {tuple(down)}
+
+
+# --------------------------------------------------------------------------------------------
+# datasets.py
+# --------------------------------------------------------------------------------------------
+def test_caption_dataset_items(shapes_folder: Path) -> None:
+    ds = CaptionDataset(str(shapes_folder), "val")
+    assert (len(ds), ds.num_images, ds.captions_per_image, ds.max_len, ds.image_size) == (3, 3, 5, 50, 48)
+    raw = read_h5(shapes_folder / "val.h5")
+    item = ds[1]
+    assert item["image"].dtype == torch.float32 and item["image"].shape == (3, 48, 48)
+    mean, std = torch.tensor(IMAGENET_MEAN).view(3, 1, 1), torch.tensor(IMAGENET_STD).view(3, 1, 1)
+    assert torch.allclose(item["image"] * std + mean, torch.from_numpy(raw["images"][1]).float() / 255, atol=1e-5)
+    assert item["captions"].dtype == torch.long and item["captions"].tolist() == raw["captions"][5:10].tolist()
+    assert item["caplens"].tolist() == raw["caplens"][5:10].tolist() and item["index"] == 1
+    assert item["references"] == json.loads(raw["references"][1]) == ds.references(1)
+    assert ds.objects(1) == json.loads(raw["objects"][1]) and ds.filename(1) == raw["filenames"][1]
+    assert ds.word_objects(1).tolist() == raw["word_objects"][5:10].tolist()
+    assert "references" not in CaptionDataset(str(shapes_folder), "train")[0]
+    flipped = CaptionDataset(str(shapes_folder), "val", transform=lambda im: im.flip(-1))[1]["image"]
+    assert torch.equal(flipped, item["image"].flip(-1))
+    with pytest.raises(IndexError):
+        ds[3]
+
+
+def test_caption_dataset_errors(shapes_folder: Path, tmp_path: Path, tiny_karpathy: dict[str, Any], pack) -> None:
+    with pytest.raises(ValueError, match=r"nowhere/val.h5 not found; run create_input_files.py"):
+        CaptionDataset(str(tmp_path / "nowhere"), "val")
+    with pytest.raises(ValueError, match="split 'dev'"):
+        CaptionDataset(str(shapes_folder), "dev")
+    pack(karpathy_args(tiny_karpathy))
+    out = tiny_karpathy["out"]
+    assert CaptionDataset(str(out), "val").objects(0) is None
+    with h5py.File(out / "val.h5", "a") as h5:
+        del h5["references"]
+    with pytest.raises(ValueError, match="val.h5: lacks references"):
+        CaptionDataset(str(out), "val")
+
+
+def check_loader(ds: CaptionDataset, **kwargs: Any) -> None:
+    loader = torch.utils.data.DataLoader(ds, batch_size=2, collate_fn=collate_captions, **kwargs)
+    seen = 0
+    for batch in loader:
+        assert batch["image"].shape[1:] == (3, 48, 48) and batch["captions"].shape[1:] == (5, 52)
+        for b, i in enumerate(batch["index"].tolist()):
+            item = ds[i]
+            assert torch.equal(batch["image"][b], item["image"]) and torch.equal(batch["captions"][b], item["captions"])
+            assert torch.equal(batch["caplens"][b], item["caplens"]) and batch["references"][b] == item["references"]
+            seen += 1
+    assert seen == len(ds)
+
+
+def test_dataloader_with_fork_workers(shapes_folder: Path) -> None:
+    ds = CaptionDataset(str(shapes_folder), "val")
+    ds[0]  # a handle opened in the parent must not be reused by forked workers
+    check_loader(ds, num_workers=2)
+    train = torch.utils.data.DataLoader(CaptionDataset(str(shapes_folder), "train"), batch_size=8, num_workers=2,
+                                        shuffle=True, collate_fn=collate_captions)
+    assert sum(len(b["index"]) for b in train) == 30 and "references" not in next(iter(train))
+
+
+def test_dataloader_with_spawn_workers(shapes_folder: Path) -> None:
+    ds = CaptionDataset(str(shapes_folder), "test")
+    ds[0]
+    check_loader(ds, num_workers=1, multiprocessing_context="spawn")
