@@ -20,12 +20,14 @@ import json
 import math
 import os
 import re
+import signal
 import sys
 import warnings
 import zlib
 from collections import Counter, deque
 from contextlib import closing
 from concurrent.futures import Future, ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
 from itertools import islice
 from typing import Any, Callable, Iterable, Iterator, Sequence
@@ -45,6 +47,7 @@ FINAL_FILES = tuple(f"{s}.h5" for s in SPLITS) + ("word_map.json", "dataset.json
 DEFAULT_IMAGE_SIZE = 256
 DEFAULT_SHAPES_IMAGE_SIZE = 96
 _WRITE_BATCH = 64  # images buffered before one HDF5 write
+_SKIP_HINT = " (use --skip-bad-images to skip such images)"
 
 
 def tokenize(raw: str) -> list[str]:
@@ -68,7 +71,7 @@ class Record:
 # --------------------------------------------------------------------------------------------
 # Images
 # --------------------------------------------------------------------------------------------
-def _to_rgb(image: Image.Image) -> Image.Image:
+def to_rgb(image: Image.Image) -> Image.Image:
     """Any PIL mode -> RGB; transparency is composited on white, 16/32-bit grey is scaled, not clipped."""
     if image.mode in ("I", "F") or image.mode.startswith("I;16"):
         grey = np.asarray(image, dtype=np.float64)
@@ -86,7 +89,7 @@ def _to_rgb(image: Image.Image) -> Image.Image:
 def load_image(path: str, size: int) -> np.ndarray:
     """Decode one image file to a (3, size, size) uint8 RGB array, or raise ValueError naming the file.
 
-    Honours the EXIF orientation, converts any mode to RGB (see `_to_rgb`) and stretches to
+    Honours the EXIF orientation, converts any mode to RGB (see `to_rgb`) and stretches to
     size x size with bilinear filtering (antialiased when shrinking), as the tutorial does.
     Images over PIL's decompression-bomb limit fail at open time, before any pixel is decoded.
     """
@@ -101,7 +104,7 @@ def load_image(path: str, size: int) -> np.ndarray:
             with Image.open(path) as image:
                 image.load()
                 image = ImageOps.exif_transpose(image)
-                image = _to_rgb(image).resize((size, size), Image.Resampling.BILINEAR)
+                image = to_rgb(image).resize((size, size), Image.Resampling.BILINEAR)
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
         raise ValueError(f"{path}: image too large, over PIL's decompression-bomb limit ({e})") from None
     except UnidentifiedImageError:
@@ -136,6 +139,12 @@ def _run_chunk(fn: Callable[[Any], Result], jobs: list[Any]) -> list[Result]:
     return [fn(job) for job in jobs]
 
 
+def _ignore_sigint() -> None:
+    """Workers leave Ctrl-C to the parent: a worker interrupted inside the executor's queues can
+    deadlock the pool, whereas the parent cancels the queued chunks and waits for the running ones."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
 def _ordered_map(fn: Callable[[Any], Result], jobs: Sequence[Any], workers: int, chunk: int = 8) -> Iterator[Result]:
     """fn over jobs in order, in `workers` processes, with at most 4 chunks per worker in flight.
 
@@ -146,11 +155,14 @@ def _ordered_map(fn: Callable[[Any], Result], jobs: Sequence[Any], workers: int,
         yield from map(fn, jobs)
         return
     chunks = iter([list(jobs[i:i + chunk]) for i in range(0, len(jobs), chunk)])
-    executor = ProcessPoolExecutor(workers)
+    executor = ProcessPoolExecutor(workers, initializer=_ignore_sigint)
     try:
         pending: deque[Future] = deque(executor.submit(_run_chunk, fn, c) for c in islice(chunks, 4 * workers))
         while pending:
-            results = pending.popleft().result()
+            try:
+                results = pending.popleft().result()
+            except BrokenProcessPool:
+                raise ValueError("an image worker process died (out of memory?); try fewer --workers") from None
             for c in islice(chunks, 1):
                 pending.append(executor.submit(_run_chunk, fn, c))
             yield from results
@@ -189,7 +201,8 @@ def read_karpathy(json_path: str, image_folder: str) -> dict[str, list[Record]]:
         if not isinstance(sentences, list) or not all(isinstance(s, dict) for s in sentences):
             raise ValueError(f"{json_path}: images[{n}] ({entry['filename']}) has no valid 'sentences' list")
         rel = os.path.join(entry.get("filepath") or "", entry["filename"])
-        if not os.path.isfile(os.path.join(image_folder, rel)) and os.path.isfile(os.path.join(image_folder, entry["filename"])):
+        flat = os.path.join(image_folder, entry["filename"])
+        if not os.path.isfile(os.path.join(image_folder, rel)) and os.path.isfile(flat):
             rel = entry["filename"]
         record = Record(filename=rel, path=os.path.join(image_folder, rel))
         for s in sentences:
@@ -327,7 +340,7 @@ def _write_images(tmp_path: str, split: str, records: list[Record], jobs: list[A
                 bar.update()
                 if error is not None:
                     if not skip_bad_images:
-                        raise ValueError(error)
+                        raise ValueError(error + _SKIP_HINT)
                     bar.write(f"warning: skipped {error}", file=sys.stderr)
                     skipped.append(error)
                     continue
@@ -399,13 +412,12 @@ def pack(records: dict[str, list[Record]], output_folder: str, *, dataset: str, 
         if problem is None:
             return True
         if not skip_bad_images:
-            raise ValueError(f"{problem} (use --skip-bad-images to skip such images)")
+            raise ValueError(problem + _SKIP_HINT)
         skipped.append(problem)
         return False
 
     # Cheap checks first, so that a missing file in test.h5 is reported before hours of decoding.
-    for split in SPLITS:
-        records[split] = [r for r in records[split] if keep(r, _precheck(r))]
+    records = {split: [r for r in records[split] if keep(r, _precheck(r))] for split in SPLITS}
 
     created = not os.path.isdir(output_folder)
     os.makedirs(output_folder, exist_ok=True)
@@ -416,11 +428,8 @@ def pack(records: dict[str, list[Record]], output_folder: str, *, dataset: str, 
                 jobs, fn = [(seed, r.index, image_size) for r in records[split]], _shapes_job
             else:
                 jobs, fn = [(r.path, image_size) for r in records[split]], _decode_job
-            try:
-                records[split] = _write_images(tmp[split], split, records[split], jobs, fn, image_size, workers,
-                                               skip_bad_images, skipped)
-            except ValueError as e:
-                raise ValueError(f"{e} (use --skip-bad-images to skip such images)") from None
+            records[split] = _write_images(tmp[split], split, records[split], jobs, fn, image_size, workers,
+                                           skip_bad_images, skipped)
         if not records["train"]:
             raise ValueError("no training images left to pack")
         word_map = build_word_map((t[:max_len] for r in records["train"] for t in r.tokens), min_word_freq)
@@ -463,7 +472,7 @@ def _precheck(record: Record) -> str | None:
 def create_input_files(dataset: str, output_folder: str, *, karpathy_json: str | None = None,
                        captions_file: str | None = None, image_folder: str | None = None,
                        image_size: int | None = None, captions_per_image: int = 5, min_word_freq: int = 5,
-                       max_len: int = 50, num_images: int = 6000, val_fraction: float | None = None,
+                       max_len: int = 50, num_images: int | None = None, val_fraction: float | None = None,
                        test_fraction: float | None = None, seed: int = 0, workers: int | None = None,
                        skip_bad_images: bool = False, force: bool = False) -> dict[str, Any]:
     """Read the source named by `dataset`, then `pack` it into output_folder; returns the summary.
@@ -478,6 +487,11 @@ def create_input_files(dataset: str, output_folder: str, *, karpathy_json: str |
     """
     if dataset not in DATASETS:
         raise ValueError(f"dataset {dataset!r} is not one of {', '.join(DATASETS)}")
+    if dataset in KARPATHY_DATASETS and (val_fraction is not None or test_fraction is not None):
+        raise ValueError(f"--dataset {dataset} takes its split from the Karpathy JSON; drop --val/--test-fraction")
+    if dataset != "shapes" and num_images is not None:
+        raise ValueError("--num-images applies to --dataset shapes only")
+    num_images = 6000 if num_images is None else num_images
     image_size = image_size or (DEFAULT_SHAPES_IMAGE_SIZE if dataset == "shapes" else DEFAULT_IMAGE_SIZE)
     default_fraction = 1 / 12 if dataset == "shapes" else 0.1
     val_fraction = default_fraction if val_fraction is None else val_fraction
@@ -493,9 +507,11 @@ def create_input_files(dataset: str, output_folder: str, *, karpathy_json: str |
         raise ValueError(f"val fraction {val_fraction} and test fraction {test_fraction} must be >= 0 and sum to < 1")
     needs = {"custom": ("captions_file", "image_folder"), "shapes": ()}.get(dataset, ("karpathy_json", "image_folder"))
     given = {"karpathy_json": karpathy_json, "captions_file": captions_file, "image_folder": image_folder}
-    for name in needs:
-        if not given[name]:
+    for name, value in given.items():
+        if name in needs and not value:
             raise ValueError(f"--dataset {dataset} needs --{name.replace('_', '-')}")
+        if name not in needs and value:
+            raise ValueError(f"--dataset {dataset} does not use --{name.replace('_', '-')}")
     if image_folder and dataset != "shapes" and not os.path.isdir(image_folder):
         raise ValueError(f"{image_folder}: image folder not found")
 
@@ -524,12 +540,13 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--captions-per-image", type=int, default=5, help="captions stored per image (sampled)")
     p.add_argument("--min-word-freq", type=int, default=5, help="train-split count for a word to enter the vocabulary")
     p.add_argument("--max-len", type=int, default=50, help="longer captions are truncated to this many words")
-    p.add_argument("--num-images", type=int, default=6000, help="shapes: number of images")
+    p.add_argument("--num-images", type=int, help="shapes: number of images (6000)")
     p.add_argument("--val-fraction", type=float, help="custom/shapes: share of images in val (0.1; shapes 1/12)")
     p.add_argument("--test-fraction", type=float, help="custom/shapes: share of images in test (0.1; shapes 1/12)")
     p.add_argument("--seed", type=int, default=0, help="seeds caption sampling, the custom split and shapes")
     p.add_argument("--workers", type=int, help="image decoding processes (default: number of CPUs)")
-    p.add_argument("--skip-bad-images", action="store_true", help="skip unreadable/caption-less images instead of stopping")
+    p.add_argument("--skip-bad-images", action="store_true",
+                   help="skip unreadable or caption-less images (and count them) instead of stopping")
     p.add_argument("--force", action="store_true", help="overwrite an existing packed dataset")
     return p
 
@@ -546,6 +563,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:
+        print(f"error: interrupted; nothing new written to {args.output_folder}", file=sys.stderr)
+        return 130
     counts = ", ".join(f"{s} {n}" for s, n in summary["splits"].items())
     skipped = f"; skipped {summary['skipped_images']} bad images" if summary["skipped_images"] else ""
     print(f"wrote {args.output_folder}: {counts} images; vocabulary {summary['vocab_size']} words{skipped}")

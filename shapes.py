@@ -108,7 +108,8 @@ def _captions(objects: list[dict[str, Any]], px: list[tuple[int, int, int, int]]
     gap = math.ceil(MIN_GAP * size)
     # Plain listings use an order that depends on what the objects are, never on where they are,
     # so the model is never asked to resolve a near-tie in position.
-    canonical = sorted(range(k), key=lambda i: (SHAPES.index(objects[i]["shape"]), list(COLORS).index(objects[i]["color"])))
+    canonical = sorted(range(k), key=lambda i: (SHAPES.index(objects[i]["shape"]),
+                                                list(COLORS).index(objects[i]["color"])))
     listing = _listing(objects, canonical)
     count = [(COUNT_WORDS[k - 1], -1), ("shape" if k == 1 else "shapes", -1)]
     out = [
@@ -126,8 +127,9 @@ def _captions(objects: list[dict[str, Any]], px: list[tuple[int, int, int, int]]
     def above(a: int, b: int) -> bool:
         return px[a][3] + gap <= px[b][1]
 
-    for words, first, before in ((("from", "left", "to", "right"), 0, left_of), (("from", "top", "to", "bottom"), 1, above)):
-        order = sorted(range(k), key=lambda i: px[i][first])
+    orderings = ((("from", "left", "to", "right"), 0, left_of), (("from", "top", "to", "bottom"), 1, above))
+    for words, axis, before in orderings:  # only when every consecutive pair is clearly separated
+        order = sorted(range(k), key=lambda i: px[i][axis])
         if all(before(a, b) for a, b in zip(order, order[1:])):
             out.append([(w, -1) for w in words] + _listing(objects, order))
     for before, forward, backward in ((left_of, ("to", "the", "left", "of"), ("to", "the", "right", "of")),
@@ -143,7 +145,9 @@ def _captions(objects: list[dict[str, Any]], px: list[tuple[int, int, int, int]]
     return out
 
 
-def generate_image(seed: int, index: int, image_size: int = 96) -> tuple[Image.Image, list[dict[str, Any]], list[list[str]], list[list[int]]]:
+def generate_image(
+    seed: int, index: int, image_size: int = 96
+) -> tuple[Image.Image, list[dict[str, Any]], list[list[str]], list[list[int]]]:
     """Draw shapes image `index` of the dataset with this `seed`, natively at `image_size` pixels.
 
     Returns:
@@ -179,4 +183,6 @@ def generate_image(seed: int, index: int, image_size: int = 96) -> tuple[Image.I
     pixels = np.clip(np.asarray(image, dtype=np.int16) + noise, 0, 255).astype(np.uint8)
 
     captions = _captions(objects, px, image_size, rng)
-    return (Image.fromarray(pixels), objects, [[w for w, _ in c] for c in captions], [[o for _, o in c] for c in captions])
+    tokens = [[w for w, _ in c] for c in captions]
+    word_objects = [[o for _, o in c] for c in captions]
+    return Image.fromarray(pixels), objects, tokens, word_objects

@@ -49,7 +49,8 @@ def png_with_size(width: int, height: int) -> bytes:
         return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
 
     header = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
-    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + chunk(b"IEND", b"")
+    pixels = chunk(b"IDAT", zlib.compress(b"\0" * 64))
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + pixels + chunk(b"IEND", b"")
 
 
 COMMON = ["a dog runs on the grass", "a black dog runs", "the dog is on the grass", "a dog plays", "a dog on grass"]
@@ -66,14 +67,16 @@ def tiny_karpathy(tmp_path: Path, write_image: Callable[..., Path]) -> dict[str,
         karpathy_entry("t3.jpg", "train", ["A dog runs on the grass , and the dog runs far away ."] + COMMON[:4],
                        "train2014"),  # 12 words: truncated with --max-len 8
         karpathy_entry("r0.jpg", "restval", COMMON, "val2014"),
-        karpathy_entry("v0.jpg", "val", ["a zebra on the grass", "a zebra runs", "zebra", "a zebra", "the zebra"], "val2014"),
+        karpathy_entry("v0.jpg", "val", ["a zebra on the grass", "a zebra runs", "zebra", "a zebra", "the zebra"],
+                       "val2014"),
         karpathy_entry("v1.jpg", "val", COMMON + ["a dog sleeps on a sofa"], "val2014"),
         karpathy_entry("s0.jpg", "test", ["a giraffe eats", "a tall giraffe", "giraffe", "a giraffe", "the giraffe"],
                        "val2014"),
     ]
     rng = np.random.default_rng(0)
     for e in entries:
-        write_image(images / e["filepath"] / e["filename"], Image.fromarray(rng.integers(0, 256, (30, 40, 3), np.uint8)))
+        pixels = rng.integers(0, 256, (30, 40, 3), np.uint8)
+        write_image(images / e["filepath"] / e["filename"], Image.fromarray(pixels))
     json_path = tmp_path / "dataset_coco.json"
     json_path.write_text(json.dumps({"dataset": "coco", "images": entries}))
     return {"json": json_path, "images": images, "entries": entries, "out": tmp_path / "out"}
@@ -159,8 +162,8 @@ def test_shapes_captions_are_true() -> None:
         assert len({tuple(c) for c in captions}) == len(captions) >= 5
         for tokens, wo in zip(captions, word_objects):
             check_caption_true(tokens, wo, objects)
-            seen.add(" ".join(tokens[:4]))
-    assert any(s.startswith("from left to right") for s in seen) and any(s.startswith("from top to bottom") for s in seen)
+            seen.add(" ".join(tokens[:4]))  # the template's opening words
+    assert {"from left to right", "from top to bottom"} <= seen
 
 
 # --------------------------------------------------------------------------------------------
@@ -176,7 +179,8 @@ def test_pack_shapes_layout_and_round_trip(shapes_folder: Path) -> None:
     for split in cif.SPLITS:
         d = read_h5(shapes_folder / f"{split}.h5")
         n, cpi = summary["splits"][split], 5
-        assert d["attrs"] == {"captions_per_image": 5, "max_len": 50, "image_size": 48, "dataset": "shapes", "split": split}
+        assert d["attrs"] == {"captions_per_image": 5, "max_len": 50, "image_size": 48, "dataset": "shapes",
+                              "split": split}
         assert d["images"].shape == (n, 3, 48, 48) and d["images"].dtype == np.uint8
         assert d["captions"].shape == (n * cpi, 52) and d["captions"].dtype == np.int32
         assert d["caplens"].dtype == np.int32 and d["word_objects"].dtype == np.int8
@@ -206,7 +210,8 @@ def test_pack_shapes_layout_and_round_trip(shapes_folder: Path) -> None:
 def test_word_map_order_and_special_ids(shapes_folder: Path) -> None:
     word_map = json.loads((shapes_folder / "word_map.json").read_text())
     assert word_map["<pad>"] == 0
-    assert [word_map[t] for t in ("<unk>", "<start>", "<end>")] == [len(word_map) - 3, len(word_map) - 2, len(word_map) - 1]
+    n = len(word_map)
+    assert [word_map[t] for t in ("<unk>", "<start>", "<end>")] == [n - 3, n - 2, n - 1]
     assert sorted(word_map.values()) == list(range(len(word_map)))
     counts: dict[str, int] = {}
     for caps in read_h5(shapes_folder / "train.h5")["references"]:
@@ -232,7 +237,8 @@ def test_pack_is_byte_identical_across_runs_and_worker_counts(tmp_path: Path, sh
     other = SHAPES_ARGS + ["--output-folder", str(tmp_path / "other")]
     other[other.index("--seed") + 1] = "4"
     pack(other)
-    assert not np.array_equal(read_h5(tmp_path / "other" / "train.h5")["images"], read_h5(shapes_folder / "train.h5")["images"])
+    other_images = read_h5(tmp_path / "other" / "train.h5")["images"]
+    assert not np.array_equal(other_images, read_h5(shapes_folder / "train.h5")["images"])
 
 
 # --------------------------------------------------------------------------------------------
@@ -352,13 +358,22 @@ def test_custom_bad_header_and_missing_inputs(tmp_path: Path, capsys: pytest.Cap
     assert "not valid JSON" in capsys.readouterr().err
     assert cif.main(["--dataset", "coco", "--image-folder", str(tmp_path / "imgs"), "--output-folder", "x"]) == 1
     assert "needs --karpathy-json" in capsys.readouterr().err
+    assert cif.main(["--dataset", "coco", "--karpathy-json", str(tmp_path / "bad.json"), "--image-folder",
+                     str(tmp_path / "imgs"), "--output-folder", "x", "--val-fraction", "0.2"]) == 1
+    assert "takes its split from the Karpathy JSON" in capsys.readouterr().err
+    assert cif.main(["--dataset", "shapes", "--output-folder", "x", "--image-folder", str(tmp_path / "imgs")]) == 1
+    assert "does not use --image-folder" in capsys.readouterr().err
+    assert cif.main(["--dataset", "shapes", "--output-folder", "x", "--val-fraction", "0.6",
+                     "--test-fraction", "0.5"]) == 1
+    assert "sum to < 1" in capsys.readouterr().err
     assert not (tmp_path / "o").exists()
 
 
 def test_cli_error_is_one_line_with_exit_code(tmp_path: Path) -> None:
     missing = tmp_path / "missing.json"
-    proc = subprocess.run([sys.executable, str(ROOT / "create_input_files.py"), "--dataset", "flickr8k", "--karpathy-json",
-                           str(missing), "--image-folder", str(tmp_path), "--output-folder", str(tmp_path / "o")],
+    argv = ["--dataset", "flickr8k", "--karpathy-json", str(missing), "--image-folder", str(tmp_path),
+            "--output-folder", str(tmp_path / "o")]
+    proc = subprocess.run([sys.executable, str(ROOT / "create_input_files.py"), *argv],
                           capture_output=True, text=True, timeout=60)
     assert proc.returncode == 1 and proc.stderr == f"error: {missing}: Karpathy JSON not found\n"
 
@@ -410,7 +425,8 @@ def write_bad_images(folder: Path, write_image: Callable[..., Path]) -> dict[str
     (folder / "bomb.png").write_bytes(png_with_size(20000, 20000))  # > 2x the limit: DecompressionBombError
     (folder / "bomb_warn.png").write_bytes(png_with_size(10000, 10000))  # > 1x the limit: warning made an error
     return {"truncated.jpg": "truncated image file", "empty.jpg": "empty file", "text.jpg": "not an image file",
-            "missing.jpg": "file not found", "bomb.png": "decompression-bomb limit", "bomb_warn.png": "decompression-bomb limit"}
+            "missing.jpg": "file not found", "bomb.png": "decompression-bomb limit",
+            "bomb_warn.png": "decompression-bomb limit"}
 
 
 @pytest.mark.parametrize("kind", ["truncated.jpg", "empty.jpg", "text.jpg", "missing.jpg", "bomb.png", "bomb_warn.png"])
