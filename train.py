@@ -103,8 +103,9 @@ def compute_loss(
             log_p_s = (out["log_p_s"] * mask).sum(dim=1)  # (N,) log p(s|a) over real steps
             loss = loss + reinforce_surrogate(log_lik, log_p_s, state.hard_baseline, cfg.hard_reinforce_weight)
             decay = cfg.hard_baseline_decay
-            state.hard_baseline = decay * state.hard_baseline + (1 - decay) * float(log_lik.mean())
-    return loss, {"loss": float(loss), "ce": float(ce), "ds": float(ds)}
+            state.hard_baseline = decay * state.hard_baseline + (1 - decay) * float(log_lik.detach().mean())
+    # Detached tensors, not floats: converting would force a GPU sync every step.
+    return loss, {"loss": loss.detach(), "ce": ce.detach(), "ds": ds.detach()}
 
 
 def train_one_epoch(
@@ -119,7 +120,8 @@ def train_one_epoch(
     writer: Any,
 ) -> dict[str, float]:
     model.train()
-    totals = {"loss": 0.0, "ce": 0.0, "ds": 0.0}
+    totals = {"loss": torch.zeros((), device=device), "ce": torch.zeros((), device=device),
+              "ds": torch.zeros((), device=device)}
     seen, start = 0, time.time()
     bar = tqdm(loader, desc=f"epoch {state.epoch + 1}/{cfg.epochs}", disable=not info.is_main, dynamic_ncols=True)
     for batch in bar:
@@ -136,12 +138,13 @@ def train_one_epoch(
         seen += 1
         for key in totals:
             totals[key] += parts[key]
-        images_per_s = seen * batch["image"].size(0) * info.world_size / (time.time() - start)
-        bar.set_postfix(loss=f"{parts['loss']:.3f}", img_s=f"{images_per_s:.0f}")
+        if state.step % 10 == 0:  # reading the loss syncs with the GPU: do it now and then
+            images_per_s = seen * batch["image"].size(0) * info.world_size / (time.time() - start)
+            bar.set_postfix(loss=f"{float(parts['loss']):.3f}", img_s=f"{images_per_s:.0f}")
         if writer is not None and state.step % cfg.log_every == 0:
             for key, value in parts.items():
-                writer.add_scalar(f"train/{key}", value, state.step)
-    return {key: value / max(seen, 1) for key, value in totals.items()}
+                writer.add_scalar(f"train/{key}", float(value), state.step)
+    return {key: float(value) / max(seen, 1) for key, value in totals.items()}
 
 
 def validate(

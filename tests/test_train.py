@@ -1,4 +1,4 @@
-"""train.py end to end on a tiny packed shapes dataset: run folder, checkpoints, exact resume, DDP."""
+"""train.py end to end on the tiny packed shapes dataset of conftest.py: run folder, checkpoints, exact resume, DDP."""
 from __future__ import annotations
 
 import csv
@@ -10,7 +10,6 @@ from pathlib import Path
 import pytest
 import torch
 
-import create_input_files
 import train
 from utils import load_checkpoint
 
@@ -19,16 +18,6 @@ TINY = [
     "encoder_stages=2", "enc_size=4", "attention_dim=32", "embed_dim=16", "decoder_dim=32", "batch_size=8",
     "num_workers=0", "max_decode_len=12", "log_every=1", "early_stop_patience=0",
 ]
-
-
-@pytest.fixture(scope="module")
-def shapes_folder(tmp_path_factory) -> Path:
-    folder = tmp_path_factory.mktemp("packed") / "shapes"
-    code = create_input_files.main(
-        ["--dataset", "shapes", "--output-folder", str(folder), "--num-images", "60", "--image-size", "32"]
-    )
-    assert code in (0, None)
-    return folder
 
 
 def run_train(folder: Path, out_dir: Path, *extra: str) -> int:
@@ -47,7 +36,7 @@ def test_run_folder_contents_and_checkpoint(shapes_folder, tmp_path):
     assert 0.0 <= float(rows[-1]["val_BLEU-4"]) <= 1.0
     ckpt = torch.load(out / "last.pt", weights_only=True)
     assert ckpt["train_state"]["epoch"] == 2 and ckpt["config"]["batch_size"] == 8
-    assert ckpt["image_size"] == 32
+    assert ckpt["image_size"] == 48
     load_checkpoint(out / "best.pt")
     assert "batch_size: 8" in (out / "config.yaml").read_text()
 
@@ -95,6 +84,6 @@ def test_two_process_gloo_run(shapes_folder, tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     assert result.stdout.count("epoch 1:") == 1  # only rank 0 prints and writes
     ckpt = torch.load(out / "last.pt", weights_only=True)
-    # 48 train images / (2 ranks x 8 per step), drop_last -> 3 steps per epoch
-    assert ckpt["train_state"]["step"] == 3
+    # 30 train images -> 15 per rank, 8 per step with drop_last -> 1 step (a single process takes 3)
+    assert ckpt["train_state"]["step"] == 1
     assert not any(k.startswith("module.") for k in ckpt["model"])  # saved unwrapped
