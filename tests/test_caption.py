@@ -428,3 +428,30 @@ def test_checkpoint_whose_weights_do_not_match_its_config(tmp_path, capsys):
     code, _, err = run(["--img", str(tmp_path / "img.png"), "--checkpoint", str(path)], capsys)
     assert code == 1
     assert err.startswith(f"error: {path}: ") and len(err.strip().splitlines()) == 1, err
+
+
+def test_a_failed_write_leaves_no_file(soft_ckpt, tmp_path, capsys, monkeypatch):
+    def disk_full(path, panels, frame_ms=0):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(caption, "save_attention_gif", disk_full)  # the PNG is written, then the GIF fails
+    shapes_image().save(tmp_path / "img.png")
+    out_dir = tmp_path / "out"
+    code, out, err = run(["--img", str(tmp_path / "img.png"), "--checkpoint", str(soft_ckpt), "--out-dir",
+                          str(out_dir), "--max-len", "3"], capsys)
+    assert code == 1
+    assert out == ""
+    assert err.splitlines()[0].startswith(f"error: {tmp_path / 'img.png'}: cannot write")
+    assert list(out_dir.iterdir()) == []  # no PNG without its GIF
+
+
+def test_atomic_save_never_leaves_a_partial_file(tmp_path):
+    def write_then_fail(f):
+        f.write(b"\x89PNG half")
+        raise OSError("disk full")
+
+    (tmp_path / "x.png").write_bytes(b"old figure")
+    with pytest.raises(OSError, match="disk full"):
+        caption._atomic_save(tmp_path / "x.png", write_then_fail)
+    assert [p.name for p in tmp_path.iterdir()] == ["x.png"]  # no temp file left behind
+    assert (tmp_path / "x.png").read_bytes() == b"old figure"  # the previous figure is intact

@@ -1,0 +1,314 @@
+"""eval.py: coco-caption scores, NLTK BLEU, attention fidelity, and eval.main end to end and on bad files."""
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+import eval as evaluation
+from models import build_model
+from utils import Config, save_checkpoint
+
+NEEDS_JAVA = pytest.mark.skipif(not evaluation.java_available(), reason="coco-caption's PTB tokenizer/METEOR need Java")
+
+# Fixed results/references (raw text, punctuation and case included: the PTB tokenizer must see them).
+CAPTIONS = {
+    1: "A red circle and a blue square.",
+    2: "two shapes: a green triangle and a red circle",
+    7: "a purple diamond on a grey background",
+}
+REFERENCES = {
+    1: ["a red circle and a blue square", "two shapes a red circle and a blue square", "A blue square, a red circle."],
+    2: ["a green triangle and a yellow circle", "there are two shapes a green triangle and a yellow circle"],
+    7: ["a purple diamond", "a single purple diamond", "a purple diamond on a grey background"],
+}
+
+
+@pytest.fixture(scope="module")
+def meteor_jvm():
+    """One METEOR JVM for the whole file: loading its paraphrase tables takes seconds each time."""
+    if not evaluation.java_available():
+        pytest.skip("METEOR needs Java")
+    from pycocoevalcap.meteor.meteor import Meteor
+
+    meteor = Meteor()
+    yield meteor
+    del meteor  # its __del__ stops the JVM
+
+
+@pytest.fixture
+def shared_meteor(meteor_jvm, monkeypatch):
+    """Make score_captions' `Meteor()` return the shared instance (METEOR scoring is stateless per call)."""
+    import pycocoevalcap.meteor.meteor as meteor_module
+
+    monkeypatch.setattr(meteor_module, "Meteor", lambda: meteor_jvm)
+    return meteor_jvm
+
+
+# --------------------------------------------------------------------------------------------
+# Caption metrics
+# --------------------------------------------------------------------------------------------
+@NEEDS_JAVA
+def test_score_captions_matches_pycocoevalcap(shared_meteor):
+    from pycocoevalcap.bleu.bleu import Bleu
+    from pycocoevalcap.cider.cider import Cider
+    from pycocoevalcap.rouge.rouge import Rouge
+    from pycocoevalcap.tokenizer.ptbtokenizer import PTBTokenizer
+
+    ours = evaluation.score_captions(CAPTIONS, REFERENCES)
+
+    tokenizer = PTBTokenizer()
+    gts = tokenizer.tokenize({i: [{"caption": r} for r in refs] for i, refs in REFERENCES.items()})
+    res = tokenizer.tokenize({i: [{"caption": c}] for i, c in CAPTIONS.items()})
+    bleu, _ = Bleu(4).compute_score(gts, res, verbose=0)
+    expected = {f"BLEU-{n + 1}": b for n, b in enumerate(bleu)}
+    expected["METEOR"] = shared_meteor.compute_score(gts, res)[0]
+    expected["ROUGE-L"] = Rouge().compute_score(gts, res)[0]
+    expected["CIDEr"] = Cider().compute_score(gts, res)[0]
+
+    assert set(ours) == set(expected)
+    for key, value in expected.items():
+        assert ours[key] == pytest.approx(value, abs=1e-9), key
+    assert 0 < ours["BLEU-4"] < ours["BLEU-1"] < 1  # a non-trivial case: neither all wrong nor perfect
+
+
+def test_score_captions_simple_tokenizer_and_subset():
+    from pycocoevalcap.bleu.bleu import Bleu
+    from pycocoevalcap.cider.cider import Cider
+
+    ours = evaluation.score_captions(CAPTIONS, REFERENCES, metrics=["BLEU", "CIDEr"], tokenizer="simple")
+    tok = evaluation.simple_tokenize
+    gts = {i: [tok(r) for r in refs] for i, refs in REFERENCES.items()}
+    res = {i: [tok(c)] for i, c in CAPTIONS.items()}
+    assert tok("Two shapes: a RED circle.") == "two shapes a red circle"
+    bleu, _ = Bleu(4).compute_score(gts, res, verbose=0)
+    assert set(ours) == {"BLEU-1", "BLEU-2", "BLEU-3", "BLEU-4", "CIDEr"}
+    assert [ours[f"BLEU-{n}"] for n in range(1, 5)] == pytest.approx(bleu, abs=1e-12)
+    assert ours["CIDEr"] == pytest.approx(Cider().compute_score(gts, res)[0], abs=1e-12)
+
+
+@NEEDS_JAVA
+def test_score_captions_empty_caption_scores_zero(shared_meteor):
+    """An untrained model can emit <end> first: an empty caption must score, not crash."""
+    scores = evaluation.score_captions({1: "", 2: "a red circle"}, {1: ["a blue square"], 2: ["a red circle"]})
+    assert set(scores) == {"BLEU-1", "BLEU-2", "BLEU-3", "BLEU-4", "METEOR", "ROUGE-L", "CIDEr"}
+    assert 0 < scores["BLEU-1"] < 1 and 0 <= scores["METEOR"] < 1
+
+
+def test_score_captions_rejects_bad_input():
+    with pytest.raises(ValueError, match="same image ids"):
+        evaluation.score_captions({1: "a"}, {2: ["a"]})
+    with pytest.raises(ValueError, match="unknown metric"):
+        evaluation.score_captions({1: "a"}, {1: ["a"]}, metrics=["BLEU", "SPICE"], tokenizer="simple")
+    with pytest.raises(ValueError, match="nothing to score"):
+        evaluation.score_captions({}, {})
+
+
+def test_nltk_corpus_bleu():
+    from nltk.translate.bleu_score import corpus_bleu
+
+    perfect = evaluation.nltk_corpus_bleu({1: "A red circle, left."}, {1: ["a red circle left", "a circle"]})
+    assert perfect == {f"NLTK-BLEU-{n}": pytest.approx(1.0) for n in range(1, 5)}
+    scores = evaluation.nltk_corpus_bleu(CAPTIONS, REFERENCES)
+    tok = evaluation.simple_tokenize
+    ids = sorted(CAPTIONS)
+    refs = [[tok(r).split() for r in REFERENCES[i]] for i in ids]
+    hyps = [tok(CAPTIONS[i]).split() for i in ids]
+    assert scores["NLTK-BLEU-1"] == pytest.approx(corpus_bleu(refs, hyps, weights=(1.0,)), abs=1e-12)
+    assert scores["NLTK-BLEU-4"] == pytest.approx(corpus_bleu(refs, hyps), abs=1e-12)
+    assert 0 < scores["NLTK-BLEU-4"] < scores["NLTK-BLEU-1"] < 1
+
+
+# --------------------------------------------------------------------------------------------
+# Attention fidelity on hand-made decoded items
+# --------------------------------------------------------------------------------------------
+GRID = 4  # cell centres at 0.125, 0.375, 0.625, 0.875 of the side
+
+
+def peaked(cells: list[tuple[int, int]]) -> torch.Tensor:
+    """(T, g, g) attention maps, step t peaked at cells[t] = (row, col) (row = y, col = x)."""
+    alphas = torch.full((len(cells), GRID, GRID), 0.2 / (GRID * GRID - 1))
+    for t, (row, col) in enumerate(cells):
+        alphas[t, row, col] = 0.8
+    return alphas
+
+
+TOP_LEFT = [0.0, 0.0, 0.5, 0.5]  # x0, y0, x1, y1: holds 2 x 2 of the 16 cell centres
+RIGHT_HALF = [0.5, 0.0, 1.0, 1.0]  # holds 2 x 4 centres
+
+
+def test_attention_fidelity_hits_and_chance():
+    objects = {
+        0: [{"color": "red", "shape": "circle", "box": TOP_LEFT}],
+        1: [{"color": "red", "shape": "circle", "box": TOP_LEFT}, {"color": "blue", "shape": "square", "box": RIGHT_HALF}],
+    }
+    decoded = [
+        # noun step peaks inside the box: a hit for both measures
+        {"index": 0, "words": ["a", "red", "circle"], "alphas": peaked([(3, 3), (3, 3), (1, 0)])},
+        # image 1: "red circle" noun peak outside, colour peak inside -> noun miss, noun_or_colour hit;
+        # "blue square" noun peak inside the right half -> hit; "green circle" is not in the image: ignored;
+        # "red square" names a colour/shape pair that is not there either: ignored.
+        {"index": 1, "words": ["a", "red", "circle", "a", "blue", "square", "green", "circle", "red", "square"],
+         "alphas": peaked([(0, 0), (0, 1), (3, 3), (0, 0), (0, 0), (2, 3), (0, 0), (0, 0), (0, 0), (0, 0)])},
+    ]
+    result = evaluation.attention_fidelity(decoded, objects)
+    assert set(result) == {"all", "1_objects", "2_objects"}
+    assert result["1_objects"] == {"mentions": 1, "hit_noun": 1.0, "hit_noun_or_colour": 1.0, "chance": 0.25}
+    assert result["2_objects"] == {"mentions": 2, "hit_noun": 0.5, "hit_noun_or_colour": 1.0,
+                                   "chance": pytest.approx((0.25 + 0.5) / 2)}
+    assert result["all"]["mentions"] == 3
+    assert result["all"]["hit_noun"] == pytest.approx(2 / 3)
+    assert result["all"]["hit_noun_or_colour"] == 1.0
+    assert result["all"]["chance"] == pytest.approx((0.25 + 0.25 + 0.5) / 3)
+
+
+def test_attention_fidelity_miss_and_no_mentions():
+    objects = {0: [{"color": "red", "shape": "circle", "box": TOP_LEFT}]}
+    miss = [{"index": 0, "words": ["red", "circle"], "alphas": peaked([(2, 2), (3, 1)])}]
+    result = evaluation.attention_fidelity(miss, objects)
+    assert result["all"] == {"mentions": 1, "hit_noun": 0.0, "hit_noun_or_colour": 0.0, "chance": 0.25}
+    nothing = [{"index": 0, "words": ["a", "circle", "red"], "alphas": peaked([(0, 0)] * 3)}]
+    assert evaluation.attention_fidelity(nothing, objects) == {}
+
+
+@pytest.mark.parametrize("box,chance", [([0.0, 0.0, 1.0, 1.0], 1.0), ([0.0, 0.0, 0.3, 0.3], 1 / 16),
+                                        ([0.125, 0.0, 0.625, 1.0], 3 / 4), ([0.2, 0.2, 0.3, 0.3], 0.0)])
+def test_attention_fidelity_chance_is_the_fraction_of_cell_centres_in_the_box(box, chance):
+    objects = {0: [{"color": "red", "shape": "circle", "box": box}]}
+    decoded = [{"index": 0, "words": ["red", "circle"], "alphas": peaked([(0, 0), (0, 0)])}]
+    assert evaluation.attention_fidelity(decoded, objects)["all"]["chance"] == pytest.approx(chance)
+
+
+# --------------------------------------------------------------------------------------------
+# eval.main end to end on a tiny packed shapes dataset
+# --------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def packed(tmp_path_factory) -> Path:
+    import create_input_files
+
+    folder = tmp_path_factory.mktemp("eval") / "shapes"
+    code = create_input_files.main(["--dataset", "shapes", "--output-folder", str(folder), "--num-images", "60",
+                                    "--image-size", "64", "--workers", "1"])
+    assert code in (0, None)
+    return folder
+
+
+def chain_checkpoint(path: Path, folder: Path) -> tuple[Path, str]:
+    """A tiny model wired to say one fixed caption, "a <colour> <shape>", for every image.
+
+    The colour and shape are those of the first test image's first object, so at least that image has a
+    mention for attention fidelity. Wiring: a one-hot embedding E, the h/z paths of the deep output cut,
+    and L_o mapping the previous word to the next one: p(y_t | y_{t-1}) follows the chain.
+    """
+    from datasets import CaptionDataset
+
+    dataset = CaptionDataset(str(folder), "test")
+    first = dataset.objects(0)[0]
+    dataset.close()
+    word_map = json.loads((folder / "word_map.json").read_text())
+    chain = ["<start>", "a", first["color"], first["shape"], "<end>"]
+    assert all(w in word_map for w in chain)
+    vocab = len(word_map)
+    cfg = Config(encoder="resnet18", encoder_weights="none", encoder_stages=2, enc_size=GRID, attention_dim=16,
+                 embed_dim=vocab, decoder_dim=32, dropout=0.0)
+    torch.manual_seed(0)
+    model = build_model(cfg, vocab)
+    decoder = model.decoder
+    with torch.no_grad():
+        decoder.embedding.weight.copy_(torch.eye(vocab))
+        for layer in (decoder.L_h, decoder.L_z):
+            layer.weight.zero_()
+            layer.bias.zero_()
+        decoder.L_o.weight.zero_()
+        decoder.L_o.bias.zero_()
+        for prev, nxt in zip(chain, chain[1:]):
+            decoder.L_o.weight[word_map[nxt], word_map[prev]] = 30.0
+    save_checkpoint(path, {"model": model.state_dict(), "config": dataclasses.asdict(cfg), "word_map": word_map,
+                           "image_size": 64})
+    return path, " ".join(chain[1:-1])
+
+
+@NEEDS_JAVA
+@pytest.mark.filterwarnings("ignore::UserWarning:nltk.translate.bleu_score")  # 3-word captions: no 4-grams
+def test_eval_main_end_to_end(packed, tmp_path, capsys, shared_meteor):
+    ckpt, sentence = chain_checkpoint(tmp_path / "chain.pt", packed)
+    out = tmp_path / "results" / "test.json"
+    code = evaluation.main(["--checkpoint", str(ckpt), "--data-folder", str(packed), "--split", "test",
+                            "--beam-size", "2", "--batch-size", "2", "--max-len", "8", "--device", "cpu",
+                            "--num-workers", "0", "--bleu", "nltk", "--out", str(out)])
+    captured = capsys.readouterr()
+    assert code == 0, captured.err
+    results = json.loads(out.read_text())
+    assert isinstance(results, list) and len(results) == 5  # 60 images: 50 train, 5 val, 5 test
+    assert all(set(r) == {"image_id", "caption"} for r in results)
+    assert [r["image_id"] for r in results] == list(range(5))
+    assert all(r["caption"] == sentence for r in results)
+
+    metrics = json.loads(out.with_name("test.metrics.json").read_text())
+    keys = {"BLEU-1", "BLEU-2", "BLEU-3", "BLEU-4", "METEOR", "ROUGE-L", "CIDEr", "attention_hit_noun",
+            "attention_hit_noun_or_colour", "attention_chance", "NLTK-BLEU-1", "NLTK-BLEU-2", "NLTK-BLEU-3",
+            "NLTK-BLEU-4"}
+    assert keys <= set(metrics)
+    assert metrics["images"] == 5 and metrics["unfinished"] == 0 and metrics["beam_size"] == 2
+    for key in keys:
+        assert isinstance(metrics[key], float) and 0.0 <= metrics[key] <= (10.0 if key == "CIDEr" else 1.0), key
+    assert metrics["BLEU-1"] > 0  # "a" is in every reference
+    assert metrics["attention_fidelity"]["all"]["mentions"] >= 1
+    assert 0 < metrics["attention_chance"] < 1
+    assert f"captions: {out}" in captured.out
+
+
+@NEEDS_JAVA
+def test_eval_main_default_output_and_coco_only(packed, tmp_path, capsys, shared_meteor):
+    ckpt, _ = chain_checkpoint(tmp_path / "run" / "best.pt", packed)
+    code = evaluation.main(["--checkpoint", str(ckpt), "--data-folder", str(packed), "--split", "val",
+                            "--beam-size", "1", "--max-len", "8", "--device", "cpu", "--num-workers", "0"])
+    assert code == 0, capsys.readouterr().err
+    results = json.loads((tmp_path / "run" / "val_beam1.json").read_text())
+    assert len(results) == 5
+    metrics = json.loads((tmp_path / "run" / "val_beam1.metrics.json").read_text())
+    assert {"BLEU-4", "METEOR", "ROUGE-L", "CIDEr"} <= set(metrics)
+    assert not any(key.startswith("NLTK") for key in metrics)
+    assert metrics["split"] == "val"
+
+
+# --------------------------------------------------------------------------------------------
+# eval.main on bad checkpoints: one `error:` line naming the file, exit code 1
+# --------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("kind", ["random bytes", "zero bytes", "text", "missing", "not ours"])
+def test_eval_main_bad_checkpoint(kind, packed, tmp_path, capsys):
+    ckpt = tmp_path / "bad.pt"
+    if kind == "random bytes":
+        ckpt.write_bytes(torch.randint(0, 256, (4096,), generator=torch.Generator().manual_seed(0),
+                                       dtype=torch.uint8).numpy().tobytes())
+    elif kind == "zero bytes":
+        ckpt.write_bytes(b"")
+    elif kind == "text":
+        ckpt.write_text("checkpoint: best\nepoch: 3\n")
+    elif kind == "not ours":
+        torch.save({"state_dict": {"w": torch.zeros(2)}}, ckpt)
+    code = evaluation.main(["--checkpoint", str(ckpt), "--data-folder", str(packed), "--device", "cpu",
+                            "--num-workers", "0"])
+    captured = capsys.readouterr()
+    assert code == 1
+    lines = captured.err.strip().splitlines()
+    assert len(lines) == 1, captured.err
+    assert lines[0].startswith("error: ") and str(ckpt) in lines[0]
+    assert "Traceback" not in captured.err
+
+
+def test_eval_main_word_map_mismatch(packed, tmp_path, capsys):
+    word_map = {"<pad>": 0, "<unk>": 1, "<start>": 2, "<end>": 3, "a": 4}
+    cfg = Config(encoder="resnet18", encoder_weights="none", encoder_stages=2, enc_size=GRID, attention_dim=16,
+                 embed_dim=16, decoder_dim=32)
+    ckpt = tmp_path / "other.pt"
+    save_checkpoint(ckpt, {"model": build_model(cfg, len(word_map)).state_dict(), "config": dataclasses.asdict(cfg),
+                           "word_map": word_map})
+    code = evaluation.main(["--checkpoint", str(ckpt), "--data-folder", str(packed), "--device", "cpu",
+                            "--num-workers", "0"])
+    err = capsys.readouterr().err
+    assert code == 1
+    assert err.startswith("error: ") and "word map" in err and len(err.strip().splitlines()) == 1
