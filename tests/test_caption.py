@@ -251,7 +251,8 @@ def test_load_image_matches_the_packed_training_images(tmp_path):
         pytest.skip("create_input_files.load_image not available")
     from skimage import data
 
-    images = {"photo.jpg": Image.fromarray(data.astronaut()), "rgba.png": Image.fromarray(data.coffee()).convert("RGBA"),
+    images = {"photo.jpg": Image.fromarray(data.astronaut()),
+              "rgba.png": Image.fromarray(data.coffee()).convert("RGBA"),
               "sixteen.png": Image.fromarray((np.arange(600, dtype=np.uint16).reshape(20, 30) * 100))}
     for name, image in images.items():
         image.save(tmp_path / name)
@@ -455,3 +456,16 @@ def test_atomic_save_never_leaves_a_partial_file(tmp_path):
         caption._atomic_save(tmp_path / "x.png", write_then_fail)
     assert [p.name for p in tmp_path.iterdir()] == ["x.png"]  # no temp file left behind
     assert (tmp_path / "x.png").read_bytes() == b"old figure"  # the previous figure is intact
+
+
+def test_show_with_a_display_opens_the_grids(soft_ckpt, tmp_path, capsys, monkeypatch):
+    shown = []
+    monkeypatch.setattr(caption, "_display_available", lambda: True)
+    monkeypatch.setattr(caption, "show_grids", lambda grids: shown.extend(grids))
+    shapes_image().save(tmp_path / "img.png")
+    code, out, err = run(["--img", str(tmp_path / "img.png"), "--checkpoint", str(soft_ckpt), "--out-dir",
+                          str(tmp_path / "out"), "--max-len", "3", "--show"], capsys)
+    assert code == 0 and "warning" not in err
+    assert len(shown) == 1
+    text, png = shown[0]
+    assert text == out.splitlines()[0] and png == tmp_path / "out" / "img_attention.png"

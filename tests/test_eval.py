@@ -98,6 +98,19 @@ def test_score_captions_empty_caption_scores_zero(shared_meteor):
     assert 0 < scores["BLEU-1"] < 1 and 0 <= scores["METEOR"] < 1
 
 
+def test_score_captions_without_java_skips_meteor(monkeypatch, capsys):
+    from pycocoevalcap.bleu.bleu import Bleu
+
+    monkeypatch.setattr(evaluation, "java_available", lambda: False)
+    scores = evaluation.score_captions(CAPTIONS, REFERENCES)
+    assert set(scores) == {"BLEU-1", "BLEU-2", "BLEU-3", "BLEU-4", "ROUGE-L", "CIDEr"}
+    assert "java not found" in capsys.readouterr().err
+    tok = evaluation.simple_tokenize  # the Python tokenizer stands in for PTB
+    bleu, _ = Bleu(4).compute_score({i: [tok(r) for r in refs] for i, refs in REFERENCES.items()},
+                                    {i: [tok(c)] for i, c in CAPTIONS.items()}, verbose=0)
+    assert [scores[f"BLEU-{n}"] for n in range(1, 5)] == pytest.approx(bleu, abs=1e-12)
+
+
 def test_score_captions_rejects_bad_input():
     with pytest.raises(ValueError, match="same image ids"):
         evaluation.score_captions({1: "a"}, {2: ["a"]})
@@ -143,7 +156,8 @@ RIGHT_HALF = [0.5, 0.0, 1.0, 1.0]  # holds 2 x 4 centres
 def test_attention_fidelity_hits_and_chance():
     objects = {
         0: [{"color": "red", "shape": "circle", "box": TOP_LEFT}],
-        1: [{"color": "red", "shape": "circle", "box": TOP_LEFT}, {"color": "blue", "shape": "square", "box": RIGHT_HALF}],
+        1: [{"color": "red", "shape": "circle", "box": TOP_LEFT},
+            {"color": "blue", "shape": "square", "box": RIGHT_HALF}],
     }
     decoded = [
         # noun step peaks inside the box: a hit for both measures
@@ -265,7 +279,7 @@ def test_eval_main_end_to_end(packed, tmp_path, capsys, shared_meteor):
 def test_eval_main_default_output_and_coco_only(packed, tmp_path, capsys, shared_meteor):
     ckpt, _ = chain_checkpoint(tmp_path / "run" / "best.pt", packed)
     code = evaluation.main(["--checkpoint", str(ckpt), "--data-folder", str(packed), "--split", "val",
-                            "--beam-size", "1", "--max-len", "8", "--device", "cpu", "--num-workers", "0"])
+                            "--beam-size", "1", "--max-len", "8", "--device", "cpu", "--num-workers", "1"])
     assert code == 0, capsys.readouterr().err
     results = json.loads((tmp_path / "run" / "val_beam1.json").read_text())
     assert len(results) == 5
