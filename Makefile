@@ -4,8 +4,9 @@ VENV := .venv
 PY := $(VENV)/bin/python
 DATA := data/shapes
 RUN := runs/shapes
+HARD_RUN := runs/shapes_hard
 
-.PHONY: demo test clean
+.PHONY: demo demo-hard test clean
 
 $(VENV)/.installed: requirements.txt
 	$(PYTHON) -m venv $(VENV)
@@ -13,12 +14,26 @@ $(VENV)/.installed: requirements.txt
 	$(PY) -m pip install -q -r requirements.txt
 	touch $@
 
+# Pack the built-in dataset, train soft attention on CPU, score the test split, caption fresh images.
 demo: $(VENV)/.installed
 	$(PY) create_input_files.py --dataset shapes --output-folder $(DATA) --force
+	rm -rf $(RUN)
+	$(PY) train.py --config configs/shapes.yaml data_folder=$(DATA) out_dir=$(RUN)
+	$(PY) eval.py --checkpoint $(RUN)/best.pt --data-folder $(DATA) --split test --beam-size 3 --out $(RUN)/test_beam3.json
+	$(PY) shapes.py --out-dir $(RUN)/samples --count 4
+	$(PY) caption.py --img $(RUN)/samples --checkpoint $(RUN)/best.pt --beam-size 3 --out-dir $(RUN)/captions
+
+# The same with stochastic hard attention (run after `make demo`, which packs the data).
+demo-hard: $(VENV)/.installed
+	rm -rf $(HARD_RUN)
+	$(PY) train.py --config configs/shapes_hard.yaml data_folder=$(DATA) out_dir=$(HARD_RUN)
+	$(PY) eval.py --checkpoint $(HARD_RUN)/best.pt --data-folder $(DATA) --split test --beam-size 3 --out $(HARD_RUN)/test_beam3.json
+	$(PY) shapes.py --out-dir $(HARD_RUN)/samples --count 4
+	$(PY) caption.py --img $(HARD_RUN)/samples --checkpoint $(HARD_RUN)/best.pt --beam-size 3 --out-dir $(HARD_RUN)/captions
 
 # pytest exits 5 when it collected nothing; make treats any non-zero exit as failure.
 test: $(VENV)/.installed
 	$(PY) -m pytest -q tests
 
 clean:
-	rm -rf $(DATA) $(RUN)
+	rm -rf $(DATA) $(RUN) $(HARD_RUN)

@@ -28,10 +28,12 @@ from typing import BinaryIO, Callable, Sequence
 
 import numpy as np
 import torch
-from PIL import Image, ImageOps
+from PIL import Image
 
-from models import Hypothesis, ShowAttendTell, beam_search, hard_decode_mode, model_from_checkpoint
-from utils import decode_ids, load_checkpoint, resolve_device
+import create_input_files
+from datasets import IMAGENET_MEAN, IMAGENET_STD, normalize_image
+from models import Hypothesis, ShowAttendTell, beam_search, hard_decode_mode, load_model
+from utils import decode_ids, resolve_device
 
 __all__ = [
     "IMAGE_EXTENSIONS",
@@ -48,8 +50,6 @@ __all__ = [
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp")
 DEFAULT_IMAGE_SIZE = 256  # when the checkpoint does not record the packed image size S
-IMAGENET_MEAN = (0.485, 0.456, 0.406)  # the normalisation the packed training images get
-IMAGENET_STD = (0.229, 0.224, 0.225)
 GIF_FRAME_MS = 800  # slow enough to read each word
 GRID_COLUMNS = 5
 PANEL_INCHES, PANEL_DPI = 2.6, 100  # every panel has the same pixel size, so grid and GIF frames agree
@@ -95,8 +95,8 @@ def collect_images(patterns: Sequence[str]) -> tuple[list[Path], list[tuple[str,
 def load_image(path: str | Path, image_size: int) -> tuple[torch.Tensor, Image.Image]:
     """Read any image PIL opens and prepare it exactly like the packed training images.
 
-    EXIF orientation is applied (phones store rotated pixels), every mode becomes RGB (transparency is
-    composited on white), then a square resize to S = image_size and ImageNet normalisation.
+    Uses create_input_files.load_image (EXIF orientation, any mode to RGB with transparency on white,
+    bilinear square resize to S = image_size), then datasets.normalize_image.
 
     Returns:
         tensor: (3, S, S) float, normalised.
@@ -104,45 +104,9 @@ def load_image(path: str | Path, image_size: int) -> tuple[torch.Tensor, Image.I
     Raises:
         ValueError: `PATH: reason` for a missing, empty, truncated or unreadable file.
     """
-    from torchvision import transforms
-
-    path = Path(path)
-    if not path.is_file():
-        raise ValueError(f"{path}: no such file")
-    if path.stat().st_size == 0:
-        raise ValueError(f"{path}: empty file (0 bytes)")
-    try:
-        with Image.open(path) as opened:
-            opened.load()  # decode now, so a truncated file fails here rather than later
-            image = _to_rgb(ImageOps.exif_transpose(opened))
-    except Image.DecompressionBombError as e:
-        raise ValueError(f"{path}: image too large ({e})") from None
-    except Image.UnidentifiedImageError:
-        raise ValueError(f"{path}: not an image PIL can read") from None
-    except Exception as e:  # truncated data, broken EXIF, an unsupported mode, ...
-        raise ValueError(f"{path}: corrupt or truncated image ({_first_line(e)})") from None
-    # Bilinear (antialiased when shrinking) square stretch, as create_input_files.py packs images.
-    display = image.resize((image_size, image_size), Image.Resampling.BILINEAR)
-    normalise = transforms.Compose([transforms.ToTensor(), transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
-    return normalise(display), display
-
-
-def _to_rgb(image: Image.Image) -> Image.Image:
-    """Any PIL mode -> 8-bit RGB, with the same rules as create_input_files.py (the training images).
-
-    Transparency is composited on white; 16/32-bit grey is scaled to 0..255 rather than clipped, as
-    PIL's own convert would (turning most 16-bit photos white).
-    """
-    if image.mode in ("I", "F") or image.mode.startswith("I;16"):
-        grey = np.asarray(image, dtype=np.float64)
-        if image.mode.startswith("I;16") or grey.max(initial=0) > 255:
-            grey = grey / 257.0  # a 16-bit range, 0..65535
-        image = Image.fromarray(np.clip(np.rint(grey), 0, 255).astype(np.uint8), mode="L")
-    if image.mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in image.info:
-        rgba = image.convert("RGBA")
-        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-        return Image.alpha_composite(white, rgba).convert("RGB")
-    return image.convert("RGB")  # L, 1, P, CMYK, YCbCr, RGB, ...
+    pixels = create_input_files.load_image(str(path), image_size)  # (3, S, S) uint8
+    display = Image.fromarray(pixels.transpose(1, 2, 0))
+    return normalize_image(torch.from_numpy(pixels)), display
 
 
 def _first_line(error: BaseException) -> str:
@@ -385,14 +349,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not paths:
         return _fail("no images to caption")
     try:
-        ckpt = load_checkpoint(args.checkpoint)  # its ValueError already names the file
+        model, cfg, ckpt = load_model(args.checkpoint)  # its ValueErrors name the file
         device = resolve_device(args.device)
     except ValueError as e:
         return _fail(str(e))
-    try:
-        model, cfg = model_from_checkpoint(ckpt)
-    except (ValueError, TypeError, KeyError, AttributeError) as e:
-        return _fail(f"{args.checkpoint}: cannot rebuild the model ({_first_line(e)})")
     model.to(device)
     image_size = args.image_size or int(ckpt.get("image_size", DEFAULT_IMAGE_SIZE))
     word_map = ckpt["word_map"]

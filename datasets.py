@@ -17,10 +17,20 @@ from torchvision.transforms.v2 import functional as TF
 
 from utils import load_word_map
 
-__all__ = ["CaptionDataset", "collate_captions", "IMAGENET_MEAN", "IMAGENET_STD"]
+__all__ = ["CaptionDataset", "collate_captions", "normalize_image", "IMAGENET_MEAN", "IMAGENET_STD"]
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+def normalize_image(image: torch.Tensor) -> torch.Tensor:
+    """uint8 (3, S, S) -> float, scaled to [0, 1] and ImageNet-normalised: what the encoder sees.
+
+    The one place this happens, for the training data and for caption.py's new images alike.
+    """
+    return TF.normalize(image.float() / 255.0, list(IMAGENET_MEAN), list(IMAGENET_STD))
+
+
 REQUIRED_KEYS = ("images", "captions", "caplens", "references", "filenames")
 REQUIRED_ATTRS = ("captions_per_image", "max_len", "image_size")
 
@@ -87,7 +97,7 @@ class CaptionDataset(Dataset):
         image = torch.from_numpy(h5["images"][i])  # (3, S, S) uint8
         if self.transform is not None:
             image = self.transform(image)
-        image = TF.normalize(image.float() / 255.0, list(IMAGENET_MEAN), list(IMAGENET_STD))  # (3, S, S)
+        image = normalize_image(image)  # (3, S, S) float
         item = {
             "image": image,
             "captions": torch.from_numpy(h5["captions"][i * cpi:(i + 1) * cpi].astype(np.int64)),  # (cpi, T)

@@ -21,8 +21,8 @@ import torch
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from models import ShowAttendTell, beam_search, hard_decode_mode, model_from_checkpoint
-from utils import atomic_write_text, autocast_context, decode_ids, load_checkpoint, resolve_device
+from models import ShowAttendTell, beam_search, hard_decode_mode, load_model
+from utils import atomic_write_text, autocast_context, decode_ids, resolve_device
 
 ALL_METRICS = ("BLEU", "METEOR", "ROUGE_L", "CIDEr")
 _JAVA_METRICS = ("METEOR",)  # the PTB tokenizer needs Java too; without it we tokenise in Python
@@ -251,8 +251,7 @@ def get_args_parser() -> argparse.ArgumentParser:
 def evaluate(args: argparse.Namespace) -> dict[str, Any]:
     from datasets import CaptionDataset, collate_captions
 
-    ckpt = load_checkpoint(args.checkpoint)
-    model, cfg = model_from_checkpoint(ckpt)
+    model, cfg, ckpt = load_model(args.checkpoint)
     device = resolve_device(args.device)
     model.to(device)
     dataset = CaptionDataset(args.data_folder, args.split)

@@ -10,6 +10,7 @@ beam search and both attention variants all call it, so they cannot drift apart.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, NamedTuple
 
 import torch
@@ -17,7 +18,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 import torchvision
 
-from utils import Config
+from utils import Config, config_from_dict, load_checkpoint
 
 __all__ = [
     "Encoder",
@@ -27,6 +28,7 @@ __all__ = [
     "ShowAttendTell",
     "build_model",
     "model_from_checkpoint",
+    "load_model",
     "doubly_stochastic_penalty",
     "reinforce_surrogate",
     "beam_search",
@@ -337,15 +339,28 @@ def build_model(cfg: Config, vocab_size: int, *, encoder_weights: str | None = N
 
 def model_from_checkpoint(ckpt: dict[str, Any]) -> tuple[ShowAttendTell, Config]:
     """Rebuild the exact model a checkpoint was trained with (no download: weights come from it)."""
-    from utils import config_from_dict
-
-    cfg = config_from_dict(ckpt["config"])
+    cfg = config_from_dict(ckpt["config"], source="its config")
+    cfg.validate()
     model = build_model(cfg, len(ckpt["word_map"]), encoder_weights="none")
     try:
         model.load_state_dict(ckpt["model"])
-    except RuntimeError as e:
-        raise ValueError(f"checkpoint weights do not match its config: {str(e).splitlines()[0]}") from None
+    except RuntimeError as e:  # the first line only says "Error(s) in loading state_dict"; show a detail
+        details = [line.strip() for line in str(e).splitlines()[1:] if line.strip()]
+        raise ValueError(f"weights do not match its config ({(details or ['?'])[0][:200]})") from None
     return model.eval(), cfg
+
+
+def load_model(path: str | Path) -> tuple[ShowAttendTell, Config, dict[str, Any]]:
+    """Checkpoint file -> (model in eval mode on CPU, its config, the checkpoint dict).
+
+    The one loader eval.py and caption.py share; every failure is a ValueError naming the file.
+    """
+    ckpt = load_checkpoint(path)
+    try:
+        model, cfg = model_from_checkpoint(ckpt)
+    except ValueError as e:
+        raise ValueError(f"{path}: {e}") from None
+    return model, cfg, ckpt
 
 
 # --------------------------------------------------------------------------------------------
@@ -442,6 +457,7 @@ def beam_search(
     for _ in range(max_len):
         out = decoder.step(words, state, features, features_proj, mode)
         log_probs = F.log_softmax(out.logits.float(), dim=1)  # (B*k, V)
+        log_probs[:, [pad, start]] = float("-inf")  # never emitted (an untrained model may prefer them)
         # A finished beam may only continue with <pad>, at log-prob 0: its score is frozen.
         frozen = torch.full_like(log_probs, float("-inf"))
         frozen[:, pad] = 0.0

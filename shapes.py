@@ -10,8 +10,11 @@ are only used when the boxes involved are separated by at least `MIN_GAP` of the
 """
 from __future__ import annotations
 
+import argparse
 import math
-from typing import Any
+import os
+import sys
+from typing import Any, Sequence
 
 import numpy as np
 from PIL import Image, ImageDraw
@@ -186,3 +189,28 @@ def generate_image(
     tokens = [[w for w, _ in c] for c in captions]
     word_objects = [[o for _, o in c] for c in captions]
     return Image.fromarray(pixels), objects, tokens, word_objects
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Write a few fresh shapes images as PNG files (not in any packed split), e.g. to try caption.py."""
+    parser = argparse.ArgumentParser(description="Write fresh shapes images as PNG files, with their captions.")
+    parser.add_argument("--out-dir", required=True, help="folder for shapes_NNNNNN.png")
+    parser.add_argument("--count", type=int, default=4, help="number of images (default: 4)")
+    parser.add_argument("--seed", type=int, default=12345, help="default 12345: differs from the packed data's 0")
+    parser.add_argument("--image-size", type=int, default=96, help="side in pixels (default: 96)")
+    args = parser.parse_args(argv)
+    try:
+        os.makedirs(args.out_dir, exist_ok=True)
+        for index in range(args.count):
+            image, _, captions, _ = generate_image(args.seed, index, args.image_size)
+            path = os.path.join(args.out_dir, shape_filename(index))
+            image.save(path)
+            print(f"{path}: {' '.join(captions[0])}")
+    except (ValueError, OSError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -235,6 +235,9 @@ def main(argv: Sequence[str] | None = None) -> int:
 def _train(cfg: Config, ckpt: dict[str, Any] | None, info: DistInfo, device: torch.device) -> int:
     seed_everything(cfg.seed)
     out_dir = cfg.resolved_out_dir()
+    if ckpt is None and (out_dir / "last.pt").exists():
+        raise ValueError(f"{out_dir} already holds a run; continue it with resume={out_dir / 'last.pt'} "
+                         "or pick another out_dir=")
     train_loader, val_loader, sampler = make_loaders(cfg, info)
     word_map = train_loader.dataset.word_map
     model = build_model(cfg, len(word_map)).to(device)

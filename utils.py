@@ -278,6 +278,8 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
         raise ValueError(f"{path}: not a readable checkpoint ({first_line[:200]})") from None
     if not isinstance(ckpt, dict) or not {"model", "config", "word_map"} <= set(ckpt):
         raise ValueError(f"{path}: not a Show, Attend and Tell checkpoint (needs model, config, word_map)")
+    if not isinstance(ckpt["model"], dict) or not isinstance(ckpt["config"], dict):
+        raise ValueError(f"{path}: not a Show, Attend and Tell checkpoint (model and config must be dicts)")
     check_word_map(ckpt["word_map"], str(path))
     return ckpt
 

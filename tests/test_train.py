@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import csv
+import json
 import os
 import subprocess
 import sys
@@ -55,18 +56,43 @@ def test_resume_is_exact(shapes_folder, tmp_path):
     assert len(list(csv.DictReader(open(split / "metrics.csv")))) == 2
 
 
-def test_hard_attention_trains(shapes_folder, tmp_path):
+def test_hard_attention_train_eval_caption_round_trip(shapes_folder, tmp_path, capsys):
+    """A hard checkpoint goes through eval.py and caption.py with no flag saying it is hard."""
+    import caption
+    import eval as evaluate
+    from shapes import generate_image
+
     out = tmp_path / "hard"
-    assert run_train(shapes_folder, out, "epochs=1", "attention=hard") == 0
+    assert run_train(shapes_folder, out, "epochs=1", "attention=hard", "hard_decode=argmax") == 0
     ckpt = load_checkpoint(out / "last.pt")
     assert ckpt["config"]["attention"] == "hard"
-    assert ckpt["train_state"]["hard_baseline"] != 0.0
+    assert ckpt["train_state"]["hard_baseline"] < 0.0  # moving average of log p(y|s,a)
+    results = tmp_path / "test.json"
+    assert evaluate.main(["--checkpoint", str(out / "best.pt"), "--data-folder", str(shapes_folder),
+                          "--beam-size", "2", "--num-workers", "0", "--out", str(results)]) == 0
+    metrics = json.loads(results.with_name("test.metrics.json").read_text())
+    assert metrics["attention"] == "hard" and 0.0 <= metrics["BLEU-4"] <= 1.0
+    generate_image(7, 0, 48)[0].save(tmp_path / "fresh.png")
+    assert caption.main(["--img", str(tmp_path / "fresh.png"), "--checkpoint", str(out / "best.pt"),
+                         "--out-dir", str(tmp_path / "figures"), "--beam-size", "2"]) == 0
+    assert (tmp_path / "figures" / "fresh_attention.png").is_file()
+    assert (tmp_path / "figures" / "fresh_attention.gif").is_file()
+
+
+def test_existing_run_folder_is_not_overwritten(shapes_folder, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert run_train(shapes_folder, out, "epochs=1") == 0
+    before = (out / "last.pt").read_bytes()
+    assert run_train(shapes_folder, out, "epochs=1") == 1
+    assert "already holds a run" in capsys.readouterr().err
+    assert (out / "last.pt").read_bytes() == before
 
 
 def test_bad_overrides_fail_cleanly(capsys, tmp_path):
     assert train.main(["--config", "configs/shapes.yaml", "learning_rate=0.1"]) == 1
     assert "unknown key 'learning_rate'" in capsys.readouterr().err
-    assert train.main(["--config", "configs/shapes.yaml", f"data_folder={tmp_path / 'nothing'}"]) == 1
+    assert train.main(["--config", "configs/shapes.yaml", f"data_folder={tmp_path / 'nothing'}",
+                       f"out_dir={tmp_path / 'run'}"]) == 1
     assert "nothing" in capsys.readouterr().err
     assert train.main(["--config", "configs/missing.yaml"]) == 1
     assert "config file not found" in capsys.readouterr().err
