@@ -44,12 +44,14 @@ class CaptionDataset(Dataset):
         transform: optional callable on the uint8 (3, S, S) image tensor, applied before the image is
             scaled to [0, 1] and normalised with the ImageNet mean/std (e.g. a v2 augmentation;
             note that a horizontal flip makes the shapes captions' "left"/"right" false).
+        with_references: include every raw reference caption in each item; default: val/test only.
 
     The HDF5 file is opened lazily, once per process, on first access: h5py handles must not cross
     a fork or be pickled, so DataLoader workers (fork or spawn) each open their own.
     """
 
-    def __init__(self, data_folder: str, split: str, transform: Callable[[torch.Tensor], torch.Tensor] | None = None):
+    def __init__(self, data_folder: str, split: str, transform: Callable[[torch.Tensor], torch.Tensor] | None = None,
+                 with_references: bool | None = None):
         if split not in ("train", "val", "test"):
             raise ValueError(f"split {split!r} is not one of train, val, test")
         self.path = os.path.join(data_folder, f"{split}.h5")
@@ -57,6 +59,7 @@ class CaptionDataset(Dataset):
             raise ValueError(f"{self.path} not found; run create_input_files.py --output-folder {data_folder} first")
         self.split = split
         self.transform = transform
+        self.with_references = split != "train" if with_references is None else with_references
         self.word_map = load_word_map(os.path.join(data_folder, "word_map.json"))
         try:
             with h5py.File(self.path, "r") as h5:
@@ -104,7 +107,7 @@ class CaptionDataset(Dataset):
             "caplens": torch.from_numpy(h5["caplens"][i * cpi:(i + 1) * cpi].astype(np.int64)),  # (cpi,)
             "index": i,
         }
-        if self.split != "train":
+        if self.with_references:
             item["references"] = self.references(i)
         return item
 

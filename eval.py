@@ -254,7 +254,7 @@ def evaluate(args: argparse.Namespace) -> dict[str, Any]:
     model, cfg, ckpt = load_model(args.checkpoint)
     device = resolve_device(args.device)
     model.to(device)
-    dataset = CaptionDataset(args.data_folder, args.split)
+    dataset = CaptionDataset(args.data_folder, args.split, with_references=True)
     if dataset.word_map != ckpt["word_map"]:
         raise ValueError(f"{args.checkpoint}: word map differs from {args.data_folder}/word_map.json")
     if args.beam_size < 1 or args.batch_size < 1:

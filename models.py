@@ -22,6 +22,7 @@ from utils import Config, config_from_dict, load_checkpoint
 
 __all__ = [
     "Encoder",
+    "WeightsDownloadError",
     "SoftAttention",
     "HardAttention",
     "Decoder",
@@ -96,6 +97,10 @@ class Encoder(nn.Module):
         return x.flatten(2).transpose(1, 2)  # (B, L, D)
 
 
+class WeightsDownloadError(RuntimeError):
+    """ImageNet weights were asked for but cannot be fetched (typically: no network)."""
+
+
 def _load_resnet(arch: str, weights: str) -> nn.Module:
     if weights == "none":
         return getattr(torchvision.models, arch)(weights=None)
@@ -105,7 +110,7 @@ def _load_resnet(arch: str, weights: str) -> nn.Module:
     try:
         return getattr(torchvision.models, arch)(weights=enum)
     except OSError as e:  # URLError, connection refused, DNS failure: all OSError subclasses
-        raise RuntimeError(
+        raise WeightsDownloadError(
             f"could not download the ImageNet weights for {arch} ({e}); this machine looks offline. "
             f"Put {enum.url.rsplit('/', 1)[-1]} in {torch.hub.get_dir()}/checkpoints, "
             "or train from random init with encoder_weights=none"

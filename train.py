@@ -28,6 +28,7 @@ from datasets import CaptionDataset, collate_captions
 from eval import decode_split, score_captions
 from models import (
     ShowAttendTell,
+    WeightsDownloadError,
     build_model,
     doubly_stochastic_penalty,
     log_likelihood_per_caption,
@@ -225,7 +226,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 1
     try:
         return _train(cfg, ckpt, info, device)
-    except ValueError as e:
+    except (ValueError, WeightsDownloadError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
     finally:

@@ -289,6 +289,17 @@ def test_eval_main_default_output_and_coco_only(packed, tmp_path, capsys, shared
     assert metrics["split"] == "val"
 
 
+def test_eval_main_on_the_train_split(packed, tmp_path, capsys):
+    """Train items carry no references for training; eval asks for them, so any split can be scored."""
+    ckpt, _ = chain_checkpoint(tmp_path / "run" / "best.pt", packed)
+    out = tmp_path / "train.json"
+    code = evaluation.main(["--checkpoint", str(ckpt), "--data-folder", str(packed), "--split", "train",
+                            "--beam-size", "1", "--max-len", "8", "--num-workers", "0", "--out", str(out)])
+    assert code == 0, capsys.readouterr().err
+    assert len(json.loads(out.read_text())) == 50
+    assert json.loads((tmp_path / "train.metrics.json").read_text())["split"] == "train"
+
+
 # --------------------------------------------------------------------------------------------
 # eval.main on bad checkpoints: one `error:` line naming the file, exit code 1
 # --------------------------------------------------------------------------------------------
