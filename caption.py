@@ -31,7 +31,7 @@ import torch
 from PIL import Image
 
 import create_input_files
-from datasets import IMAGENET_MEAN, IMAGENET_STD, normalize_image
+from datasets import normalize_image
 from models import Hypothesis, ShowAttendTell, beam_search, hard_decode_mode, load_model
 from utils import decode_ids, resolve_device
 

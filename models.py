@@ -209,7 +209,7 @@ class Decoder(nn.Module):
             raise ValueError(f"attention={attention!r} is not one of soft, hard")
         if gate not in ("scalar", "vector", "none"):
             raise ValueError(f"gate={gate!r} is not one of scalar, vector, none")
-        self.vocab_size, self.encoder_dim, self.gate_kind, self.deep_output = vocab_size, encoder_dim, gate, deep_output
+        self.vocab_size, self.deep_output = vocab_size, deep_output
         self.attention = attention_cls(encoder_dim, decoder_dim, attention_dim)
         self.embedding = nn.Embedding(vocab_size, embed_dim)  # E
         # c_0, h_0 from the mean annotation through two separate layers (Sec. 3.1.2).

@@ -49,7 +49,6 @@ from utils import (
     save_config,
     seed_everything,
     set_rng_state,
-    unwrap,
 )
 
 VAL_METRIC = "BLEU-4"  # decoded on val, drives LR decay, early stopping and best.pt
@@ -76,7 +75,7 @@ class TrainState:
 
 def compute_loss(
     model: torch.nn.Module, batch: dict[str, Any], cfg: Config, state: TrainState, device: torch.device
-) -> tuple[torch.Tensor, dict[str, float]]:
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Cross-entropy over real words + doubly stochastic term (+ REINFORCE and entropy for hard)."""
     images = batch["image"].to(device, non_blocking=True)  # (B, 3, S, S)
     captions, caplens = batch["captions"], batch["caplens"]  # (B, C, T+1), (B, C)

@@ -357,7 +357,3 @@ def cleanup_distributed(info: DistInfo) -> None:
     if info.enabled and dist.is_initialized():
         dist.destroy_process_group()
 
-
-def unwrap(model: torch.nn.Module) -> torch.nn.Module:
-    """The module inside DistributedDataParallel (what checkpoints save)."""
-    return model.module if hasattr(model, "module") else model
