@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import re
 import shutil
 import sys
@@ -125,10 +126,7 @@ def score_captions(
     scores: dict[str, float] = {}
     for name in metrics:
         if name == "BLEU":
-            from pycocoevalcap.bleu.bleu import Bleu
-
-            bleu, _ = Bleu(4).compute_score(gts, res, verbose=0)
-            scores.update({f"BLEU-{n + 1}": float(b) for n, b in enumerate(bleu)})
+            scores.update(_coco_bleu(gts, res))
         elif name == "METEOR":
             from pycocoevalcap.meteor.meteor import Meteor
 
@@ -141,6 +139,25 @@ def score_captions(
             from pycocoevalcap.cider.cider import Cider
 
             scores["CIDEr"] = float(Cider().compute_score(gts, res)[0])
+    return scores
+
+
+def _coco_bleu(gts: dict[int, list[str]], res: dict[int, list[str]]) -> dict[str, float]:
+    """coco-caption BLEU-1..4 (what pycocoevalcap's Bleu(4) computes), plus the corpus brevity penalty.
+
+    The scorer is driven directly, rather than through Bleu.compute_score, only to read the length
+    ratio: BLEU-n / BLEU-brevity-penalty is BLEU without the penalty, for papers that report it so.
+    """
+    from pycocoevalcap.bleu.bleu_scorer import BleuScorer
+
+    scorer = BleuScorer(n=4)
+    for i in gts:
+        scorer += (res[i][0], gts[i])
+    bleu, _ = scorer.compute_score(option="closest", verbose=0)
+    # Hypothesis length / closest reference length, corpus-wide (its ratio() method is broken in 1.2).
+    ratio = scorer.testlen(option="closest") / max(scorer.reflen(option="closest"), 1e-9)
+    scores = {f"BLEU-{n + 1}": float(b) for n, b in enumerate(bleu)}
+    scores["BLEU-brevity-penalty"] = 1.0 if ratio >= 1 else float(math.exp(1 - 1 / ratio)) if ratio > 0 else 0.0
     return scores
 
 

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -65,6 +66,11 @@ def test_score_captions_matches_pycocoevalcap(shared_meteor):
     res = tokenizer.tokenize({i: [{"caption": c}] for i, c in CAPTIONS.items()})
     bleu, _ = Bleu(4).compute_score(gts, res, verbose=0)
     expected = {f"BLEU-{n + 1}": b for n, b in enumerate(bleu)}
+    # Brevity penalty by hand: corpus hypothesis length vs the closest reference length per image.
+    hyp_len = sum(len(res[i][0].split()) for i in res)
+    ref_len = sum(min((len(r.split()) for r in gts[i]), key=lambda n: (abs(n - len(res[i][0].split())), n))
+                  for i in res)
+    expected["BLEU-brevity-penalty"] = min(1.0, math.exp(1 - ref_len / hyp_len))
     expected["METEOR"] = shared_meteor.compute_score(gts, res)[0]
     expected["ROUGE-L"] = Rouge().compute_score(gts, res)[0]
     expected["CIDEr"] = Cider().compute_score(gts, res)[0]
@@ -73,6 +79,16 @@ def test_score_captions_matches_pycocoevalcap(shared_meteor):
     for key, value in expected.items():
         assert ours[key] == pytest.approx(value, abs=1e-9), key
     assert 0 < ours["BLEU-4"] < ours["BLEU-1"] < 1  # a non-trivial case: neither all wrong nor perfect
+
+
+def test_bleu_brevity_penalty_can_be_divided_out():
+    captions = {1: "a cat on grass", 2: "two red cars"}
+    references = {1: ["a dog runs on the green grass", "a brown dog"], 2: ["two red cars parked on a street"]}
+    scores = evaluation.score_captions(captions, references, metrics=("BLEU",), tokenizer="simple")
+    # closest reference lengths: 3 ("a brown dog" is nearer 4 words than 7) and 7; hypotheses 4 + 3
+    assert scores["BLEU-brevity-penalty"] == pytest.approx(math.exp(1 - 10 / 7))
+    # Without the penalty, BLEU-1 is the clipped unigram precision: 3 of 4 + 3 of 3 words match.
+    assert scores["BLEU-1"] / scores["BLEU-brevity-penalty"] == pytest.approx(6 / 7, rel=1e-6)
 
 
 def test_score_captions_simple_tokenizer_and_subset():
@@ -85,7 +101,7 @@ def test_score_captions_simple_tokenizer_and_subset():
     res = {i: [tok(c)] for i, c in CAPTIONS.items()}
     assert tok("Two shapes: a RED circle.") == "two shapes a red circle"
     bleu, _ = Bleu(4).compute_score(gts, res, verbose=0)
-    assert set(ours) == {"BLEU-1", "BLEU-2", "BLEU-3", "BLEU-4", "CIDEr"}
+    assert set(ours) == {"BLEU-1", "BLEU-2", "BLEU-3", "BLEU-4", "BLEU-brevity-penalty", "CIDEr"}
     assert [ours[f"BLEU-{n}"] for n in range(1, 5)] == pytest.approx(bleu, abs=1e-12)
     assert ours["CIDEr"] == pytest.approx(Cider().compute_score(gts, res)[0], abs=1e-12)
 
@@ -94,7 +110,7 @@ def test_score_captions_simple_tokenizer_and_subset():
 def test_score_captions_empty_caption_scores_zero(shared_meteor):
     """An untrained model can emit <end> first: an empty caption must score, not crash."""
     scores = evaluation.score_captions({1: "", 2: "a red circle"}, {1: ["a blue square"], 2: ["a red circle"]})
-    assert set(scores) == {"BLEU-1", "BLEU-2", "BLEU-3", "BLEU-4", "METEOR", "ROUGE-L", "CIDEr"}
+    assert set(scores) == {"BLEU-1", "BLEU-2", "BLEU-3", "BLEU-4", "BLEU-brevity-penalty", "METEOR", "ROUGE-L", "CIDEr"}
     assert 0 < scores["BLEU-1"] < 1 and 0 <= scores["METEOR"] < 1
 
 
@@ -103,7 +119,7 @@ def test_score_captions_without_java_skips_meteor(monkeypatch, capsys):
 
     monkeypatch.setattr(evaluation, "java_available", lambda: False)
     scores = evaluation.score_captions(CAPTIONS, REFERENCES)
-    assert set(scores) == {"BLEU-1", "BLEU-2", "BLEU-3", "BLEU-4", "ROUGE-L", "CIDEr"}
+    assert set(scores) == {"BLEU-1", "BLEU-2", "BLEU-3", "BLEU-4", "BLEU-brevity-penalty", "ROUGE-L", "CIDEr"}
     assert "java not found" in capsys.readouterr().err
     tok = evaluation.simple_tokenize  # the Python tokenizer stands in for PTB
     bleu, _ = Bleu(4).compute_score({i: [tok(r) for r in refs] for i, refs in REFERENCES.items()},
@@ -262,7 +278,7 @@ def test_eval_main_end_to_end(packed, tmp_path, capsys, shared_meteor):
     assert all(r["caption"] == sentence for r in results)
 
     metrics = json.loads(out.with_name("test.metrics.json").read_text())
-    keys = {"BLEU-1", "BLEU-2", "BLEU-3", "BLEU-4", "METEOR", "ROUGE-L", "CIDEr", "attention_hit_noun",
+    keys = {"BLEU-1", "BLEU-2", "BLEU-3", "BLEU-4", "BLEU-brevity-penalty", "METEOR", "ROUGE-L", "CIDEr", "attention_hit_noun",
             "attention_hit_noun_or_colour", "attention_chance", "NLTK-BLEU-1", "NLTK-BLEU-2", "NLTK-BLEU-3",
             "NLTK-BLEU-4"}
     assert keys <= set(metrics)
