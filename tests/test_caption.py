@@ -13,6 +13,7 @@ import torch
 from PIL import Image, ImageSequence
 
 import caption
+import datasets
 from models import build_model
 from utils import Config, save_checkpoint
 
@@ -219,7 +220,7 @@ def test_load_image_modes(tmp_path):
         if name == "cmyk.jpg":
             assert pixel[0] > 200 and pixel[1] < 60 and pixel[2] < 60, pixel
         # ToTensor + ImageNet normalisation of exactly the display pixels
-        mean, std = torch.tensor(caption.IMAGENET_MEAN), torch.tensor(caption.IMAGENET_STD)
+        mean, std = torch.tensor(datasets.IMAGENET_MEAN), torch.tensor(datasets.IMAGENET_STD)
         raw = torch.from_numpy(np.array(display)).permute(2, 0, 1).float() / 255
         assert torch.allclose(tensor, (raw - mean[:, None, None]) / std[:, None, None], atol=1e-6), name
 
