@@ -35,6 +35,8 @@ from datasets import normalize_image
 from models import Hypothesis, ShowAttendTell, beam_search, hard_decode_mode, load_model
 from utils import decode_ids, resolve_device
 
+MAX_IMAGE_SIZE = 2048  # a larger S would only exhaust memory: the packed datasets use 96-256
+
 __all__ = [
     "IMAGE_EXTENSIONS",
     "collect_images",
@@ -342,6 +344,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         value = getattr(args, flag)
         if value is not None and value < 1:
             return _fail(f"--{flag.replace('_', '-')}={value} must be >= 1")
+    if args.image_size is not None and args.image_size > MAX_IMAGE_SIZE:
+        return _fail(f"--image-size={args.image_size} is larger than {MAX_IMAGE_SIZE} (the model sees S x S pixels)")
 
     paths, bad = collect_images(args.img)
     for source, reason in bad:

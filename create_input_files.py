@@ -180,25 +180,33 @@ def read_karpathy(json_path: str, image_folder: str) -> dict[str, list[Record]]:
     filepath names the image folder itself, e.g. "images").
     """
     try:
-        with open(json_path) as f:
+        with open(json_path, encoding="utf-8-sig") as f:
             data = json.load(f)
     except FileNotFoundError:
         raise ValueError(f"{json_path}: Karpathy JSON not found") from None
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ValueError(f"{json_path}: not valid JSON ({e})") from None
+    except OSError as e:
+        raise ValueError(f"{json_path}: cannot read ({e.strerror or e})") from None
     if not isinstance(data, dict) or not isinstance(data.get("images"), list):
         raise ValueError(f"{json_path}: expected a Karpathy-split JSON object with an 'images' list")
     splits: dict[str, list[Record]] = {s: [] for s in SPLITS}
     for n, entry in enumerate(data["images"]):
         if not isinstance(entry, dict) or not isinstance(entry.get("filename"), str):
             raise ValueError(f"{json_path}: images[{n}] lacks a 'filename'")
-        split = {"restval": "train"}.get(entry.get("split"), entry.get("split"))
+        split = entry.get("split")
+        split = {"restval": "train"}.get(split, split) if isinstance(split, str) else None
         if split not in SPLITS:
             raise ValueError(f"{json_path}: images[{n}] ({entry['filename']}) has split {entry.get('split')!r}, "
                              "expected train, restval, val or test")
         sentences = entry.get("sentences", [])
-        if not isinstance(sentences, list) or not all(isinstance(s, dict) for s in sentences):
-            raise ValueError(f"{json_path}: images[{n}] ({entry['filename']}) has no valid 'sentences' list")
+        if not isinstance(sentences, list) or not all(
+            isinstance(s, dict) and isinstance(s.get("tokens", []), list) for s in sentences
+        ):
+            raise ValueError(f"{json_path}: images[{n}] ({entry['filename']}) has no valid 'sentences' list "
+                             "(each a dict with 'raw' text and/or a 'tokens' list)")
+        if not isinstance(entry.get("filepath") or "", str):
+            raise ValueError(f"{json_path}: images[{n}] ({entry['filename']}) has a non-text 'filepath'")
         rel = os.path.join(entry.get("filepath") or "", entry["filename"])
         flat = os.path.join(image_folder, entry["filename"])
         if not os.path.isfile(os.path.join(image_folder, rel)) and os.path.isfile(flat):
@@ -224,6 +232,8 @@ def read_captions_file(path: str) -> dict[str, list[str]]:
         raise ValueError(f"{path}: captions file not found") from None
     except UnicodeDecodeError as e:
         raise ValueError(f"{path}: not UTF-8 text ({e})") from None
+    except OSError as e:
+        raise ValueError(f"{path}: cannot read ({e.strerror or e})") from None
     lines = text.splitlines()
     first = next((line for line in lines if line.strip()), "")
     captions: dict[str, list[str]] = {}
@@ -249,6 +259,8 @@ def read_captions_file(path: str) -> dict[str, list[str]]:
             row = row[:i_caption] + [",".join(row[i_caption:])]  # unquoted commas inside the caption
         if len(row) != len(header):
             raise ValueError(f"{path}:{n}: expected {len(header)} columns, found {len(row)}")
+        if "\n" in row[i_caption] or "\r" in row[i_caption]:  # an unclosed quote swallowed the next rows
+            raise ValueError(f"{path}:{n}: caption spans several lines (an unclosed quote?)")
         captions.setdefault(row[i_image].strip(), []).append(row[i_caption].strip())
     return captions
 
@@ -491,7 +503,8 @@ def create_input_files(dataset: str, output_folder: str, *, karpathy_json: str |
     if dataset != "shapes" and num_images is not None:
         raise ValueError("--num-images applies to --dataset shapes only")
     num_images = 6000 if num_images is None else num_images
-    image_size = image_size or (DEFAULT_SHAPES_IMAGE_SIZE if dataset == "shapes" else DEFAULT_IMAGE_SIZE)
+    if image_size is None:
+        image_size = DEFAULT_SHAPES_IMAGE_SIZE if dataset == "shapes" else DEFAULT_IMAGE_SIZE
     default_fraction = 1 / 12 if dataset == "shapes" else 0.1
     val_fraction = default_fraction if val_fraction is None else val_fraction
     test_fraction = default_fraction if test_fraction is None else test_fraction
@@ -561,6 +574,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             skip_bad_images=args.skip_bad_images, force=args.force)
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
+        return 1
+    except OSError as e:  # an output folder that is a file, not writable, or a full disk
+        print(f"error: {args.output_folder}: cannot write ({e.strerror or e})", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print(f"error: interrupted; nothing new written to {args.output_folder}", file=sys.stderr)

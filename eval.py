@@ -23,7 +23,7 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from models import ShowAttendTell, beam_search, hard_decode_mode, load_model
-from utils import atomic_write_text, autocast_context, decode_ids, resolve_device
+from utils import atomic_write_text, autocast_context, decode_ids, one_line, resolve_device
 
 ALL_METRICS = ("BLEU", "METEOR", "ROUGE_L", "CIDEr")
 _JAVA_METRICS = ("METEOR",)  # the PTB tokenizer needs Java too; without it we tokenise in Python
@@ -268,14 +268,22 @@ def get_args_parser() -> argparse.ArgumentParser:
 def evaluate(args: argparse.Namespace) -> dict[str, Any]:
     from datasets import CaptionDataset, collate_captions
 
+    for flag in ("beam_size", "batch_size", "max_len"):
+        if getattr(args, flag) < 1:
+            raise ValueError(f"--{flag.replace('_', '-')}={getattr(args, flag)} must be >= 1")
+    if not math.isfinite(args.length_penalty) or args.num_workers < 0:
+        raise ValueError("--length-penalty must be a finite number and --num-workers >= 0")
+    out = Path(args.out) if args.out else Path(args.checkpoint).with_name(f"{args.split}_beam{args.beam_size}.json")
+    metrics_path = out.with_name(out.name.removesuffix(".json") + ".metrics.json")
+    out.parent.mkdir(parents=True, exist_ok=True)  # fail before decoding, not after
     model, cfg, ckpt = load_model(args.checkpoint)
     device = resolve_device(args.device)
     model.to(device)
     dataset = CaptionDataset(args.data_folder, args.split, with_references=True)
     if dataset.word_map != ckpt["word_map"]:
         raise ValueError(f"{args.checkpoint}: word map differs from {args.data_folder}/word_map.json")
-    if args.beam_size < 1 or args.batch_size < 1:
-        raise ValueError("--beam-size and --batch-size must be >= 1")
+    if len(dataset) == 0:
+        raise ValueError(f"{dataset.path}: the {args.split} split has no images")
     loader = DataLoader(dataset, batch_size=args.batch_size, shuffle=False, num_workers=args.num_workers,
                         collate_fn=collate_captions)
     decoded = decode_split(
@@ -299,10 +307,9 @@ def evaluate(args: argparse.Namespace) -> dict[str, Any]:
             metrics["attention_chance"] = fidelity["all"]["chance"]
         metrics["attention_fidelity"] = fidelity
 
-    out = Path(args.out) if args.out else Path(args.checkpoint).with_name(f"{args.split}_beam{args.beam_size}.json")
     results = [{"image_id": d["index"], "caption": d["caption"]} for d in decoded]
     atomic_write_text(out, json.dumps(results, indent=1))
-    atomic_write_text(out.with_name(out.name.removesuffix(".json") + ".metrics.json"), json.dumps(metrics, indent=2))
+    atomic_write_text(metrics_path, json.dumps(metrics, indent=2))
     print_table(metrics)
     print(f"captions: {out}")
     return metrics
@@ -328,6 +335,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         evaluate(args)
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
+        return 1
+    except OSError as e:  # an unwritable --out, a clashing folder, a full disk
+        print(f"error: {one_line(e)}", file=sys.stderr)
         return 1
     return 0
 

@@ -199,6 +199,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=12345, help="default 12345: differs from the packed data's 0")
     parser.add_argument("--image-size", type=int, default=96, help="side in pixels (default: 96)")
     args = parser.parse_args(argv)
+    for flag, value, low, high in (("count", args.count, 1, 100_000), ("seed", args.seed, 0, 2**63 - 1),
+                                   ("image-size", args.image_size, 32, 2048)):
+        if not low <= value <= high:
+            print(f"error: --{flag}={value} must be in {low}..{high}", file=sys.stderr)
+            return 1
     try:
         os.makedirs(args.out_dir, exist_ok=True)
         for index in range(args.count):

@@ -44,6 +44,7 @@ from utils import (
     init_distributed,
     load_checkpoint,
     load_config,
+    one_line,
     rng_state,
     save_checkpoint,
     save_config,
@@ -170,6 +171,8 @@ def validate(
 def make_loaders(cfg: Config, info: DistInfo) -> tuple[DataLoader, DataLoader, DistributedSampler]:
     train_set = CaptionDataset(cfg.data_folder, "train")
     val_set = CaptionDataset(cfg.data_folder, "val")
+    if len(val_set) == 0:  # fail now, not after an epoch: model selection needs a val score
+        raise ValueError(f"{val_set.path}: the val split is empty; repack with a val fraction > 0")
     if cfg.val_max_images:
         val_set = Subset(val_set, range(min(cfg.val_max_images, len(val_set))))
     # A DistributedSampler with world size 1 is a seeded shuffle whose order is a function of the epoch,
@@ -179,6 +182,9 @@ def make_loaders(cfg: Config, info: DistInfo) -> tuple[DataLoader, DataLoader, D
     common = {"num_workers": cfg.num_workers, "collate_fn": collate_captions, "persistent_workers": cfg.num_workers > 0}
     train_loader = DataLoader(train_set, batch_size=cfg.batch_size, sampler=sampler, drop_last=True,
                               generator=torch.Generator().manual_seed(cfg.seed), **common)
+    if len(train_loader) == 0:  # drop_last would "train" zero steps
+        raise ValueError(f"{train_set.path}: {len(train_set)} images give no full batch of batch_size="
+                         f"{cfg.batch_size} per process ({info.world_size} process(es)); lower batch_size")
     val_loader = DataLoader(val_set, batch_size=max(1, 64 // cfg.val_beam_size), shuffle=False,
                             generator=torch.Generator().manual_seed(cfg.seed), **common)
     return train_loader, val_loader, sampler
@@ -227,6 +233,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _train(cfg, ckpt, info, device)
     except (ValueError, WeightsDownloadError) as e:
         print(f"error: {e}", file=sys.stderr)
+        return 1
+    except OSError as e:  # an unwritable or clashing run folder, a vanished data file, a full disk
+        print(f"error: {one_line(e)}", file=sys.stderr)
         return 1
     finally:
         cleanup_distributed(info)

@@ -103,9 +103,22 @@ class Config:
                 raise ValueError(f"config {key}={getattr(self, key)!r} is not one of {', '.join(valid)}")
         if self.encoder_stages not in (1, 2, 3, 4):
             raise ValueError(f"config encoder_stages={self.encoder_stages} must be 1, 2, 3 or 4")
-        for key in ("enc_size", "batch_size", "epochs", "attention_dim", "embed_dim", "decoder_dim"):
+        for key in ("enc_size", "batch_size", "epochs", "attention_dim", "embed_dim", "decoder_dim",
+                    "val_beam_size", "max_decode_len", "log_every"):
             if getattr(self, key) < 1:
                 raise ValueError(f"config {key}={getattr(self, key)} must be >= 1")
+        for key in ("decoder_lr", "encoder_lr", "weight_decay", "grad_clip", "alpha_c", "num_workers",
+                    "captions_per_step", "val_max_images", "early_stop_patience", "lr_patience",
+                    "hard_reinforce_weight", "hard_entropy_weight"):
+            if not getattr(self, key) >= 0:  # also rejects NaN
+                raise ValueError(f"config {key}={getattr(self, key)} must be >= 0")
+        if self.fine_tune_encoder and not 0 <= self.fine_tune_stages <= self.encoder_stages:
+            raise ValueError(f"config fine_tune_stages={self.fine_tune_stages} must be in 0..{self.encoder_stages}")
+        for key in ("hard_baseline_decay", "hard_expected_prob"):
+            if not 0.0 <= getattr(self, key) <= 1.0:
+                raise ValueError(f"config {key}={getattr(self, key)} must be in [0, 1]")
+        if not 0.0 < self.lr_decay_factor <= 1.0:
+            raise ValueError(f"config lr_decay_factor={self.lr_decay_factor} must be in (0, 1]")
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"config dropout={self.dropout} must be in [0, 1)")
 
@@ -159,12 +172,14 @@ def load_config(path: str | None, overrides: Sequence[str] = ()) -> Config:
     cfg = Config()
     if path:
         try:
-            with open(path) as f:
+            with open(path, encoding="utf-8") as f:
                 values = yaml.safe_load(f) or {}
         except FileNotFoundError:
             raise ValueError(f"{path}: config file not found") from None
+        except (OSError, UnicodeDecodeError) as e:
+            raise ValueError(f"{path}: cannot read the config file ({one_line(e)})") from None
         except yaml.YAMLError as e:
-            raise ValueError(f"{path}: not valid YAML ({e})") from None
+            raise ValueError(f"{path}: not valid YAML ({one_line(e)})") from None
         if not isinstance(values, dict):
             raise ValueError(f"{path}: expected a mapping of key: value")
         cfg = config_from_dict(values, cfg, source=path)
@@ -207,6 +222,12 @@ def atomic_write_text(path: str | Path, text: str) -> None:
         raise
 
 
+def one_line(error: BaseException) -> str:
+    """An exception's message folded onto one line (YAML and h5py errors span several)."""
+    text = " ".join(str(error).split())
+    return text[:300] if text else type(error).__name__
+
+
 def _default_file_mode() -> int:
     umask = os.umask(0)
     os.umask(umask)
@@ -216,12 +237,14 @@ def _default_file_mode() -> int:
 def load_word_map(path: str | Path) -> dict[str, int]:
     """Read word_map.json and check it has the special tokens every script relies on."""
     try:
-        with open(path) as f:
+        with open(path, encoding="utf-8") as f:
             word_map = json.load(f)
     except FileNotFoundError:
         raise ValueError(f"{path}: word map not found (run create_input_files.py first)") from None
     except json.JSONDecodeError as e:
         raise ValueError(f"{path}: not valid JSON ({e})") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path}: cannot read the word map ({one_line(e)})") from None
     check_word_map(word_map, str(path))
     return word_map
 
@@ -318,7 +341,10 @@ def seed_everything(seed: int) -> None:
 def resolve_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ValueError(f"device={name!r} is not a device (use auto, cpu, cuda or cuda:N)") from None
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"device={name} asked for, but CUDA is not available (use device=cpu or auto)")
     return device
