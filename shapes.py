@@ -90,12 +90,16 @@ def _layout(rng: np.random.Generator, size: int) -> list[tuple[int, int, int]]:
     raise RuntimeError("shapes layout failed")  # unreachable: a single object always fits
 
 
+def _article(color: str) -> str:
+    return "an" if color[0] in "aeiou" else "a"
+
+
 def _phrase(objects: list[dict[str, Any]], i: int) -> list[Word]:
-    return [("a", -1), (objects[i]["color"], i), (objects[i]["shape"], i)]
+    return [(_article(objects[i]["color"]), -1), (objects[i]["color"], i), (objects[i]["shape"], i)]
 
 
 def _listing(objects: list[dict[str, Any]], order: list[int]) -> list[Word]:
-    """'a X', 'a X and a Y', 'a X a Y and a Z' (plain words, no commas)."""
+    """'a X', 'a X and a Y', 'a X a Y and a Z' (plain words, no commas; "an" before a vowel)."""
     words: list[Word] = []
     for n, i in enumerate(order):
         if n == len(order) - 1 and n > 0:
@@ -122,7 +126,7 @@ def _captions(objects: list[dict[str, Any]], px: list[tuple[int, int, int, int]]
         listing + [("on", -1), ("a", -1), ("grey", -1), ("background", -1)],
     ]
     if k == 1:
-        return out + [[("a", -1), ("single", -1), (objects[0]["color"], 0), (objects[0]["shape"], 0)]]
+        return out + [[("a", -1), ("single", -1), (objects[0]["color"], 0), (objects[0]["shape"], 0)]]  # a single
 
     def left_of(a: int, b: int) -> bool:
         return px[a][2] + gap <= px[b][0]
