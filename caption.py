@@ -33,7 +33,7 @@ from PIL import Image
 import create_input_files
 from datasets import normalize_image
 from models import Hypothesis, ShowAttendTell, beam_search, hard_decode_mode, load_model
-from utils import decode_ids, resolve_device
+from utils import decode_ids, one_line, resolve_device
 
 MAX_IMAGE_SIZE = 2048  # a larger S would only exhaust memory: the packed datasets use 96-256
 
@@ -109,11 +109,6 @@ def load_image(path: str | Path, image_size: int) -> tuple[torch.Tensor, Image.I
     pixels = create_input_files.load_image(str(path), image_size)  # (3, S, S) uint8
     display = Image.fromarray(pixels.transpose(1, 2, 0))
     return normalize_image(torch.from_numpy(pixels)), display
-
-
-def _first_line(error: BaseException) -> str:
-    text = str(error).strip()
-    return text.splitlines()[0][:200] if text else type(error).__name__
 
 
 # --------------------------------------------------------------------------------------------
@@ -365,7 +360,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
     except OSError as e:
-        return _fail(f"{out_dir}: cannot create the output folder ({_first_line(e)})")
+        return _fail(f"{out_dir}: cannot create the output folder ({one_line(e)})")
     show = args.show and _display_available()
     if args.show and not show:
         print("warning: --show: no display available; the figures are only saved", file=sys.stderr)
@@ -399,7 +394,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 save_attention_png(png, panels)
                 save_attention_gif(gif, panels)
             except OSError as e:
-                print(f"error: {path}: cannot write its figures to {out_dir} ({_first_line(e)})", file=sys.stderr)
+                print(f"error: {path}: cannot write its figures to {out_dir} ({one_line(e)})", file=sys.stderr)
                 png.unlink(missing_ok=True)
                 bad.append((str(path), "cannot write figures"))
                 continue

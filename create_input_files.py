@@ -37,7 +37,7 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 from tqdm import tqdm
 
 from shapes import generate_image, shape_filename
-from utils import SPECIAL_TOKENS, atomic_write_text
+from utils import SPECIAL_TOKENS, atomic_write_text, one_line
 
 SPLITS = ("train", "val", "test")
 KARPATHY_DATASETS = ("flickr8k", "flickr30k", "coco")
@@ -109,10 +109,10 @@ def load_image(path: str, size: int) -> np.ndarray:
     except UnidentifiedImageError:
         raise ValueError(f"{path}: not an image file PIL can read") from None
     except Exception as e:  # truncated data, broken EXIF, exotic modes, ...
-        message = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        message = one_line(e)
         if "truncated" in message.lower():
             raise ValueError(f"{path}: truncated image file") from None
-        raise ValueError(f"{path}: cannot decode image ({message[:200]})") from None
+        raise ValueError(f"{path}: cannot decode image ({message})") from None
     return np.asarray(image, dtype=np.uint8).transpose(2, 0, 1).copy()  # (3, S, S)
 
 

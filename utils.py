@@ -297,8 +297,7 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # truncated zip, random bytes, a pickled module, ...
-        first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise ValueError(f"{path}: not a readable checkpoint ({first_line[:200]})") from None
+        raise ValueError(f"{path}: not a readable checkpoint ({one_line(e)})") from None
     if not isinstance(ckpt, dict) or not {"model", "config", "word_map"} <= set(ckpt):
         raise ValueError(f"{path}: not a Show, Attend and Tell checkpoint (needs model, config, word_map)")
     if not isinstance(ckpt["model"], dict) or not isinstance(ckpt["config"], dict):
