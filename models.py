@@ -508,8 +508,12 @@ def hard_decode_mode(model: ShowAttendTell, requested: str | None) -> str:
     return requested if model.attention_variant == "hard" and requested else "expected"
 
 
+def target_log_probs(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """log p(y_t | a, y_<t) of each target word, (N, T), in fp32 even under autocast."""
+    return F.log_softmax(logits.float(), dim=2).gather(2, targets.unsqueeze(2)).squeeze(2)
+
+
 def log_likelihood_per_caption(logits: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """sum_t log p(y_t | ...) over real steps, (N,)."""
-    log_probs = F.log_softmax(logits.float(), dim=2).gather(2, targets.unsqueeze(2)).squeeze(2)  # (N, T)
-    return (log_probs * mask).sum(dim=1)
+    return (target_log_probs(logits, targets) * mask).sum(dim=1)
 

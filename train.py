@@ -19,7 +19,6 @@ from typing import Any, Sequence
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, DistributedSampler, Subset
 from tqdm import tqdm
@@ -31,8 +30,8 @@ from models import (
     WeightsDownloadError,
     build_model,
     doubly_stochastic_penalty,
-    log_likelihood_per_caption,
     reinforce_surrogate,
+    target_log_probs,
 )
 from utils import (
     Config,
@@ -91,7 +90,8 @@ def compute_loss(
     mode = "expected" if not hard or torch.rand(()).item() < cfg.hard_expected_prob else "sample"
     out = model(images, captions, caplens, mode)
     mask = out["mask"]  # (N, T)
-    ce = F.cross_entropy(out["logits"][mask].float(), out["targets"][mask])  # mean over real words
+    log_probs = target_log_probs(out["logits"], out["targets"])  # (N, T), shared by CE and the reward
+    ce = -log_probs[mask].mean()  # cross-entropy, mean over real words
     ds = doubly_stochastic_penalty(out["alphas"], mask, cfg.ds_reduction)
     loss = ce + cfg.alpha_c * ds
     if hard:
@@ -100,7 +100,7 @@ def compute_loss(
         loss = loss - cfg.hard_entropy_weight * (out["entropy"] * mask).sum() / words.sum()
         if "log_p_s" in out:
             # Reward log p(y|s,a) per word, as the original code (it averages the cost over time).
-            log_lik = log_likelihood_per_caption(out["logits"], out["targets"], mask) / words  # (N,)
+            log_lik = (log_probs * mask).sum(dim=1) / words  # (N,)
             log_p_s = (out["log_p_s"] * mask).sum(dim=1)  # (N,) log p(s|a) over real steps
             loss = loss + reinforce_surrogate(log_lik, log_p_s, state.hard_baseline, cfg.hard_reinforce_weight)
             decay = cfg.hard_baseline_decay
