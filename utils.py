@@ -297,7 +297,9 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # truncated zip, random bytes, a pickled module, ...
-        raise ValueError(f"{path}: not a readable checkpoint ({one_line(e)})") from None
+        # torch's own message is a paragraph that suggests weights_only=False: not advice to pass on.
+        raise ValueError(f"{path}: not a readable checkpoint (corrupt, truncated, not a torch file, or it "
+                         f"pickles objects weights-only loading refuses; {type(e).__name__})") from None
     if not isinstance(ckpt, dict) or not {"model", "config", "word_map"} <= set(ckpt):
         raise ValueError(f"{path}: not a Show, Attend and Tell checkpoint (needs model, config, word_map)")
     if not isinstance(ckpt["model"], dict) or not isinstance(ckpt["config"], dict):
