@@ -20,28 +20,25 @@ import argparse
 import glob
 import math
 import os
-import secrets
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO, Callable, Sequence
+from typing import Sequence
 
 import numpy as np
 import torch
 from PIL import Image
 
-import create_input_files
-from datasets import normalize_image
-from models import Hypothesis, ShowAttendTell, beam_search, hard_decode_mode, load_model
-from utils import decode_ids, one_line, resolve_device
+from datasets import load_image_tensor
+from decoding import decode_args_parser, decode_images, decode_options_from_args
+from models import Hypothesis, load_model
+from utils import UserError, atomic_write, decode_ids, one_line, resolve_device, run_cli
 
 MAX_IMAGE_SIZE = 2048  # a larger S would only exhaust memory: the packed datasets use 96-256
 
 __all__ = [
     "IMAGE_EXTENSIONS",
     "collect_images",
-    "load_image",
-    "caption_images",
     "caption_words",
     "render_panels",
     "save_attention_png",
@@ -58,7 +55,7 @@ PANEL_INCHES, PANEL_DPI = 2.6, 100  # every panel has the same pixel size, so gr
 
 
 # --------------------------------------------------------------------------------------------
-# Inputs: paths, patterns and folders -> image files; image files -> normalised tensors
+# Inputs: paths, patterns and folders -> image files (datasets.load_image_tensor reads each one)
 # --------------------------------------------------------------------------------------------
 def collect_images(patterns: Sequence[str]) -> tuple[list[Path], list[tuple[str, str]]]:
     """Expand files, folders and glob patterns into image paths, in the order given.
@@ -92,59 +89,6 @@ def collect_images(patterns: Sequence[str]) -> tuple[list[Path], list[tuple[str,
             seen.add(key)
             unique.append(path)
     return unique, bad
-
-
-def load_image(path: str | Path, image_size: int) -> tuple[torch.Tensor, Image.Image]:
-    """Read any image PIL opens and prepare it exactly like the packed training images.
-
-    Uses create_input_files.load_image (EXIF orientation, any mode to RGB with transparency on white,
-    bilinear square resize to S = image_size), then datasets.normalize_image.
-
-    Returns:
-        tensor: (3, S, S) float, normalised.
-        display: the RGB image resized to S x S, what the attention maps are drawn over.
-    Raises:
-        ValueError: `PATH: reason` for a missing, empty, truncated or unreadable file.
-    """
-    pixels = create_input_files.load_image(str(path), image_size)  # (3, S, S) uint8
-    display = Image.fromarray(pixels.transpose(1, 2, 0))
-    return normalize_image(torch.from_numpy(pixels)), display
-
-
-# --------------------------------------------------------------------------------------------
-# Decoding
-# --------------------------------------------------------------------------------------------
-@torch.no_grad()
-def caption_images(
-    model: ShowAttendTell,
-    images: torch.Tensor | Sequence[torch.Tensor],
-    word_map: dict[str, int],
-    *,
-    beam_size: int = 5,
-    max_len: int = 50,
-    length_penalty: float = 0.0,
-    mode: str | None = None,
-    batch_size: int = 16,
-    device: torch.device | str = "cpu",
-) -> list[Hypothesis]:
-    """Beam-search images (N, 3, S, S) in batches of `batch_size`; one best Hypothesis per image.
-
-    Each batch is one `models.beam_search` call (all images and all their beams decoded together).
-    `mode` is hard attention's decoding context (expected | argmax | sample); soft attention ignores it.
-    """
-    if not isinstance(images, torch.Tensor):
-        images = torch.stack(list(images)) if len(images) else torch.empty(0, 3, 1, 1)
-    if batch_size < 1:
-        raise ValueError(f"batch_size={batch_size} must be >= 1")
-    model.eval()
-    mode = hard_decode_mode(model, mode)
-    hypotheses: list[Hypothesis] = []
-    for first in range(0, images.size(0), batch_size):
-        batch = images[first : first + batch_size].to(device)  # (b, 3, S, S)
-        hypotheses += beam_search(
-            model, batch, word_map, beam_size=beam_size, max_len=max_len, length_penalty=length_penalty, mode=mode
-        )
-    return hypotheses
 
 
 def caption_words(hyp: Hypothesis, rev_word_map: dict[int, str]) -> tuple[list[str], torch.Tensor, torch.Tensor]:
@@ -238,31 +182,15 @@ def panel_grid(panels: Sequence[Image.Image], columns: int = GRID_COLUMNS) -> Im
 def save_attention_png(path: str | Path, panels: Sequence[Image.Image]) -> None:
     """The grid of all panels as one PNG, written atomically."""
     grid = panel_grid(panels)
-    _atomic_save(path, lambda f: grid.save(f, format="PNG"))
+    atomic_write(path, lambda f: grid.save(f, format="PNG"))
 
 
 def save_attention_gif(path: str | Path, panels: Sequence[Image.Image], frame_ms: int = GIF_FRAME_MS) -> None:
     """The panels as an animated GIF (one frame each, `frame_ms` per frame, looping forever), atomically."""
     first, rest = panels[0], list(panels[1:])
-    _atomic_save(
+    atomic_write(
         path, lambda f: first.save(f, format="GIF", save_all=True, append_images=rest, duration=frame_ms, loop=0)
     )
-
-
-def _atomic_save(path: str | Path, write: Callable[[BinaryIO], None]) -> None:
-    """Write through a temp file in the target folder, then rename: an interrupted run leaves no half file.
-
-    The temp file is opened with mode "xb" rather than mkstemp so it gets the usual umask permissions.
-    """
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
-    try:
-        with open(tmp, "xb") as f:
-            write(f)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
 
 
 def output_names(paths: Sequence[Path]) -> list[str]:
@@ -313,21 +241,14 @@ def show_grids(grids: Sequence[tuple[str, Path]]) -> None:
 # --------------------------------------------------------------------------------------------
 def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter, add_help=add_help
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter, add_help=add_help,
+        parents=[decode_args_parser()],
     )
     parser.add_argument("--img", nargs="+", required=True, metavar="PATH",
                         help="image files, folders (non-recursive) or glob patterns (quote them)")
     parser.add_argument("--checkpoint", required=True, help="a best.pt / last.pt written by train.py")
-    parser.add_argument("--beam-size", type=int, default=5, help="default: 5 (1 = greedy)")
-    parser.add_argument("--max-len", type=int, default=50, help="longest caption decoded (default: 50)")
-    parser.add_argument("--length-penalty", type=float, default=0.0,
-                        help="rank finished captions by score/len**p (default: 0 = raw log-prob)")
-    parser.add_argument("--hard-decode", choices=("expected", "argmax", "sample"), default=None,
-                        help="hard-attention models: context at decoding (default: the checkpoint's config)")
     parser.add_argument("--out-dir", default="captions", help="where the PNG/GIF go (default: captions/)")
     parser.add_argument("--show", action="store_true", help="also open the grids in a window (needs a display)")
-    parser.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N (default: auto)")
-    parser.add_argument("--batch-size", type=int, default=16, help="images decoded at once (default: 16)")
     parser.add_argument("--image-size", type=int, default=None,
                         help=f"resize to S x S (default: the checkpoint's image_size, else {DEFAULT_IMAGE_SIZE})")
     return parser
@@ -335,23 +256,21 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = get_args_parser().parse_args(argv)
-    for flag in ("beam_size", "max_len", "batch_size", "image_size"):
-        value = getattr(args, flag)
-        if value is not None and value < 1:
-            return _fail(f"--{flag.replace('_', '-')}={value} must be >= 1")
-    if args.image_size is not None and args.image_size > MAX_IMAGE_SIZE:
-        return _fail(f"--image-size={args.image_size} is larger than {MAX_IMAGE_SIZE} (the model sees S x S pixels)")
+    return run_cli(lambda: caption(args), args.debug)
 
+
+def caption(args: argparse.Namespace) -> int:
+    """The CLI's work: bad images are reported one line each and skipped; exit 1 only when none worked."""
+    opts = decode_options_from_args(args)
+    if args.image_size is not None and not 1 <= args.image_size <= MAX_IMAGE_SIZE:
+        raise UserError(f"--image-size={args.image_size} must be in 1..{MAX_IMAGE_SIZE} (the model sees S x S pixels)")
     paths, bad = collect_images(args.img)
     for source, reason in bad:
         print(f"error: {source}: {reason}", file=sys.stderr)
     if not paths:
-        return _fail("no images to caption")
-    try:
-        model, cfg, ckpt = load_model(args.checkpoint)  # its ValueErrors name the file
-        device = resolve_device(args.device)
-    except ValueError as e:
-        return _fail(str(e))
+        raise UserError("no images to caption")
+    model, model_cfg, ckpt = load_model(args.checkpoint)
+    device = resolve_device(args.device)
     model.to(device)
     image_size = args.image_size or int(ckpt.get("image_size", DEFAULT_IMAGE_SIZE))
     word_map = ckpt["word_map"]
@@ -360,34 +279,32 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
     except OSError as e:
-        return _fail(f"{out_dir}: cannot create the output folder ({one_line(e)})")
+        raise UserError(f"{out_dir}: cannot create the output folder ({one_line(e)})") from None
     show = args.show and _display_available()
     if args.show and not show:
         print("warning: --show: no display available; the figures are only saved", file=sys.stderr)
 
     captioned: list[tuple[str, Path]] = []
     named = list(zip(paths, output_names(paths)))
-    for first in range(0, len(named), args.batch_size):
-        chunk = named[first : first + args.batch_size]
+    for first in range(0, len(named), opts.batch_size):
+        chunk = named[first : first + opts.batch_size]
         loaded = []
         for path, name in chunk:  # load one batch at a time: a folder of photos need not fit in memory
             try:
-                tensor, display = load_image(path, image_size)
-            except ValueError as e:
+                tensor, display = load_image_tensor(path, image_size)
+            except UserError as e:
                 print(f"error: {e}", file=sys.stderr)
                 bad.append((str(path), str(e)))
                 continue
             loaded.append((path, name, tensor, display))
         if not loaded:
             continue
-        hypotheses = caption_images(
-            model, [t for _, _, t, _ in loaded], word_map, beam_size=args.beam_size, max_len=args.max_len,
-            length_penalty=args.length_penalty, mode=args.hard_decode or cfg.hard_decode,
-            batch_size=args.batch_size, device=device,
-        )
+        images = torch.stack([tensor for _, _, tensor, _ in loaded])  # (b, 3, S, S)
+        hypotheses = decode_images(model, images, word_map, opts, device=device)
         for (path, name, _, display), hyp in zip(loaded, hypotheses):
             words, alphas, betas = caption_words(hyp, rev_word_map)
-            maps = AttentionMaps(display, words, alphas, betas if cfg.gate != "none" else None, cfg.attention == "hard")
+            maps = AttentionMaps(display, words, alphas, betas if model_cfg.gate != "none" else None,
+                                 model_cfg.attention == "hard")
             panels = render_panels(maps)
             png, gif = out_dir / f"{name}_attention.png", out_dir / f"{name}_attention.gif"
             try:
@@ -398,9 +315,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                 png.unlink(missing_ok=True)
                 bad.append((str(path), "cannot write figures"))
                 continue
-            caption = decode_ids(hyp.tokens, rev_word_map)
-            print(f"{path}: {caption}", flush=True)
-            captioned.append((f"{path}: {caption}", png))
+            caption_text = decode_ids(hyp.tokens, rev_word_map)
+            print(f"{path}: {caption_text}", flush=True)
+            captioned.append((f"{path}: {caption_text}", png))
 
     if bad:
         print(f"skipped {len(bad)} bad image(s)", file=sys.stderr)
@@ -409,11 +326,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     if show and captioned:
         show_grids(captioned)
     return 0 if captioned else 1
-
-
-def _fail(message: str) -> int:
-    print(f"error: {message}", file=sys.stderr)
-    return 1
 
 
 if __name__ == "__main__":

@@ -1,4 +1,6 @@
-"""CaptionDataset: one packed split ({split}.h5 written by create_input_files.py), indexed by image.
+"""CaptionDataset: one packed split ({split}.h5 written by create_input_files.py), indexed by image;
+and the one image preprocessing path (`load_image`, `normalize_image`) that packing, training and
+caption.py all share.
 
 Why by image rather than by caption (the tutorial indexes captions): an image is encoded once per
 step for all its captions, and val/test need every reference of an image together for BLEU.
@@ -7,17 +9,22 @@ from __future__ import annotations
 
 import json
 import os
+import warnings
 from typing import Any, Callable
 
 import h5py
 import numpy as np
 import torch
+from PIL import Image, ImageOps, UnidentifiedImageError
 from torch.utils.data import Dataset
 from torchvision.transforms.v2 import functional as TF
 
-from utils import load_word_map
+from utils import UserError, load_word_map, one_line
 
-__all__ = ["CaptionDataset", "collate_captions", "normalize_image", "IMAGENET_MEAN", "IMAGENET_STD"]
+__all__ = ["CaptionDataset", "collate_captions", "load_image", "load_image_tensor", "normalize_image",
+           "IMAGENET_MEAN", "IMAGENET_STD", "SPLITS"]
+
+SPLITS = ("train", "val", "test")  # the packed files {split}.h5
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -29,6 +36,68 @@ def normalize_image(image: torch.Tensor) -> torch.Tensor:
     The one place this happens, for the training data and for caption.py's new images alike.
     """
     return TF.normalize(image.float() / 255.0, list(IMAGENET_MEAN), list(IMAGENET_STD))
+
+
+def _to_rgb(image: Image.Image) -> Image.Image:
+    """Any PIL mode -> RGB; transparency is composited on white, 16/32-bit grey is scaled, not clipped."""
+    if image.mode in ("I", "F") or image.mode.startswith("I;16"):
+        grey = np.asarray(image, dtype=np.float64)
+        # PIL's own convert clips these to 255; values above 255 mean a 16-bit range (0..65535).
+        if image.mode.startswith("I;16") or grey.max(initial=0) > 255:
+            grey = grey / 257.0
+        image = Image.fromarray(np.clip(np.rint(grey), 0, 255).astype(np.uint8), mode="L")
+    if image.mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in image.info:
+        rgba = image.convert("RGBA")
+        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(white, rgba).convert("RGB")
+    return image.convert("RGB")
+
+
+def load_image(path: str | os.PathLike[str], image_size: int) -> np.ndarray:
+    """Decode one image file to a (3, S, S) uint8 RGB array, S = image_size; UserError `PATH: reason` if it fails.
+
+    Honours the EXIF orientation, converts any mode to RGB (transparency on white, 16-bit grey
+    scaled) and stretches to S x S with bilinear filtering (antialiased when shrinking), as the
+    tutorial does. Images over PIL's decompression-bomb limit fail at open time, before any pixel
+    is decoded. The one image loader: create_input_files.py packs with it, caption.py reads with it.
+    """
+    try:
+        if os.path.getsize(path) == 0:
+            raise UserError(f"{path}: empty file")
+    except OSError:
+        raise UserError(f"{path}: file not found") from None
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(path) as image:
+                image.load()
+                image = ImageOps.exif_transpose(image)
+                image = _to_rgb(image).resize((image_size, image_size), Image.Resampling.BILINEAR)
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+        raise UserError(f"{path}: image too large, over PIL's decompression-bomb limit ({e})") from None
+    except UnidentifiedImageError:
+        raise UserError(f"{path}: not an image file PIL can read") from None
+    except Exception as e:  # PIL's decoders raise anything: truncated data, broken EXIF, exotic modes, ...
+        message = one_line(e)
+        if "truncated" in message.lower():
+            raise UserError(f"{path}: truncated image file") from None
+        raise UserError(f"{path}: cannot decode image ({message})") from None
+    return np.asarray(image, dtype=np.uint8).transpose(2, 0, 1).copy()  # (3, S, S)
+
+
+def load_image_tensor(path: str | os.PathLike[str], image_size: int) -> tuple[torch.Tensor, Image.Image]:
+    """Read a new image and prepare it exactly like the packed training images (`load_image`, then
+    `normalize_image`).
+
+    Returns:
+        tensor: (3, S, S) float, normalised: what the encoder sees.
+        display: the RGB image resized to S x S, what attention maps are drawn over.
+    Raises:
+        UserError: `PATH: reason` for a missing, empty, truncated or unreadable file.
+    """
+    pixels = load_image(path, image_size)  # (3, S, S) uint8
+    display = Image.fromarray(pixels.transpose(1, 2, 0))
+    return normalize_image(torch.from_numpy(pixels)), display
 
 
 REQUIRED_KEYS = ("images", "captions", "caplens", "references", "filenames")
@@ -52,11 +121,11 @@ class CaptionDataset(Dataset):
 
     def __init__(self, data_folder: str, split: str, transform: Callable[[torch.Tensor], torch.Tensor] | None = None,
                  with_references: bool | None = None):
-        if split not in ("train", "val", "test"):
-            raise ValueError(f"split {split!r} is not one of train, val, test")
+        if split not in SPLITS:
+            raise UserError(f"split {split!r} is not one of {', '.join(SPLITS)}")
         self.path = os.path.join(data_folder, f"{split}.h5")
         if not os.path.isfile(self.path):
-            raise ValueError(f"{self.path} not found; run create_input_files.py --output-folder {data_folder} first")
+            raise UserError(f"{self.path} not found; run create_input_files.py --output-folder {data_folder} first")
         self.split = split
         self.transform = transform
         self.with_references = split != "train" if with_references is None else with_references
@@ -65,7 +134,7 @@ class CaptionDataset(Dataset):
             with h5py.File(self.path, "r") as h5:
                 missing = [k for k in REQUIRED_KEYS if k not in h5] + [a for a in REQUIRED_ATTRS if a not in h5.attrs]
                 if missing:
-                    raise ValueError(f"{self.path}: lacks {', '.join(missing)}; re-run create_input_files.py")
+                    raise UserError(f"{self.path}: lacks {', '.join(missing)}; re-run create_input_files.py")
                 self.num_images = h5["images"].shape[0]
                 self.captions_per_image = int(h5.attrs["captions_per_image"])
                 self.max_len = int(h5.attrs["max_len"])
@@ -73,10 +142,10 @@ class CaptionDataset(Dataset):
                 self.has_objects = "objects" in h5
                 num_captions = h5["captions"].shape[0]
         except OSError as e:
-            raise ValueError(f"{self.path}: not a readable HDF5 file ({e})") from None
+            raise UserError(f"{self.path}: not a readable HDF5 file ({one_line(e)})") from None
         if num_captions != self.num_images * self.captions_per_image:
-            raise ValueError(f"{self.path}: {num_captions} captions for {self.num_images} images "
-                             f"x {self.captions_per_image} per image")
+            raise UserError(f"{self.path}: {num_captions} captions for {self.num_images} images "
+                            f"x {self.captions_per_image} per image")
         self._h5: h5py.File | None = None
         self._pid: int | None = None
 
@@ -90,21 +159,25 @@ class CaptionDataset(Dataset):
         state["_h5"], state["_pid"] = None, None
         return state
 
+    def _caption_rows(self, i: int) -> slice:
+        """Rows of image i in the per-caption datasets (captions, caplens, word_objects)."""
+        return slice(i * self.captions_per_image, (i + 1) * self.captions_per_image)
+
     def __len__(self) -> int:
         return self.num_images
 
     def __getitem__(self, i: int) -> dict[str, Any]:
         if not 0 <= i < self.num_images:
             raise IndexError(f"image index {i} out of range for {self.num_images} images in {self.path}")
-        h5, cpi = self._file(), self.captions_per_image
+        h5, rows = self._file(), self._caption_rows(i)
         image = torch.from_numpy(h5["images"][i])  # (3, S, S) uint8
         if self.transform is not None:
             image = self.transform(image)
         image = normalize_image(image)  # (3, S, S) float
         item = {
             "image": image,
-            "captions": torch.from_numpy(h5["captions"][i * cpi:(i + 1) * cpi].astype(np.int64)),  # (cpi, T)
-            "caplens": torch.from_numpy(h5["caplens"][i * cpi:(i + 1) * cpi].astype(np.int64)),  # (cpi,)
+            "captions": torch.from_numpy(h5["captions"][rows].astype(np.int64)),  # (captions_per_image, T)
+            "caplens": torch.from_numpy(h5["caplens"][rows].astype(np.int64)),  # (captions_per_image,)
             "index": i,
         }
         if self.with_references:
@@ -124,11 +197,11 @@ class CaptionDataset(Dataset):
         return json.loads(self._file()["objects"].asstr()[i]) if self.has_objects else None
 
     def word_objects(self, i: int) -> torch.Tensor | None:
-        """Shapes only: (cpi, T) object index named by each caption token of image i (-1: none); else None."""
+        """Shapes only: (captions_per_image, T) index of the object each caption token names (-1: none),
+        for image i; else None."""
         if not self.has_objects:
             return None
-        cpi = self.captions_per_image
-        return torch.from_numpy(self._file()["word_objects"][i * cpi:(i + 1) * cpi].astype(np.int64))
+        return torch.from_numpy(self._file()["word_objects"][self._caption_rows(i)].astype(np.int64))
 
     def close(self) -> None:
         if self._h5 is not None and self._pid == os.getpid():
@@ -137,10 +210,10 @@ class CaptionDataset(Dataset):
 
 
 def collate_captions(batch: list[dict[str, Any]]) -> dict[str, Any]:
-    """DataLoader collate_fn: stacks image (B, 3, S, S), captions (B, cpi, T), caplens (B, cpi),
-    index (B,); keeps references (val/test) as a list of B lists of strings."""
-    out: dict[str, Any] = {key: torch.stack([b[key] for b in batch]) for key in ("image", "captions", "caplens")}
-    out["index"] = torch.tensor([b["index"] for b in batch], dtype=torch.long)
+    """DataLoader collate_fn: stacks image (B, 3, S, S), captions (B, captions_per_image, T), caplens
+    (B, captions_per_image), index (B,); keeps references (val/test) as a list of B lists of strings."""
+    out: dict[str, Any] = {key: torch.stack([item[key] for item in batch]) for key in ("image", "captions", "caplens")}
+    out["index"] = torch.tensor([item["index"] for item in batch], dtype=torch.long)
     if "references" in batch[0]:
-        out["references"] = [b["references"] for b in batch]
+        out["references"] = [item["references"] for item in batch]
     return out

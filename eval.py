@@ -11,7 +11,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import re
 import shutil
 import sys
 from collections import defaultdict
@@ -20,69 +19,19 @@ from typing import Any, Iterable, Sequence
 
 import torch
 from torch.utils.data import DataLoader
-from tqdm import tqdm
 
-from models import ShowAttendTell, beam_search, hard_decode_mode, load_model
-from utils import atomic_write_text, autocast_context, decode_ids, one_line, resolve_device
+from datasets import CaptionDataset, collate_captions
+from decoding import decode_args_parser, decode_options_from_args, decode_split
+from models import load_model
+from utils import UserError, atomic_write_text, resolve_device, run_cli, tokenize
 
 ALL_METRICS = ("BLEU", "METEOR", "ROUGE_L", "CIDEr")
 _JAVA_METRICS = ("METEOR",)  # the PTB tokenizer needs Java too; without it we tokenise in Python
 
 
 # --------------------------------------------------------------------------------------------
-# Decoding a split
-# --------------------------------------------------------------------------------------------
-@torch.no_grad()
-def decode_split(
-    model: ShowAttendTell,
-    loader: DataLoader,
-    word_map: dict[str, int],
-    *,
-    device: torch.device,
-    beam_size: int = 5,
-    max_len: int = 50,
-    length_penalty: float = 0.0,
-    mode: str | None = None,
-    amp: str = "off",
-    progress: bool = True,
-) -> list[dict[str, Any]]:
-    """Beam-search every image of `loader` once. Returns per image: index, caption, tokens, words,
-    references, finished, and the attention maps `alphas` (T, enc_size, enc_size)."""
-    model.eval()
-    rev_word_map = {v: k for k, v in word_map.items()}
-    mode = hard_decode_mode(model, mode)
-    decoded = []
-    for batch in tqdm(loader, desc="decode", disable=not progress, dynamic_ncols=True):
-        images = batch["image"].to(device, non_blocking=True)
-        with autocast_context(device, amp):
-            hypotheses = beam_search(
-                model, images, word_map, beam_size=beam_size, max_len=max_len, length_penalty=length_penalty, mode=mode
-            )
-        for index, references, hyp in zip(batch["index"], batch["references"], hypotheses):
-            caption = decode_ids(hyp.tokens, rev_word_map)
-            decoded.append(
-                {
-                    "index": int(index),
-                    "caption": caption,
-                    "tokens": hyp.tokens,
-                    "words": [rev_word_map.get(t, "<unk>") for t in hyp.tokens],
-                    "references": list(references),
-                    "finished": hyp.finished,
-                    "alphas": hyp.alphas,
-                    "betas": hyp.betas,
-                }
-            )
-    return decoded
-
-
-# --------------------------------------------------------------------------------------------
 # Caption metrics (coco-caption through pycocoevalcap; NLTK corpus BLEU as an optional comparison)
 # --------------------------------------------------------------------------------------------
-def simple_tokenize(text: str) -> str:
-    """Lower-cased alphanumeric words, the rule Karpathy's split files use; Python-only fallback."""
-    return " ".join(re.findall(r"[a-z0-9]+", text.lower()))
-
-
 def java_available() -> bool:
     return shutil.which("java") is not None
 
@@ -105,7 +54,7 @@ def score_captions(
     if set(captions) != set(references):
         raise ValueError("captions and references must cover the same image ids")
     if not captions:
-        raise ValueError("nothing to score: no captions")
+        raise UserError("nothing to score: no captions")
     metrics = list(metrics)
     unknown = set(metrics) - set(ALL_METRICS)
     if unknown:
@@ -117,8 +66,8 @@ def score_captions(
         gts = ptb.tokenize({i: [{"caption": r} for r in references[i]] for i in captions})
         res = ptb.tokenize({i: [{"caption": captions[i]}] for i in captions})
     else:
-        gts = {i: [simple_tokenize(r) for r in references[i]] for i in captions}
-        res = {i: [simple_tokenize(captions[i])] for i in captions}
+        gts = {i: [" ".join(tokenize(r)) for r in references[i]] for i in captions}
+        res = {i: [" ".join(tokenize(captions[i]))] for i in captions}
     if not java_available() and any(m in _JAVA_METRICS for m in metrics):
         print("warning: java not found; skipping METEOR (and using a Python tokenizer)", file=sys.stderr)
         metrics = [m for m in metrics if m not in _JAVA_METRICS]
@@ -171,10 +120,46 @@ def nltk_corpus_bleu(captions: dict[int, str], references: dict[int, list[str]])
     from nltk.translate.bleu_score import corpus_bleu
 
     ids = sorted(captions)
-    refs = [[simple_tokenize(r).split() for r in references[i]] for i in ids]
-    hyps = [simple_tokenize(captions[i]).split() for i in ids]
+    refs = [[tokenize(r) for r in references[i]] for i in ids]
+    hyps = [tokenize(captions[i]) for i in ids]
     weights = [(1.0,), (0.5, 0.5), (1 / 3, 1 / 3, 1 / 3), (0.25, 0.25, 0.25, 0.25)]
     return {f"NLTK-BLEU-{n + 1}": float(corpus_bleu(refs, hyps, weights=w)) for n, w in enumerate(weights)}
+
+
+# --------------------------------------------------------------------------------------------
+# Does the model use the image? Collapse diagnostics and the shuffled-references control
+# --------------------------------------------------------------------------------------------
+COLLAPSE_DISTINCT = 0.2  # below this share of distinct captions, warn: "the same caption for every image"
+
+
+def caption_diversity(captions: list[str]) -> dict[str, float]:
+    """Share of distinct captions among images, vocabulary words used, mean caption length in words."""
+    words = [caption.split() for caption in captions]
+    return {
+        "distinct_captions": len(set(captions)) / max(len(captions), 1),
+        "vocab_used": len({w for caption in words for w in caption}),
+        "mean_length": sum(map(len, words)) / max(len(words), 1),
+    }
+
+
+def warn_if_collapsed(diversity: dict[str, float]) -> None:
+    if diversity["distinct_captions"] < COLLAPSE_DISTINCT:
+        print(f"warning: only {diversity['distinct_captions']:.0%} of the captions are distinct: the model gives "
+              "(nearly) the same caption to every image; it is not using the image", file=sys.stderr)
+
+
+def shuffled_references(references: dict[int, list[str]], seed: int = 0) -> dict[int, list[str]]:
+    """Each image's references replaced by those of another image (a fixed random derangement).
+
+    Scoring the same captions against these is the control: a model that uses the image scores far
+    higher against its own references than against shuffled ones; a caption prior alone scores the same.
+    """
+    ids = sorted(references)
+    if len(ids) < 2:
+        raise UserError("the shuffled control needs at least 2 images")
+    order = torch.randperm(len(ids), generator=torch.Generator().manual_seed(seed)).tolist()
+    # A cyclic shift of a random order is a derangement: no image keeps its own references.
+    return {ids[order[i]]: references[ids[order[(i + 1) % len(ids)]]] for i in range(len(ids))}
 
 
 # --------------------------------------------------------------------------------------------
@@ -247,57 +232,54 @@ def _fraction_of_cells_in_box(grid: int, box: Sequence[float]) -> float:
 # CLI
 # --------------------------------------------------------------------------------------------
 def get_args_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                     parents=[decode_args_parser()])
     parser.add_argument("--checkpoint", required=True, help="a best.pt / last.pt written by train.py")
     parser.add_argument("--data-folder", required=True, help="folder written by create_input_files.py")
     parser.add_argument("--split", default="test", choices=("train", "val", "test"), help="default: test")
-    parser.add_argument("--beam-size", type=int, default=5, help="default: 5 (1 = greedy)")
-    parser.add_argument("--batch-size", type=int, default=32, help="images decoded at once (default: 32)")
-    parser.add_argument("--max-len", type=int, default=50, help="longest caption decoded (default: 50)")
-    parser.add_argument("--length-penalty", type=float, default=0.0, help="rank by score/len**p (default: 0)")
-    parser.add_argument("--hard-decode", choices=("expected", "argmax", "sample"), default=None,
-                        help="hard-attention models: context at decoding (default: the checkpoint's config)")
     parser.add_argument("--bleu", choices=("coco", "nltk"), default="coco",
                         help="coco: coco-caption metrics only; nltk: also NLTK corpus BLEU as the tutorial")
+    parser.add_argument("--control", choices=("none", "shuffled"), default="shuffled",
+                        help="shuffled (default): also score the same captions against the references of a fixed "
+                             "random permutation of the images, to show the model uses the image")
     parser.add_argument("--out", help="results JSON (COCO format); metrics go to OUT with .metrics.json")
-    parser.add_argument("--device", default="auto", help="auto | cpu | cuda (default: auto)")
     parser.add_argument("--num-workers", type=int, default=2, help="DataLoader workers (default: 2)")
     return parser
 
 
 def evaluate(args: argparse.Namespace) -> dict[str, Any]:
-    from datasets import CaptionDataset, collate_captions
-
-    for flag in ("beam_size", "batch_size", "max_len"):
-        if getattr(args, flag) < 1:
-            raise ValueError(f"--{flag.replace('_', '-')}={getattr(args, flag)} must be >= 1")
-    if not math.isfinite(args.length_penalty) or args.num_workers < 0:
-        raise ValueError("--length-penalty must be a finite number and --num-workers >= 0")
-    out = Path(args.out) if args.out else Path(args.checkpoint).with_name(f"{args.split}_beam{args.beam_size}.json")
+    opts = decode_options_from_args(args)
+    if args.num_workers < 0:
+        raise UserError(f"--num-workers={args.num_workers} must be >= 0")
+    out = Path(args.out) if args.out else Path(args.checkpoint).with_name(f"{args.split}_beam{opts.beam_size}.json")
     metrics_path = out.with_name(out.name.removesuffix(".json") + ".metrics.json")
     out.parent.mkdir(parents=True, exist_ok=True)  # fail before decoding, not after
-    model, cfg, ckpt = load_model(args.checkpoint)
+    model, model_cfg, ckpt = load_model(args.checkpoint)
     device = resolve_device(args.device)
     model.to(device)
     dataset = CaptionDataset(args.data_folder, args.split, with_references=True)
     if dataset.word_map != ckpt["word_map"]:
-        raise ValueError(f"{args.checkpoint}: word map differs from {args.data_folder}/word_map.json")
+        raise UserError(f"{args.checkpoint}: word map differs from {args.data_folder}/word_map.json")
     if len(dataset) == 0:
-        raise ValueError(f"{dataset.path}: the {args.split} split has no images")
-    loader = DataLoader(dataset, batch_size=args.batch_size, shuffle=False, num_workers=args.num_workers,
+        raise UserError(f"{dataset.path}: the {args.split} split has no images")
+    loader = DataLoader(dataset, batch_size=opts.batch_size, shuffle=False, num_workers=args.num_workers,
                         collate_fn=collate_captions)
-    decoded = decode_split(
-        model, loader, ckpt["word_map"], device=device, beam_size=args.beam_size, max_len=args.max_len,
-        length_penalty=args.length_penalty, mode=args.hard_decode or cfg.hard_decode,
-    )
+    decoded = decode_split(model, loader, ckpt["word_map"], opts, device=device)
     captions = {d["index"]: d["caption"] for d in decoded}
     references = {d["index"]: d["references"] for d in decoded}
     metrics: dict[str, Any] = score_captions(captions, references)
     if args.bleu == "nltk":
         metrics.update(nltk_corpus_bleu(captions, references))
+    if args.control == "shuffled" and len(decoded) > 1:
+        control = score_captions(captions, shuffled_references(references))
+        metrics.update({f"shuffled_{key}": value for key, value in control.items() if key != "BLEU-brevity-penalty"})
+        if control.get("CIDEr"):
+            metrics["CIDEr_over_shuffled"] = metrics["CIDEr"] / control["CIDEr"]
+    diversity = caption_diversity(list(captions.values()))
+    metrics.update(diversity)
     unfinished = sum(not d["finished"] for d in decoded)
-    metrics.update({"images": len(decoded), "unfinished": unfinished, "beam_size": args.beam_size,
-                    "split": args.split, "attention": cfg.attention})
+    metrics.update({"images": len(decoded), "unfinished": unfinished, "beam_size": opts.beam_size,
+                    "split": args.split, "attention": model_cfg.attention, "control": args.control})
     objects = {d["index"]: dataset.objects(d["index"]) for d in decoded}
     if all(o is not None for o in objects.values()):
         fidelity = attention_fidelity(decoded, objects)
@@ -311,16 +293,18 @@ def evaluate(args: argparse.Namespace) -> dict[str, Any]:
     atomic_write_text(out, json.dumps(results, indent=1))
     atomic_write_text(metrics_path, json.dumps(metrics, indent=2))
     print_table(metrics)
+    warn_if_collapsed(diversity)
     print(f"captions: {out}")
     return metrics
 
 
 def print_table(metrics: dict[str, Any]) -> None:
-    rows = [(k, v) for k, v in metrics.items() if isinstance(v, float)]
+    rows = [(k, v) for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)
+            and k not in ("images", "unfinished", "beam_size")]
     width = max(len(k) for k, _ in rows) if rows else 0
     print(f"{'metric'.ljust(width)}  value")
     for key, value in rows:
-        print(f"{key.ljust(width)}  {value:.4f}")
+        print(f"{key.ljust(width)}  {value:.4f}" if isinstance(value, float) else f"{key.ljust(width)}  {value}")
     fidelity = metrics.get("attention_fidelity", {})
     if fidelity:
         print("attention fidelity       mentions  hit(noun)  hit(noun|colour)  chance")
@@ -331,15 +315,12 @@ def print_table(metrics: dict[str, Any]) -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = get_args_parser().parse_args(argv)
-    try:
+
+    def body() -> int:
         evaluate(args)
-    except ValueError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
-    except OSError as e:  # an unwritable --out, a clashing folder, a full disk
-        print(f"error: {one_line(e)}", file=sys.stderr)
-        return 1
-    return 0
+        return 0
+
+    return run_cli(body, args.debug)
 
 
 if __name__ == "__main__":

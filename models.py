@@ -18,7 +18,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 import torchvision
 
-from utils import Config, config_from_dict, load_checkpoint
+from utils import SPECIAL_TOKENS, ModelConfig, UserError, load_checkpoint, model_config_from_checkpoint
 
 __all__ = [
     "Encoder",
@@ -32,10 +32,13 @@ __all__ = [
     "load_model",
     "doubly_stochastic_penalty",
     "reinforce_surrogate",
+    "target_log_probs",
+    "Hypothesis",
     "beam_search",
 ]
 
-_RESNET_CHANNELS = {"resnet18": 64, "resnet34": 64, "resnet50": 256, "resnet101": 256, "resnet152": 256}
+# Output channels of layer1; each later stage doubles them, so D = this * 2**(stages - 1).
+_RESNET_LAYER1_CHANNELS = {"resnet18": 64, "resnet34": 64, "resnet50": 256, "resnet101": 256, "resnet152": 256}
 
 
 # --------------------------------------------------------------------------------------------
@@ -50,7 +53,8 @@ class Encoder(nn.Module):
 
     Args:
         arch: torchvision ResNet name.
-        weights: "imagenet" (torchvision's IMAGENET1K_V1 weights) or "none" (random init).
+        weights: "imagenet" (torchvision's IMAGENET1K_V1 weights, from torch's hub cache or downloaded),
+            "none" (random init), or the path of a local torchvision state_dict file for `arch`.
         stages: keep layer1..layer{stages}.
         enc_size: side of the adaptive-average-pooled grid.
         fine_tune: train the encoder stages >= fine_tune_stages (0 also trains the stem).
@@ -68,13 +72,13 @@ class Encoder(nn.Module):
         fine_tune_stages: int = 3,
     ) -> None:
         super().__init__()
-        if arch not in _RESNET_CHANNELS:
-            raise ValueError(f"encoder {arch!r} is not one of {', '.join(_RESNET_CHANNELS)}")
+        if arch not in _RESNET_LAYER1_CHANNELS:
+            raise UserError(f"encoder {arch!r} is not one of {', '.join(_RESNET_LAYER1_CHANNELS)}")
         resnet = _load_resnet(arch, weights)
         self.stem = nn.Sequential(resnet.conv1, resnet.bn1, resnet.relu, resnet.maxpool)
         self.stages = nn.ModuleList([getattr(resnet, f"layer{i}") for i in range(1, stages + 1)])
         self.pool = nn.AdaptiveAvgPool2d((enc_size, enc_size))
-        self.out_dim = _RESNET_CHANNELS[arch] * 2 ** (stages - 1)  # D
+        self.out_dim = _RESNET_LAYER1_CHANNELS[arch] * 2 ** (stages - 1)  # D
         self.enc_size = enc_size
         # Frozen parts stay frozen and run BatchNorm with running statistics, as a fixed feature extractor.
         first_trained = fine_tune_stages if fine_tune else len(self.stages) + 1
@@ -97,24 +101,47 @@ class Encoder(nn.Module):
         return x.flatten(2).transpose(1, 2)  # (B, L, D)
 
 
-class WeightsDownloadError(RuntimeError):
+class WeightsDownloadError(UserError):
     """ImageNet weights were asked for but cannot be fetched (typically: no network)."""
 
 
 def _load_resnet(arch: str, weights: str) -> nn.Module:
+    """A torchvision ResNet: random init, ImageNet weights (hub cache first), or a local state_dict file."""
+    build = getattr(torchvision.models, arch)
     if weights == "none":
-        return getattr(torchvision.models, arch)(weights=None)
-    if weights != "imagenet":
-        raise ValueError(f"encoder_weights={weights!r} is not one of imagenet, none")
-    enum = torchvision.models.get_model_weights(arch).IMAGENET1K_V1
+        return build(weights=None)
+    if weights == "imagenet":
+        enum = torchvision.models.get_model_weights(arch).IMAGENET1K_V1
+        source = Path(torch.hub.get_dir()) / "checkpoints" / enum.url.rsplit("/", 1)[-1]
+        try:
+            return build(weights=enum)  # reads the hub cache when the file is there, else downloads it
+        except OSError as e:  # URLError, connection refused, DNS failure: all OSError subclasses
+            raise WeightsDownloadError(
+                f"could not download the ImageNet weights for {arch} ({e}); this machine looks offline. "
+                f"Put {source.name} in {source.parent}, pass its path as encoder_weights=PATH, "
+                "or train from random init with encoder_weights=none"
+            ) from None
+        except RuntimeError as e:  # a cached file of the wrong architecture: load_state_dict's error
+            raise UserError(f"{source}: not {arch} weights ({_first_detail(e)})") from None
+    source = Path(weights)
+    if not source.is_file():
+        raise UserError(f"encoder_weights={weights!r} is not imagenet, none or an existing weights file")
     try:
-        return getattr(torchvision.models, arch)(weights=enum)
-    except OSError as e:  # URLError, connection refused, DNS failure: all OSError subclasses
-        raise WeightsDownloadError(
-            f"could not download the ImageNet weights for {arch} ({e}); this machine looks offline. "
-            f"Put {enum.url.rsplit('/', 1)[-1]} in {torch.hub.get_dir()}/checkpoints, "
-            "or train from random init with encoder_weights=none"
-        ) from None
+        state_dict = torch.load(source, map_location="cpu", weights_only=True)
+    except Exception as e:  # not a torch file, truncated, pickled objects
+        raise UserError(f"{source}: not a readable torch state_dict file ({type(e).__name__})") from None
+    resnet = build(weights=None)
+    try:
+        resnet.load_state_dict(state_dict)
+    except (RuntimeError, TypeError, AttributeError) as e:  # wrong architecture, or not a state_dict at all
+        raise UserError(f"{source}: not {arch} weights ({_first_detail(e)})") from None
+    return resnet
+
+
+def _first_detail(error: Exception) -> str:
+    """load_state_dict's first line only says "Error(s) in loading state_dict": show the first detail."""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    return (lines[1] if len(lines) > 1 else lines[0] if lines else type(error).__name__)[:200]
 
 
 # --------------------------------------------------------------------------------------------
@@ -141,33 +168,33 @@ class SoftAttention(nn.Module):
         return F.softmax(e.float(), dim=1)  # softmax in fp32 even under autocast
 
     def context(
-        self, features: torch.Tensor, alpha: torch.Tensor, mode: str
+        self, features: torch.Tensor, alpha: torch.Tensor, context_mode: str
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Returns z_t (B, D) and, for sampled locations, s_t (B,) (None when z_t is the expectation)."""
-        del mode  # soft attention always takes the expectation
+        del context_mode  # soft attention always takes the expectation
         return _expected_context(features, alpha), None
 
 
 class HardAttention(SoftAttention):
     """Stochastic hard attention (Sec. 4.1): s_t ~ Multinoulli(alpha_t), z_t = a_{s_t}.
 
-    Modes: "sample" (training, and optional decoding), "expected" (the expectation, as the paper's
+    Context modes: "sample" (training, and optional decoding), "expected" (the expectation, as the paper's
     variance-reduction trick and the original code's decoding do), "argmax" (most likely location).
     """
 
     variant = "hard"
 
     def context(
-        self, features: torch.Tensor, alpha: torch.Tensor, mode: str
+        self, features: torch.Tensor, alpha: torch.Tensor, context_mode: str
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        if mode == "expected":
+        if context_mode == "expected":
             return _expected_context(features, alpha), None
-        if mode == "sample":
+        if context_mode == "sample":
             s = torch.multinomial(alpha.float(), 1).squeeze(1)  # (B,)
-        elif mode == "argmax":
+        elif context_mode == "argmax":
             s = alpha.argmax(dim=1)  # (B,)
         else:
-            raise ValueError(f"hard attention mode {mode!r} is not one of sample, expected, argmax")
+            raise ValueError(f"hard attention context mode {context_mode!r} is not one of sample, expected, argmax")
         z = features[torch.arange(features.size(0), device=features.device), s]  # (B, D)
         return z, s
 
@@ -235,25 +262,25 @@ class Decoder(nn.Module):
 
     def step(
         self,
-        words: torch.Tensor,
+        y_prev: torch.Tensor,
         state: tuple[torch.Tensor, torch.Tensor],
         features: torch.Tensor,
         features_proj: torch.Tensor,
-        mode: str = "expected",
+        context_mode: str = "expected",
     ) -> StepOutput:
         """Advance one word: y_{t-1} (B,), (h_{t-1}, c_{t-1}), a (B, L, D) -> logits for y_t and more.
 
-        `mode` is only read by hard attention: "sample", "expected" or "argmax".
+        `context_mode` is only read by hard attention: "sample", "expected" or "argmax".
         """
         h, c = state
         alpha = self.attention.weights(features_proj, h)  # (B, L)
-        z, location = self.attention.context(features, alpha, mode)  # (B, D), (B,) or None
+        z, location = self.attention.context(features, alpha, context_mode)  # (B, D), (B,) or None
         if self.f_beta is not None:
             beta = torch.sigmoid(self.f_beta(h))  # (B, 1) or (B, D)
             z = beta * z
         else:
             beta = h.new_ones(h.size(0), 1)
-        emb = self.embedding(words)  # (B, m)
+        emb = self.embedding(y_prev)  # (B, m) E y_{t-1}
         h, c = self.lstm(torch.cat([emb, z], dim=1), (h, c))  # (B, n) each
         if self.deep_output:
             logits = self.L_o(self.dropout(emb + self.L_h(h) + self.L_z(z)))  # (B, V)
@@ -262,7 +289,7 @@ class Decoder(nn.Module):
         return StepOutput(logits, (h, c), alpha, beta, location)
 
     def forward(
-        self, features: torch.Tensor, captions: torch.Tensor, caplens: torch.Tensor, mode: str = "expected"
+        self, features: torch.Tensor, captions: torch.Tensor, caplens: torch.Tensor, context_mode: str = "expected"
     ) -> dict[str, torch.Tensor]:
         """Teacher forcing over padded captions, in input order (masks, no sort-and-slice).
 
@@ -279,7 +306,7 @@ class Decoder(nn.Module):
         state = self.init_state(features)
         logits, alphas, log_p_s, entropy = [], [], [], []
         for t in range(steps):
-            out = self.step(captions[:, t], state, features, features_proj, mode)
+            out = self.step(captions[:, t], state, features, features_proj, context_mode)
             state = out.state
             logits.append(out.logits)
             alphas.append(out.alpha)
@@ -300,20 +327,27 @@ class Decoder(nn.Module):
 
 
 class ShowAttendTell(nn.Module):
-    """Encoder + decoder in one module, so DDP, optimisers and checkpoints see one thing."""
+    """Encoder + decoder in one module, so DDP, optimisers and checkpoints see one thing.
 
-    def __init__(self, cfg: Config, vocab_size: int, encoder_weights: str | None = None) -> None:
+    Args:
+        cfg: the architecture (what a checkpoint stores as its model config).
+        encoder_weights, fine_tune, fine_tune_stages: how the encoder starts and which stages train
+            (see Encoder); training concerns, so not part of ModelConfig.
+    """
+
+    def __init__(self, cfg: ModelConfig, *, encoder_weights: str = "none", fine_tune: bool = False,
+                 fine_tune_stages: int = 3) -> None:
         super().__init__()
         self.encoder = Encoder(
             arch=cfg.encoder,
-            weights=encoder_weights or cfg.encoder_weights,
+            weights=encoder_weights,
             stages=cfg.encoder_stages,
             enc_size=cfg.enc_size,
-            fine_tune=cfg.fine_tune_encoder,
-            fine_tune_stages=cfg.fine_tune_stages,
+            fine_tune=fine_tune,
+            fine_tune_stages=fine_tune_stages,
         )
         self.decoder = Decoder(
-            vocab_size=vocab_size,
+            vocab_size=cfg.vocab_size,
             encoder_dim=self.encoder.out_dim,
             attention=cfg.attention,
             attention_dim=cfg.attention_dim,
@@ -326,45 +360,50 @@ class ShowAttendTell(nn.Module):
         self.attention_variant = cfg.attention
 
     def forward(
-        self, images: torch.Tensor, captions: torch.Tensor, caplens: torch.Tensor, mode: str = "expected"
+        self, images: torch.Tensor, captions: torch.Tensor, caplens: torch.Tensor, context_mode: str = "expected"
     ) -> dict[str, torch.Tensor]:
         """images (B, 3, S, S); captions (B, C, T+1) with C captions per image; caplens (B, C).
 
-        The CNN runs once per image; its annotations are shared by that image's C captions.
+        The CNN runs once per image; its annotations are shared by that image's C captions. The result
+        also holds each image's mean annotation vector, `mean_annotation` (B, D).
         """
         features = self.encoder(images)  # (B, L, D)
         per_image = captions.size(1)
-        features = features.repeat_interleave(per_image, dim=0)  # (B*C, L, D)
-        return self.decoder(features, captions.flatten(0, 1), caplens.flatten(), mode)
+        out = self.decoder(features.repeat_interleave(per_image, dim=0), captions.flatten(0, 1), caplens.flatten(),
+                           context_mode)  # annotations repeated per caption: (B*C, L, D)
+        out["mean_annotation"] = features.mean(dim=1)  # (B, D)
+        return out
 
 
-def build_model(cfg: Config, vocab_size: int, *, encoder_weights: str | None = None) -> ShowAttendTell:
-    return ShowAttendTell(cfg, vocab_size, encoder_weights)
+def build_model(cfg: ModelConfig, **encoder_options: Any) -> ShowAttendTell:
+    """The model of `cfg`; encoder_options (encoder_weights, fine_tune, fine_tune_stages) as ShowAttendTell."""
+    if cfg.vocab_size < len(SPECIAL_TOKENS):
+        raise ValueError(f"model config vocab_size={cfg.vocab_size}: set it from the word map first")
+    return ShowAttendTell(cfg, **encoder_options)
 
 
-def model_from_checkpoint(ckpt: dict[str, Any]) -> tuple[ShowAttendTell, Config]:
-    """Rebuild the exact model a checkpoint was trained with (no download: weights come from it)."""
-    cfg = config_from_dict(ckpt["config"], source="its config")
-    cfg.validate()
-    model = build_model(cfg, len(ckpt["word_map"]), encoder_weights="none")
+def model_from_checkpoint(ckpt: dict[str, Any], source: str = "checkpoint") -> tuple[ShowAttendTell, ModelConfig]:
+    """Rebuild the exact model a checkpoint was trained with from its model config alone (no download:
+    the weights come from the checkpoint)."""
+    cfg = model_config_from_checkpoint(ckpt, source)
+    if cfg.vocab_size != len(ckpt["word_map"]):
+        raise UserError(f"{source}: model config vocab_size={cfg.vocab_size} but its word map has "
+                        f"{len(ckpt['word_map'])} words")
+    model = build_model(cfg)
     try:
         model.load_state_dict(ckpt["model"])
-    except RuntimeError as e:  # the first line only says "Error(s) in loading state_dict"; show a detail
-        details = [line.strip() for line in str(e).splitlines()[1:] if line.strip()]
-        raise ValueError(f"weights do not match its config ({(details or ['?'])[0][:200]})") from None
+    except RuntimeError as e:
+        raise UserError(f"{source}: weights do not match its model config ({_first_detail(e)})") from None
     return model.eval(), cfg
 
 
-def load_model(path: str | Path) -> tuple[ShowAttendTell, Config, dict[str, Any]]:
-    """Checkpoint file -> (model in eval mode on CPU, its config, the checkpoint dict).
+def load_model(path: str | Path) -> tuple[ShowAttendTell, ModelConfig, dict[str, Any]]:
+    """Checkpoint file -> (model in eval mode on CPU, its model config, the checkpoint dict).
 
-    The one loader eval.py and caption.py share; every failure is a ValueError naming the file.
+    The one loader eval.py and caption.py share; every failure is a UserError naming the file.
     """
     ckpt = load_checkpoint(path)
-    try:
-        model, cfg = model_from_checkpoint(ckpt)
-    except ValueError as e:
-        raise ValueError(f"{path}: {e}") from None
+    model, cfg = model_from_checkpoint(ckpt, str(path))
     return model, cfg, ckpt
 
 
@@ -388,7 +427,7 @@ def doubly_stochastic_penalty(alphas: torch.Tensor, mask: torch.Tensor, reductio
 
 
 def reinforce_surrogate(
-    log_lik: torch.Tensor, log_p_s: torch.Tensor, baseline: float, reinforce_weight: float
+    log_lik: torch.Tensor, log_p_s: torch.Tensor, baseline: float | torch.Tensor, reinforce_weight: float
 ) -> torch.Tensor:
     """A loss whose gradient is -lambda_r (log p(y|s,a) - b) d log p(s|a)/dW (Sec. 4.1, Eq. 12).
 
@@ -423,7 +462,7 @@ def beam_search(
     beam_size: int = 5,
     max_len: int = 50,
     length_penalty: float = 0.0,
-    mode: str | None = None,
+    context_mode: str = "expected",
 ) -> list[Hypothesis]:
     """Best caption per image, decoding all images and all their beams as one batch.
 
@@ -434,7 +473,7 @@ def beam_search(
     Args:
         images: (B, 3, S, S) normalised.
         length_penalty: rank finished hypotheses by score / length**length_penalty (0 = raw log-prob).
-        mode: hard attention's decoding mode (expected, argmax, sample); soft ignores it.
+        context_mode: hard attention's context at decoding (expected, argmax, sample); soft ignores it.
     """
     if beam_size < 1:
         raise ValueError(f"beam_size={beam_size} must be >= 1")
@@ -447,7 +486,7 @@ def beam_search(
     features = features.repeat_interleave(k, dim=0)  # (B*k, L, D)
     features_proj = decoder.attention.project(features)  # (B*k, L, A)
     state = decoder.init_state(features)
-    words = torch.full((batch * k,), start, dtype=torch.long, device=images.device)  # (B*k,)
+    word_ids = torch.full((batch * k,), start, dtype=torch.long, device=images.device)  # (B*k,)
     # Only beam 0 is live at t=0, so the first top-k picks k distinct words rather than k copies.
     scores = torch.full((batch, k), float("-inf"), device=images.device)
     scores[:, 0] = 0.0
@@ -457,10 +496,9 @@ def beam_search(
     tokens = torch.empty(batch * k, 0, dtype=torch.long, device=images.device)  # (B*k, t)
     alphas = features.new_empty(batch * k, 0, num_locations)  # (B*k, t, L)
     betas = features.new_empty(batch * k, 0)  # (B*k, t)
-    mode = mode or "expected"
 
     for _ in range(max_len):
-        out = decoder.step(words, state, features, features_proj, mode)
+        out = decoder.step(word_ids, state, features, features_proj, context_mode)
         log_probs = F.log_softmax(out.logits.float(), dim=1)  # (B*k, V)
         log_probs[:, [pad, start]] = float("-inf")  # never emitted (an untrained model may prefer them)
         # A finished beam may only continue with <pad>, at log-prob 0: its score is frozen.
@@ -470,12 +508,12 @@ def beam_search(
         candidates = (scores[:, None] + log_probs).view(batch, k * vocab)  # (B, k*V)
         top_scores, top_ids = candidates.topk(k, dim=1)  # (B, k)
         parent = (top_ids // vocab + torch.arange(batch, device=images.device)[:, None] * k).flatten()  # (B*k,)
-        words = (top_ids % vocab).flatten()  # (B*k,)
+        word_ids = (top_ids % vocab).flatten()  # (B*k,)
         scores = top_scores.flatten()
         was_finished = finished[parent]
         lengths = lengths[parent] + (~was_finished).long()
-        finished = was_finished | (words == end)
-        tokens = torch.cat([tokens[parent], words[:, None]], dim=1)
+        finished = was_finished | (word_ids == end)
+        tokens = torch.cat([tokens[parent], word_ids[:, None]], dim=1)
         alphas = torch.cat([alphas[parent], out.alpha[parent].unsqueeze(1).to(alphas.dtype)], dim=1)
         betas = torch.cat([betas[parent], out.beta[parent].float().mean(dim=1, keepdim=True).to(betas.dtype)], dim=1)
         state = (out.state[0][parent], out.state[1][parent])
@@ -503,17 +541,6 @@ def beam_search(
     return results
 
 
-def hard_decode_mode(model: ShowAttendTell, requested: str | None) -> str:
-    """The context mode decoding uses: the expectation unless a hard model asks for argmax/sample."""
-    return requested if model.attention_variant == "hard" and requested else "expected"
-
-
 def target_log_probs(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """log p(y_t | a, y_<t) of each target word, (N, T), in fp32 even under autocast."""
     return F.log_softmax(logits.float(), dim=2).gather(2, targets.unsqueeze(2)).squeeze(2)
-
-
-def log_likelihood_per_caption(logits: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """sum_t log p(y_t | ...) over real steps, (N,)."""
-    return (target_log_probs(logits, targets) * mask).sum(dim=1)
-

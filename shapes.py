@@ -19,7 +19,10 @@ from typing import Any, Sequence
 import numpy as np
 from PIL import Image, ImageDraw
 
-__all__ = ["COLORS", "SHAPES", "COUNT_WORDS", "MAX_OBJECTS", "MIN_GAP", "generate_image", "shape_filename"]
+from utils import UserError, run_cli
+
+__all__ = ["COLORS", "SHAPES", "COUNT_WORDS", "MAX_OBJECTS", "MIN_GAP", "MIN_IMAGE_SIZE", "generate_image",
+           "shape_filename"]
 
 # Colours are far apart in RGB from each other and from the grey background (every colour has a
 # channel <= 60 while the background's channels stay >= 124), so a pixel's colour names its object.
@@ -37,6 +40,7 @@ MAX_OBJECTS = 4
 MIN_SIZE, MAX_SIZE = 0.16, 0.30  # object side as a fraction of the image side
 MIN_GAP = 0.06  # boxes are placed at least this far apart (fraction of the side) on x or on y
 NOISE = 18  # per-pixel noise, uniform in [-NOISE, NOISE] per channel
+MIN_IMAGE_SIZE = 32  # smallest image side in pixels (the smallest objects are then 5 px across)
 
 Word = tuple[str, int]  # (token, index of the object it names or -1)
 
@@ -70,9 +74,9 @@ def _layout(rng: np.random.Generator, size: int) -> list[tuple[int, int, int]]:
     gap = math.ceil(MIN_GAP * size)
     want = int(rng.integers(1, MAX_OBJECTS + 1))
     for attempt in range(200):
-        k = max(1, want - attempt // 50)
+        num_objects = max(1, want - attempt // 50)
         boxes: list[tuple[int, int, int]] = []
-        for _ in range(k):
+        for _ in range(num_objects):
             side = int(round(rng.uniform(MIN_SIZE, MAX_SIZE) * size))
             for _ in range(30):
                 x0 = int(rng.integers(1, size - side))
@@ -85,7 +89,7 @@ def _layout(rng: np.random.Generator, size: int) -> list[tuple[int, int, int]]:
                     break
             else:
                 break
-        if len(boxes) == k:
+        if len(boxes) == num_objects:
             return boxes
     raise RuntimeError("shapes layout failed")  # unreachable: a single object always fits
 
@@ -108,42 +112,42 @@ def _listing(objects: list[dict[str, Any]], order: list[int]) -> list[Word]:
     return words
 
 
-def _captions(objects: list[dict[str, Any]], px: list[tuple[int, int, int, int]], size: int,
+def _captions(objects: list[dict[str, Any]], pixel_boxes: list[tuple[int, int, int, int]], size: int,
               rng: np.random.Generator) -> list[list[Word]]:
     """All captions of one image as (word, object index) lists; see the module docstring."""
-    k = len(objects)
+    num_objects = len(objects)
     gap = math.ceil(MIN_GAP * size)
     # Plain listings use an order that depends on what the objects are, never on where they are,
     # so the model is never asked to resolve a near-tie in position.
-    canonical = sorted(range(k), key=lambda i: (SHAPES.index(objects[i]["shape"]),
-                                                list(COLORS).index(objects[i]["color"])))
+    canonical = sorted(range(num_objects), key=lambda i: (SHAPES.index(objects[i]["shape"]),
+                                                          list(COLORS).index(objects[i]["color"])))
     listing = _listing(objects, canonical)
-    count = [(COUNT_WORDS[k - 1], -1), ("shape" if k == 1 else "shapes", -1)]
+    count = [(COUNT_WORDS[num_objects - 1], -1), ("shape" if num_objects == 1 else "shapes", -1)]
     out = [
         listing,
         count + listing,
-        [("there", -1), ("is" if k == 1 else "are", -1)] + count + listing,
+        [("there", -1), ("is" if num_objects == 1 else "are", -1)] + count + listing,
         listing + [("on", -1), ("a", -1), ("grey", -1), ("background", -1)],
     ]
-    if k == 1:
+    if num_objects == 1:
         return out + [[("a", -1), ("single", -1), (objects[0]["color"], 0), (objects[0]["shape"], 0)]]  # a single
 
     def left_of(a: int, b: int) -> bool:
-        return px[a][2] + gap <= px[b][0]
+        return pixel_boxes[a][2] + gap <= pixel_boxes[b][0]
 
     def above(a: int, b: int) -> bool:
-        return px[a][3] + gap <= px[b][1]
+        return pixel_boxes[a][3] + gap <= pixel_boxes[b][1]
 
     orderings = ((("from", "left", "to", "right"), 0, left_of), (("from", "top", "to", "bottom"), 1, above))
     for words, axis, before in orderings:  # only when every consecutive pair is clearly separated
-        order = sorted(range(k), key=lambda i: px[i][axis])
+        order = sorted(range(num_objects), key=lambda i: pixel_boxes[i][axis])
         if all(before(a, b) for a, b in zip(order, order[1:])):
             out.append([(w, -1) for w in words] + _listing(objects, order))
     for before, forward, backward in ((left_of, ("to", "the", "left", "of"), ("to", "the", "right", "of")),
                                       (above, ("above",), ("below",))):
         candidates = []
-        for a in range(k):
-            for b in range(k):
+        for a in range(num_objects):
+            for b in range(num_objects):
                 if a != b and before(a, b):
                     candidates.append(_phrase(objects, a) + [(w, -1) for w in forward] + _phrase(objects, b))
                     candidates.append(_phrase(objects, b) + [(w, -1) for w in backward] + _phrase(objects, a))
@@ -165,8 +169,8 @@ def generate_image(
         word_objects: per caption, per token, the index into `objects` of the object the token names
             (its colour word or shape noun), -1 for other tokens.
     """
-    if image_size < 32:
-        raise ValueError(f"shapes image size {image_size} is too small (need >= 32 pixels)")
+    if image_size < MIN_IMAGE_SIZE:
+        raise ValueError(f"shapes image size {image_size} is too small (need >= {MIN_IMAGE_SIZE} pixels)")
     rng = np.random.default_rng([seed, index])
     squares = _layout(rng, image_size)
     pairs = [(c, s) for c in COLORS for s in SHAPES]
@@ -176,20 +180,20 @@ def generate_image(
     base = rng.uniform(150, 200) + rng.uniform(-8, 8, size=3)
     canvas = np.broadcast_to(base, (image_size, image_size, 3)).astype(np.uint8)
     image = Image.fromarray(np.ascontiguousarray(canvas))
-    objects, px = [], []
-    for (x0, y0, side), p in zip(squares, chosen):
-        color, shape = pairs[int(p)]
+    objects, pixel_boxes = [], []
+    for (x0, y0, side), pair in zip(squares, chosen):
+        color, shape = pairs[int(pair)]
         mask = Image.new("L", (image_size, image_size), 0)
         _draw_shape(ImageDraw.Draw(mask), shape, x0, y0, side)
         box = mask.getbbox()  # tight (left, top, right, bottom), right/bottom exclusive
         assert box is not None
         image.paste(COLORS[color], mask=mask)
-        px.append(box)
+        pixel_boxes.append(box)
         objects.append({"color": color, "shape": shape, "box": [v / image_size for v in box]})
     noise = rng.integers(-NOISE, NOISE + 1, size=(image_size, image_size, 3))
     pixels = np.clip(np.asarray(image, dtype=np.int16) + noise, 0, 255).astype(np.uint8)
 
-    captions = _captions(objects, px, image_size, rng)
+    captions = _captions(objects, pixel_boxes, image_size, rng)
     tokens = [[w for w, _ in c] for c in captions]
     word_objects = [[o for _, o in c] for c in captions]
     return Image.fromarray(pixels), objects, tokens, word_objects
@@ -202,23 +206,23 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--count", type=int, default=4, help="number of images (default: 4)")
     parser.add_argument("--seed", type=int, default=12345, help="default 12345: differs from the packed data's 0")
     parser.add_argument("--image-size", type=int, default=96, help="side in pixels (default: 96)")
+    parser.add_argument("--debug", action="store_true", help="show the traceback of an error, not one line")
     args = parser.parse_args(argv)
-    for flag, value, low, high in (("count", args.count, 1, 100_000), ("seed", args.seed, 0, 2**63 - 1),
-                                   ("image-size", args.image_size, 32, 2048)):
-        if not low <= value <= high:
-            print(f"error: --{flag}={value} must be in {low}..{high}", file=sys.stderr)
-            return 1
-    try:
+
+    def body() -> int:
+        for flag, value, low, high in (("count", args.count, 1, 100_000), ("seed", args.seed, 0, 2**63 - 1),
+                                       ("image-size", args.image_size, MIN_IMAGE_SIZE, 2048)):
+            if not low <= value <= high:
+                raise UserError(f"--{flag}={value} must be in {low}..{high}")
         os.makedirs(args.out_dir, exist_ok=True)
         for index in range(args.count):
             image, _, captions, _ = generate_image(args.seed, index, args.image_size)
             path = os.path.join(args.out_dir, shape_filename(index))
             image.save(path)
             print(f"{path}: {' '.join(captions[0])}")
-    except (ValueError, OSError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
-    return 0
+        return 0
+
+    return run_cli(body, args.debug)
 
 
 if __name__ == "__main__":

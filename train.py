@@ -4,8 +4,9 @@
     torchrun --nproc_per_node 2 train.py --config configs/flickr8k.yaml
     python train.py --config configs/shapes.yaml resume=runs/shapes/last.pt
 
-Every run writes into its own folder: config.yaml, metrics.csv, TensorBoard events, last.pt, best.pt.
-Model selection uses a decoded metric on val (BLEU-4 of greedy/beam captions), not teacher forcing.
+Every run writes into its own folder: config.yaml, metrics.csv, curves.png, TensorBoard events, last.pt,
+best.pt. Model selection uses a decoded metric on val (BLEU-4 of greedy/beam captions), not teacher forcing;
+each epoch also reports the collapse diagnostics (distinct captions, vocabulary used, mean length).
 """
 from __future__ import annotations
 
@@ -19,32 +20,35 @@ from typing import Any, Sequence
 
 import torch
 import torch.distributed as dist
+import torch.nn as nn
+import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, DistributedSampler, Subset
+from torchvision.transforms.v2 import RandomHorizontalFlip
 from tqdm import tqdm
 
 from datasets import CaptionDataset, collate_captions
-from eval import decode_split, score_captions
-from models import (
-    ShowAttendTell,
-    WeightsDownloadError,
-    build_model,
-    doubly_stochastic_penalty,
-    reinforce_surrogate,
-    target_log_probs,
-)
+from decoding import DecodeOptions, decode_split
+from eval import caption_diversity, score_captions, warn_if_collapsed
+from models import ShowAttendTell, build_model, doubly_stochastic_penalty, reinforce_surrogate, target_log_probs
 from utils import (
+    MODEL_KEYS,
+    SPECIAL_TOKENS,
     Config,
     DistInfo,
+    UserError,
     apply_overrides,
+    atomic_write,
     autocast_context,
+    checkpoint_configs,
     cleanup_distributed,
-    config_from_dict,
+    config_from_checkpoint,
     init_distributed,
     load_checkpoint,
     load_config,
-    one_line,
+    parse_overrides,
     rng_state,
+    run_cli,
     save_checkpoint,
     save_config,
     seed_everything,
@@ -52,12 +56,15 @@ from utils import (
 )
 
 VAL_METRIC = "BLEU-4"  # decoded on val, drives LR decay, early stopping and best.pt
-CSV_FIELDS = ["epoch", "step", "train_loss", "train_ce", "train_ds", "lr", "val_" + VAL_METRIC, "epoch_seconds"]
+DIVERSITY_KEYS = ("distinct_captions", "vocab_used", "mean_length")  # collapse diagnostics, see eval.py
+CSV_FIELDS = ["epoch", "step", "train_loss", "train_ce", "train_ds", "train_concept", "lr", "val_" + VAL_METRIC,
+              *(f"val_{key}" for key in DIVERSITY_KEYS), "epoch_seconds"]
 
 
 def get_args_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", help="YAML file in configs/ (overrides of utils.Config defaults)")
+    parser.add_argument("--debug", action="store_true", help="show a traceback for every error")
     parser.add_argument("overrides", nargs="*", help="key=value overrides, e.g. epochs=5 data_folder=DIR")
     return parser
 
@@ -70,43 +77,126 @@ class TrainState:
     step: int = 0
     best_score: float = float("-inf")
     epochs_since_improvement: int = 0
-    hard_baseline: float = 0.0  # b of Sec. 4.1, a moving average of log p(y|s,a)
+    # b of Sec. 4.1, a moving average of log p(y|s,a); a 0-dim tensor while training (no per-step sync)
+    hard_baseline: float | torch.Tensor = 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**dataclasses.asdict(self), "hard_baseline": float(self.hard_baseline)}
 
 
-def compute_loss(
-    model: torch.nn.Module, batch: dict[str, Any], cfg: Config, state: TrainState, device: torch.device
-) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """Cross-entropy over real words + doubly stochastic term (+ REINFORCE and entropy for hard)."""
-    images = batch["image"].to(device, non_blocking=True)  # (B, 3, S, S)
-    captions, caplens = batch["captions"], batch["caplens"]  # (B, C, T+1), (B, C)
-    if 0 < cfg.captions_per_step < captions.size(1):
-        keep = torch.randperm(captions.size(1))[: cfg.captions_per_step]
-        captions, caplens = captions[:, keep], caplens[:, keep]
-    captions, caplens = captions.to(device, non_blocking=True), caplens.to(device, non_blocking=True)
+class ConceptHead(nn.Module):
+    """Training only, not in the paper: the model plus a linear head that predicts, from each image's mean
+    annotation vector, which words its captions use (a bag of words over the vocabulary).
 
-    hard = cfg.attention == "hard"
-    # Hard attention: with probability hard_expected_prob the mini-batch uses the expected context
-    # (Sec. 4.1's variance-reduction trick); otherwise locations are sampled.
-    mode = "expected" if not hard or torch.rand(()).item() < cfg.hard_expected_prob else "sample"
-    out = model(images, captions, caplens, mode)
+    A random-init encoder learns from the caption loss alone only through attention and the initial
+    LSTM state, and on a small dataset the decoder then settles for one caption that fits every image.
+    This direct per-image signal trains the encoder to recognise what captions talk about (dogs, water,
+    snow), the role ImageNet pretraining plays in the paper. The head is dropped from the saved model.
+    """
+
+    def __init__(self, model: ShowAttendTell, word_map: dict[str, int]) -> None:
+        super().__init__()
+        self.model = model
+        self.head = nn.Linear(model.encoder.out_dim, len(word_map))
+        self.ignore = [word_map[token] for token in SPECIAL_TOKENS]  # never a concept
+
+    def targets(self, captions: torch.Tensor) -> torch.Tensor:
+        """(B, C, T+1) word ids -> (B, V) bag of words of each image's captions, weights summing to 1."""
+        return bag_of_words(captions, self.head.out_features, self.ignore)
+
+    def forward(self, images: torch.Tensor, captions: torch.Tensor, caplens: torch.Tensor,
+                context_mode: str = "expected") -> dict[str, torch.Tensor]:
+        out = self.model(images, captions, caplens, context_mode)
+        out["concept_logits"] = self.head(out["mean_annotation"])  # (B, V)
+        return out
+
+
+def bag_of_words(captions: torch.Tensor, vocab_size: int, ignore: Sequence[int]) -> torch.Tensor:
+    """(B, C, T+1) word ids -> (B, V): each word used by any of an image's captions, weights summing to 1."""
+    present = torch.zeros(captions.size(0), vocab_size, device=captions.device)
+    present.scatter_(1, captions.flatten(1), 1.0)
+    present[:, list(ignore)] = 0.0
+    return present / present.sum(dim=1, keepdim=True).clamp_min(1.0)
+
+
+def compute_loss(out: dict[str, torch.Tensor], cfg: Config, hard_baseline: float | torch.Tensor,
+                 concepts: torch.Tensor | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Cross-entropy over real words + doubly stochastic term (+ REINFORCE and entropy for hard)
+    (+ the concept loss against `concepts` (B, V) when the model has a ConceptHead).
+
+    `out` is the model's teacher-forced output. Returns the loss and detached parts; for sampled hard
+    attention, parts["log_lik"] is the batch's mean per-word log p(y|s,a), which updates the baseline.
+    """
     mask = out["mask"]  # (N, T)
     log_probs = target_log_probs(out["logits"], out["targets"])  # (N, T), shared by CE and the reward
     ce = -log_probs[mask].mean()  # cross-entropy, mean over real words
     ds = doubly_stochastic_penalty(out["alphas"], mask, cfg.ds_reduction)
     loss = ce + cfg.alpha_c * ds
-    if hard:
-        words = mask.sum(dim=1).clamp_min(1)  # (N,)
+    parts = {"ce": ce.detach(), "ds": ds.detach()}
+    if cfg.attention == "hard":
+        num_words = mask.sum(dim=1).clamp_min(1)  # (N,)
         # Entropy bonus lambda_e * H[s] (Eq. 12), averaged over real steps.
-        loss = loss - cfg.hard_entropy_weight * (out["entropy"] * mask).sum() / words.sum()
+        loss = loss - cfg.hard_entropy_weight * (out["entropy"] * mask).sum() / num_words.sum()
         if "log_p_s" in out:
             # Reward log p(y|s,a) per word, as the original code (it averages the cost over time).
-            log_lik = (log_probs * mask).sum(dim=1) / words  # (N,)
+            log_lik = (log_probs * mask).sum(dim=1) / num_words  # (N,)
             log_p_s = (out["log_p_s"] * mask).sum(dim=1)  # (N,) log p(s|a) over real steps
-            loss = loss + reinforce_surrogate(log_lik, log_p_s, state.hard_baseline, cfg.hard_reinforce_weight)
-            decay = cfg.hard_baseline_decay
-            state.hard_baseline = decay * state.hard_baseline + (1 - decay) * float(log_lik.detach().mean())
+            loss = loss + reinforce_surrogate(log_lik, log_p_s, hard_baseline, cfg.hard_reinforce_weight)
+            parts["log_lik"] = log_lik.detach().mean()
+    if concepts is not None:
+        concept = -(concepts * F.log_softmax(out["concept_logits"].float(), dim=1)).sum(dim=1).mean()
+        loss = loss + cfg.concept_loss_weight * concept
+        parts["concept"] = concept.detach()
     # Detached tensors, not floats: converting would force a GPU sync every step.
-    return loss, {"loss": loss.detach(), "ce": ce.detach(), "ds": ds.detach()}
+    parts["loss"] = loss.detach()
+    return loss, parts
+
+
+def prepare_batch(batch: dict[str, Any], cfg: Config, device: torch.device
+                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Images (B, 3, S, S), captions (B, C, T+1), caplens (B, C) on the device; C = captions_per_step,
+    a fresh random choice among each image's stored captions every step."""
+    captions, caplens = batch["captions"], batch["caplens"]
+    if 0 < cfg.captions_per_step < captions.size(1):
+        keep = torch.randperm(captions.size(1))[: cfg.captions_per_step]
+        captions, caplens = captions[:, keep], caplens[:, keep]
+    return (batch["image"].to(device, non_blocking=True), captions.to(device, non_blocking=True),
+            caplens.to(device, non_blocking=True))
+
+
+def train_step(
+    model: torch.nn.Module,
+    batch: dict[str, Any],
+    optimizer: torch.optim.Optimizer,
+    scaler: torch.amp.GradScaler,
+    cfg: Config,
+    state: TrainState,
+    device: torch.device,
+) -> dict[str, torch.Tensor]:
+    """One optimisation step around compute_loss: data to the device, the captions and the context mode
+    of this step, the update, and the hard-attention baseline. Returns the loss parts, detached."""
+    images, captions, caplens = prepare_batch(batch, cfg, device)
+    unwrapped = getattr(model, "module", model)  # DistributedDataParallel keeps the module in .module
+    # The concept targets use every stored caption of the image, not only this step's sample.
+    concepts = unwrapped.targets(batch["captions"].to(device)) if isinstance(unwrapped, ConceptHead) else None
+    # Hard attention: with probability hard_expected_prob the mini-batch uses the expected context
+    # (Sec. 4.1's variance-reduction trick); otherwise locations are sampled.
+    sample = cfg.attention == "hard" and torch.rand(()).item() >= cfg.hard_expected_prob
+    with autocast_context(device, cfg.amp):
+        out = model(images, captions, caplens, "sample" if sample else "expected")
+        loss, parts = compute_loss(out, cfg, state.hard_baseline, concepts)
+    optimizer.zero_grad(set_to_none=True)
+    scaler.scale(loss).backward()
+    if cfg.grad_clip > 0:
+        scaler.unscale_(optimizer)
+        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+    scaler.step(optimizer)
+    scaler.update()
+    if "log_lik" in parts:
+        decay = cfg.hard_baseline_decay
+        state.hard_baseline = decay * state.hard_baseline + (1 - decay) * parts["log_lik"]
+    state.step += 1
+    return parts
 
 
 def train_one_epoch(
@@ -121,58 +211,43 @@ def train_one_epoch(
     writer: Any,
 ) -> dict[str, float]:
     model.train()
-    totals = {"loss": torch.zeros((), device=device), "ce": torch.zeros((), device=device),
-              "ds": torch.zeros((), device=device)}
-    seen, start = 0, time.time()
+    totals = {key: torch.zeros((), device=device) for key in ("loss", "ce", "ds", "concept")}
+    num_steps, start = 0, time.time()
     bar = tqdm(loader, desc=f"epoch {state.epoch + 1}/{cfg.epochs}", disable=not info.is_main, dynamic_ncols=True)
     for batch in bar:
-        with autocast_context(device, cfg.amp):
-            loss, parts = compute_loss(model, batch, cfg, state, device)
-        optimizer.zero_grad(set_to_none=True)
-        scaler.scale(loss).backward()
-        if cfg.grad_clip > 0:
-            scaler.unscale_(optimizer)
-            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-        scaler.step(optimizer)
-        scaler.update()
-        state.step += 1
-        seen += 1
-        for key in totals:
-            totals[key] += parts[key]
+        parts = train_step(model, batch, optimizer, scaler, cfg, state, device)
+        num_steps += 1
+        for key, value in parts.items():
+            if key in totals:
+                totals[key] += value
         if state.step % 10 == 0:  # reading the loss syncs with the GPU: do it now and then
-            images_per_s = seen * batch["image"].size(0) * info.world_size / (time.time() - start)
+            images_per_s = num_steps * cfg.batch_size * info.world_size / (time.time() - start)
             bar.set_postfix(loss=f"{float(parts['loss']):.3f}", img_s=f"{images_per_s:.0f}")
         if writer is not None and state.step % cfg.log_every == 0:
             for key, value in parts.items():
                 writer.add_scalar(f"train/{key}", float(value), state.step)
-    return {key: float(value) / max(seen, 1) for key, value in totals.items()}
+    return {key: float(value) / max(num_steps, 1) for key, value in totals.items()}
 
 
-def validate(
+def val_scores(
     model: ShowAttendTell, loader: DataLoader, word_map: dict[str, int], cfg: Config, device: torch.device
 ) -> dict[str, float]:
-    """Decode val and score it: the number that selects the model is a decoded metric."""
-    decoded = decode_split(
-        model,
-        loader,
-        word_map,
-        device=device,
-        beam_size=cfg.val_beam_size,
-        max_len=cfg.max_decode_len,
-        mode=cfg.hard_decode,
-        amp=cfg.amp,
-        progress=False,
-    )
+    """Decode val and score it (the number that selects the model is a decoded metric), with the
+    collapse diagnostics."""
+    opts = DecodeOptions(beam_size=cfg.val_beam_size, max_len=cfg.max_len, hard_decode=cfg.hard_decode,
+                         batch_size=loader.batch_size or 1)
+    decoded = decode_split(model, loader, word_map, opts, device=device, amp=cfg.amp, progress=False)
     references = {d["index"]: d["references"] for d in decoded}
     captions = {d["index"]: d["caption"] for d in decoded}
-    return score_captions(captions, references, metrics=("BLEU",), tokenizer="simple")
+    scores = score_captions(captions, references, metrics=("BLEU",), tokenizer="simple")
+    return {**scores, **caption_diversity(list(captions.values()))}
 
 
 def make_loaders(cfg: Config, info: DistInfo) -> tuple[DataLoader, DataLoader, DistributedSampler]:
-    train_set = CaptionDataset(cfg.data_folder, "train")
+    train_set = CaptionDataset(cfg.data_folder, "train", transform=RandomHorizontalFlip() if cfg.hflip else None)
     val_set = CaptionDataset(cfg.data_folder, "val")
     if len(val_set) == 0:  # fail now, not after an epoch: model selection needs a val score
-        raise ValueError(f"{val_set.path}: the val split is empty; repack with a val fraction > 0")
+        raise UserError(f"{val_set.path}: the val split is empty; repack with a val fraction > 0")
     if cfg.val_max_images:
         val_set = Subset(val_set, range(min(cfg.val_max_images, len(val_set))))
     # A DistributedSampler with world size 1 is a seeded shuffle whose order is a function of the epoch,
@@ -183,33 +258,43 @@ def make_loaders(cfg: Config, info: DistInfo) -> tuple[DataLoader, DataLoader, D
     train_loader = DataLoader(train_set, batch_size=cfg.batch_size, sampler=sampler, drop_last=True,
                               generator=torch.Generator().manual_seed(cfg.seed), **common)
     if len(train_loader) == 0:  # drop_last would "train" zero steps
-        raise ValueError(f"{train_set.path}: {len(train_set)} images give no full batch of batch_size="
-                         f"{cfg.batch_size} per process ({info.world_size} process(es)); lower batch_size")
+        raise UserError(f"{train_set.path}: {len(train_set)} images give no full batch of batch_size="
+                        f"{cfg.batch_size} per process ({info.world_size} process(es)); lower batch_size")
     val_loader = DataLoader(val_set, batch_size=max(1, 64 // cfg.val_beam_size), shuffle=False,
                             generator=torch.Generator().manual_seed(cfg.seed), **common)
     return train_loader, val_loader, sampler
 
 
-def build_optimizer(model: ShowAttendTell, cfg: Config) -> torch.optim.Optimizer:
-    """Adam with separate encoder and decoder learning rates (frozen encoder parameters are left out)."""
-    groups = [{"params": list(model.decoder.parameters()), "lr": cfg.decoder_lr}]
-    encoder_params = [p for p in model.encoder.parameters() if p.requires_grad]
+def build_optimizer(trained: ShowAttendTell | ConceptHead, cfg: Config) -> torch.optim.Optimizer:
+    """Adam with the encoder's learning rate for the encoder and the decoder's for the rest (the decoder
+    and any concept head); frozen encoder parameters are left out."""
+    encoder = (trained.model if isinstance(trained, ConceptHead) else trained).encoder
+    in_encoder = {id(p) for p in encoder.parameters()}
+    groups = [{"params": [p for p in trained.parameters() if id(p) not in in_encoder], "lr": cfg.decoder_lr}]
+    encoder_params = [p for p in encoder.parameters() if p.requires_grad]
     if encoder_params:
         groups.append({"params": encoder_params, "lr": cfg.encoder_lr})
     return torch.optim.Adam(groups, weight_decay=cfg.weight_decay)
 
 
-def resolve_config(argv: Sequence[str] | None) -> tuple[Config, dict[str, Any] | None]:
-    """--config + overrides; with resume=..., the checkpoint's config + the same overrides."""
-    args = get_args_parser().parse_args(argv)
+def resolve_config(args: argparse.Namespace) -> tuple[Config, dict[str, Any] | None]:
+    """--config + overrides; with resume=..., the checkpoint's config + the same overrides.
+
+    On resume the architecture is the checkpoint's: overriding a model key is refused, since the saved
+    weights could not be loaded into another shape.
+    """
     cfg = load_config(args.config, args.overrides)
     if not cfg.resume:
         return cfg, None
     ckpt = load_checkpoint(cfg.resume)
     if "train_state" not in ckpt:
-        raise ValueError(f"{cfg.resume}: has no training state to resume from (use last.pt)")
-    resumed = apply_overrides(config_from_dict(ckpt["config"]), args.overrides)
-    resumed.validate()
+        raise UserError(f"{cfg.resume}: has no training state to resume from (use last.pt)")
+    changed = [key for key in parse_overrides(args.overrides) if key in MODEL_KEYS]
+    if changed:
+        raise UserError(f"resume={cfg.resume}: cannot change the model's {', '.join(changed)} when resuming "
+                        "(start a new run instead)")
+    resumed = apply_overrides(config_from_checkpoint(ckpt, cfg.resume), args.overrides)
+    resumed.check()
     return resumed, ckpt
 
 
@@ -222,35 +307,64 @@ def append_metrics_row(path: Path, row: dict[str, Any]) -> None:
         writer.writerow(row)
 
 
+def write_curves(metrics_csv: Path, out_png: Path) -> None:
+    """Loss, val BLEU-4, distinct captions and learning rate against epoch, redrawn after every epoch."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # headless
+    import matplotlib.pyplot as plt
+
+    with open(metrics_csv, newline="") as f:
+        rows = list(csv.DictReader(f))
+    epochs = [int(r["epoch"]) for r in rows]
+
+    def column(name: str) -> list[float]:
+        return [float(r[name]) if r.get(name) else float("nan") for r in rows]
+
+    panels = [("train loss", ["train_loss", "train_ce", "train_concept"]),
+              (f"val {VAL_METRIC}", [f"val_{VAL_METRIC}"]),
+              ("val distinct captions", ["val_distinct_captions"]), ("learning rate", ["lr"])]
+    fig, axes = plt.subplots(1, len(panels), figsize=(4 * len(panels), 3.2), constrained_layout=True)
+    for ax, (title, names) in zip(axes, panels):
+        for name in names:
+            ax.plot(epochs, column(name), marker="o", markersize=3, label=name)
+        ax.set_title(title)
+        ax.set_xlabel("epoch")
+        ax.grid(alpha=0.3)
+        if len(names) > 1:
+            ax.legend()
+    axes[-1].set_yscale("log")
+    atomic_write(out_png, lambda f: fig.savefig(f, format="png", dpi=90))
+    plt.close(fig)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    try:
-        cfg, ckpt = resolve_config(argv)
+    args = get_args_parser().parse_args(argv)
+
+    def body() -> int:
+        cfg, ckpt = resolve_config(args)
         info, device = init_distributed(cfg.device)
-    except ValueError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
-    try:
-        return _train(cfg, ckpt, info, device)
-    except (ValueError, WeightsDownloadError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
-    except OSError as e:  # an unwritable or clashing run folder, a vanished data file, a full disk
-        print(f"error: {one_line(e)}", file=sys.stderr)
-        return 1
-    finally:
-        cleanup_distributed(info)
+        try:
+            return _train(cfg, ckpt, info, device)
+        finally:
+            cleanup_distributed(info)
+
+    return run_cli(body, args.debug)
 
 
 def _train(cfg: Config, ckpt: dict[str, Any] | None, info: DistInfo, device: torch.device) -> int:
     seed_everything(cfg.seed)
     out_dir = cfg.resolved_out_dir()
     if ckpt is None and (out_dir / "last.pt").exists():
-        raise ValueError(f"{out_dir} already holds a run; continue it with resume={out_dir / 'last.pt'} "
-                         "or pick another out_dir=")
+        raise UserError(f"{out_dir} already holds a run; continue it with resume={out_dir / 'last.pt'} "
+                        "or pick another out_dir=")
     train_loader, val_loader, sampler = make_loaders(cfg, info)
     word_map = train_loader.dataset.word_map
-    model = build_model(cfg, len(word_map)).to(device)
-    optimizer = build_optimizer(model, cfg)
+    cfg.vocab_size = len(word_map)
+    model = build_model(cfg.model_config(), encoder_weights=cfg.encoder_weights, fine_tune=cfg.fine_tune_encoder,
+                        fine_tune_stages=cfg.fine_tune_stages).to(device)
+    trained = ConceptHead(model, word_map).to(device) if cfg.concept_loss_weight > 0 else model
+    optimizer = build_optimizer(trained, cfg)
     scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(
         optimizer, mode="max", factor=cfg.lr_decay_factor, patience=cfg.lr_patience
     )
@@ -258,14 +372,18 @@ def _train(cfg: Config, ckpt: dict[str, Any] | None, info: DistInfo, device: tor
     state = TrainState()
     if ckpt is not None:
         if ckpt["word_map"] != word_map:
-            raise ValueError(f"{cfg.resume}: word map differs from {cfg.data_folder}/word_map.json")
+            raise UserError(f"{cfg.resume}: word map differs from {cfg.data_folder}/word_map.json")
         model.load_state_dict(ckpt["model"])
+        if isinstance(trained, ConceptHead):
+            if "concept_head" not in ckpt:
+                raise UserError(f"{cfg.resume}: has no concept head to resume with concept_loss_weight > 0")
+            trained.head.load_state_dict(ckpt["concept_head"])
         optimizer.load_state_dict(ckpt["optimizer"])
         scheduler.load_state_dict(ckpt["scheduler"])
         scaler.load_state_dict(ckpt["scaler"])
         state = TrainState(**ckpt["train_state"])
         set_rng_state(ckpt["rng"])
-    ddp_model = DistributedDataParallel(model) if info.enabled else model
+    ddp_model = DistributedDataParallel(trained) if info.enabled else trained
 
     writer = None
     if info.is_main:
@@ -286,11 +404,12 @@ def _train(cfg: Config, ckpt: dict[str, Any] | None, info: DistInfo, device: tor
         start = time.time()
         losses = train_one_epoch(ddp_model, train_loader, optimizer, scaler, cfg, state, device, info, writer)
         state.epoch += 1
-        # Rank 0 decodes val; every rank gets the score so LR decay and early stopping agree.
-        score = [validate(model, val_loader, word_map, cfg, device)[VAL_METRIC] if info.is_main else 0.0]
+        # Rank 0 decodes val; every rank gets the scores so LR decay and early stopping agree.
+        val = [val_scores(model, val_loader, word_map, cfg, device) if info.is_main else {}]
         if info.enabled:
-            dist.broadcast_object_list(score, src=0)
-        score = score[0]
+            dist.broadcast_object_list(val, src=0)
+        val = val[0]
+        score = val[VAL_METRIC]
         scheduler.step(score)
         improved = score > state.best_score
         state.best_score = max(state.best_score, score)
@@ -299,10 +418,16 @@ def _train(cfg: Config, ckpt: dict[str, Any] | None, info: DistInfo, device: tor
         if info.is_main:
             lr = optimizer.param_groups[0]["lr"]
             row = {"epoch": state.epoch, "step": state.step, "train_loss": f"{losses['loss']:.4f}",
-                   "train_ce": f"{losses['ce']:.4f}", "train_ds": f"{losses['ds']:.4f}", "lr": f"{lr:.3g}",
-                   f"val_{VAL_METRIC}": f"{score:.4f}", "epoch_seconds": f"{seconds:.1f}"}
+                   "train_ce": f"{losses['ce']:.4f}", "train_ds": f"{losses['ds']:.4f}",
+                   "train_concept": f"{losses['concept']:.4f}" if cfg.concept_loss_weight > 0 else "",
+                   "lr": f"{lr:.3g}",
+                   f"val_{VAL_METRIC}": f"{score:.4f}", "epoch_seconds": f"{seconds:.1f}",
+                   **{f"val_{key}": f"{val[key]:.4g}" for key in DIVERSITY_KEYS}}
             append_metrics_row(out_dir / "metrics.csv", row)
+            write_curves(out_dir / "metrics.csv", out_dir / "curves.png")
             writer.add_scalar(f"val/{VAL_METRIC}", score, state.step)
+            for key in DIVERSITY_KEYS:
+                writer.add_scalar(f"val/{key}", val[key], state.step)
             writer.add_scalar("train/lr", lr, state.step)
             writer.flush()
             payload = {
@@ -310,19 +435,23 @@ def _train(cfg: Config, ckpt: dict[str, Any] | None, info: DistInfo, device: tor
                 "optimizer": optimizer.state_dict(),
                 "scheduler": scheduler.state_dict(),
                 "scaler": scaler.state_dict(),
-                "config": dataclasses.asdict(cfg),
+                **checkpoint_configs(cfg),
                 "word_map": word_map,
                 "image_size": train_loader.dataset.image_size,  # caption.py resizes new images to this
-                "train_state": dataclasses.asdict(state),
+                "train_state": state.to_dict(),
                 "rng": rng_state(),
             }
+            if isinstance(trained, ConceptHead):
+                payload["concept_head"] = trained.head.state_dict()
             save_checkpoint(out_dir / "last.pt", payload)
             if improved:
                 save_checkpoint(out_dir / "best.pt", payload)
             print(
                 f"epoch {state.epoch}: loss {losses['loss']:.3f} (ce {losses['ce']:.3f}, ds {losses['ds']:.4f}) "
-                f"val {VAL_METRIC} {score:.4f}{' (best)' if improved else ''} lr {lr:.2g} {seconds:.0f}s"
+                f"val {VAL_METRIC} {score:.4f}{' (best)' if improved else ''} distinct {val['distinct_captions']:.0%} "
+                f"words {val['vocab_used']} lr {lr:.2g} {seconds:.0f}s"
             )
+            warn_if_collapsed(val)
         if cfg.early_stop_patience and state.epochs_since_improvement >= cfg.early_stop_patience:
             if info.is_main:
                 print(f"early stop: no val {VAL_METRIC} improvement for {state.epochs_since_improvement} epochs")

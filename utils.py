@@ -7,13 +7,16 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 import random
-import tempfile
+import re
+import secrets
+import sys
 from contextlib import nullcontext
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any, ContextManager, Sequence
+from typing import Any, BinaryIO, Callable, ContextManager, Sequence
 
 import numpy as np
 import torch
@@ -23,104 +26,158 @@ import yaml
 SPECIAL_TOKENS = ("<pad>", "<unk>", "<start>", "<end>")
 
 
+class UserError(ValueError):
+    """A problem with what the user gave us (a path, a value, a file): reported as one line, no traceback.
+
+    Anything else that escapes a script's main is a bug in our code and keeps its traceback.
+    """
+
+
+def run_cli(body: Callable[[], int], debug: bool = False) -> int:
+    """Run a script's body: a UserError or a failed file operation (full disk, permissions) becomes one
+    `error:` line and exit 1; anything else is a bug and keeps its traceback. `--debug` shows them all."""
+    try:
+        return body()
+    except (UserError, OSError) as e:
+        if debug:
+            raise
+        message = " ".join(str(e).split()) if isinstance(e, UserError) else one_line(e)  # one line, uncut
+        print(f"error: {message}", file=sys.stderr)
+        return 1
+
+
 # --------------------------------------------------------------------------------------------
-# Config: one dataclass of defaults, YAML files in configs/ hold overrides, CLI `key=value` last.
+# Configs. ModelConfig is what rebuilds the network; TrainConfig is how it was trained. Users see one
+# flat namespace (Config: YAML files in configs/, then `key=value`); checkpoints keep the two apart,
+# so a training key can be renamed or removed without breaking a single saved model (as nanoGPT keeps
+# GPTConfig apart from its training globals). Each choice and bound is written once, in the field's
+# metadata and read by every `check`; choice lists that argparse also offers are named constants.
 # --------------------------------------------------------------------------------------------
+def option(default: Any, *, choices: Sequence[Any] | None = None, min: float | None = None,
+           max: float | None = None, above: float | None = None, below: float | None = None) -> Any:
+    """A config field with its valid values: choices, or bounds min <= x <= max, above < x < below."""
+    meta = {"choices": tuple(choices) if choices else None, "min": min, "max": max, "above": above, "below": below}
+    return field(default=default, metadata={k: v for k, v in meta.items() if v is not None})
+
+
+def check_field(cls: type, key: str, value: Any, label: str = "") -> None:
+    """Raise UserError naming the key (or `label`, e.g. a CLI flag) when `value` is outside the field's
+    declared choices or bounds."""
+    meta = next(f.metadata for f in fields(cls) if f.name == key)
+    label = label or f"config {key}"
+    if "choices" in meta and value not in meta["choices"]:
+        raise UserError(f"{label}={value!r} is not one of {', '.join(map(str, meta['choices']))}")
+    if isinstance(value, float) and not math.isfinite(value):
+        raise UserError(f"{label}={value} must be a finite number")
+    for name, ok, text in (("min", lambda v, b: v >= b, ">="), ("max", lambda v, b: v <= b, "<="),
+                           ("above", lambda v, b: v > b, ">"), ("below", lambda v, b: v < b, "<")):
+        if name in meta and not ok(value, meta[name]):
+            raise UserError(f"{label}={value} must be {text} {meta[name]}")
+
+
+HARD_DECODE_MODES = ("expected", "argmax", "sample")  # hard attention's context at decoding (see models.py)
+
+
 @dataclass
-class Config:
+class ModelConfig:
+    """Everything `models.build_model` needs; stored in every checkpoint as `model_config`."""
+
+    # --- encoder (paper: VGG conv5 14x14x512; we use a torchvision ResNet, see models.py) ---
+    encoder: str = option("resnet101", choices=("resnet18", "resnet34", "resnet50", "resnet101", "resnet152"))
+    encoder_stages: int = option(4, choices=(1, 2, 3, 4))  # keep layer1..layerN (3 halves the stride)
+    enc_size: int = option(14, min=1)  # annotation grid is enc_size x enc_size, so L = enc_size**2
+    # --- decoder ---
+    attention: str = option("soft", choices=("soft", "hard"))  # soft: Sec. 4.2 | hard: stochastic, Sec. 4.1
+    attention_dim: int = option(512, min=1)  # hidden size of the attention MLP f_att
+    embed_dim: int = option(512, min=1)  # m, word embedding size
+    decoder_dim: int = option(512, min=1)  # n, LSTM size
+    dropout: float = option(0.5, min=0.0, below=1.0)  # dropout before the output layer
+    gate: str = option("scalar", choices=("scalar", "vector", "none"))  # paper's scalar beta_t | size-D | none
+    deep_output: bool = True  # paper's L_o(E y_{t-1} + L_h h_t + L_z z_t); false = linear on h_t
+    vocab_size: int = field(default=0, metadata={"min": 0, "derived": True})  # from the word map, not a config key
+
+    def check(self) -> None:
+        for f in fields(ModelConfig):
+            check_field(ModelConfig, f.name, getattr(self, f.name))
+
+
+@dataclass
+class TrainConfig:
+    """How a model is trained: run, data, initialisation, loss, optimisation and validation decoding."""
+
     # --- run ---
     name: str = "run"  # run name; the run folder defaults to runs/<name>
-    out_dir: str = ""  # run folder (config, metrics.csv, TensorBoard events, last.pt, best.pt)
+    out_dir: str = ""  # run folder (config, metrics.csv, curves.png, TensorBoard events, last.pt, best.pt)
     seed: int = 0  # seeds python, numpy and torch (CPU and CUDA)
     device: str = "auto"  # auto | cpu | cuda | cuda:N
-    amp: str = "off"  # off | bf16 | fp16 (CUDA only; ignored on CPU)
+    amp: str = option("off", choices=("off", "bf16", "fp16"))  # CUDA only; ignored on CPU
     resume: str = ""  # path to a last.pt to continue from exactly
 
     # --- data ---
     data_folder: str = "data/shapes"  # folder written by create_input_files.py
-    num_workers: int = 2  # DataLoader workers (each opens the HDF5 file itself)
-    captions_per_step: int = 0  # captions of each image trained per step; 0 = all stored
+    num_workers: int = option(2, min=0)  # DataLoader workers (each opens the HDF5 file itself)
+    captions_per_step: int = option(0, min=0)  # captions of each image trained per step; 0 = all stored
+    hflip: bool = False  # augment: flip training images left-right with probability 0.5
 
-    # --- encoder (paper: VGG conv5 14x14x512; we use a torchvision ResNet, see models.py) ---
-    encoder: str = "resnet101"  # resnet18 | resnet34 | resnet50 | resnet101 | resnet152
-    encoder_weights: str = "imagenet"  # imagenet | none (random init; all tests and the demo)
-    encoder_stages: int = 4  # keep ResNet stages layer1..layerN (3 halves the stride: finer grid)
-    enc_size: int = 14  # annotation grid is enc_size x enc_size, so L = enc_size**2
+    # --- encoder initialisation and training ---
+    encoder_weights: str = "imagenet"  # imagenet (torch hub cache) | none (random init) | path to a state_dict
     fine_tune_encoder: bool = False  # train the top encoder stages (frozen encoder runs BN in eval)
-    fine_tune_stages: int = 3  # with fine_tune_encoder, stages >= this index are trained (1-based)
-
-    # --- decoder ---
-    attention: str = "soft"  # soft (deterministic, Sec. 4.2) | hard (stochastic, Sec. 4.1)
-    attention_dim: int = 512  # hidden size of the attention MLP f_att
-    embed_dim: int = 512  # m, word embedding size
-    decoder_dim: int = 512  # n, LSTM size
-    dropout: float = 0.5  # dropout before the output layer
-    gate: str = "scalar"  # scalar (paper's beta_t) | vector (size-D beta, a common variant) | none
-    deep_output: bool = True  # paper's L_o(E y_{t-1} + L_h h_t + L_z z_t); false = linear on h_t
-    max_decode_len: int = 50  # longest caption decoded at validation/test time
+    fine_tune_stages: int = option(3, min=0)  # with fine_tune_encoder, stages >= this index are trained
 
     # --- loss ---
-    alpha_c: float = 1.0  # lambda of the doubly stochastic regulariser (Sec. 4.2.1)
-    ds_reduction: str = "mean"  # sum (paper's formula) | mean (sum / L); see configs/shapes.yaml
+    alpha_c: float = option(1.0, min=0.0)  # lambda of the doubly stochastic regulariser (Sec. 4.2.1)
+    ds_reduction: str = option("mean", choices=("sum", "mean"))  # sum: paper's formula | mean: sum / L
+    # Not in the paper (off by default): weight of an auxiliary loss that trains the encoder to tell which
+    # words an image's captions use, from its mean annotation vector; a stand-in for the ImageNet
+    # pretraining a random-init encoder lacks (see train.ConceptHead and configs/flickr8k_cpu.yaml).
+    concept_loss_weight: float = option(0.0, min=0.0)
 
     # --- hard attention (Sec. 4.1; defaults follow the paper and the original Theano code) ---
-    hard_reinforce_weight: float = 0.1  # lambda_r: scales the REINFORCE term (original code)
-    hard_entropy_weight: float = 0.002  # lambda_e: entropy bonus (original code)
-    hard_baseline_decay: float = 0.9  # b_k = 0.9 b_{k-1} + 0.1 log p(y|s,a) (paper Eq. 12)
-    hard_expected_prob: float = 0.5  # per mini-batch probability of using alpha instead of s (paper)
-    hard_decode: str = "expected"  # expected (original code) | argmax | sample
+    hard_reinforce_weight: float = option(0.1, min=0.0)  # lambda_r: scales the REINFORCE term
+    hard_entropy_weight: float = option(0.002, min=0.0)  # lambda_e: entropy bonus
+    hard_baseline_decay: float = option(0.9, min=0.0, max=1.0)  # b_k = 0.9 b_{k-1} + 0.1 log p(y|s,a), Eq. 12
+    hard_expected_prob: float = option(0.5, min=0.0, max=1.0)  # per mini-batch probability of alpha instead of s
 
     # --- optimisation ---
-    epochs: int = 20
-    batch_size: int = 32  # images per step (each with captions_per_step captions)
-    decoder_lr: float = 4e-4
-    encoder_lr: float = 1e-4
-    weight_decay: float = 0.0
-    grad_clip: float = 5.0  # clip gradient norm (0 = off)
-    lr_decay_factor: float = 0.8  # ReduceLROnPlateau factor on the validation metric
-    lr_patience: int = 2  # epochs without improvement before the LR decays
-    early_stop_patience: int = 8  # epochs without improvement before training stops (0 = off)
-    val_beam_size: int = 1  # model selection decodes val with this beam (1 = greedy)
-    val_max_images: int = 0  # decode at most this many val images per epoch (0 = all)
-    log_every: int = 50  # steps between TensorBoard scalars
+    epochs: int = option(20, min=1)
+    batch_size: int = option(32, min=1)  # images per step (each with captions_per_step captions)
+    decoder_lr: float = option(4e-4, min=0.0)
+    encoder_lr: float = option(1e-4, min=0.0)
+    weight_decay: float = option(0.0, min=0.0)
+    grad_clip: float = option(5.0, min=0.0)  # clip gradient norm (0 = off)
+    lr_decay_factor: float = option(0.8, above=0.0, max=1.0)  # ReduceLROnPlateau factor on the val metric
+    lr_patience: int = option(2, min=0)  # epochs without improvement before the LR decays
+    early_stop_patience: int = option(8, min=0)  # epochs without improvement before training stops (0 = off)
+    log_every: int = option(50, min=1)  # steps between TensorBoard scalars
+
+    # --- validation: decoded with the same options as eval.py / caption.py (see decoding.py) ---
+    val_beam_size: int = option(1, min=1)  # model selection decodes val with this beam (1 = greedy)
+    val_max_images: int = option(0, min=0)  # decode at most this many val images per epoch (0 = all)
+    max_len: int = option(50, min=1)  # longest caption decoded
+    hard_decode: str = option("expected", choices=HARD_DECODE_MODES)  # hard models' context at decoding
+
+
+@dataclass
+class Config(TrainConfig, ModelConfig):
+    """The flat namespace of YAML files and `key=value` overrides: every ModelConfig and TrainConfig key."""
 
     def resolved_out_dir(self) -> Path:
         return Path(self.out_dir or os.path.join("runs", self.name))
 
-    def validate(self) -> None:
-        """Reject enum-like values that are not one of the valid choices (with the choices listed)."""
-        choices = {
-            "amp": ("off", "bf16", "fp16"),
-            "encoder": ("resnet18", "resnet34", "resnet50", "resnet101", "resnet152"),
-            "encoder_weights": ("imagenet", "none"),
-            "attention": ("soft", "hard"),
-            "gate": ("scalar", "vector", "none"),
-            "ds_reduction": ("sum", "mean"),
-            "hard_decode": ("expected", "argmax", "sample"),
-        }
-        for key, valid in choices.items():
-            if getattr(self, key) not in valid:
-                raise ValueError(f"config {key}={getattr(self, key)!r} is not one of {', '.join(valid)}")
-        if self.encoder_stages not in (1, 2, 3, 4):
-            raise ValueError(f"config encoder_stages={self.encoder_stages} must be 1, 2, 3 or 4")
-        for key in ("enc_size", "batch_size", "epochs", "attention_dim", "embed_dim", "decoder_dim",
-                    "val_beam_size", "max_decode_len", "log_every"):
-            if getattr(self, key) < 1:
-                raise ValueError(f"config {key}={getattr(self, key)} must be >= 1")
-        for key in ("decoder_lr", "encoder_lr", "weight_decay", "grad_clip", "alpha_c", "num_workers",
-                    "captions_per_step", "val_max_images", "early_stop_patience", "lr_patience",
-                    "hard_reinforce_weight", "hard_entropy_weight"):
-            if not getattr(self, key) >= 0:  # also rejects NaN
-                raise ValueError(f"config {key}={getattr(self, key)} must be >= 0")
-        if self.fine_tune_encoder and not 0 <= self.fine_tune_stages <= self.encoder_stages:
-            raise ValueError(f"config fine_tune_stages={self.fine_tune_stages} must be in 0..{self.encoder_stages}")
-        for key in ("hard_baseline_decay", "hard_expected_prob"):
-            if not 0.0 <= getattr(self, key) <= 1.0:
-                raise ValueError(f"config {key}={getattr(self, key)} must be in [0, 1]")
-        if not 0.0 < self.lr_decay_factor <= 1.0:
-            raise ValueError(f"config lr_decay_factor={self.lr_decay_factor} must be in (0, 1]")
-        if not 0.0 <= self.dropout < 1.0:
-            raise ValueError(f"config dropout={self.dropout} must be in [0, 1)")
+    def model_config(self) -> ModelConfig:
+        return ModelConfig(**{f.name: getattr(self, f.name) for f in fields(ModelConfig)})
+
+    def check(self) -> None:
+        """Every field within its declared choices/bounds, and the one rule that spans two fields."""
+        for f in fields(Config):
+            check_field(Config, f.name, getattr(self, f.name))
+        if self.fine_tune_encoder and not self.fine_tune_stages <= self.encoder_stages:
+            raise UserError(f"config fine_tune_stages={self.fine_tune_stages} must be in 0..{self.encoder_stages}")
+
+
+USER_KEYS = tuple(f.name for f in fields(Config) if not f.metadata.get("derived"))
+MODEL_KEYS = tuple(f.name for f in fields(ModelConfig))
+TRAIN_KEYS = tuple(f.name for f in fields(TrainConfig))
 
 
 def _parse_value(key: str, text: str, current: Any) -> Any:
@@ -131,17 +188,17 @@ def _parse_value(key: str, text: str, current: Any) -> Any:
             return True
         if low in ("0", "false", "no", "off"):
             return False
-        raise ValueError(f"override {key}={text!r}: expected true or false")
+        raise UserError(f"override {key}={text!r}: expected true or false")
     if isinstance(current, int):
         try:
             return int(text)
         except ValueError:
-            raise ValueError(f"override {key}={text!r}: expected an integer") from None
+            raise UserError(f"override {key}={text!r}: expected an integer") from None
     if isinstance(current, float):
         try:
             return float(text)
         except ValueError:
-            raise ValueError(f"override {key}={text!r}: expected a number") from None
+            raise UserError(f"override {key}={text!r}: expected a number") from None
     return text
 
 
@@ -152,74 +209,95 @@ def _coerce(key: str, value: Any, current: Any) -> Any:
     if isinstance(current, bool) != isinstance(value, bool) or (
         not isinstance(value, type(current)) and not (isinstance(current, float) and isinstance(value, int))
     ):
-        raise ValueError(f"config {key}: expected {type(current).__name__}, got {value!r}")
+        raise UserError(f"config {key}: expected {type(current).__name__}, got {value!r}")
     return float(value) if isinstance(current, float) else value
 
 
-def config_from_dict(values: dict[str, Any], base: Config | None = None, source: str = "config") -> Config:
-    """Apply a dict of overrides to `base` (defaults when None); unknown keys are an error."""
+def config_from_dict(values: dict[str, Any], base: Config | None = None, source: str = "config",
+                     keys: Sequence[str] = USER_KEYS) -> Config:
+    """Apply a dict of overrides to `base` (defaults when None); keys outside `keys` are an error."""
     cfg = dataclasses.replace(base) if base is not None else Config()
-    known = {f.name for f in fields(Config)}
     for key, value in values.items():
-        if key not in known:
-            raise ValueError(f"{source}: unknown key {key!r} (valid keys: {', '.join(sorted(known))})")
+        if key not in keys:
+            raise UserError(f"{source}: unknown key {key!r} (valid keys: {', '.join(sorted(keys))})")
         setattr(cfg, key, _coerce(key, value, getattr(cfg, key)))
     return cfg
 
 
 def load_config(path: str | None, overrides: Sequence[str] = ()) -> Config:
-    """Defaults <- YAML file <- `key=value` overrides, then validated."""
+    """Defaults <- YAML file <- `key=value` overrides, then checked."""
     cfg = Config()
     if path:
         try:
             with open(path, encoding="utf-8") as f:
                 values = yaml.safe_load(f) or {}
         except FileNotFoundError:
-            raise ValueError(f"{path}: config file not found") from None
+            raise UserError(f"{path}: config file not found") from None
         except (OSError, UnicodeDecodeError) as e:
-            raise ValueError(f"{path}: cannot read the config file ({one_line(e)})") from None
+            raise UserError(f"{path}: cannot read the config file ({one_line(e)})") from None
         except yaml.YAMLError as e:
-            raise ValueError(f"{path}: not valid YAML ({one_line(e)})") from None
+            raise UserError(f"{path}: not valid YAML ({one_line(e)})") from None
         if not isinstance(values, dict):
-            raise ValueError(f"{path}: expected a mapping of key: value")
+            raise UserError(f"{path}: expected a mapping of key: value")
         cfg = config_from_dict(values, cfg, source=path)
     cfg = apply_overrides(cfg, overrides)
-    cfg.validate()
+    cfg.check()
     return cfg
 
 
-def apply_overrides(cfg: Config, overrides: Sequence[str]) -> Config:
+def parse_overrides(overrides: Sequence[str]) -> dict[str, str]:
+    """`key=value` strings -> {key: text}; `--key=value` and dashes in keys are accepted."""
     parsed = {}
     for item in overrides:
         key, sep, text = item.partition("=")
         if not sep or not key:
-            raise ValueError(f"override {item!r}: expected key=value")
+            raise UserError(f"override {item!r}: expected key=value")
         key = key.lstrip("-").replace("-", "_")
-        if key not in {f.name for f in fields(Config)}:
-            raise ValueError(f"override {item!r}: unknown key {key!r} (see utils.Config for the valid keys)")
-        parsed[key] = _parse_value(key, text, getattr(cfg, key))
+        if key not in USER_KEYS:
+            raise UserError(f"override {item!r}: unknown key {key!r} (see utils.Config for the valid keys)")
+        parsed[key] = text
+    return parsed
+
+
+def apply_overrides(cfg: Config, overrides: Sequence[str]) -> Config:
+    parsed = {key: _parse_value(key, text, getattr(cfg, key)) for key, text in parse_overrides(overrides).items()}
     return config_from_dict(parsed, cfg, source="overrides")
 
 
 def save_config(cfg: Config, path: str | Path) -> None:
-    atomic_write_text(path, yaml.safe_dump(dataclasses.asdict(cfg), sort_keys=False))
+    """The resolved config as YAML that `--config` reads back (derived keys such as vocab_size left out)."""
+    values = {key: getattr(cfg, key) for key in USER_KEYS}
+    atomic_write_text(path, yaml.safe_dump(values, sort_keys=False))
 
 
 # --------------------------------------------------------------------------------------------
 # Files: atomic writes (temp file in the same folder + rename), word maps.
 # --------------------------------------------------------------------------------------------
-def atomic_write_text(path: str | Path, text: str) -> None:
+def atomic_write(path: str | Path, write: Callable[[BinaryIO], None]) -> None:
+    """Write through `write(file)` to a temp file beside `path`, then rename: never a half-written file.
+
+    The one atomic writer (checkpoints, JSON, figures). The temp file is created with mode "xb" rather
+    than mkstemp, so it gets the usual umask permissions rather than 0600.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
     try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-        os.chmod(tmp, _default_file_mode())  # mkstemp makes 0600; give the file the usual mode
+        with open(tmp, "xb") as f:
+            write(f)
         os.replace(tmp, path)
     except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+        tmp.unlink(missing_ok=True)
         raise
+
+
+def atomic_write_text(path: str | Path, text: str) -> None:
+    atomic_write(path, lambda f: f.write(text.encode("utf-8")))
+
+
+def tokenize(text: str) -> list[str]:
+    """Lower-cased alphanumeric words: the rule behind the Karpathy JSON `tokens`, used to pack and score."""
+    return re.findall(r"[a-z0-9]+", text.lower())
 
 
 def one_line(error: BaseException) -> str:
@@ -228,35 +306,29 @@ def one_line(error: BaseException) -> str:
     return text[:300] if text else type(error).__name__
 
 
-def _default_file_mode() -> int:
-    umask = os.umask(0)
-    os.umask(umask)
-    return 0o666 & ~umask
-
-
 def load_word_map(path: str | Path) -> dict[str, int]:
     """Read word_map.json and check it has the special tokens every script relies on."""
     try:
         with open(path, encoding="utf-8") as f:
             word_map = json.load(f)
     except FileNotFoundError:
-        raise ValueError(f"{path}: word map not found (run create_input_files.py first)") from None
+        raise UserError(f"{path}: word map not found (run create_input_files.py first)") from None
     except json.JSONDecodeError as e:
-        raise ValueError(f"{path}: not valid JSON ({e})") from None
+        raise UserError(f"{path}: not valid JSON ({e})") from None
     except (OSError, UnicodeDecodeError) as e:
-        raise ValueError(f"{path}: cannot read the word map ({one_line(e)})") from None
+        raise UserError(f"{path}: cannot read the word map ({one_line(e)})") from None
     check_word_map(word_map, str(path))
     return word_map
 
 
 def check_word_map(word_map: Any, source: str) -> None:
     if not isinstance(word_map, dict) or not all(isinstance(v, int) for v in word_map.values()):
-        raise ValueError(f"{source}: word map must map words to integer ids")
+        raise UserError(f"{source}: word map must map words to integer ids")
     missing = [t for t in SPECIAL_TOKENS if t not in word_map]
     if missing:
-        raise ValueError(f"{source}: word map lacks {', '.join(missing)}")
+        raise UserError(f"{source}: word map lacks {', '.join(missing)}")
     if word_map["<pad>"] != 0:
-        raise ValueError(f"{source}: <pad> must have id 0")
+        raise UserError(f"{source}: <pad> must have id 0")
 
 
 def decode_ids(ids: Sequence[int], rev_word_map: dict[int, str]) -> str:
@@ -274,38 +346,82 @@ def decode_ids(ids: Sequence[int], rev_word_map: dict[int, str]) -> str:
 # --------------------------------------------------------------------------------------------
 # Checkpoints: plain data only, so torch.load(..., weights_only=True) reads them.
 # --------------------------------------------------------------------------------------------
+CHECKPOINT_FORMAT = 2  # 1: one flat "config" (before the split); 2: "model_config" + "train_config"
+
+
+def checkpoint_configs(cfg: Config) -> dict[str, Any]:
+    """The config part of a checkpoint: what rebuilds the model, kept apart from how it was trained."""
+    return {
+        "format_version": CHECKPOINT_FORMAT,
+        "model_config": dataclasses.asdict(cfg.model_config()),
+        "train_config": {key: getattr(cfg, key) for key in TRAIN_KEYS},
+    }
+
+
 def save_checkpoint(path: str | Path, payload: dict[str, Any]) -> None:
-    """torch.save to a temp file beside `path`, then rename: a crash never leaves a half file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        torch.save(payload, tmp)
-        os.chmod(tmp, _default_file_mode())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    atomic_write(path, lambda f: torch.save(payload, f))
 
 
 def load_checkpoint(path: str | Path) -> dict[str, Any]:
-    """Load on CPU with weights_only=True and check it is one of ours; one clear error otherwise."""
+    """Load on CPU with weights_only=True, check it is one of ours, and return it in the current format.
+
+    A format-1 checkpoint (one flat config) is split on the fly, so checkpoints from before the split load.
+    """
     path = Path(path)
     if not path.is_file():
-        raise ValueError(f"{path}: checkpoint not found")
+        raise UserError(f"{path}: checkpoint not found")
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # truncated zip, random bytes, a pickled module, ...
         # torch's own message is a paragraph that suggests weights_only=False: not advice to pass on.
-        raise ValueError(f"{path}: not a readable checkpoint (corrupt, truncated, not a torch file, or it "
-                         f"pickles objects weights-only loading refuses; {type(e).__name__})") from None
-    if not isinstance(ckpt, dict) or not {"model", "config", "word_map"} <= set(ckpt):
-        raise ValueError(f"{path}: not a Show, Attend and Tell checkpoint (needs model, config, word_map)")
-    if not isinstance(ckpt["model"], dict) or not isinstance(ckpt["config"], dict):
-        raise ValueError(f"{path}: not a Show, Attend and Tell checkpoint (model and config must be dicts)")
+        raise UserError(f"{path}: not a readable checkpoint (corrupt, truncated, not a torch file, or it "
+                        f"pickles objects weights-only loading refuses; {type(e).__name__})") from None
+    has_config = isinstance(ckpt, dict) and ("model_config" in ckpt or "config" in ckpt)  # format 2 or 1
+    if not has_config or not {"model", "word_map"} <= set(ckpt):
+        raise UserError(f"{path}: not a Show, Attend and Tell checkpoint (needs model, model_config, word_map)")
+    version = ckpt.get("format_version", 1)
+    if not isinstance(version, int) or not 1 <= version <= CHECKPOINT_FORMAT:
+        raise UserError(f"{path}: checkpoint format {version!r} is not one this code reads (1..{CHECKPOINT_FORMAT}); "
+                        "update the code")
     check_word_map(ckpt["word_map"], str(path))
+    if version == 1:
+        flat = dict(ckpt.pop("config")) if isinstance(ckpt.get("config"), dict) else {}
+        ckpt["model_config"] = {key: flat.pop(key) for key in MODEL_KEYS if key in flat}
+        ckpt["model_config"]["vocab_size"] = len(ckpt["word_map"])
+        ckpt["train_config"] = flat
+        ckpt["format_version"] = CHECKPOINT_FORMAT
+    if not isinstance(ckpt["model"], dict) or not isinstance(ckpt["model_config"], dict):
+        raise UserError(f"{path}: not a Show, Attend and Tell checkpoint (model and model_config must be dicts)")
     return ckpt
+
+
+def model_config_from_checkpoint(ckpt: dict[str, Any], source: str) -> ModelConfig:
+    """The checkpoint's ModelConfig; a model key this code does not know, or lacks, is refused by name."""
+    values, defaults = ckpt["model_config"], ModelConfig()
+    for key in values:
+        if key not in MODEL_KEYS:
+            raise UserError(f"{source}: model config key {key!r} is unknown to this code (a newer version wrote it?)")
+    for key in MODEL_KEYS:
+        if key not in values:
+            raise UserError(f"{source}: model config lacks {key!r}")
+    try:
+        model_cfg = ModelConfig(**{key: _coerce(key, values[key], getattr(defaults, key)) for key in MODEL_KEYS})
+        model_cfg.check()
+    except UserError as e:
+        raise UserError(f"{source}: model {e}") from None
+    return model_cfg
+
+
+def config_from_checkpoint(ckpt: dict[str, Any], source: str) -> Config:
+    """The full Config a run was trained with, for resume: training keys this code no longer knows are
+    ignored (said once), missing ones take today's defaults; the model keys must all be understood."""
+    model_cfg = model_config_from_checkpoint(ckpt, source)
+    train = ckpt.get("train_config") or {}
+    unknown = sorted(key for key in train if key not in TRAIN_KEYS)
+    if unknown:
+        print(f"note: {source}: ignoring training keys this code does not know: {', '.join(unknown)}", file=sys.stderr)
+    cfg = config_from_dict({k: v for k, v in train.items() if k in TRAIN_KEYS}, source=source, keys=TRAIN_KEYS)
+    return dataclasses.replace(cfg, **dataclasses.asdict(model_cfg))
 
 
 def rng_state() -> dict[str, Any]:
@@ -345,9 +461,9 @@ def resolve_device(name: str) -> torch.device:
     try:
         device = torch.device(name)
     except RuntimeError:
-        raise ValueError(f"device={name!r} is not a device (use auto, cpu, cuda or cuda:N)") from None
+        raise UserError(f"device={name!r} is not a device (use auto, cpu, cuda or cuda:N)") from None
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device={name} asked for, but CUDA is not available (use device=cpu or auto)")
+        raise UserError(f"device={name} asked for, but CUDA is not available (use device=cpu or auto)")
     return device
 
 

@@ -70,7 +70,7 @@ def test_unreadable_config_and_word_map(tmp_path, capsys):
 
 @pytest.mark.parametrize("args,expected", [
     (["--max-len", "0"], "--max-len=0 must be >= 1"),
-    (["--length-penalty", "nan"], "--length-penalty must be a finite number"),
+    (["--length-penalty", "nan"], "--length-penalty=nan must be a finite number"),
 ])
 def test_eval_rejects_bad_flags(args, expected, tmp_path, capsys):
     code = evaluation.main(["--checkpoint", str(tmp_path / "none.pt"), "--data-folder", str(tmp_path), *args])
@@ -114,7 +114,10 @@ def test_pack_into_a_file_or_with_size_zero(tmp_path, capsys):
     assert "cannot write" in one_error_line(capsys)
     assert create_input_files.main(["--dataset", "shapes", "--image-size", "0",
                                     "--output-folder", str(tmp_path / "zero")]) == 1
-    assert "image size must be >= 1" in one_error_line(capsys)
+    assert "image size must be >= 32, got 0" in one_error_line(capsys)  # shapes are drawn at >= 32 px
+    assert create_input_files.main(["--dataset", "shapes", "--seed", "-1", "--output-folder", str(tmp_path / "s")]) == 1
+    assert "seed must be >= 0, got -1" in one_error_line(capsys)  # was a numpy traceback
+    assert not (tmp_path / "zero").exists() and not (tmp_path / "s").exists()
 
 
 def test_csv_caption_swallowed_by_an_unclosed_quote(tmp_path, write_image, capsys):

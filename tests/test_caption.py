@@ -1,7 +1,6 @@
 """caption.py: image loading for any mode, batched decoding, the attention PNG/GIF, and bad inputs."""
 from __future__ import annotations
 
-import dataclasses
 import io
 import subprocess
 import sys
@@ -15,7 +14,9 @@ from PIL import Image, ImageSequence
 import caption
 import datasets
 from models import build_model
-from utils import Config, save_checkpoint
+from conftest import write_checkpoint
+from datasets import load_image_tensor
+from utils import ModelConfig, save_checkpoint
 
 ROOT = Path(__file__).resolve().parent.parent
 WORDS = ["a", "red", "blue", "circle", "square", "triangle", "on", "left"]
@@ -28,10 +29,10 @@ def make_checkpoint(path: Path, *, attention: str = "soft", end_bias: float = -1
     """A tiny untrained checkpoint. <pad>/<start>/<unk> are never emitted, so every token is a printed word;
     end_bias=-1e4 bans <end>, so every caption has exactly max_len words. The context and initial-state
     weights are scaled up so that, untrained, different images still get different captions."""
-    cfg = Config(encoder="resnet18", encoder_weights="none", encoder_stages=2, enc_size=GRID, attention_dim=16,
-                 embed_dim=16, decoder_dim=32, attention=attention, **extra)
+    cfg = ModelConfig(encoder="resnet18", encoder_stages=2, enc_size=GRID, attention_dim=16, embed_dim=16,
+                      decoder_dim=32, attention=attention, vocab_size=len(WORD_MAP), **extra)
     torch.manual_seed(seed)
-    model = build_model(cfg, len(WORD_MAP))
+    model = build_model(cfg)
     with torch.no_grad():
         out = model.decoder.L_o if cfg.deep_output else model.decoder.fc
         out.bias[[WORD_MAP["<pad>"], WORD_MAP["<start>"], WORD_MAP["<unk>"]]] = -1e4
@@ -39,9 +40,7 @@ def make_checkpoint(path: Path, *, attention: str = "soft", end_bias: float = -1
         model.decoder.init_h.weight *= 5
         if cfg.deep_output:
             model.decoder.L_z.weight *= 5
-    save_checkpoint(path, {"model": model.state_dict(), "config": dataclasses.asdict(cfg), "word_map": WORD_MAP,
-                           "image_size": SIZE})
-    return path
+    return write_checkpoint(path, model, cfg, WORD_MAP, image_size=SIZE)
 
 
 @pytest.fixture(scope="module")
@@ -211,7 +210,7 @@ def test_load_image_modes(tmp_path):
                 "sixteen.tif": (128, 128, 128), "one_bit.png": (255, 255, 255)}
     for name, image in cases.items():
         image.save(tmp_path / name)
-        tensor, display = caption.load_image(tmp_path / name, 16)
+        tensor, display = load_image_tensor(tmp_path / name, 16)
         assert tensor.shape == (3, 16, 16) and tensor.dtype == torch.float32, name
         assert display.mode == "RGB" and display.size == (16, 16), name
         pixel = display.getpixel((8, 8))
@@ -240,25 +239,24 @@ def test_load_image_honours_exif_orientation(tmp_path):
     exif = image.getexif()
     exif[0x0112] = 6  # Orientation: rotate 90 degrees clockwise to display
     image.save(tmp_path / "rotated.jpg", exif=exif, quality=95)
-    _, display = caption.load_image(tmp_path / "rotated.jpg", 32)
+    _, display = load_image_tensor(tmp_path / "rotated.jpg", 32)
     top, bottom = display.getpixel((16, 4)), display.getpixel((16, 28))
     assert top[0] > 200 and top[2] < 60  # red is on top once rotated clockwise
     assert bottom[2] > 200 and bottom[0] < 60
 
 
 def test_load_image_matches_the_packed_training_images(tmp_path):
-    create_input_files = pytest.importorskip("create_input_files")
-    if not hasattr(create_input_files, "load_image"):
-        pytest.skip("create_input_files.load_image not available")
     from skimage import data
+
+    from datasets import load_image
 
     images = {"photo.jpg": Image.fromarray(data.astronaut()),
               "rgba.png": Image.fromarray(data.coffee()).convert("RGBA"),
               "sixteen.png": Image.fromarray((np.arange(600, dtype=np.uint16).reshape(20, 30) * 100))}
     for name, image in images.items():
         image.save(tmp_path / name)
-        _, display = caption.load_image(tmp_path / name, 40)
-        packed = create_input_files.load_image(str(tmp_path / name), 40)  # (3, S, S) uint8
+        _, display = load_image_tensor(tmp_path / name, 40)
+        packed = load_image(str(tmp_path / name), 40)  # (3, S, S) uint8, what create_input_files stores
         assert np.array_equal(np.asarray(display).transpose(2, 0, 1), packed), name
 
 
@@ -297,14 +295,16 @@ def test_duplicate_stems_get_distinct_figures(soft_ckpt, tmp_path, capsys):
 
 
 def test_images_are_decoded_in_batches(soft_ckpt, tmp_path, capsys, monkeypatch):
+    import decoding
+
     calls = []
-    real = caption.beam_search
+    real = decoding.beam_search
 
     def counting(model, images, *args, **kwargs):
         calls.append(images.shape[0])
         return real(model, images, *args, **kwargs)
 
-    monkeypatch.setattr(caption, "beam_search", counting)
+    monkeypatch.setattr(decoding, "beam_search", counting)
     for i in range(5):
         shapes_image(seed=i).save(tmp_path / f"im{i}.png")
     code, out, err = run(["--img", str(tmp_path), "--checkpoint", str(soft_ckpt), "--out-dir", str(tmp_path / "out"),
@@ -314,7 +314,8 @@ def test_images_are_decoded_in_batches(soft_ckpt, tmp_path, capsys, monkeypatch)
     assert len(printed_captions(out)) == 5
 
 
-def test_caption_images_batched_equals_one_by_one(soft_ckpt):
+def test_decode_images_batched_equals_one_by_one(soft_ckpt):
+    from decoding import DecodeOptions, decode_images
     from models import model_from_checkpoint
     from utils import load_checkpoint
 
@@ -322,8 +323,9 @@ def test_caption_images_batched_equals_one_by_one(soft_ckpt):
     torch.manual_seed(0)
     shift = torch.linspace(-2, 2, 5)[:, None, None, None] * torch.tensor([1.0, -1.0, 0.5])[None, :, None, None]
     images = torch.randn(5, 3, SIZE, SIZE) + shift  # (5, 3, S, S), images that differ in colour
-    batched = caption.caption_images(model, images, WORD_MAP, beam_size=3, max_len=5, batch_size=4)
-    single = [caption.caption_images(model, images[i : i + 1], WORD_MAP, beam_size=3, max_len=5)[0] for i in range(5)]
+    batched = decode_images(model, images, WORD_MAP, DecodeOptions(beam_size=3, max_len=5, batch_size=4))
+    single = [decode_images(model, images[i : i + 1], WORD_MAP, DecodeOptions(beam_size=3, max_len=5))[0]
+              for i in range(5)]
     assert [h.tokens for h in batched] == [h.tokens for h in single]
     assert len({tuple(h.tokens) for h in batched}) > 1  # different images, different captions
 
@@ -424,7 +426,7 @@ def test_corrupt_checkpoint_is_one_error_line(content, tmp_path, capsys):
 def test_checkpoint_whose_weights_do_not_match_its_config(tmp_path, capsys):
     path = make_checkpoint(tmp_path / "ok.pt")
     ckpt = torch.load(path, weights_only=True)
-    ckpt["config"]["decoder_dim"] = 48
+    ckpt["model_config"]["decoder_dim"] = 48
     save_checkpoint(path, ckpt)
     shapes_image().save(tmp_path / "img.png")
     code, _, err = run(["--img", str(tmp_path / "img.png"), "--checkpoint", str(path)], capsys)
@@ -447,14 +449,17 @@ def test_a_failed_write_leaves_no_file(soft_ckpt, tmp_path, capsys, monkeypatch)
     assert list(out_dir.iterdir()) == []  # no PNG without its GIF
 
 
-def test_atomic_save_never_leaves_a_partial_file(tmp_path):
+def test_atomic_write_never_leaves_a_partial_file(tmp_path):
+    """utils.atomic_write is the one writer behind figures, checkpoints and JSON."""
+    from utils import atomic_write
+
     def write_then_fail(f):
         f.write(b"\x89PNG half")
         raise OSError("disk full")
 
     (tmp_path / "x.png").write_bytes(b"old figure")
     with pytest.raises(OSError, match="disk full"):
-        caption._atomic_save(tmp_path / "x.png", write_then_fail)
+        atomic_write(tmp_path / "x.png", write_then_fail)
     assert [p.name for p in tmp_path.iterdir()] == ["x.png"]  # no temp file left behind
     assert (tmp_path / "x.png").read_bytes() == b"old figure"  # the previous figure is intact
 

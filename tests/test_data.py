@@ -1,9 +1,12 @@
 """Tests of the data layer: shapes generator, create_input_files.py packing, datasets.CaptionDataset."""
 from __future__ import annotations
 
+import ast
+import dataclasses
 import io
 import json
 import os
+import re
 import struct
 import subprocess
 import sys
@@ -17,11 +20,13 @@ import pytest
 import torch
 from PIL import Image
 
-import create_input_files as cif
+import create_input_files as packer
+import datasets
 import shapes
 from conftest import ROOT, SHAPES_ARGS
-from datasets import IMAGENET_MEAN, IMAGENET_STD, CaptionDataset, collate_captions
-from utils import SPECIAL_TOKENS, decode_ids, load_word_map
+from create_input_files import PackOptions
+from datasets import IMAGENET_MEAN, IMAGENET_STD, SPLITS, CaptionDataset, collate_captions, load_image
+from utils import SPECIAL_TOKENS, UserError, decode_ids, load_word_map, tokenize
 
 
 # --------------------------------------------------------------------------------------------
@@ -37,7 +42,7 @@ def read_h5(path: Path) -> dict[str, Any]:
 
 def karpathy_entry(filename: str, split: str, captions: list[str], filepath: str | None = None) -> dict[str, Any]:
     entry: dict[str, Any] = {"filename": filename, "split": split, "imgid": 0, "sentids": [],
-                             "sentences": [{"raw": c, "tokens": cif.tokenize(c)} for c in captions]}
+                             "sentences": [{"raw": c, "tokens": tokenize(c)} for c in captions]}
     if filepath is not None:
         entry["filepath"] = filepath
     return entry
@@ -82,9 +87,9 @@ def tiny_karpathy(tmp_path: Path, write_image: Callable[..., Path]) -> dict[str,
     return {"json": json_path, "images": images, "entries": entries, "out": tmp_path / "out"}
 
 
-def karpathy_args(fx: dict[str, Any], *extra: str) -> list[str]:
-    return ["--dataset", "coco", "--karpathy-json", str(fx["json"]), "--image-folder", str(fx["images"]),
-            "--output-folder", str(fx["out"]), "--image-size", "32", "--workers", "1", *extra]
+def karpathy_args(source: dict[str, Any], *extra: str) -> list[str]:
+    return ["--dataset", "coco", "--karpathy-json", str(source["json"]), "--image-folder", str(source["images"]),
+            "--output-folder", str(source["out"]), "--image-size", "32", "--num-workers", "1", *extra]
 
 
 # --------------------------------------------------------------------------------------------
@@ -176,34 +181,34 @@ def test_pack_shapes_layout_and_round_trip(shapes_folder: Path) -> None:
     assert summary["splits"] == {"train": 30, "val": 3, "test": 3} and summary["skipped_images"] == 0
     assert summary["vocab_size"] == len(word_map) and summary["image_size"] == 48
     index = 0
-    for split in cif.SPLITS:
-        d = read_h5(shapes_folder / f"{split}.h5")
-        n, cpi = summary["splits"][split], 5
-        assert d["attrs"] == {"captions_per_image": 5, "max_len": 50, "image_size": 48, "dataset": "shapes",
-                              "split": split}
-        assert d["images"].shape == (n, 3, 48, 48) and d["images"].dtype == np.uint8
-        assert d["captions"].shape == (n * cpi, 52) and d["captions"].dtype == np.int32
-        assert d["caplens"].dtype == np.int32 and d["word_objects"].dtype == np.int8
-        assert d["boxes"].shape == (n, 4, 4) and d["boxes"].dtype == np.float32
+    for split in SPLITS:
+        packed = read_h5(shapes_folder / f"{split}.h5")
+        num_images, captions_per_image = summary["splits"][split], 5
+        assert set(packed) == {"images", "captions", "caplens", "references", "filenames", "objects", "word_objects",
+                               "attrs"}
+        assert packed["attrs"] == {"captions_per_image": 5, "max_len": 50, "image_size": 48, "dataset": "shapes",
+                                   "split": split}
+        assert packed["images"].shape == (num_images, 3, 48, 48) and packed["images"].dtype == np.uint8
+        assert packed["captions"].shape == (num_images * captions_per_image, 52)
+        assert packed["captions"].dtype == packed["caplens"].dtype == np.int32
+        assert packed["word_objects"].dtype == np.int8
         with h5py.File(shapes_folder / f"{split}.h5") as h5:
             assert h5["images"].chunks == (1, 3, 48, 48) and h5["images"].compression is None
-        for i in range(n):
+        for i in range(num_images):
             image, objects, captions, word_objects = shapes.generate_image(3, index, 48)
-            assert d["filenames"][i] == shapes.shape_filename(index)
-            assert np.array_equal(d["images"][i], np.asarray(image).transpose(2, 0, 1))
-            assert json.loads(d["objects"][i]) == objects and d["num_objects"][i] == len(objects)
-            assert np.allclose(d["boxes"][i, :len(objects)], [o["box"] for o in objects])
-            assert np.isnan(d["boxes"][i, len(objects):]).all()
-            assert json.loads(d["references"][i]) == [" ".join(c) for c in captions]
+            assert packed["filenames"][i] == shapes.shape_filename(index)
+            assert np.array_equal(packed["images"][i], np.asarray(image).transpose(2, 0, 1))
+            assert json.loads(packed["objects"][i]) == objects
+            assert json.loads(packed["references"][i]) == [" ".join(c) for c in captions]
             texts = [" ".join(c) for c in captions]
-            for row in range(i * cpi, i * cpi + cpi):
-                ids = d["captions"][row]
+            for row in range(i * captions_per_image, (i + 1) * captions_per_image):
+                ids = packed["captions"][row]
                 text = decode_ids(ids, rev)
                 j = texts.index(text)  # every stored caption is one of the image's own captions
-                length = d["caplens"][row]
+                length = packed["caplens"][row]
                 assert ids[0] == word_map["<start>"] and ids[length - 1] == word_map["<end>"] and not ids[length:].any()
                 assert length == len(captions[j]) + 2
-                assert d["word_objects"][row].tolist() == [-1] + word_objects[j] + [-1] * (51 - len(captions[j]))
+                assert packed["word_objects"][row].tolist() == [-1] + word_objects[j] + [-1] * (51 - len(captions[j]))
             index += 1
 
 
@@ -226,7 +231,7 @@ def test_pack_is_byte_identical_across_runs_and_worker_counts(tmp_path: Path, sh
     pack(SHAPES_ARGS[:-1] + ["1", "--output-folder", str(tmp_path / "again")])  # same seed, 1 worker
     for name in ("word_map.json", "dataset.json"):
         assert (tmp_path / "again" / name).read_bytes() == (shapes_folder / name).read_bytes()
-    for split in cif.SPLITS:
+    for split in SPLITS:
         a, b = read_h5(shapes_folder / f"{split}.h5"), read_h5(tmp_path / "again" / f"{split}.h5")
         assert a.keys() == b.keys()
         for key in a:
@@ -241,31 +246,72 @@ def test_pack_is_byte_identical_across_runs_and_worker_counts(tmp_path: Path, sh
     assert not np.array_equal(other_images, read_h5(shapes_folder / "train.h5")["images"])
 
 
+def test_python_entry_point_and_options(tmp_path: Path) -> None:
+    out = tmp_path / "api"
+    options = PackOptions(dataset="shapes", output_folder=str(out), num_images=12, image_size=32, num_workers=1)
+    summary = packer.create_input_files(options)
+    assert summary["splits"] == {"train": 10, "val": 1, "test": 1} and summary["image_size"] == 32
+    assert sorted(os.listdir(out)) == sorted(packer.FINAL_FILES)
+    assert options.val_fraction is None  # the caller's options are not changed; `resolved` returns a copy
+    resolved = options.resolved()
+    assert (resolved.val_fraction, resolved.test_fraction, resolved.captions_per_image) == (1 / 12, 1 / 12, 5)
+    assert PackOptions(dataset="shapes", output_folder="x").resolved().image_size == 96
+    custom = PackOptions(dataset="custom", output_folder="x", captions_file="c.csv", image_folder=str(tmp_path))
+    assert (custom.resolved().image_size, custom.resolved().val_fraction) == (256, 0.1)
+    assert custom.resolved().num_workers >= 1
+    bad = {"dataset": ("mnist", "dataset 'mnist' is not one of flickr8k, flickr30k, coco, custom, shapes"),
+           "captions_per_image": (0, "captions per image must be >= 1, got 0"),
+           "image_size": (31, "image size must be >= 32, got 31"),  # the shapes generator's own bound
+           "seed": (-1, "seed must be >= 0, got -1"),
+           "num_workers": (0, "num workers must be >= 1, got 0"),
+           "val_fraction": (float("nan"), "must be >= 0 and sum to < 1"),
+           "karpathy_json": ("k.json", "--dataset shapes does not use --karpathy-json")}
+    for name, (value, message) in bad.items():
+        with pytest.raises(UserError, match=re.escape(message)):
+            packer.create_input_files(PackOptions(**{"dataset": "shapes", "output_folder": "x", name: value}))
+
+
+def test_cli_flags_map_onto_pack_options() -> None:
+    """Every PackOptions field is a flag with the same default (written once, in PackOptions)."""
+    parser = packer.get_args_parser()
+    args = vars(parser.parse_args(["--dataset", "shapes", "--output-folder", "o"]))
+    assert {k: v for k, v in args.items() if k != "debug"} == dataclasses.asdict(PackOptions("shapes", "o"))
+    for spelling in ("--num-workers", "--workers"):
+        assert parser.parse_args(["--dataset", "shapes", "--output-folder", "o", spelling, "3"]).num_workers == 3
+
+
+def test_debug_flag_shows_the_traceback(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    argv = ["--dataset", "shapes", "--output-folder", str(tmp_path / "o"), "--max-len", "0"]
+    assert packer.main(argv) == 1 and "error: max len must be >= 1, got 0" in capsys.readouterr().err
+    with pytest.raises(UserError, match="max len must be >= 1"):
+        packer.main(argv + ["--debug"])
+
+
 # --------------------------------------------------------------------------------------------
 # packing: Karpathy JSON and custom captions
 # --------------------------------------------------------------------------------------------
 def test_karpathy_json_subfolders_restval_vocab_and_sampling(tiny_karpathy: dict[str, Any], pack) -> None:
-    fx = tiny_karpathy
-    pack(karpathy_args(fx, "--min-word-freq", "1", "--max-len", "8", "--seed", "5"))
-    out = fx["out"]
+    source = tiny_karpathy
+    pack(karpathy_args(source, "--min-word-freq", "1", "--max-len", "8", "--seed", "5"))
+    out = source["out"]
     word_map = load_word_map(out / "word_map.json")
     rev = {i: w for w, i in word_map.items()}
     assert "zebra" not in word_map and "giraffe" not in word_map and "sofa" not in word_map  # val/test-only words
     assert {"dog", "grass", "runs", "and"} <= set(word_map)  # "and" only in the first 8 words of t3's long caption
     assert "far" not in word_map and "away" not in word_map  # only past max_len
-    train, val, test = (read_h5(out / f"{s}.h5") for s in cif.SPLITS)
+    train, val, test = (read_h5(out / f"{s}.h5") for s in SPLITS)
     assert train["filenames"] == ["train2014/t0.jpg", "train2014/t1.jpg", "train2014/t2.png", "train2014/t3.jpg",
                                   "val2014/r0.jpg"]  # restval counts as train
     assert val["filenames"] == ["val2014/v0.jpg", "val2014/v1.jpg"] and test["filenames"] == ["val2014/s0.jpg"]
-    by_name = {e["filename"]: e for e in fx["entries"]}
-    for d in (train, val, test):
-        assert d["captions"].shape[1] == 10
-        for i, name in enumerate(d["filenames"]):
+    by_name = {e["filename"]: e for e in source["entries"]}
+    for packed in (train, val, test):
+        assert packed["captions"].shape[1] == 10
+        for i, name in enumerate(packed["filenames"]):
             entry = by_name[os.path.basename(name)]
             raws = [s["raw"] for s in entry["sentences"]]
-            assert json.loads(d["references"][i]) == raws  # all references, not only the 5 sampled
-            tokenised = [" ".join(w if w in word_map else "<unk>" for w in cif.tokenize(r)[:8]) for r in raws]
-            decoded = [decode_ids(d["captions"][r], rev) for r in range(5 * i, 5 * i + 5)]
+            assert json.loads(packed["references"][i]) == raws  # all references, not only the 5 sampled
+            tokenised = [" ".join(w if w in word_map else "<unk>" for w in tokenize(r)[:8]) for r in raws]
+            decoded = [decode_ids(packed["captions"][r], rev) for r in range(5 * i, 5 * i + 5)]
             assert all(c in tokenised for c in decoded), (decoded, tokenised)
             if len(raws) == 5:  # exactly enough: each caption once
                 assert sorted(decoded) == sorted(tokenised)
@@ -276,7 +322,7 @@ def test_karpathy_json_subfolders_restval_vocab_and_sampling(tiny_karpathy: dict
     t3 = train["filenames"].index("train2014/t3.jpg")
     assert 10 in train["caplens"][5 * t3:5 * t3 + 5]  # the 12-word caption is truncated to 8 (+2)
     # the same inputs and seed give the same bytes; another seed samples differently
-    pack(karpathy_args(fx, "--min-word-freq", "1", "--max-len", "8", "--seed", "5", "--output-folder",
+    pack(karpathy_args(source, "--min-word-freq", "1", "--max-len", "8", "--seed", "5", "--output-folder",
                        str(out.parent / "again")))
     assert np.array_equal(read_h5(out.parent / "again" / "train.h5")["captions"], train["captions"])
 
@@ -299,8 +345,8 @@ def test_karpathy_json_real_flickr8k_subset(flickr8k: Path, tmp_path: Path, pack
     assert train["images"].shape == (10, 3, 64, 64) and train["filenames"][0] == keep[0]["filename"]
     decoded = [decode_ids(train["captions"][r], rev) for r in range(5)]
     assert sorted(decoded) == sorted(" ".join(s["tokens"]) for s in keep[0]["sentences"])
-    ds = CaptionDataset(str(out), "test")
-    assert len(ds) == 3 and ds[0]["references"] == [s["raw"] for s in keep[13]["sentences"]]
+    dataset = CaptionDataset(str(out), "test")
+    assert len(dataset) == 3 and dataset[0]["references"] == [s["raw"] for s in keep[13]["sentences"]]
 
 
 @pytest.mark.parametrize("fmt", ["csv", "token"])
@@ -319,10 +365,10 @@ def test_custom_captions_file(fmt: str, tmp_path: Path, write_image: Callable[..
     out = tmp_path / "out"
     pack(["--dataset", "custom", "--captions-file", str(captions), "--image-folder", str(tmp_path / "imgs"),
           "--output-folder", str(out), "--image-size", "32", "--val-fraction", "0.2", "--test-fraction", "0.1",
-          "--min-word-freq", "1", "--workers", "2"])
-    splits = {s: read_h5(out / f"{s}.h5") for s in cif.SPLITS}
-    assert {s: len(d["filenames"]) for s, d in splits.items()} == {"train": 14, "val": 4, "test": 2}
-    assert sorted(sum((d["filenames"] for d in splits.values()), [])) == names
+          "--min-word-freq", "1", "--num-workers", "2"])
+    splits = {s: read_h5(out / f"{s}.h5") for s in SPLITS}
+    assert {s: len(packed["filenames"]) for s, packed in splits.items()} == {"train": 14, "val": 4, "test": 2}
+    assert sorted(sum((packed["filenames"] for packed in splits.values()), [])) == names
     word_map = load_word_map(out / "word_map.json")
     rev = {i: w for w, i in word_map.items()}
     i = int(splits["train"]["filenames"][0][3:5])
@@ -330,9 +376,9 @@ def test_custom_captions_file(fmt: str, tmp_path: Path, write_image: Callable[..
     assert refs == [f"A Dog, running {i}.", "a dog runs 1 , fast", "a dog runs 2 , fast"]
     decoded = {decode_ids(splits["train"]["captions"][r], rev) for r in range(5)}
     assert decoded <= {f"a dog running {i}", "a dog runs 1 fast", "a dog runs 2 fast"}
-    val_only = {w for d in (splits["val"], splits["test"]) for r in d["references"] for c in json.loads(r)
-                for w in cif.tokenize(c)} - {w for r in splits["train"]["references"] for c in json.loads(r)
-                                             for w in cif.tokenize(c)}
+    val_only = {w for packed in (splits["val"], splits["test"]) for r in packed["references"] for c in json.loads(r)
+                for w in tokenize(c)} - {w for r in splits["train"]["references"] for c in json.loads(r)
+                                         for w in tokenize(c)}
     assert val_only and not val_only & set(word_map)
 
 
@@ -346,24 +392,24 @@ def test_custom_bad_header_and_missing_inputs(tmp_path: Path, capsys: pytest.Cap
         str(tmp_path / "nope.csv"): "captions file not found",
     }
     for path, message in cases.items():
-        assert cif.main(base + ["--captions-file", path]) == 1
+        assert packer.main(base + ["--captions-file", path]) == 1
         err = capsys.readouterr().err.strip()
         assert err.startswith(f"error: {path}: ") and message in err and "\n" not in err
-    assert cif.main(["--dataset", "custom", "--captions-file", str(bad), "--image-folder", str(tmp_path / "none"),
+    assert packer.main(["--dataset", "custom", "--captions-file", str(bad), "--image-folder", str(tmp_path / "none"),
                      "--output-folder", str(tmp_path / "o")]) == 1
     assert "image folder not found" in capsys.readouterr().err
     (tmp_path / "bad.json").write_text("{not json")
-    assert cif.main(["--dataset", "coco", "--karpathy-json", str(tmp_path / "bad.json"), "--image-folder",
+    assert packer.main(["--dataset", "coco", "--karpathy-json", str(tmp_path / "bad.json"), "--image-folder",
                      str(tmp_path / "imgs"), "--output-folder", str(tmp_path / "o")]) == 1
     assert "not valid JSON" in capsys.readouterr().err
-    assert cif.main(["--dataset", "coco", "--image-folder", str(tmp_path / "imgs"), "--output-folder", "x"]) == 1
+    assert packer.main(["--dataset", "coco", "--image-folder", str(tmp_path / "imgs"), "--output-folder", "x"]) == 1
     assert "needs --karpathy-json" in capsys.readouterr().err
-    assert cif.main(["--dataset", "coco", "--karpathy-json", str(tmp_path / "bad.json"), "--image-folder",
+    assert packer.main(["--dataset", "coco", "--karpathy-json", str(tmp_path / "bad.json"), "--image-folder",
                      str(tmp_path / "imgs"), "--output-folder", "x", "--val-fraction", "0.2"]) == 1
     assert "takes its split from the Karpathy JSON" in capsys.readouterr().err
-    assert cif.main(["--dataset", "shapes", "--output-folder", "x", "--image-folder", str(tmp_path / "imgs")]) == 1
+    assert packer.main(["--dataset", "shapes", "--output-folder", "x", "--image-folder", str(tmp_path / "imgs")]) == 1
     assert "does not use --image-folder" in capsys.readouterr().err
-    assert cif.main(["--dataset", "shapes", "--output-folder", "x", "--val-fraction", "0.6",
+    assert packer.main(["--dataset", "shapes", "--output-folder", "x", "--val-fraction", "0.6",
                      "--test-fraction", "0.5"]) == 1
     assert "sum to < 1" in capsys.readouterr().err
     assert not (tmp_path / "o").exists()
@@ -393,7 +439,7 @@ def test_load_image_converts_modes(tmp_path: Path, write_image: Callable[..., Pa
     palette.paste(0, (0, 0, 10, 10))
     pal_path = write_image(tmp_path / "pal.png", palette, transparency=0)  # index 0 transparent
     assert Image.open(i16).mode.startswith("I")
-    got = {p.name: cif.load_image(str(p), 16) for p in (grey, rgba_path, cmyk, i16, pal_path)}
+    got = {p.name: load_image(str(p), 16) for p in (grey, rgba_path, cmyk, i16, pal_path)}
     for name, arr in got.items():
         assert arr.shape == (3, 16, 16) and arr.dtype == np.uint8, name
     assert (got["grey.png"] == 128).all()
@@ -409,9 +455,29 @@ def test_load_image_honours_exif_orientation(tmp_path: Path, write_image: Callab
     exif = Image.Exif()
     exif[0x0112] = 6  # orientation 6: display = stored rotated 90 degrees clockwise, so left -> top
     path = write_image(tmp_path / "rot.jpg", stored, exif=exif.tobytes(), quality=95)
-    arr = cif.load_image(str(path), 32)
+    arr = load_image(path, 32)  # a Path works too
     top, bottom = arr[:, :12].reshape(3, -1).mean(1), arr[:, 20:].reshape(3, -1).mean(1)
     assert top[0] > 200 and top[2] < 50 and bottom[2] > 200 and bottom[0] < 50
+
+
+def test_load_image_tensor_is_the_packed_image_normalised(tmp_path: Path, write_image: Callable[..., Path]) -> None:
+    pixels = np.random.default_rng(0).integers(0, 256, (30, 50, 3), np.uint8)
+    path = write_image(tmp_path / "photo.png", Image.fromarray(pixels))
+    tensor, display = datasets.load_image_tensor(path, 24)
+    packed = load_image(path, 24)  # (3, S, S) uint8, as create_input_files.py stores it
+    assert tensor.shape == (3, 24, 24) and tensor.dtype == torch.float32 and display.size == (24, 24)
+    assert torch.equal(tensor, datasets.normalize_image(torch.from_numpy(packed)))
+    assert np.array_equal(np.asarray(display), packed.transpose(1, 2, 0))
+    with pytest.raises(UserError, match=r"missing\.png: file not found"):
+        datasets.load_image_tensor(tmp_path / "missing.png", 24)
+
+
+def test_datasets_does_not_import_the_packer() -> None:
+    """caption.py reads images through datasets.py; it must not pull in the packing script."""
+    tree = ast.parse((ROOT / "datasets.py").read_text())
+    imported = {alias.name for node in ast.walk(tree) if isinstance(node, ast.Import) for alias in node.names}
+    imported |= {node.module for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)}
+    assert "create_input_files" not in imported and "shapes" not in imported
 
 
 def write_bad_images(folder: Path, write_image: Callable[..., Path]) -> dict[str, str]:
@@ -432,77 +498,78 @@ def write_bad_images(folder: Path, write_image: Callable[..., Path]) -> dict[str
 @pytest.mark.parametrize("kind", ["truncated.jpg", "empty.jpg", "text.jpg", "missing.jpg", "bomb.png", "bomb_warn.png"])
 def test_bad_image_stops_before_writing(kind: str, tiny_karpathy: dict[str, Any], write_image: Callable[..., Path],
                                         capsys: pytest.CaptureFixture[str]) -> None:
-    fx = tiny_karpathy
-    messages = write_bad_images(fx["images"] / "val2014", write_image)
-    data = json.loads(fx["json"].read_text())
+    source = tiny_karpathy
+    messages = write_bad_images(source["images"] / "val2014", write_image)
+    data = json.loads(source["json"].read_text())
     data["images"].append(karpathy_entry(kind, "test", COMMON, "val2014"))  # the last split: train/val already done
-    fx["json"].write_text(json.dumps(data))
-    assert cif.main(karpathy_args(fx, "--workers", "2")) == 1
+    source["json"].write_text(json.dumps(data))
+    assert packer.main(karpathy_args(source, "--workers", "2")) == 1  # the old spelling of --num-workers
     err = capsys.readouterr().err.strip().splitlines()[-1]
-    assert err.startswith(f"error: {fx['images'] / 'val2014' / kind}: ") and messages[kind] in err, err
-    assert not fx["out"].exists()  # nothing written, not even temporary files
+    assert err.startswith(f"error: {source['images'] / 'val2014' / kind}: ") and messages[kind] in err, err
+    assert not source["out"].exists()  # nothing written, not even temporary files
 
 
 def test_skip_bad_images_and_images_without_captions(tiny_karpathy: dict[str, Any], write_image: Callable[..., Path],
                                                      capsys: pytest.CaptureFixture[str], pack) -> None:
-    fx = tiny_karpathy
-    messages = write_bad_images(fx["images"] / "val2014", write_image)
-    data = json.loads(fx["json"].read_text())
+    source = tiny_karpathy
+    messages = write_bad_images(source["images"] / "val2014", write_image)
+    data = json.loads(source["json"].read_text())
     data["images"].append(karpathy_entry("t0.jpg", "test", ["", " , ."], "train2014"))  # no words at all
-    fx["json"].write_text(json.dumps(data))
-    assert cif.main(karpathy_args(fx)) == 1
+    source["json"].write_text(json.dumps(data))
+    assert packer.main(karpathy_args(source)) == 1
     assert "train2014/t0.jpg: image has no captions" in capsys.readouterr().err
     for kind in messages:
         data["images"].append(karpathy_entry(kind, "val", COMMON, "val2014"))
-    fx["json"].write_text(json.dumps(data))
-    pack(karpathy_args(fx, "--skip-bad-images"))
-    summary = json.loads((fx["out"] / "dataset.json").read_text())
+    source["json"].write_text(json.dumps(data))
+    pack(karpathy_args(source, "--skip-bad-images"))
+    summary = json.loads((source["out"] / "dataset.json").read_text())
     assert summary["skipped_images"] == len(messages) + 1 and summary["splits"] == {"train": 5, "val": 2, "test": 1}
-    assert read_h5(fx["out"] / "val.h5")["images"].shape[0] == 2
+    assert read_h5(source["out"] / "val.h5")["images"].shape[0] == 2
     assert "skipped 7 bad images" in capsys.readouterr().out
 
 
 def test_existing_output_needs_force(tiny_karpathy: dict[str, Any], capsys: pytest.CaptureFixture[str], pack) -> None:
-    fx = tiny_karpathy
-    fx["out"].mkdir()
-    (fx["out"] / "word_map.json").write_text("{}")
-    assert cif.main(karpathy_args(fx)) == 1
+    source = tiny_karpathy
+    source["out"].mkdir()
+    (source["out"] / "word_map.json").write_text("{}")
+    assert packer.main(karpathy_args(source)) == 1
     assert "already has word_map.json; use --force" in capsys.readouterr().err
-    assert sorted(os.listdir(fx["out"])) == ["word_map.json"]
-    pack(karpathy_args(fx, "--force"))
-    assert sorted(os.listdir(fx["out"])) == sorted(cif.FINAL_FILES)
+    assert sorted(os.listdir(source["out"])) == ["word_map.json"]
+    pack(karpathy_args(source, "--force"))
+    assert sorted(os.listdir(source["out"])) == sorted(packer.FINAL_FILES)
 
 
 def test_choose_captions() -> None:
-    assert cif.choose_captions(5, 5, 0, "a") == [0, 1, 2, 3, 4]
-    up = cif.choose_captions(2, 5, 0, "a")
-    assert up[:2] == [0, 1] and set(up) <= {0, 1} and up == cif.choose_captions(2, 5, 0, "a")
-    down = cif.choose_captions(9, 5, 0, "a")
-    assert len(set(down)) == 5 and max(down) < 9 and down == cif.choose_captions(9, 5, 0, "a")
-    assert {tuple(cif.choose_captions(9, 5, s, "a")) for s in range(10)} != {tuple(down)}
+    assert packer.choose_captions(5, 5, 0, "a") == [0, 1, 2, 3, 4]
+    up = packer.choose_captions(2, 5, 0, "a")
+    assert up[:2] == [0, 1] and set(up) <= {0, 1} and up == packer.choose_captions(2, 5, 0, "a")
+    down = packer.choose_captions(9, 5, 0, "a")
+    assert len(set(down)) == 5 and max(down) < 9 and down == packer.choose_captions(9, 5, 0, "a")
+    assert {tuple(packer.choose_captions(9, 5, s, "a")) for s in range(10)} != {tuple(down)}
 
 
 # --------------------------------------------------------------------------------------------
 # datasets.py
 # --------------------------------------------------------------------------------------------
 def test_caption_dataset_items(shapes_folder: Path) -> None:
-    ds = CaptionDataset(str(shapes_folder), "val")
-    assert (len(ds), ds.num_images, ds.captions_per_image, ds.max_len, ds.image_size) == (3, 3, 5, 50, 48)
+    dataset = CaptionDataset(str(shapes_folder), "val")
+    sizes = (len(dataset), dataset.num_images, dataset.captions_per_image, dataset.max_len, dataset.image_size)
+    assert sizes == (3, 3, 5, 50, 48)
     raw = read_h5(shapes_folder / "val.h5")
-    item = ds[1]
+    item = dataset[1]
     assert item["image"].dtype == torch.float32 and item["image"].shape == (3, 48, 48)
     mean, std = torch.tensor(IMAGENET_MEAN).view(3, 1, 1), torch.tensor(IMAGENET_STD).view(3, 1, 1)
     assert torch.allclose(item["image"] * std + mean, torch.from_numpy(raw["images"][1]).float() / 255, atol=1e-5)
     assert item["captions"].dtype == torch.long and item["captions"].tolist() == raw["captions"][5:10].tolist()
     assert item["caplens"].tolist() == raw["caplens"][5:10].tolist() and item["index"] == 1
-    assert item["references"] == json.loads(raw["references"][1]) == ds.references(1)
-    assert ds.objects(1) == json.loads(raw["objects"][1]) and ds.filename(1) == raw["filenames"][1]
-    assert ds.word_objects(1).tolist() == raw["word_objects"][5:10].tolist()
+    assert item["references"] == json.loads(raw["references"][1]) == dataset.references(1)
+    assert dataset.objects(1) == json.loads(raw["objects"][1]) and dataset.filename(1) == raw["filenames"][1]
+    assert dataset.word_objects(1).tolist() == raw["word_objects"][5:10].tolist()
     assert "references" not in CaptionDataset(str(shapes_folder), "train")[0]
     flipped = CaptionDataset(str(shapes_folder), "val", transform=lambda im: im.flip(-1))[1]["image"]
     assert torch.equal(flipped, item["image"].flip(-1))
     with pytest.raises(IndexError):
-        ds[3]
+        dataset[3]
 
 
 def test_caption_dataset_errors(shapes_folder: Path, tmp_path: Path, tiny_karpathy: dict[str, Any], pack) -> None:
@@ -519,29 +586,29 @@ def test_caption_dataset_errors(shapes_folder: Path, tmp_path: Path, tiny_karpat
         CaptionDataset(str(out), "val")
 
 
-def check_loader(ds: CaptionDataset, **kwargs: Any) -> None:
-    loader = torch.utils.data.DataLoader(ds, batch_size=2, collate_fn=collate_captions, **kwargs)
+def check_loader(dataset: CaptionDataset, **kwargs: Any) -> None:
+    loader = torch.utils.data.DataLoader(dataset, batch_size=2, collate_fn=collate_captions, **kwargs)
     seen = 0
     for batch in loader:
         assert batch["image"].shape[1:] == (3, 48, 48) and batch["captions"].shape[1:] == (5, 52)
         for b, i in enumerate(batch["index"].tolist()):
-            item = ds[i]
+            item = dataset[i]
             assert torch.equal(batch["image"][b], item["image"]) and torch.equal(batch["captions"][b], item["captions"])
             assert torch.equal(batch["caplens"][b], item["caplens"]) and batch["references"][b] == item["references"]
             seen += 1
-    assert seen == len(ds)
+    assert seen == len(dataset)
 
 
 def test_dataloader_with_fork_workers(shapes_folder: Path) -> None:
-    ds = CaptionDataset(str(shapes_folder), "val")
-    ds[0]  # a handle opened in the parent must not be reused by forked workers
-    check_loader(ds, num_workers=2)
+    dataset = CaptionDataset(str(shapes_folder), "val")
+    dataset[0]  # a handle opened in the parent must not be reused by forked workers
+    check_loader(dataset, num_workers=2)
     train = torch.utils.data.DataLoader(CaptionDataset(str(shapes_folder), "train"), batch_size=8, num_workers=2,
                                         shuffle=True, collate_fn=collate_captions)
     assert sum(len(b["index"]) for b in train) == 30 and "references" not in next(iter(train))
 
 
 def test_dataloader_with_spawn_workers(shapes_folder: Path) -> None:
-    ds = CaptionDataset(str(shapes_folder), "test")
-    ds[0]
-    check_loader(ds, num_workers=1, multiprocessing_context="spawn")
+    dataset = CaptionDataset(str(shapes_folder), "test")
+    dataset[0]
+    check_loader(dataset, num_workers=1, multiprocessing_context="spawn")

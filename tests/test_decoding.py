@@ -5,8 +5,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from models import StepOutput, beam_search, build_model, log_likelihood_per_caption
-from utils import Config
+from models import StepOutput, beam_search, build_model, target_log_probs
+from utils import ModelConfig
 
 WORDS = ["a", "red", "blue", "green", "circle", "square", "triangle", "on", "left", "of"]
 WORD_MAP = {"<pad>": 0, "<unk>": 1, "<start>": 2, "<end>": 3, **{w: i + 4 for i, w in enumerate(WORDS)}}
@@ -23,10 +23,10 @@ def tiny_model(*, attention: str = "soft", deep_output: bool = True, gate: str =
     `end_bias` is added to <end>: the default gives a mix of finished and unfinished greedy captions.
     The context/initial-state weights are scaled so that captions depend on the image.
     """
-    cfg = Config(encoder="resnet18", encoder_weights="none", encoder_stages=2, enc_size=GRID, attention_dim=16,
-                 embed_dim=16, decoder_dim=32, attention=attention, deep_output=deep_output, gate=gate)
+    cfg = ModelConfig(encoder="resnet18", encoder_stages=2, enc_size=GRID, attention_dim=16, embed_dim=16,
+                      decoder_dim=32, attention=attention, deep_output=deep_output, gate=gate, vocab_size=len(WORD_MAP))
     torch.manual_seed(seed)
-    model = build_model(cfg, len(WORD_MAP))
+    model = build_model(cfg)
     decoder = model.decoder
     with torch.no_grad():
         out = decoder.L_o if deep_output else decoder.fc
@@ -146,7 +146,7 @@ def test_beam_scores_are_the_log_likelihood_of_the_returned_caption(end_bias, be
         caplens = torch.tensor([len(caption)])
         with torch.no_grad():
             out = model.decoder(model.encoder(images[i : i + 1]), captions, caplens)
-        log_lik = log_likelihood_per_caption(out["logits"], out["targets"], out["mask"])
+        log_lik = (target_log_probs(out["logits"], out["targets"]) * out["mask"]).sum(dim=1)  # (N,)
         assert float(log_lik[0]) == pytest.approx(hyp.score, abs=1e-4), i
         n = len(hyp.tokens)
         assert torch.allclose(hyp.alphas, out["alphas"][0, :n].view(n, GRID, GRID), atol=1e-5), i
@@ -189,7 +189,7 @@ _NEXT = {START: {END: 0.50, WORD_MAP["a"]: 0.45}, WORD_MAP["a"]: {WORD_MAP["red"
 def controlled_step(table: dict[int, dict[int, float]]):
     """A stand-in for Decoder.step: p(y_t | y_{t-1}) from `table` (unlisted words share what is left)."""
 
-    def step(words, state, features, features_proj, mode="expected"):
+    def step(words, state, features, features_proj, context_mode="expected"):
         vocab = len(WORD_MAP)
         logits = torch.empty(words.size(0), vocab)
         for row, word in enumerate(words.tolist()):
@@ -237,9 +237,9 @@ def test_hard_attention_decodes_in_every_mode(mode):
     model = tiny_model(attention="hard", end_bias=1.5)
     images = tiny_images(4)
     torch.manual_seed(1)
-    first = beam_search(model, images, WORD_MAP, beam_size=3, max_len=MAX_LEN, mode=mode)
+    first = beam_search(model, images, WORD_MAP, beam_size=3, max_len=MAX_LEN, context_mode=mode)
     torch.manual_seed(1)
-    again = beam_search(model, images, WORD_MAP, beam_size=3, max_len=MAX_LEN, mode=mode)
+    again = beam_search(model, images, WORD_MAP, beam_size=3, max_len=MAX_LEN, context_mode=mode)
     assert [h.tokens for h in first] == [h.tokens for h in again]  # reproducible under a seed
     for hyp in first:
         n = len(hyp.tokens)
@@ -253,8 +253,9 @@ def test_hard_expected_mode_equals_soft_attention_with_the_same_weights():
     soft = tiny_model(attention="soft", end_bias=1.5)
     soft.load_state_dict(hard.state_dict())  # same parameters; only the context rule differs
     images = tiny_images(4)
-    h = beam_search(hard, images, WORD_MAP, beam_size=3, max_len=MAX_LEN, mode="expected")
-    s = beam_search(soft, images, WORD_MAP, beam_size=3, max_len=MAX_LEN, mode="sample")  # soft ignores mode
+    h = beam_search(hard, images, WORD_MAP, beam_size=3, max_len=MAX_LEN, context_mode="expected")
+    # soft attention ignores the context mode
+    s = beam_search(soft, images, WORD_MAP, beam_size=3, max_len=MAX_LEN, context_mode="sample")
     assert [x.tokens for x in h] == [x.tokens for x in s]
     assert [x.score for x in h] == pytest.approx([x.score for x in s], abs=1e-5)
 
@@ -267,7 +268,7 @@ def test_hard_sample_mode_is_stochastic():
     for seed in range(4):
         torch.manual_seed(seed)
         scores.add(tuple(round(h.score, 5) for h in beam_search(model, images, WORD_MAP, beam_size=1,
-                                                                 max_len=MAX_LEN, mode="sample")))
+                                                                 max_len=MAX_LEN, context_mode="sample")))
     assert len(scores) > 1
 
 

@@ -1,7 +1,6 @@
 """eval.py: coco-caption scores, NLTK BLEU, attention fidelity, and eval.main end to end and on bad files."""
 from __future__ import annotations
 
-import dataclasses
 import json
 import math
 from pathlib import Path
@@ -11,7 +10,8 @@ import torch
 
 import eval as evaluation
 from models import build_model
-from utils import Config, save_checkpoint
+from conftest import write_checkpoint
+from utils import ModelConfig, tokenize
 
 NEEDS_JAVA = pytest.mark.skipif(not evaluation.java_available(), reason="coco-caption's PTB tokenizer/METEOR need Java")
 
@@ -96,7 +96,9 @@ def test_score_captions_simple_tokenizer_and_subset():
     from pycocoevalcap.cider.cider import Cider
 
     ours = evaluation.score_captions(CAPTIONS, REFERENCES, metrics=["BLEU", "CIDEr"], tokenizer="simple")
-    tok = evaluation.simple_tokenize
+    def tok(text: str) -> str:
+        return " ".join(tokenize(text))
+
     gts = {i: [tok(r) for r in refs] for i, refs in REFERENCES.items()}
     res = {i: [tok(c)] for i, c in CAPTIONS.items()}
     assert tok("Two shapes: a RED circle.") == "two shapes a red circle"
@@ -121,7 +123,9 @@ def test_score_captions_without_java_skips_meteor(monkeypatch, capsys):
     scores = evaluation.score_captions(CAPTIONS, REFERENCES)
     assert set(scores) == {"BLEU-1", "BLEU-2", "BLEU-3", "BLEU-4", "BLEU-brevity-penalty", "ROUGE-L", "CIDEr"}
     assert "java not found" in capsys.readouterr().err
-    tok = evaluation.simple_tokenize  # the Python tokenizer stands in for PTB
+    def tok(text: str) -> str:  # the Python tokenizer stands in for PTB
+        return " ".join(tokenize(text))
+
     bleu, _ = Bleu(4).compute_score({i: [tok(r) for r in refs] for i, refs in REFERENCES.items()},
                                     {i: [tok(c)] for i, c in CAPTIONS.items()}, verbose=0)
     assert [scores[f"BLEU-{n}"] for n in range(1, 5)] == pytest.approx(bleu, abs=1e-12)
@@ -142,10 +146,9 @@ def test_nltk_corpus_bleu():
     perfect = evaluation.nltk_corpus_bleu({1: "A red circle, left."}, {1: ["a red circle left", "a circle"]})
     assert perfect == {f"NLTK-BLEU-{n}": pytest.approx(1.0) for n in range(1, 5)}
     scores = evaluation.nltk_corpus_bleu(CAPTIONS, REFERENCES)
-    tok = evaluation.simple_tokenize
     ids = sorted(CAPTIONS)
-    refs = [[tok(r).split() for r in REFERENCES[i]] for i in ids]
-    hyps = [tok(CAPTIONS[i]).split() for i in ids]
+    refs = [[tokenize(r) for r in REFERENCES[i]] for i in ids]
+    hyps = [tokenize(CAPTIONS[i]) for i in ids]
     assert scores["NLTK-BLEU-1"] == pytest.approx(corpus_bleu(refs, hyps, weights=(1.0,)), abs=1e-12)
     assert scores["NLTK-BLEU-4"] == pytest.approx(corpus_bleu(refs, hyps), abs=1e-12)
     assert 0 < scores["NLTK-BLEU-4"] < scores["NLTK-BLEU-1"] < 1
@@ -221,7 +224,7 @@ def packed(tmp_path_factory) -> Path:
 
     folder = tmp_path_factory.mktemp("eval") / "shapes"
     code = create_input_files.main(["--dataset", "shapes", "--output-folder", str(folder), "--num-images", "60",
-                                    "--image-size", "64", "--workers", "1"])
+                                    "--image-size", "64", "--num-workers", "1"])
     assert code in (0, None)
     return folder
 
@@ -242,10 +245,10 @@ def chain_checkpoint(path: Path, folder: Path) -> tuple[Path, str]:
     chain = ["<start>", "a", first["color"], first["shape"], "<end>"]
     assert all(w in word_map for w in chain)
     vocab = len(word_map)
-    cfg = Config(encoder="resnet18", encoder_weights="none", encoder_stages=2, enc_size=GRID, attention_dim=16,
-                 embed_dim=vocab, decoder_dim=32, dropout=0.0)
+    cfg = ModelConfig(encoder="resnet18", encoder_stages=2, enc_size=GRID, attention_dim=16, embed_dim=vocab,
+                      decoder_dim=32, dropout=0.0, vocab_size=vocab)
     torch.manual_seed(0)
-    model = build_model(cfg, vocab)
+    model = build_model(cfg)
     decoder = model.decoder
     with torch.no_grad():
         decoder.embedding.weight.copy_(torch.eye(vocab))
@@ -256,8 +259,7 @@ def chain_checkpoint(path: Path, folder: Path) -> tuple[Path, str]:
         decoder.L_o.bias.zero_()
         for prev, nxt in zip(chain, chain[1:]):
             decoder.L_o.weight[word_map[nxt], word_map[prev]] = 30.0
-    save_checkpoint(path, {"model": model.state_dict(), "config": dataclasses.asdict(cfg), "word_map": word_map,
-                           "image_size": 64})
+    write_checkpoint(path, model, cfg, word_map, image_size=64)
     return path, " ".join(chain[1:-1])
 
 
@@ -289,6 +291,13 @@ def test_eval_main_end_to_end(packed, tmp_path, capsys, shared_meteor):
     assert metrics["attention_fidelity"]["all"]["mentions"] >= 1
     assert 0 < metrics["attention_chance"] < 1
     assert f"captions: {out}" in captured.out
+    # One caption for every image: 1 of 5 distinct, and the shuffled control scores exactly the same,
+    # since a caption that ignores the image fits any image's references equally well.
+    assert metrics["distinct_captions"] == pytest.approx(0.2) and metrics["vocab_used"] == 3
+    assert metrics["mean_length"] == 3.0 and metrics["control"] == "shuffled"
+    assert metrics["shuffled_CIDEr"] == pytest.approx(metrics["CIDEr"])
+    assert metrics["shuffled_BLEU-4"] == pytest.approx(metrics["BLEU-4"])
+    assert metrics["CIDEr_over_shuffled"] == pytest.approx(1.0)
 
 
 @NEEDS_JAVA
@@ -343,13 +352,33 @@ def test_eval_main_bad_checkpoint(kind, packed, tmp_path, capsys):
 
 def test_eval_main_word_map_mismatch(packed, tmp_path, capsys):
     word_map = {"<pad>": 0, "<unk>": 1, "<start>": 2, "<end>": 3, "a": 4}
-    cfg = Config(encoder="resnet18", encoder_weights="none", encoder_stages=2, enc_size=GRID, attention_dim=16,
-                 embed_dim=16, decoder_dim=32)
-    ckpt = tmp_path / "other.pt"
-    save_checkpoint(ckpt, {"model": build_model(cfg, len(word_map)).state_dict(), "config": dataclasses.asdict(cfg),
-                           "word_map": word_map})
+    cfg = ModelConfig(encoder="resnet18", encoder_stages=2, enc_size=GRID, attention_dim=16, embed_dim=16,
+                      decoder_dim=32, vocab_size=len(word_map))
+    ckpt = write_checkpoint(tmp_path / "other.pt", build_model(cfg), cfg, word_map)
     code = evaluation.main(["--checkpoint", str(ckpt), "--data-folder", str(packed), "--device", "cpu",
                             "--num-workers", "0"])
     err = capsys.readouterr().err
     assert code == 1
     assert err.startswith("error: ") and "word map" in err and len(err.strip().splitlines()) == 1
+
+
+def test_shuffled_references_are_a_fixed_derangement():
+    references = {i: [f"caption of image {i}"] for i in range(10, 30)}
+    shuffled = evaluation.shuffled_references(references)
+    assert set(shuffled) == set(references)
+    assert all(shuffled[i] != references[i] for i in references)  # no image keeps its own references
+    assert sorted(map(tuple, shuffled.values())) == sorted(map(tuple, references.values()))  # a permutation
+    assert shuffled == evaluation.shuffled_references(references)  # fixed: the same every run
+    with pytest.raises(ValueError, match="at least 2"):
+        evaluation.shuffled_references({1: ["a"]})
+
+
+def test_caption_diversity_and_collapse_warning(capsys):
+    diversity = evaluation.caption_diversity(["a dog runs", "a dog runs", "a cat sits on a mat", "a dog runs"])
+    assert diversity == {"distinct_captions": 0.5, "vocab_used": 7, "mean_length": 3.75}
+    evaluation.warn_if_collapsed(diversity)
+    assert capsys.readouterr().err == ""
+    evaluation.warn_if_collapsed(evaluation.caption_diversity(["a man"] * 8 + ["a dog", "a cat"]))
+    assert capsys.readouterr().err == ""  # 30% distinct: no warning
+    evaluation.warn_if_collapsed(evaluation.caption_diversity(["a man"] * 19 + ["a dog"]))
+    assert "warning: only 10% of the captions are distinct" in capsys.readouterr().err

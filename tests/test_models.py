@@ -1,22 +1,23 @@
 """Model, loss and config tests on tiny seeded CPU models (no data files needed)."""
 from __future__ import annotations
 
-import dataclasses
 import urllib.error
 
 import pytest
 import torch
 import torch.nn.functional as F
+import torchvision
 
 import models
 from models import (
     Encoder,
+    WeightsDownloadError,
     build_model,
     doubly_stochastic_penalty,
     model_from_checkpoint,
     reinforce_surrogate,
 )
-from utils import Config, load_checkpoint, load_config, save_checkpoint
+from utils import Config, UserError, checkpoint_configs, load_checkpoint, load_config, save_checkpoint
 
 VOCAB = 12  # ids: 0 <pad>, 1..8 words, 9 <unk>, 10 <start>, 11 <end>
 WORD_MAP = {"<pad>": 0, **{f"w{i}": i for i in range(1, 9)}, "<unk>": 9, "<start>": 10, "<end>": 11}
@@ -28,7 +29,11 @@ def tiny_config(**overrides) -> Config:
         fine_tune_stages=0, attention_dim=32, embed_dim=16, decoder_dim=32, dropout=0.0,
     )
     values.update(overrides)
-    return Config(**values)
+    return Config(vocab_size=VOCAB, **values)
+
+
+def make_model(cfg: Config) -> torch.nn.Module:
+    return build_model(cfg.model_config(), fine_tune=cfg.fine_tune_encoder, fine_tune_stages=cfg.fine_tune_stages)
 
 
 def tiny_batch(batch: int = 4, per_image: int = 2, seed: int = 0):
@@ -49,7 +54,7 @@ def tiny_batch(batch: int = 4, per_image: int = 2, seed: int = 0):
 @pytest.mark.parametrize("gate,deep_output", [("scalar", True), ("vector", False), ("none", True)])
 def test_forward_shapes_and_alpha_sums_to_one(attention, gate, deep_output):
     torch.manual_seed(0)
-    model = build_model(tiny_config(attention=attention, gate=gate, deep_output=deep_output), VOCAB)
+    model = make_model(tiny_config(attention=attention, gate=gate, deep_output=deep_output))
     images, captions, lengths = tiny_batch()
     mode = "sample" if attention == "hard" else "expected"
     out = model(images, captions, lengths, mode)
@@ -85,13 +90,63 @@ def test_imagenet_weights_offline_gives_clear_error(monkeypatch):
 
     monkeypatch.setattr(torch.hub, "load_state_dict_from_url", offline)
     monkeypatch.setattr(torch.hub, "get_dir", lambda: "/nonexistent-hub")
-    with pytest.raises(RuntimeError, match="offline.*encoder_weights=none"):
+    with pytest.raises(WeightsDownloadError, match="offline.*encoder_weights=PATH.*encoder_weights=none"):
         Encoder(arch="resnet18", weights="imagenet")
+
+
+def fake_weights(arch: str, seed: int) -> dict[str, torch.Tensor]:
+    """A torchvision state_dict with known, seeded values (stands in for a downloaded weights file)."""
+    torch.manual_seed(seed)
+    return getattr(torchvision.models, arch)(weights=None).state_dict()
+
+
+def assert_encoder_holds(encoder: Encoder, weights: dict[str, torch.Tensor]) -> None:
+    torch.testing.assert_close(encoder.stem[0].weight, weights["conv1.weight"], rtol=0, atol=0)
+    torch.testing.assert_close(encoder.stages[1][0].conv1.weight, weights["layer2.0.conv1.weight"], rtol=0, atol=0)
+    torch.testing.assert_close(encoder.stem[1].running_mean, weights["bn1.running_mean"], rtol=0, atol=0)
+
+
+def test_imagenet_weights_come_from_the_torch_hub_cache(tmp_path, monkeypatch):
+    """encoder_weights=imagenet reads $TORCH_HOME/hub/checkpoints/<torchvision's file name> without a network."""
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    url = torchvision.models.ResNet18_Weights.IMAGENET1K_V1.url
+    cache = tmp_path / "torch" / "hub" / "checkpoints" / url.rsplit("/", 1)[-1]
+    cache.parent.mkdir(parents=True)
+    weights = fake_weights("resnet18", seed=5)
+    torch.save(weights, cache)
+    assert_encoder_holds(Encoder(arch="resnet18", weights="imagenet", stages=2), weights)
+    torch.save(fake_weights("resnet34", seed=5), cache)  # the wrong architecture under the right name
+    with pytest.raises(UserError, match=r"resnet18-.*\.pth: not resnet18 weights"):
+        Encoder(arch="resnet18", weights="imagenet")
+
+
+def test_encoder_weights_from_a_local_file(tmp_path):
+    weights = fake_weights("resnet18", seed=7)
+    path = tmp_path / "my_resnet18.pth"
+    torch.save(weights, path)
+    assert_encoder_holds(Encoder(arch="resnet18", weights=str(path), stages=2), weights)
+    torch.save(fake_weights("resnet34", seed=7), tmp_path / "r34.pth")
+    with pytest.raises(UserError, match=r"r34\.pth: not resnet18 weights \(.*layer"):
+        Encoder(arch="resnet18", weights=str(tmp_path / "r34.pth"))
+    (tmp_path / "junk.pth").write_bytes(b"not torch")
+    with pytest.raises(UserError, match=r"junk\.pth: not a readable torch state_dict file"):
+        Encoder(arch="resnet18", weights=str(tmp_path / "junk.pth"))
+    with pytest.raises(UserError, match="is not imagenet, none or an existing weights file"):
+        Encoder(arch="resnet18", weights=str(tmp_path / "missing.pth"))
+
+
+def test_train_config_accepts_a_weights_path(tmp_path):
+    """train.py passes encoder_weights through unchanged, so a path works from YAML or key=value."""
+    path = tmp_path / "w.pth"
+    torch.save(fake_weights("resnet18", seed=3), path)
+    cfg = tiny_config(encoder_weights=str(path))
+    model = build_model(cfg.model_config(), encoder_weights=cfg.encoder_weights)
+    assert_encoder_holds(model.encoder, torch.load(path, weights_only=True))
 
 
 def test_step_function_matches_teacher_forced_forward():
     torch.manual_seed(0)
-    model = build_model(tiny_config(), VOCAB).eval()
+    model = make_model(tiny_config()).eval()
     images, captions, lengths = tiny_batch(batch=2, per_image=1)
     out = model(images, captions, lengths)
     features = model.encoder(images)
@@ -119,19 +174,17 @@ def test_doubly_stochastic_penalty_matches_hand_computation():
 def test_tiny_model_overfits_a_batch(attention):
     torch.manual_seed(0)
     cfg = tiny_config(attention=attention, encoder_stages=1)  # layer1 only: 64-d, fast
-    model = build_model(cfg, VOCAB)
+    model = make_model(cfg)
     images, captions, lengths = tiny_batch(batch=4, per_image=2)
     optimizer = torch.optim.Adam(model.parameters(), lr=5e-3)
-    from train import TrainState, compute_loss
+    scaler = torch.amp.GradScaler("cpu", enabled=False)
+    from train import TrainState, train_step
 
     state = TrainState()
     batch = {"image": images, "captions": captions, "caplens": lengths}
     first = None
     for _ in range(150):
-        loss, parts = compute_loss(model, batch, cfg, state, torch.device("cpu"))
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
+        parts = train_step(model, batch, optimizer, scaler, cfg, state, torch.device("cpu"))
         first = float(parts["ce"]) if first is None else first
     model.eval()
     out = model(images, captions, lengths, "expected")
@@ -144,14 +197,14 @@ def test_tiny_model_overfits_a_batch(attention):
 def test_checkpoint_round_trip_weights_only(tmp_path):
     torch.manual_seed(0)
     cfg = tiny_config(attention="hard", gate="vector")
-    model = build_model(cfg, VOCAB).eval()
+    model = make_model(cfg).eval()
     path = tmp_path / "ckpt.pt"
-    save_checkpoint(path, {"model": model.state_dict(), "config": dataclasses.asdict(cfg), "word_map": WORD_MAP})
+    save_checkpoint(path, {"model": model.state_dict(), **checkpoint_configs(cfg), "word_map": WORD_MAP})
     assert not list(tmp_path.glob("*.tmp")), "the temp file was renamed away"
     raw = torch.load(path, weights_only=True)  # plain data only
-    assert raw["config"]["attention"] == "hard"
+    assert raw["model_config"]["attention"] == "hard"
     restored, restored_cfg = model_from_checkpoint(load_checkpoint(path))
-    assert restored_cfg == cfg and restored.attention_variant == "hard"
+    assert restored_cfg == cfg.model_config() and restored.attention_variant == "hard"
     images, captions, lengths = tiny_batch()
     torch.testing.assert_close(restored(images, captions, lengths)["logits"], model(images, captions, lengths)["logits"])
 

@@ -8,6 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
 import train
@@ -16,7 +17,7 @@ from utils import load_checkpoint
 ROOT = Path(__file__).resolve().parent.parent
 TINY = [
     "encoder_stages=2", "enc_size=4", "attention_dim=32", "embed_dim=16", "decoder_dim=32", "batch_size=8",
-    "num_workers=0", "max_decode_len=12", "log_every=1", "early_stop_patience=0",
+    "num_workers=0", "max_len=12", "log_every=1", "early_stop_patience=0",
 ]
 
 
@@ -28,23 +29,29 @@ def run_train(folder: Path, out_dir: Path, *extra: str) -> int:
 def test_run_folder_contents_and_checkpoint(shapes_folder, tmp_path):
     out = tmp_path / "run"
     assert run_train(shapes_folder, out, "epochs=2") == 0
-    for name in ("config.yaml", "metrics.csv", "last.pt", "best.pt"):
+    for name in ("config.yaml", "metrics.csv", "curves.png", "last.pt", "best.pt"):
         assert (out / name).is_file(), name
     assert list((out / "tensorboard").glob("events.out.tfevents.*"))
     rows = list(csv.DictReader(open(out / "metrics.csv")))
     assert [r["epoch"] for r in rows] == ["1", "2"]
     assert 0.0 <= float(rows[-1]["val_BLEU-4"]) <= 1.0
+    assert 0.0 < float(rows[-1]["val_distinct_captions"]) <= 1.0  # collapse diagnostics, every epoch
+    assert int(rows[-1]["val_vocab_used"]) >= 1 and float(rows[-1]["val_mean_length"]) > 0
     ckpt = torch.load(out / "last.pt", weights_only=True)
-    assert ckpt["train_state"]["epoch"] == 2 and ckpt["config"]["batch_size"] == 8
+    assert ckpt["format_version"] == 2
+    assert ckpt["train_state"]["epoch"] == 2 and ckpt["train_config"]["batch_size"] == 8
+    assert ckpt["model_config"]["enc_size"] == 4 and ckpt["model_config"]["vocab_size"] == len(ckpt["word_map"])
+    assert "enc_size" not in ckpt["train_config"]  # the model config is kept apart
     assert ckpt["image_size"] == 48
     load_checkpoint(out / "best.pt")
     assert "batch_size: 8" in (out / "config.yaml").read_text()
 
 
-def test_resume_is_exact(shapes_folder, tmp_path):
+@pytest.mark.parametrize("extra", ["dropout=0.3", "concept_loss_weight=0.5"])
+def test_resume_is_exact(extra, shapes_folder, tmp_path):
     straight, split = tmp_path / "straight", tmp_path / "split"
-    assert run_train(shapes_folder, straight, "epochs=2", "dropout=0.3") == 0
-    assert run_train(shapes_folder, split, "epochs=1", "dropout=0.3") == 0
+    assert run_train(shapes_folder, straight, "epochs=2", extra) == 0
+    assert run_train(shapes_folder, split, "epochs=1", extra) == 0
     # The resumed run takes its config from the checkpoint; only epochs is extended here.
     assert train.main([f"resume={split / 'last.pt'}", "epochs=2"]) == 0
     a = torch.load(straight / "last.pt", weights_only=True)
@@ -52,6 +59,9 @@ def test_resume_is_exact(shapes_folder, tmp_path):
     assert a["train_state"] == b["train_state"]
     for key, value in a["model"].items():
         torch.testing.assert_close(b["model"][key], value, rtol=1e-5, atol=1e-6, msg=key)
+    if "concept" in extra:  # the auxiliary head resumes too, and stays out of the model's weights
+        torch.testing.assert_close(b["concept_head"]["weight"], a["concept_head"]["weight"], rtol=1e-5, atol=1e-6)
+        assert not any(key.startswith("head") for key in a["model"])
     assert len(list(csv.DictReader(open(split / "metrics.csv")))) == 2
 
 
@@ -64,7 +74,7 @@ def test_hard_attention_train_eval_caption_round_trip(shapes_folder, tmp_path, c
     out = tmp_path / "hard"
     assert run_train(shapes_folder, out, "epochs=1", "attention=hard", "hard_decode=argmax") == 0
     ckpt = load_checkpoint(out / "last.pt")
-    assert ckpt["config"]["attention"] == "hard"
+    assert ckpt["model_config"]["attention"] == "hard"
     assert ckpt["train_state"]["hard_baseline"] < 0.0  # moving average of log p(y|s,a)
     results = tmp_path / "test.json"
     assert evaluate.main(["--checkpoint", str(out / "best.pt"), "--data-folder", str(shapes_folder),
@@ -112,3 +122,30 @@ def test_two_process_gloo_run(shapes_folder, tmp_path):
     # 30 train images -> 15 per rank, 8 per step with drop_last -> 1 step (a single process takes 3)
     assert ckpt["train_state"]["step"] == 1
     assert not any(k.startswith("module.") for k in ckpt["model"])  # saved unwrapped
+
+
+def test_resume_refuses_an_architecture_change(shapes_folder, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert run_train(shapes_folder, out, "epochs=1") == 0
+    capsys.readouterr()
+    assert train.main([f"resume={out / 'last.pt'}", "epochs=2", "decoder_dim=64"]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and "decoder_dim" in err and len(err.strip().splitlines()) == 1, err
+
+
+def test_a_bug_keeps_its_traceback_while_a_user_error_is_one_line(shapes_folder, tmp_path, capsys, monkeypatch):
+    """A ValueError raised by our code inside the training step is a bug: it must not be dressed up as
+    a one-line user error. A bad config value still is one line."""
+    assert run_train(shapes_folder, tmp_path / "bad", "epochs=0") == 1
+    err = capsys.readouterr().err
+    assert err.strip() == "error: config epochs=0 must be >= 1"
+
+    def broken_loss(*args, **kwargs):
+        raise ValueError("injected bug in the training step")
+
+    monkeypatch.setattr(train, "compute_loss", broken_loss)
+    with pytest.raises(ValueError, match="injected bug"):
+        run_train(shapes_folder, tmp_path / "run", "epochs=1")
+    # --debug shows the traceback of a user error too
+    with pytest.raises(ValueError, match="epochs=0"):
+        train.main(["--debug", "--config", "configs/shapes.yaml", "epochs=0"])
