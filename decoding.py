@@ -49,7 +49,7 @@ def decode_args_parser() -> argparse.ArgumentParser:
     group.add_argument("--batch-size", type=int, default=defaults.batch_size,
                        help="images decoded at once (default: %(default)s)")
     group.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N (default: auto)")
-    group.add_argument("--debug", action="store_true", help="show a traceback for every error")
+    parser.add_argument("--debug", action="store_true", help="show a traceback for every error")
     return parser
 
 

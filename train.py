@@ -55,10 +55,10 @@ from utils import (
     set_rng_state,
 )
 
-VAL_METRIC = "BLEU-4"  # decoded on val, drives LR decay, early stopping and best.pt
+VAL_METRICS = ("BLEU-4", "CIDEr")  # decoded on val every epoch; cfg.val_metric drives LR decay, early stop, best.pt
 DIVERSITY_KEYS = ("distinct_captions", "vocab_used", "mean_length")  # collapse diagnostics, see eval.py
-CSV_FIELDS = ["epoch", "step", "train_loss", "train_ce", "train_ds", "train_concept", "lr", "val_" + VAL_METRIC,
-              *(f"val_{key}" for key in DIVERSITY_KEYS), "epoch_seconds"]
+CSV_FIELDS = ["epoch", "step", "train_loss", "train_ce", "train_ds", "train_concept", "lr",
+              *(f"val_{key}" for key in VAL_METRICS + DIVERSITY_KEYS), "epoch_seconds"]
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -232,14 +232,14 @@ def train_one_epoch(
 def val_scores(
     model: ShowAttendTell, loader: DataLoader, word_map: dict[str, int], cfg: Config, device: torch.device
 ) -> dict[str, float]:
-    """Decode val and score it (the number that selects the model is a decoded metric), with the
-    collapse diagnostics."""
+    """Decode val and score it (BLEU-1..4 and CIDEr; the number that selects the model is a decoded
+    metric), with the collapse diagnostics."""
     opts = DecodeOptions(beam_size=cfg.val_beam_size, max_len=cfg.max_len, hard_decode=cfg.hard_decode,
                          batch_size=loader.batch_size or 1)
     decoded = decode_split(model, loader, word_map, opts, device=device, amp=cfg.amp, progress=False)
     references = {d["index"]: d["references"] for d in decoded}
     captions = {d["index"]: d["caption"] for d in decoded}
-    scores = score_captions(captions, references, metrics=("BLEU",), tokenizer="simple")
+    scores = score_captions(captions, references, metrics=("BLEU", "CIDEr"), tokenizer="simple")
     return {**scores, **caption_diversity(list(captions.values()))}
 
 
@@ -299,10 +299,14 @@ def resolve_config(args: argparse.Namespace) -> tuple[Config, dict[str, Any] | N
 
 
 def append_metrics_row(path: Path, row: dict[str, Any]) -> None:
-    new = not path.exists()
+    """One row per epoch. A run resumed by newer code keeps the columns its file started with."""
+    fieldnames = CSV_FIELDS
+    if path.exists():
+        with open(path, newline="") as f:
+            fieldnames = next(csv.reader(f), CSV_FIELDS)
     with open(path, "a", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=CSV_FIELDS)
-        if new:
+        writer = csv.DictWriter(f, fieldnames=fieldnames, extrasaction="ignore")
+        if f.tell() == 0:
             writer.writeheader()
         writer.writerow(row)
 
@@ -322,7 +326,7 @@ def write_curves(metrics_csv: Path, out_png: Path) -> None:
         return [float(r[name]) if r.get(name) else float("nan") for r in rows]
 
     panels = [("train loss", ["train_loss", "train_ce", "train_concept"]),
-              (f"val {VAL_METRIC}", [f"val_{VAL_METRIC}"]),
+              ("val BLEU-4", ["val_BLEU-4"]), ("val CIDEr", ["val_CIDEr"]),
               ("val distinct captions", ["val_distinct_captions"]), ("learning rate", ["lr"])]
     fig, axes = plt.subplots(1, len(panels), figsize=(4 * len(panels), 3.2), constrained_layout=True)
     for ax, (title, names) in zip(axes, panels):
@@ -409,7 +413,7 @@ def _train(cfg: Config, ckpt: dict[str, Any] | None, info: DistInfo, device: tor
         if info.enabled:
             dist.broadcast_object_list(val, src=0)
         val = val[0]
-        score = val[VAL_METRIC]
+        score = val[cfg.val_metric]
         scheduler.step(score)
         improved = score > state.best_score
         state.best_score = max(state.best_score, score)
@@ -421,12 +425,11 @@ def _train(cfg: Config, ckpt: dict[str, Any] | None, info: DistInfo, device: tor
                    "train_ce": f"{losses['ce']:.4f}", "train_ds": f"{losses['ds']:.4f}",
                    "train_concept": f"{losses['concept']:.4f}" if cfg.concept_loss_weight > 0 else "",
                    "lr": f"{lr:.3g}",
-                   f"val_{VAL_METRIC}": f"{score:.4f}", "epoch_seconds": f"{seconds:.1f}",
-                   **{f"val_{key}": f"{val[key]:.4g}" for key in DIVERSITY_KEYS}}
+                   "epoch_seconds": f"{seconds:.1f}",
+                   **{f"val_{key}": f"{val[key]:.4g}" for key in VAL_METRICS + DIVERSITY_KEYS}}
             append_metrics_row(out_dir / "metrics.csv", row)
             write_curves(out_dir / "metrics.csv", out_dir / "curves.png")
-            writer.add_scalar(f"val/{VAL_METRIC}", score, state.step)
-            for key in DIVERSITY_KEYS:
+            for key in VAL_METRICS + DIVERSITY_KEYS:
                 writer.add_scalar(f"val/{key}", val[key], state.step)
             writer.add_scalar("train/lr", lr, state.step)
             writer.flush()
@@ -448,17 +451,18 @@ def _train(cfg: Config, ckpt: dict[str, Any] | None, info: DistInfo, device: tor
                 save_checkpoint(out_dir / "best.pt", payload)
             print(
                 f"epoch {state.epoch}: loss {losses['loss']:.3f} (ce {losses['ce']:.3f}, ds {losses['ds']:.4f}) "
-                f"val {VAL_METRIC} {score:.4f}{' (best)' if improved else ''} distinct {val['distinct_captions']:.0%} "
+                f"val BLEU-4 {val['BLEU-4']:.4f} CIDEr {val['CIDEr']:.4f}{' (best)' if improved else ''} "
+                f"distinct {val['distinct_captions']:.0%} "
                 f"words {val['vocab_used']} lr {lr:.2g} {seconds:.0f}s"
             )
             warn_if_collapsed(val)
         if cfg.early_stop_patience and state.epochs_since_improvement >= cfg.early_stop_patience:
             if info.is_main:
-                print(f"early stop: no val {VAL_METRIC} improvement for {state.epochs_since_improvement} epochs")
+                print(f"early stop: no val {cfg.val_metric} improvement for {state.epochs_since_improvement} epochs")
             break
     if writer is not None:
         writer.close()
-        print(f"done: best val {VAL_METRIC} {state.best_score:.4f}; checkpoints in {out_dir}")
+        print(f"done: best val {cfg.val_metric} {state.best_score:.4f}; checkpoints in {out_dir}")
     return 0
 
 

@@ -149,3 +149,20 @@ def test_a_bug_keeps_its_traceback_while_a_user_error_is_one_line(shapes_folder,
     # --debug shows the traceback of a user error too
     with pytest.raises(ValueError, match="epochs=0"):
         train.main(["--debug", "--config", "configs/shapes.yaml", "epochs=0"])
+
+
+def test_val_metric_cider_selects_the_model(shapes_folder, tmp_path):
+    out = tmp_path / "run"
+    assert run_train(shapes_folder, out, "epochs=2", "val_metric=CIDEr") == 0
+    rows = list(csv.DictReader(open(out / "metrics.csv")))
+    cider = [float(r["val_CIDEr"]) for r in rows]
+    assert all(0 <= c <= 10 for c in cider) and all(0 <= float(r["val_BLEU-4"]) <= 1 for r in rows)
+    best = torch.load(out / "last.pt", weights_only=True)["train_state"]["best_score"]
+    assert best == pytest.approx(max(cider), abs=1e-3)  # best.pt follows CIDEr, not BLEU-4
+
+
+def test_metrics_csv_keeps_its_columns_on_resume(tmp_path):
+    path = tmp_path / "metrics.csv"
+    path.write_text("epoch,step,train_loss\n1,10,2.5\n")  # written by older code with fewer columns
+    train.append_metrics_row(path, {key: "7" for key in train.CSV_FIELDS})
+    assert path.read_text().splitlines() == ["epoch,step,train_loss", "1,10,2.5", "7,7,7"]
