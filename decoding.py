@@ -16,7 +16,7 @@ import torch
 from tqdm import tqdm
 
 from models import Hypothesis, ShowAttendTell, beam_search
-from utils import HARD_DECODE_MODES, autocast_context, check_field, decode_ids, option
+from utils import HARD_DECODE_MODES, autocast_context, check_fields, decode_ids, option
 
 __all__ = ["DecodeOptions", "decode_args_parser", "decode_options_from_args", "decode_images", "decode_split"]
 
@@ -28,10 +28,6 @@ class DecodeOptions:
     length_penalty: float = option(0.0)  # rank finished captions by score / length**p (0 = raw log-prob)
     hard_decode: str = option("expected", choices=HARD_DECODE_MODES)  # hard models' context; soft ignores it
     batch_size: int = option(32, min=1)  # images decoded at once (each with beam_size rows)
-
-    def check(self, flags: bool = False) -> None:
-        for f in fields(DecodeOptions):
-            check_field(DecodeOptions, f.name, getattr(self, f.name), f"--{f.name.replace('_', '-')}" if flags else "")
 
 
 def decode_args_parser() -> argparse.ArgumentParser:
@@ -55,7 +51,7 @@ def decode_args_parser() -> argparse.ArgumentParser:
 
 def decode_options_from_args(args: argparse.Namespace) -> DecodeOptions:
     opts = DecodeOptions(**{f.name: getattr(args, f.name) for f in fields(DecodeOptions)})
-    opts.check(flags=True)
+    check_fields(opts, as_flags=True)
     return opts
 
 

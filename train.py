@@ -101,22 +101,17 @@ class ConceptHead(nn.Module):
         self.ignore = [word_map[token] for token in SPECIAL_TOKENS]  # never a concept
 
     def targets(self, captions: torch.Tensor) -> torch.Tensor:
-        """(B, C, T+1) word ids -> (B, V) bag of words of each image's captions, weights summing to 1."""
-        return bag_of_words(captions, self.head.out_features, self.ignore)
+        """(B, C, T+1) word ids -> (B, V): each word used by any of an image's captions, weights summing to 1."""
+        present = torch.zeros(captions.size(0), self.head.out_features, device=captions.device)
+        present.scatter_(1, captions.flatten(1), 1.0)
+        present[:, self.ignore] = 0.0
+        return present / present.sum(dim=1, keepdim=True).clamp_min(1.0)
 
     def forward(self, images: torch.Tensor, captions: torch.Tensor, caplens: torch.Tensor,
                 context_mode: str = "expected") -> dict[str, torch.Tensor]:
         out = self.model(images, captions, caplens, context_mode)
         out["concept_logits"] = self.head(out["mean_annotation"])  # (B, V)
         return out
-
-
-def bag_of_words(captions: torch.Tensor, vocab_size: int, ignore: Sequence[int]) -> torch.Tensor:
-    """(B, C, T+1) word ids -> (B, V): each word used by any of an image's captions, weights summing to 1."""
-    present = torch.zeros(captions.size(0), vocab_size, device=captions.device)
-    present.scatter_(1, captions.flatten(1), 1.0)
-    present[:, list(ignore)] = 0.0
-    return present / present.sum(dim=1, keepdim=True).clamp_min(1.0)
 
 
 def compute_loss(out: dict[str, torch.Tensor], cfg: Config, hard_baseline: float | torch.Tensor,

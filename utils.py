@@ -60,19 +60,20 @@ def option(default: Any, *, choices: Sequence[Any] | None = None, min: float | N
     return field(default=default, metadata={k: v for k, v in meta.items() if v is not None})
 
 
-def check_field(cls: type, key: str, value: Any, label: str = "") -> None:
-    """Raise UserError naming the key (or `label`, e.g. a CLI flag) when `value` is outside the field's
-    declared choices or bounds."""
-    meta = next(f.metadata for f in fields(cls) if f.name == key)
-    label = label or f"config {key}"
-    if "choices" in meta and value not in meta["choices"]:
-        raise UserError(f"{label}={value!r} is not one of {', '.join(map(str, meta['choices']))}")
-    if isinstance(value, float) and not math.isfinite(value):
-        raise UserError(f"{label}={value} must be a finite number")
-    for name, ok, text in (("min", lambda v, b: v >= b, ">="), ("max", lambda v, b: v <= b, "<="),
-                           ("above", lambda v, b: v > b, ">"), ("below", lambda v, b: v < b, "<")):
-        if name in meta and not ok(value, meta[name]):
-            raise UserError(f"{label}={value} must be {text} {meta[name]}")
+def check_fields(obj: Any, as_flags: bool = False) -> None:
+    """Raise UserError naming the first field of dataclass `obj` outside its declared choices or bounds,
+    as `config key` or, with as_flags, as the command-line flag `--key`."""
+    for f in fields(obj):
+        value, meta = getattr(obj, f.name), f.metadata
+        label = f"--{f.name.replace('_', '-')}" if as_flags else f"config {f.name}"
+        if "choices" in meta and value not in meta["choices"]:
+            raise UserError(f"{label}={value!r} is not one of {', '.join(map(str, meta['choices']))}")
+        if isinstance(value, float) and not math.isfinite(value):
+            raise UserError(f"{label}={value} must be a finite number")
+        for name, ok, text in (("min", lambda v, b: v >= b, ">="), ("max", lambda v, b: v <= b, "<="),
+                               ("above", lambda v, b: v > b, ">"), ("below", lambda v, b: v < b, "<")):
+            if name in meta and not ok(value, meta[name]):
+                raise UserError(f"{label}={value} must be {text} {meta[name]}")
 
 
 HARD_DECODE_MODES = ("expected", "argmax", "sample")  # hard attention's context at decoding (see models.py)
@@ -97,8 +98,7 @@ class ModelConfig:
     vocab_size: int = field(default=0, metadata={"min": 0, "derived": True})  # from the word map, not a config key
 
     def check(self) -> None:
-        for f in fields(ModelConfig):
-            check_field(ModelConfig, f.name, getattr(self, f.name))
+        check_fields(self)
 
 
 @dataclass
@@ -173,8 +173,7 @@ class Config(TrainConfig, ModelConfig):
 
     def check(self) -> None:
         """Every field within its declared choices/bounds, and the one rule that spans two fields."""
-        for f in fields(Config):
-            check_field(Config, f.name, getattr(self, f.name))
+        check_fields(self)
         if self.fine_tune_encoder and not self.fine_tune_stages <= self.encoder_stages:
             raise UserError(f"config fine_tune_stages={self.fine_tune_stages} must be in 0..{self.encoder_stages}")
 
