@@ -114,13 +114,15 @@ class CaptionDataset(Dataset):
             scaled to [0, 1] and normalised with the ImageNet mean/std (e.g. a v2 augmentation;
             note that a horizontal flip makes the shapes captions' "left"/"right" false).
         with_references: include every raw reference caption in each item; default: val/test only.
+        features: a feature cache of this split (feature_cache.py): items then carry the cached
+            annotations (L, D) float16 as "image" instead of pixels, and `transform` is not used.
 
     The HDF5 file is opened lazily, once per process, on first access: h5py handles must not cross
     a fork or be pickled, so DataLoader workers (fork or spawn) each open their own.
     """
 
     def __init__(self, data_folder: str, split: str, transform: Callable[[torch.Tensor], torch.Tensor] | None = None,
-                 with_references: bool | None = None):
+                 with_references: bool | None = None, features: str | os.PathLike[str] | None = None):
         if split not in SPLITS:
             raise UserError(f"split {split!r} is not one of {', '.join(SPLITS)}")
         self.path = os.path.join(data_folder, f"{split}.h5")
@@ -146,17 +148,21 @@ class CaptionDataset(Dataset):
         if num_captions != self.num_images * self.captions_per_image:
             raise UserError(f"{self.path}: {num_captions} captions for {self.num_images} images "
                             f"x {self.captions_per_image} per image")
+        self.features_path = features
         self._h5: h5py.File | None = None
+        self._features_h5: h5py.File | None = None
         self._pid: int | None = None
 
     def _file(self) -> h5py.File:
         if self._h5 is None or self._pid != os.getpid():  # a forked worker must not reuse its parent's handle
             self._h5, self._pid = h5py.File(self.path, "r"), os.getpid()
+            if self.features_path is not None:
+                self._features_h5 = h5py.File(self.features_path, "r")
         return self._h5
 
     def __getstate__(self) -> dict[str, Any]:
         state = self.__dict__.copy()
-        state["_h5"], state["_pid"] = None, None
+        state["_h5"], state["_features_h5"], state["_pid"] = None, None, None
         return state
 
     def _caption_rows(self, i: int) -> slice:
@@ -170,10 +176,13 @@ class CaptionDataset(Dataset):
         if not 0 <= i < self.num_images:
             raise IndexError(f"image index {i} out of range for {self.num_images} images in {self.path}")
         h5, rows = self._file(), self._caption_rows(i)
-        image = torch.from_numpy(h5["images"][i])  # (3, S, S) uint8
-        if self.transform is not None:
-            image = self.transform(image)
-        image = normalize_image(image)  # (3, S, S) float
+        if self._features_h5 is not None:
+            image = torch.from_numpy(self._features_h5["features"][i])  # (L, D) float16 annotations
+        else:
+            image = torch.from_numpy(h5["images"][i])  # (3, S, S) uint8
+            if self.transform is not None:
+                image = self.transform(image)
+            image = normalize_image(image)  # (3, S, S) float
         item = {
             "image": image,
             "captions": torch.from_numpy(h5["captions"][rows].astype(np.int64)),  # (captions_per_image, T)
@@ -206,7 +215,9 @@ class CaptionDataset(Dataset):
     def close(self) -> None:
         if self._h5 is not None and self._pid == os.getpid():
             self._h5.close()
-        self._h5 = None
+            if self._features_h5 is not None:
+                self._features_h5.close()
+        self._h5 = self._features_h5 = None
 
 
 def collate_captions(batch: list[dict[str, Any]]) -> dict[str, Any]:

@@ -22,8 +22,9 @@ from torch.utils.data import DataLoader
 
 from datasets import CaptionDataset, collate_captions
 from decoding import decode_args_parser, decode_options_from_args, decode_split
-from models import load_model
-from utils import UserError, atomic_write_text, resolve_device, run_cli, tokenize
+from feature_cache import ensure_cache
+from models import ShowAttendTell, load_model
+from utils import ModelConfig, UserError, atomic_write_text, resolve_device, run_cli, tokenize
 
 ALL_METRICS = ("BLEU", "METEOR", "ROUGE_L", "CIDEr")
 _JAVA_METRICS = ("METEOR",)  # the PTB tokenizer needs Java too; without it we tokenise in Python
@@ -244,7 +245,23 @@ def get_args_parser() -> argparse.ArgumentParser:
                              "random permutation of the images, to show the model uses the image")
     parser.add_argument("--out", help="results JSON (COCO format); metrics go to OUT with .metrics.json")
     parser.add_argument("--num-workers", type=int, default=2, help="DataLoader workers (default: 2)")
+    parser.add_argument("--feature-cache", choices=("auto", "on", "off"), default="auto",
+                        help="decode from the split's cached encoder features (feature_cache.py): auto (default) "
+                             "when a cache made by this checkpoint's encoder exists, on: build it if missing")
     return parser
+
+
+def eval_feature_cache(model: ShowAttendTell, model_cfg: ModelConfig, args: argparse.Namespace,
+                       device: torch.device) -> Path | None:
+    """The split's feature cache when it was made by this checkpoint's encoder (auto), or built (on)."""
+    build = args.feature_cache == "on"
+    try:
+        return ensure_cache(model.encoder, model_cfg, args.data_folder, args.split, build=build, device=device,
+                            num_workers=args.num_workers)
+    except UserError:
+        if build:
+            raise
+        return None  # auto: another encoder's cache (say, before fine-tuning): decode from the images
 
 
 def evaluate(args: argparse.Namespace) -> dict[str, Any]:
@@ -262,6 +279,8 @@ def evaluate(args: argparse.Namespace) -> dict[str, Any]:
         raise UserError(f"{args.checkpoint}: word map differs from {args.data_folder}/word_map.json")
     if len(dataset) == 0:
         raise UserError(f"{dataset.path}: the {args.split} split has no images")
+    if args.feature_cache != "off":
+        dataset.features_path = eval_feature_cache(model, model_cfg, args, device)
     loader = DataLoader(dataset, batch_size=opts.batch_size, shuffle=False, num_workers=args.num_workers,
                         collate_fn=collate_captions)
     decoded = decode_split(model, loader, ckpt["word_map"], opts, device=device)

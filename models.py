@@ -163,14 +163,27 @@ class SoftAttention(nn.Module):
         return self.features_att(features)  # (B, L, A)
 
     def weights(self, features_proj: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
-        """alpha_t = softmax_i f_att(a_i, h_{t-1})."""
-        e = self.score(torch.tanh(features_proj + self.hidden_att(h).unsqueeze(1))).squeeze(2)  # (B, L)
-        return F.softmax(e.float(), dim=1)  # softmax in fp32 even under autocast
+        """alpha_t = softmax_i f_att(a_i, h_{t-1}) for N = G*r rows of h sharing G images' projections.
+
+        The (G, r, L, A) pre-activation is the largest tensor of a step: tanh runs on it in place, and
+        without autograd it is built one image at a time so that it stays in the CPU's cache.
+        """
+        groups, num_locations, attention_dim = features_proj.shape
+        att_h = self.hidden_att(h).view(groups, -1, 1, attention_dim)  # (G, r, 1, A)
+        if torch.is_grad_enabled() or features_proj.device.type != "cpu":
+            e = self.score(torch.tanh_(features_proj.unsqueeze(1) + att_h))  # (G, r, L, 1)
+        else:
+            e = features_proj.new_empty(groups, att_h.size(1), num_locations, 1)
+            pre_activation = features_proj.new_empty(att_h.size(1), num_locations, attention_dim)
+            for g in range(groups):
+                torch.add(features_proj[g], att_h[g], out=pre_activation).tanh_()  # (r, L, A)
+                e[g] = self.score(pre_activation)  # (r, L, 1)
+        return F.softmax(e.view(h.size(0), num_locations).float(), dim=1)  # (N, L), fp32 even under autocast
 
     def context(
         self, features: torch.Tensor, alpha: torch.Tensor, context_mode: str
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Returns z_t (B, D) and, for sampled locations, s_t (B,) (None when z_t is the expectation)."""
+        """Returns z_t (N, D) and, for sampled locations, s_t (N,) (None when z_t is the expectation)."""
         del context_mode  # soft attention always takes the expectation
         return _expected_context(features, alpha), None
 
@@ -195,12 +208,16 @@ class HardAttention(SoftAttention):
             s = alpha.argmax(dim=1)  # (B,)
         else:
             raise ValueError(f"hard attention context mode {context_mode!r} is not one of sample, expected, argmax")
-        z = features[torch.arange(features.size(0), device=features.device), s]  # (B, D)
-        return z, s
+        rows_per_image = alpha.size(0) // features.size(0)
+        image = torch.arange(alpha.size(0), device=features.device) // rows_per_image  # (N,)
+        return features[image, s], s  # (N, D), (N,)
 
 
 def _expected_context(features: torch.Tensor, alpha: torch.Tensor) -> torch.Tensor:
-    return torch.bmm(alpha.unsqueeze(1).to(features.dtype), features).squeeze(1)  # (B, D)
+    """z_t = sum_i alpha_ti a_i for N = G*r rows of alpha over G images: one (r, L) x (L, D) product per image."""
+    groups, num_locations, _ = features.shape
+    z = torch.bmm(alpha.view(groups, -1, num_locations).to(features.dtype), features)  # (G, r, D)
+    return z.view(alpha.size(0), -1)  # (N, D)
 
 
 # --------------------------------------------------------------------------------------------
@@ -256,9 +273,11 @@ class Decoder(nn.Module):
             self.fc = nn.Linear(decoder_dim, vocab_size)  # the plain output of most PyTorch ports
         self.embedding.weight.data.uniform_(-0.1, 0.1)
 
-    def init_state(self, features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        mean_a = features.mean(dim=1)  # (B, D)
-        return self.init_h(mean_a), self.init_c(mean_a)  # (B, n) each
+    def init_state(self, features: torch.Tensor, rows_per_image: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+        """(h_0, c_0), each (G*r, n), for r rows (captions or beams) of each of G images."""
+        mean_a = features.mean(dim=1)  # (G, D)
+        h, c = self.init_h(mean_a), self.init_c(mean_a)  # (G, n) each
+        return h.repeat_interleave(rows_per_image, dim=0), c.repeat_interleave(rows_per_image, dim=0)
 
     def step(
         self,
@@ -268,9 +287,12 @@ class Decoder(nn.Module):
         features_proj: torch.Tensor,
         context_mode: str = "expected",
     ) -> StepOutput:
-        """Advance one word: y_{t-1} (B,), (h_{t-1}, c_{t-1}), a (B, L, D) -> logits for y_t and more.
+        """Advance one word: y_{t-1} (N,), (h_{t-1}, c_{t-1}), a (G, L, D) -> logits for y_t and more.
 
-        `context_mode` is only read by hard attention: "sample", "expected" or "argmax".
+        The N = G*r rows are r consecutive rows per image (an image's captions, or its beams): they share
+        the image's annotations a and their projection `features_proj` (G, L, A), which are neither
+        copied nor recomputed per row. `context_mode` is only read by hard attention: "sample",
+        "expected" or "argmax".
         """
         h, c = state
         alpha = self.attention.weights(features_proj, h)  # (B, L)
@@ -294,7 +316,7 @@ class Decoder(nn.Module):
         """Teacher forcing over padded captions, in input order (masks, no sort-and-slice).
 
         Args:
-            features: a, (N, L, D).
+            features: a, (G, L, D), shared by N/G consecutive captions each.
             captions: (N, T+1) `<start> w_1 .. w_n <end> <pad>..`.
             caplens: (N,) n + 2, counting <start> and <end>.
         Returns a dict with logits (N, T, V) for targets captions[:, 1:T+1], alphas (N, T, L),
@@ -302,8 +324,8 @@ class Decoder(nn.Module):
         """
         steps = int(caplens.max().item()) - 1  # T: predict w_1 .. <end>
         mask = torch.arange(steps, device=captions.device)[None, :] < (caplens[:, None] - 1)  # (N, T)
-        features_proj = self.attention.project(features)  # (N, L, A)
-        state = self.init_state(features)
+        features_proj = self.attention.project(features)  # (G, L, A), once per image
+        state = self.init_state(features, captions.size(0) // features.size(0))  # (N, n) each
         logits, alphas, log_p_s, entropy = [], [], [], []
         for t in range(steps):
             out = self.step(captions[:, t], state, features, features_proj, context_mode)
@@ -359,18 +381,23 @@ class ShowAttendTell(nn.Module):
         )
         self.attention_variant = cfg.attention
 
+    def encode(self, images: torch.Tensor) -> torch.Tensor:
+        """Images (B, 3, S, S) -> annotations a (B, L, D); annotations (B, L, D) from a cache pass through."""
+        if images.dim() == 3:
+            return images.float() if images.dtype == torch.float16 else images
+        return self.encoder(images)
+
     def forward(
         self, images: torch.Tensor, captions: torch.Tensor, caplens: torch.Tensor, context_mode: str = "expected"
     ) -> dict[str, torch.Tensor]:
         """images (B, 3, S, S); captions (B, C, T+1) with C captions per image; caplens (B, C).
 
-        The CNN runs once per image; its annotations are shared by that image's C captions. The result
-        also holds each image's mean annotation vector, `mean_annotation` (B, D).
+        The CNN runs once per image and its annotations, neither copied nor re-projected, serve that
+        image's C captions. `images` may also be the annotations themselves, (B, L, D), from a feature
+        cache of a frozen encoder. The result also holds each image's mean annotation `mean_annotation` (B, D).
         """
-        features = self.encoder(images)  # (B, L, D)
-        per_image = captions.size(1)
-        out = self.decoder(features.repeat_interleave(per_image, dim=0), captions.flatten(0, 1), caplens.flatten(),
-                           context_mode)  # annotations repeated per caption: (B*C, L, D)
+        features = self.encode(images)  # (B, L, D)
+        out = self.decoder(features, captions.flatten(0, 1), caplens.flatten(), context_mode)  # B*C rows
         out["mean_annotation"] = features.mean(dim=1)  # (B, D)
         return out
 
@@ -470,8 +497,12 @@ def beam_search(
     `beam_size` rows and the search ends when every beam is finished or max_len is reached. When no beam
     of an image reaches <end>, its best unfinished hypothesis is returned rather than nothing.
 
+    Speed: an image's k beams share its annotations and their projection (computed once, not per beam);
+    each step keeps only the chosen words, their parents and the attention, and the captions are read
+    back by following the parents once at the end (no per-step copy of the growing hypotheses).
+
     Args:
-        images: (B, 3, S, S) normalised.
+        images: (B, 3, S, S) normalised, or their annotations (B, L, D) from a feature cache.
         length_penalty: rank finished hypotheses by score / length**length_penalty (0 = raw log-prob).
         context_mode: hard attention's context at decoding (expected, argmax, sample); soft ignores it.
     """
@@ -481,64 +512,78 @@ def beam_search(
     decoder = model.decoder
     start, end, pad = word_map["<start>"], word_map["<end>"], word_map["<pad>"]
     k, vocab = beam_size, decoder.vocab_size
-    features = model.encoder(images)  # (B, L, D)
+    features = model.encode(images)  # (B, L, D)
     batch, num_locations, _ = features.shape
-    features = features.repeat_interleave(k, dim=0)  # (B*k, L, D)
-    features_proj = decoder.attention.project(features)  # (B*k, L, A)
-    state = decoder.init_state(features)
-    word_ids = torch.full((batch * k,), start, dtype=torch.long, device=images.device)  # (B*k,)
+    device = features.device
+    features_proj = decoder.attention.project(features)  # (B, L, A)
+    state = decoder.init_state(features, k)  # (B*k, n) each
+    word_ids = torch.full((batch * k,), start, dtype=torch.long, device=device)  # (B*k,)
     # Only beam 0 is live at t=0, so the first top-k picks k distinct words rather than k copies.
-    scores = torch.full((batch, k), float("-inf"), device=images.device)
+    scores = torch.full((batch, k), float("-inf"), device=device)
     scores[:, 0] = 0.0
     scores = scores.flatten()  # (B*k,)
-    finished = torch.zeros(batch * k, dtype=torch.bool, device=images.device)
-    lengths = torch.zeros(batch * k, dtype=torch.long, device=images.device)  # tokens incl. <end>
-    tokens = torch.empty(batch * k, 0, dtype=torch.long, device=images.device)  # (B*k, t)
-    alphas = features.new_empty(batch * k, 0, num_locations)  # (B*k, t, L)
-    betas = features.new_empty(batch * k, 0)  # (B*k, t)
+    finished = torch.zeros(batch * k, dtype=torch.bool, device=device)
+    lengths = torch.zeros(batch * k, dtype=torch.long, device=device)  # tokens incl. <end>
+    row_offsets = torch.arange(batch, device=device)[:, None] * k  # (B, 1)
+    history: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]] = []  # per step
+    # A host sync per step ends the search as soon as every beam is done; on a GPU, check now and then.
+    check_every = 1 if device.type == "cpu" else 8
 
-    for _ in range(max_len):
+    for t in range(max_len):
         out = decoder.step(word_ids, state, features, features_proj, context_mode)
         log_probs = F.log_softmax(out.logits.float(), dim=1)  # (B*k, V)
         log_probs[:, [pad, start]] = float("-inf")  # never emitted (an untrained model may prefer them)
         # A finished beam may only continue with <pad>, at log-prob 0: its score is frozen.
-        frozen = torch.full_like(log_probs, float("-inf"))
-        frozen[:, pad] = 0.0
-        log_probs = torch.where(finished[:, None], frozen, log_probs)
+        log_probs.masked_fill_(finished[:, None], float("-inf"))
+        log_probs[:, pad] = torch.where(finished, 0.0, log_probs[:, pad])
         candidates = (scores[:, None] + log_probs).view(batch, k * vocab)  # (B, k*V)
         top_scores, top_ids = candidates.topk(k, dim=1)  # (B, k)
-        parent = (top_ids // vocab + torch.arange(batch, device=images.device)[:, None] * k).flatten()  # (B*k,)
+        parent = (top_ids // vocab + row_offsets).flatten()  # (B*k,) rows of the previous step
         word_ids = (top_ids % vocab).flatten()  # (B*k,)
         scores = top_scores.flatten()
         was_finished = finished[parent]
         lengths = lengths[parent] + (~was_finished).long()
         finished = was_finished | (word_ids == end)
-        tokens = torch.cat([tokens[parent], word_ids[:, None]], dim=1)
-        alphas = torch.cat([alphas[parent], out.alpha[parent].unsqueeze(1).to(alphas.dtype)], dim=1)
-        betas = torch.cat([betas[parent], out.beta[parent].float().mean(dim=1, keepdim=True).to(betas.dtype)], dim=1)
+        beta = out.beta.float().mean(dim=1)  # (B*k,) mean over D for a vector gate
+        history.append((word_ids, parent, out.alpha, beta))
         state = (out.state[0][parent], out.state[1][parent])
-        if bool(finished.all()):
+        if (t + 1) % check_every == 0 and bool(finished.all()):
             break
 
     normalized = scores / lengths.clamp_min(1).float() ** length_penalty if length_penalty else scores.clone()
     # Prefer finished hypotheses; fall back to the best unfinished one for images with none finished.
     ranking = torch.where(finished, normalized, normalized - 1e9).view(batch, k)  # (B, k)
-    best = ranking.argmax(dim=1) + torch.arange(batch, device=images.device) * k  # (B,)
+    best = ranking.argmax(dim=1) + row_offsets.squeeze(1)  # (B,)
+    tokens, alphas, betas = _follow_parents(history, best)
     enc = model.encoder.enc_size
     results = []
-    for row in best.tolist():
+    for i, row in enumerate(best.tolist()):
         n_words = int(lengths[row]) - int(finished[row])  # drop <end>
         results.append(
             Hypothesis(
-                tokens=tokens[row, :n_words].tolist(),
+                tokens=tokens[i, :n_words].tolist(),
                 score=float(scores[row]),
                 normalized_score=float(normalized[row]),
                 finished=bool(finished[row]),
-                alphas=alphas[row, :n_words].float().view(n_words, enc, enc).cpu(),
-                betas=betas[row, :n_words].float().cpu(),
+                alphas=alphas[i, :n_words].float().view(n_words, enc, enc).cpu(),
+                betas=betas[i, :n_words].cpu(),
             )
         )
     return results
+
+
+def _follow_parents(
+    history: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]], rows: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Walk beam search's back-pointers from the final `rows` (R,): each one's words (R, T), the attention
+    that emitted each word (R, T, L) and its gates (R, T)."""
+    words, alphas, betas = [], [], []
+    for word_ids, parent, alpha, beta in reversed(history):
+        words.append(word_ids[rows])
+        rows = parent[rows]  # the row that emitted this word, with this step's alpha and beta
+        alphas.append(alpha[rows])
+        betas.append(beta[rows])
+    return torch.stack(words[::-1], 1), torch.stack(alphas[::-1], 1), torch.stack(betas[::-1], 1)
 
 
 def target_log_probs(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:

@@ -30,6 +30,7 @@ from tqdm import tqdm
 from datasets import CaptionDataset, collate_captions
 from decoding import DecodeOptions, decode_split
 from eval import caption_diversity, score_captions, warn_if_collapsed
+from feature_cache import ensure_cache
 from models import ShowAttendTell, build_model, doubly_stochastic_penalty, reinforce_surrogate, target_log_probs
 from utils import (
     MODEL_KEYS,
@@ -260,6 +261,29 @@ def make_loaders(cfg: Config, info: DistInfo) -> tuple[DataLoader, DataLoader, D
     return train_loader, val_loader, sampler
 
 
+def use_feature_cache(cfg: Config) -> bool:
+    """feature_cache=auto trains from cached annotations whenever the encoder is frozen and images are
+    not augmented (a flipped image has other annotations than the cached ones)."""
+    if cfg.feature_cache == "on":
+        if cfg.fine_tune_encoder:
+            raise UserError("feature_cache=on needs a frozen encoder: set fine_tune_encoder=false or feature_cache=off")
+        if cfg.hflip:
+            raise UserError("feature_cache=on cannot flip images (hflip=true): set one of them off")
+    return cfg.feature_cache == "on" or (cfg.feature_cache == "auto" and not cfg.fine_tune_encoder and not cfg.hflip)
+
+
+def cached_features(model: ShowAttendTell, cfg: Config, split: str, info: DistInfo, device: torch.device) -> Path:
+    """The split's feature cache for this frozen encoder, built by rank 0 on first use."""
+    if info.is_main:
+        path = ensure_cache(model.encoder, cfg.model_config(), cfg.data_folder, split, build=True, device=device,
+                            num_workers=cfg.num_workers)
+    if info.enabled:
+        dist.barrier()
+    if not info.is_main:
+        path = ensure_cache(model.encoder, cfg.model_config(), cfg.data_folder, split, build=False)
+    return path
+
+
 def build_optimizer(trained: ShowAttendTell | ConceptHead, cfg: Config) -> torch.optim.Optimizer:
     """Adam with the encoder's learning rate for the encoder and the decoder's for the rest (the decoder
     and any concept head); frozen encoder parameters are left out."""
@@ -382,6 +406,9 @@ def _train(cfg: Config, ckpt: dict[str, Any] | None, info: DistInfo, device: tor
         scaler.load_state_dict(ckpt["scaler"])
         state = TrainState(**ckpt["train_state"])
         set_rng_state(ckpt["rng"])
+    if use_feature_cache(cfg):
+        for dataset in (train_loader.dataset, getattr(val_loader.dataset, "dataset", val_loader.dataset)):
+            dataset.features_path = cached_features(model, cfg, dataset.split, info, device)
     ddp_model = DistributedDataParallel(trained) if info.enabled else trained
 
     writer = None

@@ -13,10 +13,11 @@ import random
 import re
 import secrets
 import sys
+import contextlib
 from contextlib import nullcontext
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any, BinaryIO, Callable, ContextManager, Sequence
+from typing import Any, BinaryIO, Callable, ContextManager, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -118,6 +119,9 @@ class TrainConfig:
     num_workers: int = option(2, min=0)  # DataLoader workers (each opens the HDF5 file itself)
     captions_per_step: int = option(0, min=0)  # captions of each image trained per step; 0 = all stored
     hflip: bool = False  # augment: flip training images left-right with probability 0.5
+    # Train and validate from the frozen encoder's annotations, computed once per image and cached
+    # beside the pack (feature_cache.py): auto = whenever the encoder is frozen and hflip is off.
+    feature_cache: str = option("auto", choices=("auto", "on", "off"))
 
     # --- encoder initialisation and training ---
     encoder_weights: str = "imagenet"  # imagenet (torch hub cache) | none (random init) | path to a state_dict
@@ -288,6 +292,20 @@ def atomic_write(path: str | Path, write: Callable[[BinaryIO], None]) -> None:
     try:
         with open(tmp, "xb") as f:
             write(f)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | Path) -> Iterator[Path]:
+    """A temp path beside `path` for writers that want a file name (h5py); renamed to `path` on success."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
+    try:
+        yield tmp
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)

@@ -1,0 +1,139 @@
+"""Annotation vectors of a frozen encoder, computed once per image and stored beside the packed split.
+
+A frozen encoder gives the same a (L, D) for an image every epoch, so running the CNN each step is
+wasted work: the cache stores them as float16 in `<data_folder>/features/<split>_<encoder>_l<stages>_g<grid>.h5`
+(one HDF5 chunk per image, so reading an image reads one chunk). The file records what made it (the
+encoder's architecture and a hash of its weights, the grid, the image size, the packed data's identity);
+a model or pack that does not match is refused with a line saying what differs.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import h5py
+import numpy as np
+import torch
+from torch.utils.data import DataLoader
+
+from datasets import CaptionDataset, collate_captions
+from tqdm import tqdm
+
+from utils import ModelConfig, UserError, atomic_path, one_line
+
+__all__ = ["cache_path", "cache_identity", "check_cache", "build_cache", "ensure_cache"]
+
+CACHE_DIR = "features"
+CACHE_FORMAT = 1
+
+
+def cache_path(data_folder: str | os.PathLike[str], split: str, cfg: ModelConfig) -> Path:
+    return Path(data_folder) / CACHE_DIR / f"{split}_{cfg.encoder}_l{cfg.encoder_stages}_g{cfg.enc_size}.h5"
+
+
+def _weights_hash(encoder: torch.nn.Module) -> str:
+    """The encoder's weights and BatchNorm statistics, in state_dict order: what the features depend on."""
+    digest = hashlib.sha1()
+    for name, tensor in encoder.state_dict().items():
+        digest.update(name.encode())
+        digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+    return digest.hexdigest()[:16]
+
+
+def _pack_identity(data_folder: str | os.PathLike[str], split: str) -> str:
+    """The pack's dataset.json (written last by create_input_files.py) and the split file's size."""
+    marker = Path(data_folder) / "dataset.json"
+    digest = hashlib.sha1(marker.read_bytes() if marker.is_file() else b"")
+    digest.update(str(os.path.getsize(Path(data_folder) / f"{split}.h5")).encode())
+    return digest.hexdigest()[:16]
+
+
+def cache_identity(encoder: torch.nn.Module, cfg: ModelConfig, data_folder: str | os.PathLike[str], split: str,
+                   image_size: int) -> dict[str, Any]:
+    """What the cached features of `split` depend on; stored in the cache and compared when it is read."""
+    return {
+        "format": CACHE_FORMAT,
+        "encoder": cfg.encoder,
+        "encoder_stages": cfg.encoder_stages,
+        "enc_size": cfg.enc_size,
+        "encoder_weights_sha1": _weights_hash(encoder),
+        "image_size": image_size,
+        "pack_sha1": _pack_identity(data_folder, split),
+    }
+
+
+def check_cache(path: str | os.PathLike[str], identity: dict[str, Any]) -> None:
+    """Raise a UserError naming every field in which the cache at `path` differs from `identity`."""
+    try:
+        with h5py.File(path, "r") as h5:
+            stored = json.loads(h5.attrs.get("identity", "{}"))
+            shape = h5["features"].shape if "features" in h5 else None
+    except (OSError, ValueError) as e:
+        raise UserError(f"{path}: not a readable feature cache ({one_line(e)}); delete it to rebuild") from None
+    differs = [f"{key} {stored.get(key)!r} != {value!r}" for key, value in identity.items() if stored.get(key) != value]
+    if differs or shape is None:
+        raise UserError(f"{path}: made by another encoder or pack ({'; '.join(differs) or 'no features'}); "
+                        "delete it to rebuild, or set feature_cache=off")
+
+
+@torch.no_grad()
+def build_cache(
+    encoder: torch.nn.Module,
+    data_folder: str | os.PathLike[str],
+    split: str,
+    identity: dict[str, Any],
+    *,
+    device: torch.device | str = "cpu",
+    batch_size: int = 32,
+    num_workers: int = 0,
+) -> Path:
+    """Run the frozen encoder once over every image of `split`; write the cache atomically."""
+    cfg = ModelConfig(encoder=identity["encoder"], encoder_stages=identity["encoder_stages"],
+                      enc_size=identity["enc_size"])
+    path = cache_path(data_folder, split, cfg)
+    dataset = CaptionDataset(str(data_folder), split, with_references=False)
+    loader = DataLoader(dataset, batch_size=batch_size, num_workers=num_workers, collate_fn=collate_captions)
+    was_training = encoder.training
+    encoder.eval()
+    try:
+        with atomic_path(path) as tmp, h5py.File(tmp, "w") as h5:
+            features = None
+            for batch in tqdm(loader, desc=f"cache {split} features", dynamic_ncols=True):
+                a = encoder(batch["image"].to(device, non_blocking=True)).cpu().numpy().astype(np.float16)
+                if features is None:  # (N, L, D), one chunk per image
+                    features = h5.create_dataset("features", (len(dataset), *a.shape[1:]), dtype=np.float16,
+                                                 chunks=(1, *a.shape[1:]))
+                first = int(batch["index"][0])
+                features[first : first + len(a)] = a
+            h5.attrs["identity"] = json.dumps(identity, sort_keys=True)
+    finally:
+        dataset.close()
+        encoder.train(was_training)
+    return path
+
+
+def ensure_cache(
+    encoder: torch.nn.Module,
+    cfg: ModelConfig,
+    data_folder: str | os.PathLike[str],
+    split: str,
+    *,
+    build: bool,
+    device: torch.device | str = "cpu",
+    num_workers: int = 0,
+) -> Path | None:
+    """The checked cache of `split` for this encoder: built when missing and `build`; None when missing
+    and not `build`. A cache that exists but does not match is refused (UserError)."""
+    path = cache_path(data_folder, split, cfg)
+    if not path.exists() and not build:
+        return None
+    with h5py.File(Path(data_folder) / f"{split}.h5", "r") as h5:
+        image_size = int(h5.attrs["image_size"])
+    identity = cache_identity(encoder, cfg, data_folder, split, image_size)
+    if path.exists():
+        check_cache(path, identity)
+        return path
+    return build_cache(encoder, data_folder, split, identity, device=device, num_workers=num_workers)

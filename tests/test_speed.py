@@ -1,0 +1,147 @@
+"""The speed features keep the numbers: shared per-image annotations, the cache-friendly attention,
+back-pointer beam search, the feature cache, and benchmark.py's tiny mode."""
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import h5py
+import pytest
+import torch
+
+import csv
+
+import train
+from datasets import CaptionDataset, collate_captions
+from feature_cache import cache_path
+from models import beam_search, build_model
+from utils import ModelConfig, load_checkpoint
+
+ROOT = Path(__file__).resolve().parent.parent
+WORD_MAP = {"<pad>": 0, "<start>": 1, "<end>": 2, "<unk>": 3, **{f"w{i}": i for i in range(4, 30)}}
+TINY = ["encoder_stages=2", "enc_size=4", "attention_dim=32", "embed_dim=16", "decoder_dim=32", "batch_size=8",
+        "num_workers=0", "max_len=12", "early_stop_patience=0"]
+
+
+def tiny_model(attention: str = "soft", seed: int = 0):
+    torch.manual_seed(seed)
+    cfg = ModelConfig(encoder="resnet18", encoder_stages=2, enc_size=4, attention=attention, attention_dim=24,
+                      embed_dim=16, decoder_dim=20, vocab_size=len(WORD_MAP), dropout=0.0)
+    return build_model(cfg).eval()
+
+
+@pytest.mark.parametrize("attention", ["soft", "hard"])
+def test_captions_share_their_images_annotations(attention):
+    """Decoder rows grouped per image (r captions each) give what repeating the annotations per row gives."""
+    model = tiny_model(attention)
+    features = torch.randn(3, 16, model.encoder.out_dim)  # (G, L, D)
+    captions = torch.randint(4, len(WORD_MAP), (6, 7))  # 2 captions per image
+    captions[:, 0] = WORD_MAP["<start>"]
+    caplens = torch.tensor([7, 5, 6, 7, 3, 4])
+    grouped = model.decoder(features, captions, caplens, "argmax")
+    repeated = model.decoder(features.repeat_interleave(2, dim=0), captions, caplens, "argmax")
+    for key in ("logits", "alphas", "entropy"):
+        torch.testing.assert_close(grouped[key], repeated[key], rtol=1e-5, atol=1e-5)
+
+
+def test_attention_without_autograd_equals_with_it():
+    """The no-grad path builds the (r, L, A) pre-activation per image in a reused buffer; same weights."""
+    attention = tiny_model().decoder.attention
+    features_proj = torch.randn(4, 16, 24)
+    h = torch.randn(12, 20)  # 3 rows per image
+    with torch.enable_grad():
+        expected = attention.weights(features_proj, h)
+    with torch.no_grad():
+        got = attention.weights(features_proj, h)
+    torch.testing.assert_close(got, expected, rtol=1e-6, atol=1e-7)
+    assert got.shape == (12, 16)
+
+
+def test_beam_search_from_annotations_equals_from_images():
+    model = tiny_model()
+    images = torch.randn(3, 3, 32, 32)
+    from_images = beam_search(model, images, WORD_MAP, beam_size=3, max_len=8)
+    from_features = beam_search(model, model.encoder(images), WORD_MAP, beam_size=3, max_len=8)
+    for a, b in zip(from_images, from_features):
+        assert a.tokens == b.tokens and a.score == pytest.approx(b.score, abs=1e-5)
+        torch.testing.assert_close(a.alphas, b.alphas)
+
+
+def test_beam_search_attention_is_the_emitting_beams(monkeypatch):
+    """Back-pointers return, for each word, the attention of the beam that emitted it: re-running the
+    returned caption through teacher forcing gives the same alphas."""
+    model = tiny_model()
+    images = torch.randn(2, 3, 32, 32)
+    for hyp, image in zip(beam_search(model, images, WORD_MAP, beam_size=4, max_len=6), images):
+        tokens = [WORD_MAP["<start>"], *hyp.tokens, WORD_MAP["<end>"]]
+        captions = torch.tensor([tokens])
+        out = model.decoder(model.encoder(image[None]), captions, torch.tensor([len(tokens)]))
+        n = len(hyp.tokens)
+        torch.testing.assert_close(out["alphas"][0, :n].view(n, 4, 4), hyp.alphas, rtol=1e-4, atol=1e-5)
+
+
+@pytest.fixture
+def own_pack(shapes_folder, tmp_path) -> Path:
+    """A private copy of the tiny pack: the cache is written beside it."""
+    return Path(shutil.copytree(shapes_folder, tmp_path / "packed"))
+
+
+def test_feature_cache_holds_the_encoders_annotations_and_trains(own_pack, tmp_path):
+    out = tmp_path / "run"
+    argv = ["--config", "configs/shapes.yaml", f"data_folder={own_pack}", *TINY, "fine_tune_encoder=false", "epochs=1"]
+    assert train.main([*argv, f"out_dir={out}"]) == 0  # feature_cache=auto: on for a frozen encoder
+    ckpt = load_checkpoint(out / "last.pt")
+    model_cfg = ModelConfig(**ckpt["model_config"])
+    model = build_model(model_cfg)
+    model.load_state_dict(ckpt["model"])
+    model.eval()
+    for split in ("train", "val"):
+        path = cache_path(own_pack, split, model_cfg)
+        dataset = CaptionDataset(str(own_pack), split)
+        batch = collate_captions([dataset[i] for i in range(len(dataset))])
+        with h5py.File(path, "r") as h5, torch.no_grad():
+            cached = torch.from_numpy(h5["features"][:])
+            assert cached.dtype == torch.float16 and cached.shape == (len(dataset), 16, model.encoder.out_dim)
+            torch.testing.assert_close(cached.float(), model.encoder(batch["image"]), rtol=2e-3, atol=2e-3)
+
+
+def test_a_cache_made_by_another_encoder_is_refused(own_pack, tmp_path, capsys):
+    argv = ["--config", "configs/shapes.yaml", f"data_folder={own_pack}", *TINY, "fine_tune_encoder=false", "epochs=1"]
+    assert train.main([*argv, f"out_dir={tmp_path / 'a'}"]) == 0
+    capsys.readouterr()
+    assert train.main([*argv, f"out_dir={tmp_path / 'b'}", "seed=1"]) == 1
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.startswith("error: ") and "train_resnet18_l2_g4.h5" in err and "encoder_weights_sha1" in err
+
+
+@pytest.mark.parametrize("override,message", [
+    ("fine_tune_encoder=true", "needs a frozen encoder"),
+    ("hflip=true", "cannot flip images"),
+])
+def test_feature_cache_on_refuses_what_it_cannot_cache(shapes_folder, tmp_path, capsys, override, message):
+    argv = ["--config", "configs/shapes.yaml", f"data_folder={shapes_folder}", f"out_dir={tmp_path / 'r'}", *TINY,
+            "fine_tune_encoder=false", "feature_cache=on", override]
+    assert train.main(argv) == 1
+    assert message in capsys.readouterr().err
+
+
+def test_cached_and_pixel_training_agree(own_pack, tmp_path):
+    """The same frozen-encoder run from pixels and from the cache: the same first-epoch loss (fp16 features)."""
+    argv = ["--config", "configs/shapes.yaml", f"data_folder={own_pack}", *TINY, "fine_tune_encoder=false", "epochs=1"]
+    assert train.main([*argv, f"out_dir={tmp_path / 'cached'}", "feature_cache=on"]) == 0
+    assert train.main([*argv, f"out_dir={tmp_path / 'pixels'}", "feature_cache=off"]) == 0
+    cached = next(csv.DictReader(open(tmp_path / "cached" / "metrics.csv")))
+    pixels = next(csv.DictReader(open(tmp_path / "pixels" / "metrics.csv")))
+    assert float(cached["train_loss"]) == pytest.approx(float(pixels["train_loss"]), rel=2e-3)
+    assert cache_path(own_pack, "train", ModelConfig(encoder_stages=2, enc_size=4)).is_file()
+
+
+def test_benchmark_tiny_mode_runs(tmp_path):
+    result = subprocess.run([sys.executable, "benchmark.py", "--tiny"], cwd=ROOT, capture_output=True, text=True,
+                            timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    table = result.stdout
+    for row in ("decode", "train, frozen encoder", "train, trainable encoder", "data", "peak RSS"):
+        assert row in table, table
