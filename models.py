@@ -480,6 +480,16 @@ class Hypothesis:
     betas: torch.Tensor  # (len(tokens),) gate value (mean over D for a vector gate)
 
 
+class _Step(NamedTuple):
+    """What beam search keeps of one step to read the captions back at the end."""
+
+    word_ids: torch.Tensor  # (R,) word chosen by each row after the step
+    parent: torch.Tensor  # (R,) the row of this step's input that it extends
+    alpha: torch.Tensor  # (R, L) attention of each input row
+    beta: torch.Tensor  # (R,) gate of each input row (mean over D for a vector gate)
+    kept: torch.Tensor | None  # (R,) rows of the previous step's output that this step's input kept
+
+
 @torch.no_grad()
 def beam_search(
     model: ShowAttendTell,
@@ -494,12 +504,13 @@ def beam_search(
     """Best caption per image, decoding all images and all their beams as one batch.
 
     A finished beam stays in the beam, extended only by <pad> at no cost, so every image keeps exactly
-    `beam_size` rows and the search ends when every beam is finished or max_len is reached. When no beam
-    of an image reaches <end>, its best unfinished hypothesis is returned rather than nothing.
+    `beam_size` rows until all of them are finished; the image then leaves the batch, and the search ends
+    when no image is left or max_len is reached. When no beam of an image reaches <end>, its best
+    unfinished hypothesis is returned rather than nothing.
 
     Speed: an image's k beams share its annotations and their projection (computed once, not per beam);
-    each step keeps only the chosen words, their parents and the attention, and the captions are read
-    back by following the parents once at the end (no per-step copy of the growing hypotheses).
+    each step keeps only the chosen words, back-pointers and attention, and the captions are read back
+    by following the back-pointers once at the end (no per-step copy of the growing hypotheses).
 
     Args:
         images: (B, 3, S, S) normalised, or their annotations (B, L, D) from a feature cache.
@@ -517,54 +528,81 @@ def beam_search(
     device = features.device
     features_proj = decoder.attention.project(features)  # (B, L, A)
     state = decoder.init_state(features, k)  # (B*k, n) each
-    word_ids = torch.full((batch * k,), start, dtype=torch.long, device=device)  # (B*k,)
+    image_ids = torch.arange(batch, device=device)  # (A,) the images still decoding, A <= B
+    word_ids = torch.full((batch * k,), start, dtype=torch.long, device=device)  # (A*k,)
     # Only beam 0 is live at t=0, so the first top-k picks k distinct words rather than k copies.
     scores = torch.full((batch, k), float("-inf"), device=device)
     scores[:, 0] = 0.0
-    scores = scores.flatten()  # (B*k,)
+    scores = scores.flatten()  # (A*k,)
     finished = torch.zeros(batch * k, dtype=torch.bool, device=device)
     lengths = torch.zeros(batch * k, dtype=torch.long, device=device)  # tokens incl. <end>
-    row_offsets = torch.arange(batch, device=device)[:, None] * k  # (B, 1)
-    history: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]] = []  # per step
-    # A host sync per step ends the search as soon as every beam is done; on a GPU, check now and then.
+    steps: list[_Step] = []
+    ended: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # step -> (images, their best rows) ending there
+    best_score = torch.empty(batch, device=device)
+    best_normalized = torch.empty(batch, device=device)
+    best_length = torch.empty(batch, dtype=torch.long, device=device)
+    best_finished = torch.empty(batch, dtype=torch.bool, device=device)
+    kept = None
+    # Retiring finished images needs a host sync; on a GPU, do it every few steps only.
     check_every = 1 if device.type == "cpu" else 8
 
     for t in range(max_len):
         out = decoder.step(word_ids, state, features, features_proj, context_mode)
-        log_probs = F.log_softmax(out.logits.float(), dim=1)  # (B*k, V)
+        log_probs = F.log_softmax(out.logits.float(), dim=1)  # (A*k, V)
         log_probs[:, [pad, start]] = float("-inf")  # never emitted (an untrained model may prefer them)
         # A finished beam may only continue with <pad>, at log-prob 0: its score is frozen.
         log_probs.masked_fill_(finished[:, None], float("-inf"))
         log_probs[:, pad] = torch.where(finished, 0.0, log_probs[:, pad])
-        candidates = (scores[:, None] + log_probs).view(batch, k * vocab)  # (B, k*V)
-        top_scores, top_ids = candidates.topk(k, dim=1)  # (B, k)
-        parent = (top_ids // vocab + row_offsets).flatten()  # (B*k,) rows of the previous step
-        word_ids = (top_ids % vocab).flatten()  # (B*k,)
+        active = image_ids.numel()
+        candidates = (scores[:, None] + log_probs).view(active, k * vocab)  # (A, k*V)
+        top_scores, top_ids = candidates.topk(k, dim=1)  # (A, k)
+        parent = (top_ids // vocab + torch.arange(active, device=device)[:, None] * k).flatten()  # (A*k,)
+        word_ids = (top_ids % vocab).flatten()  # (A*k,)
         scores = top_scores.flatten()
         was_finished = finished[parent]
         lengths = lengths[parent] + (~was_finished).long()
         finished = was_finished | (word_ids == end)
-        beta = out.beta.float().mean(dim=1)  # (B*k,) mean over D for a vector gate
-        history.append((word_ids, parent, out.alpha, beta))
+        steps.append(_Step(word_ids, parent, out.alpha, out.beta.float().mean(dim=1), kept))
         state = (out.state[0][parent], out.state[1][parent])
-        if (t + 1) % check_every == 0 and bool(finished.all()):
+        kept = None
+        last = t == max_len - 1
+        if not last and (t + 1) % check_every:
+            continue
+        done = torch.ones(active, dtype=torch.bool, device=device) if last else finished.view(active, k).all(dim=1)
+        if not bool(done.any()):
+            continue
+        # Rank the done images' beams: finished hypotheses first, the best unfinished one as a fallback.
+        rows = torch.arange(active * k, device=device).view(active, k)[done]  # (E, k)
+        normalized = scores[rows] / lengths[rows].clamp_min(1).float() ** length_penalty if length_penalty \
+            else scores[rows]
+        best_rows = rows.gather(1, torch.where(finished[rows], normalized, normalized - 1e9).argmax(1, keepdim=True))
+        best_rows = best_rows.squeeze(1)  # (E,)
+        done_images = image_ids[done]
+        ended[t] = (done_images, best_rows)
+        best_score[done_images] = scores[best_rows]
+        best_normalized[done_images] = normalized.gather(1, (best_rows - rows[:, 0])[:, None]).squeeze(1)
+        best_length[done_images] = lengths[best_rows]
+        best_finished[done_images] = finished[best_rows]
+        if bool(done.all()):
             break
+        # The done images leave the batch: keep the rows (and annotations) of the others.
+        image_ids = image_ids[~done]
+        kept = torch.arange(active * k, device=device).view(active, k)[~done].flatten()  # (A'*k,)
+        features, features_proj = features[~done], features_proj[~done]
+        word_ids, scores, finished, lengths = word_ids[kept], scores[kept], finished[kept], lengths[kept]
+        state = (state[0][kept], state[1][kept])
 
-    normalized = scores / lengths.clamp_min(1).float() ** length_penalty if length_penalty else scores.clone()
-    # Prefer finished hypotheses; fall back to the best unfinished one for images with none finished.
-    ranking = torch.where(finished, normalized, normalized - 1e9).view(batch, k)  # (B, k)
-    best = ranking.argmax(dim=1) + row_offsets.squeeze(1)  # (B,)
-    tokens, alphas, betas = _follow_parents(history, best)
+    tokens, alphas, betas = _follow_back_pointers(steps, ended, batch, num_locations, pad)
     enc = model.encoder.enc_size
     results = []
-    for i, row in enumerate(best.tolist()):
-        n_words = int(lengths[row]) - int(finished[row])  # drop <end>
+    for i in range(batch):
+        n_words = int(best_length[i]) - int(best_finished[i])  # drop <end>
         results.append(
             Hypothesis(
                 tokens=tokens[i, :n_words].tolist(),
-                score=float(scores[row]),
-                normalized_score=float(normalized[row]),
-                finished=bool(finished[row]),
+                score=float(best_score[i]),
+                normalized_score=float(best_normalized[i]),
+                finished=bool(best_finished[i]),
                 alphas=alphas[i, :n_words].float().view(n_words, enc, enc).cpu(),
                 betas=betas[i, :n_words].cpu(),
             )
@@ -572,18 +610,28 @@ def beam_search(
     return results
 
 
-def _follow_parents(
-    history: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]], rows: torch.Tensor
+def _follow_back_pointers(
+    steps: list[_Step], ended: dict[int, tuple[torch.Tensor, torch.Tensor]], batch: int, num_locations: int, pad: int
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Walk beam search's back-pointers from the final `rows` (R,): each one's words (R, T), the attention
-    that emitted each word (R, T, L) and its gates (R, T)."""
-    words, alphas, betas = [], [], []
-    for word_ids, parent, alpha, beta in reversed(history):
-        words.append(word_ids[rows])
-        rows = parent[rows]  # the row that emitted this word, with this step's alpha and beta
-        alphas.append(alpha[rows])
-        betas.append(beta[rows])
-    return torch.stack(words[::-1], 1), torch.stack(alphas[::-1], 1), torch.stack(betas[::-1], 1)
+    """One backward walk over beam search's steps, picking up each image at the step where it ended:
+    every image's words (B, T), the attention that emitted each word (B, T, L) and its gates (B, T)."""
+    device = steps[0].word_ids.device
+    tokens = torch.full((batch, len(steps)), pad, dtype=torch.long, device=device)
+    alphas = torch.zeros(batch, len(steps), num_locations, device=device)
+    betas = torch.zeros(batch, len(steps), device=device)
+    images = torch.empty(0, dtype=torch.long, device=device)  # images whose caption reaches back to step t
+    rows = torch.empty(0, dtype=torch.long, device=device)  # their rows in step t's output
+    for t in reversed(range(len(steps))):
+        step = steps[t]
+        if t in ended:
+            images, rows = torch.cat([images, ended[t][0]]), torch.cat([rows, ended[t][1]])
+        tokens[images, t] = step.word_ids[rows]
+        rows = step.parent[rows]  # the input row that emitted the word, with this step's alpha and beta
+        alphas[images, t] = step.alpha[rows].float()
+        betas[images, t] = step.beta[rows]
+        if step.kept is not None:
+            rows = step.kept[rows]
+    return tokens, alphas, betas
 
 
 def target_log_probs(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:

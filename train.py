@@ -239,7 +239,8 @@ def val_scores(
     return {**scores, **caption_diversity(list(captions.values()))}
 
 
-def make_loaders(cfg: Config, info: DistInfo) -> tuple[DataLoader, DataLoader, DistributedSampler]:
+def make_loaders(cfg: Config, info: DistInfo, device: torch.device
+                 ) -> tuple[DataLoader, DataLoader, DistributedSampler]:
     train_set = CaptionDataset(cfg.data_folder, "train", transform=RandomHorizontalFlip() if cfg.hflip else None)
     val_set = CaptionDataset(cfg.data_folder, "val")
     if len(val_set) == 0:  # fail now, not after an epoch: model selection needs a val score
@@ -250,7 +251,9 @@ def make_loaders(cfg: Config, info: DistInfo) -> tuple[DataLoader, DataLoader, D
     # which is what makes resume exact.
     sampler = DistributedSampler(train_set, num_replicas=info.world_size, rank=info.rank, shuffle=True, seed=cfg.seed)
     # Own generators: worker seeds then never draw from the global RNG, which resume restores exactly.
-    common = {"num_workers": cfg.num_workers, "collate_fn": collate_captions, "persistent_workers": cfg.num_workers > 0}
+    # Pinned host memory lets prepare_batch's non_blocking copies overlap the GPU's work.
+    common = {"num_workers": cfg.num_workers, "collate_fn": collate_captions, "persistent_workers": cfg.num_workers > 0,
+              "pin_memory": device.type == "cuda"}
     train_loader = DataLoader(train_set, batch_size=cfg.batch_size, sampler=sampler, drop_last=True,
                               generator=torch.Generator().manual_seed(cfg.seed), **common)
     if len(train_loader) == 0:  # drop_last would "train" zero steps
@@ -381,7 +384,7 @@ def _train(cfg: Config, ckpt: dict[str, Any] | None, info: DistInfo, device: tor
     if ckpt is None and (out_dir / "last.pt").exists():
         raise UserError(f"{out_dir} already holds a run; continue it with resume={out_dir / 'last.pt'} "
                         "or pick another out_dir=")
-    train_loader, val_loader, sampler = make_loaders(cfg, info)
+    train_loader, val_loader, sampler = make_loaders(cfg, info, device)
     word_map = train_loader.dataset.word_map
     cfg.vocab_size = len(word_map)
     model = build_model(cfg.model_config(), encoder_weights=cfg.encoder_weights, fine_tune=cfg.fine_tune_encoder,

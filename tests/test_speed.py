@@ -135,7 +135,7 @@ def test_cached_and_pixel_training_agree(own_pack, tmp_path):
     cached = next(csv.DictReader(open(tmp_path / "cached" / "metrics.csv")))
     pixels = next(csv.DictReader(open(tmp_path / "pixels" / "metrics.csv")))
     assert float(cached["train_loss"]) == pytest.approx(float(pixels["train_loss"]), rel=2e-3)
-    assert cache_path(own_pack, "train", ModelConfig(encoder_stages=2, enc_size=4)).is_file()
+    assert cache_path(own_pack, "train", ModelConfig(encoder="resnet18", encoder_stages=2, enc_size=4)).is_file()
 
 
 def test_benchmark_tiny_mode_runs(tmp_path):
