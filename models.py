@@ -463,8 +463,9 @@ def beam_search(
     max_len: int = 50,
     length_penalty: float = 0.0,
     context_mode: str = "expected",
-) -> list[Hypothesis]:
-    """Best caption per image, decoding all images and all their beams as one batch.
+    n_best: int = 1,
+) -> list[list[Hypothesis]]:
+    """The n_best best captions per image (best first), decoding all images and all their beams as one batch.
 
     A finished beam stays in the beam, extended only by <pad> at no cost, so every image keeps exactly
     `beam_size` rows and the search ends when every beam is finished or max_len is reached. When no beam
@@ -474,9 +475,13 @@ def beam_search(
         images: (B, 3, S, S) normalised.
         length_penalty: rank finished hypotheses by score / length**length_penalty (0 = raw log-prob).
         context_mode: hard attention's context at decoding (expected, argmax, sample); soft ignores it.
+        n_best: hypotheses returned per image, 1..beam_size: the final beam, finished ones first, each
+            group by normalized score. Always a list per image, so callers never branch on n_best.
     """
     if beam_size < 1:
         raise ValueError(f"beam_size={beam_size} must be >= 1")
+    if not 1 <= n_best <= beam_size:
+        raise ValueError(f"n_best={n_best} must be in 1..beam_size={beam_size}")
     model.eval()
     decoder = model.decoder
     start, end, pad = word_map["<start>"], word_map["<end>"], word_map["<pad>"]
@@ -521,24 +526,27 @@ def beam_search(
             break
 
     normalized = scores / lengths.clamp_min(1).float() ** length_penalty if length_penalty else scores.clone()
-    # Prefer finished hypotheses; fall back to the best unfinished one for images with none finished.
-    ranking = torch.where(finished, normalized, normalized - 1e9).view(batch, k)  # (B, k)
-    best = ranking.argmax(dim=1) + torch.arange(batch, device=images.device) * k  # (B,)
+    # Finished hypotheses first, each group by normalized score (two stable sorts: an offset such as
+    # -1e9 for unfinished ones would erase their differences in float32); unfinished ones are the
+    # fallback for images with none finished.
+    by_score = normalized.view(batch, k).argsort(dim=1, descending=True, stable=True)  # (B, k)
+    by_finished = finished.view(batch, k).gather(1, by_score).int().argsort(dim=1, descending=True, stable=True)
+    order = by_score.gather(1, by_finished)[:, :n_best]  # (B, n)
+    best = order + torch.arange(batch, device=images.device)[:, None] * k  # (B, n) rows of the flat beam
     enc = model.encoder.enc_size
-    results = []
-    for row in best.tolist():
+
+    def hypothesis(row: int) -> Hypothesis:
         n_words = int(lengths[row]) - int(finished[row])  # drop <end>
-        results.append(
-            Hypothesis(
-                tokens=tokens[row, :n_words].tolist(),
-                score=float(scores[row]),
-                normalized_score=float(normalized[row]),
-                finished=bool(finished[row]),
-                alphas=alphas[row, :n_words].float().view(n_words, enc, enc).cpu(),
-                betas=betas[row, :n_words].float().cpu(),
-            )
+        return Hypothesis(
+            tokens=tokens[row, :n_words].tolist(),
+            score=float(scores[row]),
+            normalized_score=float(normalized[row]),
+            finished=bool(finished[row]),
+            alphas=alphas[row, :n_words].float().view(n_words, enc, enc).cpu(),
+            betas=betas[row, :n_words].float().cpu(),
         )
-    return results
+
+    return [[hypothesis(row) for row in rows] for rows in best.tolist()]
 
 
 def target_log_probs(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
