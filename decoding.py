@@ -13,10 +13,9 @@ from dataclasses import dataclass, fields
 from typing import Any, Iterable
 
 import torch
-from tqdm import tqdm
 
 from models import Hypothesis, ShowAttendTell, beam_search
-from utils import HARD_DECODE_MODES, autocast_context, check_fields, decode_ids, option
+from utils import HARD_DECODE_MODES, autocast_context, check_fields, decode_ids, option, progress_bar
 
 __all__ = ["DecodeOptions", "decode_args_parser", "decode_options_from_args", "decode_images", "decode_split"]
 
@@ -97,7 +96,7 @@ def decode_split(
     references, finished, and the attention maps `alphas` (T, enc_size, enc_size) and gates `betas` (T,)."""
     rev_word_map = {v: k for k, v in word_map.items()}
     decoded = []
-    for batch in tqdm(loader, desc="decode", disable=not progress, dynamic_ncols=True):
+    for batch in progress_bar(loader, desc="decode", disable=not progress):
         hypotheses = decode_images(model, batch["image"], word_map, opts, device=device, amp=amp)
         for index, references, (hyp,) in zip(batch["index"], batch["references"], hypotheses):
             decoded.append(
