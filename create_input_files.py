@@ -34,12 +34,11 @@ from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import h5py
 import numpy as np
-from tqdm import tqdm
 
 from datasets import SPLITS, load_image
 from shapes import MIN_IMAGE_SIZE as MIN_SHAPES_IMAGE_SIZE
 from shapes import generate_image, shape_filename
-from utils import SPECIAL_TOKENS, UserError, atomic_write_text, one_line, run_cli, tokenize
+from utils import SPECIAL_TOKENS, UserError, atomic_write_text, one_line, progress_bar, run_cli, tokenize
 
 KARPATHY_DATASETS = ("flickr8k", "flickr30k", "coco")
 DATASETS = KARPATHY_DATASETS + ("custom", "shapes")
@@ -396,7 +395,7 @@ def _write_images(tmp_path: str, split: str, records: list[Record], options: Pac
         buffer: list[np.ndarray] = []
         # closing(): stop the worker processes at once when a bad image raises, not at garbage collection.
         with (closing(_ordered_map(fn, jobs, options.num_workers)) as results,
-              tqdm(total=len(jobs), desc=split, unit="img") as bar):
+              progress_bar(total=len(jobs), desc=split, unit="img") as bar):
             for record, (image, error, extra) in zip(records, results):
                 bar.update()
                 if error is not None:

@@ -21,7 +21,7 @@ from torchvision.transforms.v2 import functional as TF
 
 from utils import UserError, load_word_map, one_line
 
-__all__ = ["CaptionDataset", "collate_captions", "load_image", "load_image_tensor", "normalize_image",
+__all__ = ["CaptionDataset", "collate_captions", "image_array", "load_image", "load_image_tensor", "normalize_image",
            "IMAGENET_MEAN", "IMAGENET_STD", "SPLITS"]
 
 SPLITS = ("train", "val", "test")  # the packed files {split}.h5
@@ -71,8 +71,7 @@ def load_image(path: str | os.PathLike[str], image_size: int) -> np.ndarray:
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             with Image.open(path) as image:
                 image.load()
-                image = ImageOps.exif_transpose(image)
-                image = _to_rgb(image).resize((image_size, image_size), Image.Resampling.BILINEAR)
+                return image_array(image, image_size)
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
         raise UserError(f"{path}: image too large, over PIL's decompression-bomb limit ({e})") from None
     except UnidentifiedImageError:
@@ -82,12 +81,20 @@ def load_image(path: str | os.PathLike[str], image_size: int) -> np.ndarray:
         if "truncated" in message.lower():
             raise UserError(f"{path}: truncated image file") from None
         raise UserError(f"{path}: cannot decode image ({message})") from None
+
+
+def image_array(image: Image.Image, image_size: int) -> np.ndarray:
+    """An opened PIL image -> (3, S, S) uint8 RGB, the way `load_image` prepares files (EXIF, mode, size)."""
+    image = ImageOps.exif_transpose(image)
+    image = _to_rgb(image).resize((image_size, image_size), Image.Resampling.BILINEAR)
     return np.asarray(image, dtype=np.uint8).transpose(2, 0, 1).copy()  # (3, S, S)
 
 
-def load_image_tensor(path: str | os.PathLike[str], image_size: int) -> tuple[torch.Tensor, Image.Image]:
-    """Read a new image and prepare it exactly like the packed training images (`load_image`, then
-    `normalize_image`).
+def load_image_tensor(
+    path: str | os.PathLike[str] | Image.Image, image_size: int
+) -> tuple[torch.Tensor, Image.Image]:
+    """Read a new image (a file, or an already opened PIL image) and prepare it exactly like the packed
+    training images (`load_image`, then `normalize_image`).
 
     Returns:
         tensor: (3, S, S) float, normalised: what the encoder sees.
@@ -95,7 +102,7 @@ def load_image_tensor(path: str | os.PathLike[str], image_size: int) -> tuple[to
     Raises:
         UserError: `PATH: reason` for a missing, empty, truncated or unreadable file.
     """
-    pixels = load_image(path, image_size)  # (3, S, S) uint8
+    pixels = image_array(path, image_size) if isinstance(path, Image.Image) else load_image(path, image_size)
     display = Image.fromarray(pixels.transpose(1, 2, 0))
     return normalize_image(torch.from_numpy(pixels)), display
 

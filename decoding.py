@@ -3,7 +3,7 @@ defaults and code, so they cannot drift apart.
 
     DecodeOptions       beam size, longest caption, length penalty, hard attention's context, batch size
     decode_args_parser  the argparse parent both scripts share (--beam-size, --max-len, ...)
-    decode_images       a tensor of images -> one best Hypothesis per image
+    decode_images       a tensor of images -> the n best Hypotheses per image (best first)
     decode_split        a DataLoader of a packed split -> per image: caption, words, references, attention
 """
 from __future__ import annotations
@@ -13,10 +13,9 @@ from dataclasses import dataclass, fields
 from typing import Any, Iterable
 
 import torch
-from tqdm import tqdm
 
 from models import Hypothesis, ShowAttendTell, beam_search
-from utils import HARD_DECODE_MODES, autocast_context, check_fields, decode_ids, option
+from utils import HARD_DECODE_MODES, autocast_context, check_fields, decode_ids, option, progress_bar
 
 __all__ = ["DecodeOptions", "decode_args_parser", "decode_options_from_args", "decode_images", "decode_split"]
 
@@ -64,20 +63,22 @@ def decode_images(
     *,
     device: torch.device | str = "cpu",
     amp: str = "off",
-) -> list[Hypothesis]:
-    """Beam-search images (N, 3, S, S) in batches of opts.batch_size; one best Hypothesis per image.
+    n_best: int = 1,
+) -> list[list[Hypothesis]]:
+    """Beam-search images (N, 3, S, S) in batches of opts.batch_size; per image a list of its n_best
+    Hypotheses, best first (n_best <= opts.beam_size).
 
     Each batch is one `models.beam_search` call: all its images and all their beams decoded together.
     """
     model.eval()
     device = torch.device(device)
     context_mode = opts.hard_decode if model.attention_variant == "hard" else "expected"
-    hypotheses: list[Hypothesis] = []
+    hypotheses: list[list[Hypothesis]] = []
     for first in range(0, images.size(0), opts.batch_size):
         batch = images[first : first + opts.batch_size].to(device, non_blocking=True)  # (b, 3, S, S)
         with autocast_context(device, amp):
             hypotheses += beam_search(model, batch, word_map, beam_size=opts.beam_size, max_len=opts.max_len,
-                                      length_penalty=opts.length_penalty, context_mode=context_mode)
+                                      length_penalty=opts.length_penalty, context_mode=context_mode, n_best=n_best)
     return hypotheses
 
 
@@ -95,9 +96,9 @@ def decode_split(
     references, finished, and the attention maps `alphas` (T, enc_size, enc_size) and gates `betas` (T,)."""
     rev_word_map = {v: k for k, v in word_map.items()}
     decoded = []
-    for batch in tqdm(loader, desc="decode", disable=not progress, dynamic_ncols=True):
+    for batch in progress_bar(loader, desc="decode", disable=not progress):
         hypotheses = decode_images(model, batch["image"], word_map, opts, device=device, amp=amp)
-        for index, references, hyp in zip(batch["index"], batch["references"], hypotheses):
+        for index, references, (hyp,) in zip(batch["index"], batch["references"], hypotheses):
             decoded.append(
                 {
                     "index": int(index),

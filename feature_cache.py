@@ -20,9 +20,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from datasets import CaptionDataset, collate_captions
-from tqdm import tqdm
-
-from utils import ModelConfig, UserError, atomic_path, one_line
+from utils import ModelConfig, UserError, atomic_path, one_line, progress_bar
 
 __all__ = ["cache_path", "cache_identity", "check_cache", "build_cache", "ensure_cache"]
 
@@ -101,7 +99,7 @@ def build_cache(
     try:
         with atomic_path(path) as tmp, h5py.File(tmp, "w") as h5:
             features = None
-            for batch in tqdm(loader, desc=f"cache {split} features", dynamic_ncols=True):
+            for batch in progress_bar(loader, desc=f"cache {split} features"):
                 a = encoder(batch["image"].to(device, non_blocking=True)).cpu().numpy().astype(np.float16)
                 if features is None:  # (N, L, D), one chunk per image
                     features = h5.create_dataset("features", (len(dataset), *a.shape[1:]), dtype=np.float16,

@@ -500,8 +500,9 @@ def beam_search(
     max_len: int = 50,
     length_penalty: float = 0.0,
     context_mode: str = "expected",
-) -> list[Hypothesis]:
-    """Best caption per image, decoding all images and all their beams as one batch.
+    n_best: int = 1,
+) -> list[list[Hypothesis]]:
+    """The n_best best captions per image (best first), decoding all images and all their beams as one batch.
 
     A finished beam stays in the beam, extended only by <pad> at no cost, so every image keeps exactly
     `beam_size` rows until all of them are finished; the image then leaves the batch, and the search ends
@@ -516,9 +517,13 @@ def beam_search(
         images: (B, 3, S, S) normalised, or their annotations (B, L, D) from a feature cache.
         length_penalty: rank finished hypotheses by score / length**length_penalty (0 = raw log-prob).
         context_mode: hard attention's context at decoding (expected, argmax, sample); soft ignores it.
+        n_best: hypotheses returned per image, 1..beam_size: the final beam, finished ones first, each
+            group by normalized score. Always a list per image, so callers never branch on n_best.
     """
     if beam_size < 1:
         raise ValueError(f"beam_size={beam_size} must be >= 1")
+    if not 1 <= n_best <= beam_size:
+        raise ValueError(f"n_best={n_best} must be in 1..beam_size={beam_size}")
     model.eval()
     decoder = model.decoder
     start, end, pad = word_map["<start>"], word_map["<end>"], word_map["<pad>"]
@@ -537,11 +542,13 @@ def beam_search(
     finished = torch.zeros(batch * k, dtype=torch.bool, device=device)
     lengths = torch.zeros(batch * k, dtype=torch.long, device=device)  # tokens incl. <end>
     steps: list[_Step] = []
-    ended: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # step -> (images, their best rows) ending there
-    best_score = torch.empty(batch, device=device)
-    best_normalized = torch.empty(batch, device=device)
-    best_length = torch.empty(batch, dtype=torch.long, device=device)
-    best_finished = torch.empty(batch, dtype=torch.bool, device=device)
+    # Results have n_best slots per image (slot = image * n_best + rank), filled when the image ends.
+    ended: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # step -> (slots, their rows) ending there
+    slot_score = torch.empty(batch * n_best, device=device)
+    slot_normalized = torch.empty(batch * n_best, device=device)
+    slot_length = torch.empty(batch * n_best, dtype=torch.long, device=device)
+    slot_finished = torch.empty(batch * n_best, dtype=torch.bool, device=device)
+    ranks = torch.arange(n_best, device=device)
     kept = None
     # Retiring finished images needs a host sync; on a GPU, do it every few steps only.
     check_every = 1 if device.type == "cpu" else 8
@@ -571,18 +578,22 @@ def beam_search(
         done = torch.ones(active, dtype=torch.bool, device=device) if last else finished.view(active, k).all(dim=1)
         if not bool(done.any()):
             continue
-        # Rank the done images' beams: finished hypotheses first, the best unfinished one as a fallback.
+        # Rank the done images' beams: finished hypotheses first, each group by normalized score (two
+        # stable sorts: an offset such as -1e9 for unfinished ones would erase their differences in
+        # float32); unfinished ones are the fallback for images with none finished.
         rows = torch.arange(active * k, device=device).view(active, k)[done]  # (E, k)
         normalized = scores[rows] / lengths[rows].clamp_min(1).float() ** length_penalty if length_penalty \
-            else scores[rows]
-        best_rows = rows.gather(1, torch.where(finished[rows], normalized, normalized - 1e9).argmax(1, keepdim=True))
-        best_rows = best_rows.squeeze(1)  # (E,)
-        done_images = image_ids[done]
-        ended[t] = (done_images, best_rows)
-        best_score[done_images] = scores[best_rows]
-        best_normalized[done_images] = normalized.gather(1, (best_rows - rows[:, 0])[:, None]).squeeze(1)
-        best_length[done_images] = lengths[best_rows]
-        best_finished[done_images] = finished[best_rows]
+            else scores[rows]  # (E, k)
+        by_score = normalized.argsort(dim=1, descending=True, stable=True)
+        by_finished = finished[rows].gather(1, by_score).int().argsort(dim=1, descending=True, stable=True)
+        order = by_score.gather(1, by_finished)[:, :n_best]  # (E, n)
+        chosen = rows.gather(1, order).flatten()  # (E*n,)
+        slots = (image_ids[done][:, None] * n_best + ranks).flatten()  # (E*n,)
+        ended[t] = (slots, chosen)
+        slot_score[slots] = scores[chosen]
+        slot_normalized[slots] = normalized.gather(1, order).flatten()
+        slot_length[slots] = lengths[chosen]
+        slot_finished[slots] = finished[chosen]
         if bool(done.all()):
             break
         # The done images leave the batch: keep the rows (and annotations) of the others.
@@ -592,43 +603,42 @@ def beam_search(
         word_ids, scores, finished, lengths = word_ids[kept], scores[kept], finished[kept], lengths[kept]
         state = (state[0][kept], state[1][kept])
 
-    tokens, alphas, betas = _follow_back_pointers(steps, ended, batch, num_locations, pad)
+    tokens, alphas, betas = _follow_back_pointers(steps, ended, batch * n_best, num_locations, pad)
     enc = model.encoder.enc_size
-    results = []
-    for i in range(batch):
-        n_words = int(best_length[i]) - int(best_finished[i])  # drop <end>
-        results.append(
-            Hypothesis(
-                tokens=tokens[i, :n_words].tolist(),
-                score=float(best_score[i]),
-                normalized_score=float(best_normalized[i]),
-                finished=bool(best_finished[i]),
-                alphas=alphas[i, :n_words].float().view(n_words, enc, enc).cpu(),
-                betas=betas[i, :n_words].cpu(),
-            )
+
+    def hypothesis(slot: int) -> Hypothesis:
+        n_words = int(slot_length[slot]) - int(slot_finished[slot])  # drop <end>
+        return Hypothesis(
+            tokens=tokens[slot, :n_words].tolist(),
+            score=float(slot_score[slot]),
+            normalized_score=float(slot_normalized[slot]),
+            finished=bool(slot_finished[slot]),
+            alphas=alphas[slot, :n_words].view(n_words, enc, enc).cpu(),
+            betas=betas[slot, :n_words].cpu(),
         )
-    return results
+
+    return [[hypothesis(i * n_best + rank) for rank in range(n_best)] for i in range(batch)]
 
 
 def _follow_back_pointers(
-    steps: list[_Step], ended: dict[int, tuple[torch.Tensor, torch.Tensor]], batch: int, num_locations: int, pad: int
+    steps: list[_Step], ended: dict[int, tuple[torch.Tensor, torch.Tensor]], slots: int, num_locations: int, pad: int
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """One backward walk over beam search's steps, picking up each image at the step where it ended:
-    every image's words (B, T), the attention that emitted each word (B, T, L) and its gates (B, T)."""
+    """One backward walk over beam search's steps, picking up each result slot at the step where its image
+    ended: every slot's words (S, T), the attention that emitted each word (S, T, L) and its gates (S, T)."""
     device = steps[0].word_ids.device
-    tokens = torch.full((batch, len(steps)), pad, dtype=torch.long, device=device)
-    alphas = torch.zeros(batch, len(steps), num_locations, device=device)
-    betas = torch.zeros(batch, len(steps), device=device)
-    images = torch.empty(0, dtype=torch.long, device=device)  # images whose caption reaches back to step t
+    tokens = torch.full((slots, len(steps)), pad, dtype=torch.long, device=device)
+    alphas = torch.zeros(slots, len(steps), num_locations, device=device)
+    betas = torch.zeros(slots, len(steps), device=device)
+    walking = torch.empty(0, dtype=torch.long, device=device)  # slots whose caption reaches back to step t
     rows = torch.empty(0, dtype=torch.long, device=device)  # their rows in step t's output
     for t in reversed(range(len(steps))):
         step = steps[t]
         if t in ended:
-            images, rows = torch.cat([images, ended[t][0]]), torch.cat([rows, ended[t][1]])
-        tokens[images, t] = step.word_ids[rows]
+            walking, rows = torch.cat([walking, ended[t][0]]), torch.cat([rows, ended[t][1]])
+        tokens[walking, t] = step.word_ids[rows]
         rows = step.parent[rows]  # the input row that emitted the word, with this step's alpha and beta
-        alphas[images, t] = step.alpha[rows].float()
-        betas[images, t] = step.beta[rows]
+        alphas[walking, t] = step.alpha[rows].float()
+        betas[walking, t] = step.beta[rows]
         if step.kept is not None:
             rows = step.kept[rows]
     return tokens, alphas, betas

@@ -25,7 +25,6 @@ import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, DistributedSampler, Subset
 from torchvision.transforms.v2 import RandomHorizontalFlip
-from tqdm import tqdm
 
 from datasets import CaptionDataset, collate_captions
 from decoding import DecodeOptions, decode_split
@@ -48,6 +47,7 @@ from utils import (
     load_checkpoint,
     load_config,
     parse_overrides,
+    progress_bar,
     rng_state,
     run_cli,
     save_checkpoint,
@@ -209,7 +209,7 @@ def train_one_epoch(
     model.train()
     totals = {key: torch.zeros((), device=device) for key in ("loss", "ce", "ds", "concept")}
     num_steps, start = 0, time.time()
-    bar = tqdm(loader, desc=f"epoch {state.epoch + 1}/{cfg.epochs}", disable=not info.is_main, dynamic_ncols=True)
+    bar = progress_bar(loader, desc=f"epoch {state.epoch + 1}/{cfg.epochs}", disable=not info.is_main)
     for batch in bar:
         parts = train_step(model, batch, optimizer, scaler, cfg, state, device)
         num_steps += 1

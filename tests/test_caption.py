@@ -326,8 +326,8 @@ def test_decode_images_batched_equals_one_by_one(soft_ckpt):
     batched = decode_images(model, images, WORD_MAP, DecodeOptions(beam_size=3, max_len=5, batch_size=4))
     single = [decode_images(model, images[i : i + 1], WORD_MAP, DecodeOptions(beam_size=3, max_len=5))[0]
               for i in range(5)]
-    assert [h.tokens for h in batched] == [h.tokens for h in single]
-    assert len({tuple(h.tokens) for h in batched}) > 1  # different images, different captions
+    assert [h.tokens for (h,) in batched] == [h.tokens for (h,) in single]
+    assert len({tuple(h.tokens) for (h,) in batched}) > 1  # different images, different captions
 
 
 def test_show_without_display_warns_and_continues(soft_ckpt, tmp_path, capsys, monkeypatch):

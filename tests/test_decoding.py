@@ -82,6 +82,13 @@ def greedy(model: torch.nn.Module, image: torch.Tensor, max_len: int) -> tuple[l
     return tokens, score, False, torch.stack(alphas)
 
 
+def best_hypotheses(*args, **kwargs) -> list:
+    """beam_search's best hypothesis per image (it returns a list of the n_best per image)."""
+    per_image = beam_search(*args, **kwargs)
+    assert all(len(hyps) == kwargs.get("n_best", 1) for hyps in per_image)
+    return [hyps[0] for hyps in per_image]
+
+
 MODELS = {  # both give a mix of finished and cut-off greedy captions on tiny_images(6)
     "deep_output": lambda: varied_model(end_bias=0.0),
     "linear_output": lambda: tiny_model(deep_output=False, end_bias=0.5),
@@ -92,7 +99,7 @@ MODELS = {  # both give a mix of finished and cut-off greedy captions on tiny_im
 def test_beam_size_1_is_greedy(kind):
     model = MODELS[kind]()
     images = tiny_images(6)
-    hypotheses = beam_search(model, images, WORD_MAP, beam_size=1, max_len=MAX_LEN)
+    hypotheses = best_hypotheses(model, images, WORD_MAP, beam_size=1, max_len=MAX_LEN)
     outcomes = set()
     for i, hyp in enumerate(hypotheses):
         tokens, score, done, alphas = greedy(model, images[i : i + 1], MAX_LEN)
@@ -107,8 +114,9 @@ def test_beam_size_1_is_greedy(kind):
 def test_batch_size_invariance():
     model = varied_model(end_bias=0.0)
     images = tiny_images(6)
-    batched = beam_search(model, images, WORD_MAP, beam_size=3, max_len=MAX_LEN)
-    single = [beam_search(model, images[i : i + 1], WORD_MAP, beam_size=3, max_len=MAX_LEN)[0] for i in range(6)]
+    batched = best_hypotheses(model, images, WORD_MAP, beam_size=3, max_len=MAX_LEN)
+    single = [best_hypotheses(model, images[i : i + 1], WORD_MAP, beam_size=3, max_len=MAX_LEN)[0]
+              for i in range(6)]
     assert [h.tokens for h in batched] == [h.tokens for h in single]
     assert [h.finished for h in batched] == [h.finished for h in single]
     for b, s in zip(batched, single):
@@ -123,7 +131,7 @@ def test_no_finish_falls_back_to_best_unfinished(beam_size, deep_output):
     model = tiny_model(deep_output=deep_output)
     with torch.no_grad():
         (model.decoder.L_o if deep_output else model.decoder.fc).bias[END] = -1e4  # <end> can never win
-    hypotheses = beam_search(model, tiny_images(3), WORD_MAP, beam_size=beam_size, max_len=7)
+    hypotheses = best_hypotheses(model, tiny_images(3), WORD_MAP, beam_size=beam_size, max_len=7)
     assert len(hypotheses) == 3
     for hyp in hypotheses:
         assert len(hyp.tokens) == 7
@@ -139,7 +147,7 @@ def test_beam_scores_are_the_log_likelihood_of_the_returned_caption(end_bias, be
     this checks that beam search carries each beam's state, words and attention to the right child."""
     model = varied_model(end_bias)
     images = tiny_images(6)
-    hypotheses = beam_search(model, images, WORD_MAP, beam_size=beam_size, max_len=MAX_LEN)
+    hypotheses = best_hypotheses(model, images, WORD_MAP, beam_size=beam_size, max_len=MAX_LEN)
     for i, hyp in enumerate(hypotheses):
         caption = [START, *hyp.tokens] + ([END] if hyp.finished else [])
         captions = torch.tensor([caption + [PAD]])  # (1, T+2): one pad so teacher forcing sees every target
@@ -154,7 +162,7 @@ def test_beam_scores_are_the_log_likelihood_of_the_returned_caption(end_bias, be
 
 def test_alphas_and_betas_per_word():
     model = varied_model(end_bias=-1.0)
-    for hyp in beam_search(model, tiny_images(4), WORD_MAP, beam_size=5, max_len=MAX_LEN):
+    for hyp in best_hypotheses(model, tiny_images(4), WORD_MAP, beam_size=5, max_len=MAX_LEN):
         n = len(hyp.tokens)
         assert hyp.alphas.shape == (n, GRID, GRID)
         assert torch.allclose(hyp.alphas.sum(dim=(1, 2)), torch.ones(n), atol=1e-5)
@@ -168,8 +176,8 @@ def test_wider_beam_finds_at_least_the_greedy_log_prob():
     both searches finish, beam 5's caption is at least as likely as greedy's, and better for some."""
     model = varied_model(end_bias=0.0)
     images = tiny_images(6)
-    greedy_hyps = beam_search(model, images, WORD_MAP, beam_size=1, max_len=MAX_LEN)
-    beam_hyps = beam_search(model, images, WORD_MAP, beam_size=5, max_len=MAX_LEN)
+    greedy_hyps = best_hypotheses(model, images, WORD_MAP, beam_size=1, max_len=MAX_LEN)
+    beam_hyps = best_hypotheses(model, images, WORD_MAP, beam_size=5, max_len=MAX_LEN)
     both = [(g, b) for g, b in zip(greedy_hyps, beam_hyps) if g.finished and b.finished]
     assert len(both) >= 3
     assert all(b.score >= g.score - 1e-5 for g, b in both)
@@ -208,7 +216,7 @@ def test_length_penalty_changes_the_ranking(length_penalty, expected, monkeypatc
     model = tiny_model()
     monkeypatch.setattr(model.decoder, "step", controlled_step(_NEXT))
     rev = {v: k for k, v in WORD_MAP.items()}
-    hyp = beam_search(model, tiny_images(1), WORD_MAP, beam_size=3, max_len=6, length_penalty=length_penalty)[0]
+    hyp = best_hypotheses(model, tiny_images(1), WORD_MAP, beam_size=3, max_len=6, length_penalty=length_penalty)[0]
     assert [rev[t] for t in hyp.tokens] == expected
     assert hyp.finished
     raw = {(): 0.50, ("a", "red"): 0.45 * 0.95 * 0.95}[tuple(expected)]
@@ -222,10 +230,10 @@ def test_a_finished_caption_outranks_a_likelier_unfinished_one(monkeypatch):
     a = WORD_MAP["a"]
     model = tiny_model()
     monkeypatch.setattr(model.decoder, "step", controlled_step({START: {a: 0.9, END: 0.05}, a: {a: 0.99, END: 0.001}}))
-    hyp = beam_search(model, tiny_images(1), WORD_MAP, beam_size=3, max_len=4)[0]
+    hyp = best_hypotheses(model, tiny_images(1), WORD_MAP, beam_size=3, max_len=4)[0]
     assert hyp.tokens == [] and hyp.finished
     assert hyp.score == pytest.approx(torch.tensor(0.05).log().item(), abs=1e-5)
-    greedy_hyp = beam_search(model, tiny_images(1), WORD_MAP, beam_size=1, max_len=4)[0]  # never sees <end>
+    greedy_hyp = best_hypotheses(model, tiny_images(1), WORD_MAP, beam_size=1, max_len=4)[0]  # never sees <end>
     assert greedy_hyp.tokens == [a] * 4 and not greedy_hyp.finished
 
 
@@ -237,9 +245,9 @@ def test_hard_attention_decodes_in_every_mode(mode):
     model = tiny_model(attention="hard", end_bias=1.5)
     images = tiny_images(4)
     torch.manual_seed(1)
-    first = beam_search(model, images, WORD_MAP, beam_size=3, max_len=MAX_LEN, context_mode=mode)
+    first = best_hypotheses(model, images, WORD_MAP, beam_size=3, max_len=MAX_LEN, context_mode=mode)
     torch.manual_seed(1)
-    again = beam_search(model, images, WORD_MAP, beam_size=3, max_len=MAX_LEN, context_mode=mode)
+    again = best_hypotheses(model, images, WORD_MAP, beam_size=3, max_len=MAX_LEN, context_mode=mode)
     assert [h.tokens for h in first] == [h.tokens for h in again]  # reproducible under a seed
     for hyp in first:
         n = len(hyp.tokens)
@@ -253,9 +261,9 @@ def test_hard_expected_mode_equals_soft_attention_with_the_same_weights():
     soft = tiny_model(attention="soft", end_bias=1.5)
     soft.load_state_dict(hard.state_dict())  # same parameters; only the context rule differs
     images = tiny_images(4)
-    h = beam_search(hard, images, WORD_MAP, beam_size=3, max_len=MAX_LEN, context_mode="expected")
+    h = best_hypotheses(hard, images, WORD_MAP, beam_size=3, max_len=MAX_LEN, context_mode="expected")
     # soft attention ignores the context mode
-    s = beam_search(soft, images, WORD_MAP, beam_size=3, max_len=MAX_LEN, context_mode="sample")
+    s = best_hypotheses(soft, images, WORD_MAP, beam_size=3, max_len=MAX_LEN, context_mode="sample")
     assert [x.tokens for x in h] == [x.tokens for x in s]
     assert [x.score for x in h] == pytest.approx([x.score for x in s], abs=1e-5)
 
@@ -267,11 +275,44 @@ def test_hard_sample_mode_is_stochastic():
     scores = set()
     for seed in range(4):
         torch.manual_seed(seed)
-        scores.add(tuple(round(h.score, 5) for h in beam_search(model, images, WORD_MAP, beam_size=1,
-                                                                 max_len=MAX_LEN, context_mode="sample")))
+        scores.add(tuple(round(h.score, 5) for h in best_hypotheses(model, images, WORD_MAP, beam_size=1,
+                                                                     max_len=MAX_LEN, context_mode="sample")))
     assert len(scores) > 1
 
 
 def test_rejects_bad_beam_size():
     with pytest.raises(ValueError, match="beam_size"):
         beam_search(tiny_model(), tiny_images(1), WORD_MAP, beam_size=0)
+    with pytest.raises(ValueError, match=r"n_best=4 must be in 1..beam_size=3"):
+        beam_search(tiny_model(), tiny_images(1), WORD_MAP, beam_size=3, n_best=4)
+
+
+# --------------------------------------------------------------------------------------------
+# n-best
+# --------------------------------------------------------------------------------------------
+def test_n_best_returns_the_final_beam_ranked():
+    """n_best=k gives k distinct captions per image, best first (finished before unfinished, then by
+    normalized score), the first being the n_best=1 answer; each score is its caption's own log-likelihood."""
+    model = varied_model(end_bias=-1.0)
+    images = tiny_images(4)
+    best = best_hypotheses(model, images, WORD_MAP, beam_size=4, max_len=MAX_LEN, length_penalty=0.7)
+    per_image = beam_search(model, images, WORD_MAP, beam_size=4, max_len=MAX_LEN, length_penalty=0.7, n_best=4)
+    assert len(per_image) == 4
+    for i, hyps in enumerate(per_image):
+        assert len(hyps) == 4
+        assert hyps[0].tokens == best[i].tokens and hyps[0].score == pytest.approx(best[i].score, abs=1e-5)
+        assert len({(tuple(h.tokens), h.finished) for h in hyps}) == 4  # four different captions
+        keys = [(h.finished, h.normalized_score) for h in hyps]
+        assert keys == sorted(keys, reverse=True), i
+        for hyp in hyps:
+            assert hyp.normalized_score == pytest.approx(
+                hyp.score / (len(hyp.tokens) + hyp.finished) ** 0.7, abs=1e-5)
+            caption = [START, *hyp.tokens] + ([END] if hyp.finished else [])
+            with torch.no_grad():
+                out = model.decoder(model.encoder(images[i : i + 1]), torch.tensor([caption + [PAD]]),
+                                    torch.tensor([len(caption)]))
+            log_lik = (target_log_probs(out["logits"], out["targets"]) * out["mask"]).sum()
+            assert float(log_lik) == pytest.approx(hyp.score, abs=1e-4), i
+            assert hyp.alphas.shape == (len(hyp.tokens), GRID, GRID)
+    assert any(hyps[0].finished and not hyps[-1].finished for hyps in per_image)  # both groups in one beam
+    assert any(not hyps[0].finished for hyps in per_image)  # and the fallback to unfinished ones

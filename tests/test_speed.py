@@ -64,22 +64,23 @@ def test_beam_search_from_annotations_equals_from_images():
     images = torch.randn(3, 3, 32, 32)
     from_images = beam_search(model, images, WORD_MAP, beam_size=3, max_len=8)
     from_features = beam_search(model, model.encoder(images), WORD_MAP, beam_size=3, max_len=8)
-    for a, b in zip(from_images, from_features):
+    for (a,), (b,) in zip(from_images, from_features):
         assert a.tokens == b.tokens and a.score == pytest.approx(b.score, abs=1e-5)
         torch.testing.assert_close(a.alphas, b.alphas)
 
 
-def test_beam_search_attention_is_the_emitting_beams(monkeypatch):
-    """Back-pointers return, for each word, the attention of the beam that emitted it: re-running the
-    returned caption through teacher forcing gives the same alphas."""
+def test_beam_search_attention_is_the_emitting_beams():
+    """Back-pointers return, for each word of each of the n best captions, the attention of the beam
+    that emitted it: re-running the returned caption through teacher forcing gives the same alphas."""
     model = tiny_model()
     images = torch.randn(2, 3, 32, 32)
-    for hyp, image in zip(beam_search(model, images, WORD_MAP, beam_size=4, max_len=6), images):
-        tokens = [WORD_MAP["<start>"], *hyp.tokens, WORD_MAP["<end>"]]
-        captions = torch.tensor([tokens])
-        out = model.decoder(model.encoder(image[None]), captions, torch.tensor([len(tokens)]))
-        n = len(hyp.tokens)
-        torch.testing.assert_close(out["alphas"][0, :n].view(n, 4, 4), hyp.alphas, rtol=1e-4, atol=1e-5)
+    for hypotheses, image in zip(beam_search(model, images, WORD_MAP, beam_size=4, max_len=6, n_best=3), images):
+        for hyp in hypotheses:
+            tokens = [WORD_MAP["<start>"], *hyp.tokens, WORD_MAP["<end>"]]
+            captions = torch.tensor([tokens])
+            out = model.decoder(model.encoder(image[None]), captions, torch.tensor([len(tokens)]))
+            n = len(hyp.tokens)
+            torch.testing.assert_close(out["alphas"][0, :n].view(n, 4, 4), hyp.alphas, rtol=1e-4, atol=1e-5)
 
 
 @pytest.fixture
