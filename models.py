@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any, Callable, NamedTuple
 
 import torch
 import torch.nn as nn
@@ -272,6 +272,13 @@ class Decoder(nn.Module):
         else:
             self.fc = nn.Linear(decoder_dim, vocab_size)  # the plain output of most PyTorch ports
         self.embedding.weight.data.uniform_(-0.1, 0.1)
+        self._compiled_step: Callable[..., StepOutput] | None = None
+
+    def compile_step(self, **compile_options: Any) -> None:
+        """Teacher forcing then runs `step` through torch.compile: its dozens of small ops fused into a
+        few kernels, so a GPU step is no longer bound by kernel launches. Decoding stays eager (its row
+        count changes as images finish, which would recompile)."""
+        self._compiled_step = torch.compile(self.step, **compile_options)
 
     def init_state(self, features: torch.Tensor, rows_per_image: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
         """(h_0, c_0), each (G*r, n), for r rows (captions or beams) of each of G images."""
@@ -328,7 +335,7 @@ class Decoder(nn.Module):
         state = self.init_state(features, captions.size(0) // features.size(0))  # (N, n) each
         logits, alphas, log_p_s, entropy = [], [], [], []
         for t in range(steps):
-            out = self.step(captions[:, t], state, features, features_proj, context_mode)
+            out = (self._compiled_step or self.step)(captions[:, t], state, features, features_proj, context_mode)
             state = out.state
             logits.append(out.logits)
             alphas.append(out.alpha)

@@ -389,6 +389,8 @@ def _train(cfg: Config, ckpt: dict[str, Any] | None, info: DistInfo, device: tor
     cfg.vocab_size = len(word_map)
     model = build_model(cfg.model_config(), encoder_weights=cfg.encoder_weights, fine_tune=cfg.fine_tune_encoder,
                         fine_tune_stages=cfg.fine_tune_stages).to(device)
+    if cfg.compile_step:
+        model.decoder.compile_step()
     trained = ConceptHead(model, word_map).to(device) if cfg.concept_loss_weight > 0 else model
     optimizer = build_optimizer(trained, cfg)
     scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(

@@ -154,6 +154,9 @@ class TrainConfig:
     lr_patience: int = option(2, min=0)  # epochs without improvement before the LR decays
     early_stop_patience: int = option(8, min=0)  # epochs without improvement before training stops (0 = off)
     log_every: int = option(50, min=1)  # steps between TensorBoard scalars
+    # torch.compile the decoder's per-word step for teacher forcing (fused ops: fewer GPU kernel launches);
+    # costs a compile at start (~20 s on a 2-core CPU for the tiny test model). See benchmark.py --device cuda.
+    compile_step: bool = False
 
     # --- validation: decoded with the same options as eval.py / caption.py (see decoding.py) ---
     # The decoded val metric that selects best.pt and drives LR decay and early stopping: BLEU-4 (the
