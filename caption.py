@@ -36,6 +36,8 @@ as `error: PATH: reason` and skipped; the exit code is 0 when at least one image
 """
 from __future__ import annotations
 
+import omp_env  # noqa: F401  (first: sets OpenMP's wait policy before torch loads)
+
 import argparse
 import csv
 import glob

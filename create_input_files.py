@@ -14,6 +14,8 @@ From Python: `create_input_files(PackOptions(dataset="shapes", output_folder="da
 """
 from __future__ import annotations
 
+import omp_env  # noqa: F401  (first: sets OpenMP's wait policy before torch loads)
+
 import argparse
 import csv
 import dataclasses

@@ -8,6 +8,8 @@ texts, PTB-tokenised as coco-caption does), never against references re-decoded 
 """
 from __future__ import annotations
 
+import omp_env  # noqa: F401  (first: sets OpenMP's wait policy before torch loads)
+
 import argparse
 import json
 import math

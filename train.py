@@ -10,6 +10,8 @@ each epoch also reports the collapse diagnostics (distinct captions, vocabulary 
 """
 from __future__ import annotations
 
+import omp_env  # noqa: F401  (first: sets OpenMP's wait policy before torch loads)
+
 import argparse
 import csv
 import dataclasses

@@ -14,6 +14,7 @@ from PIL import Image
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # so `import create_input_files` works however pytest is started
     sys.path.insert(0, str(ROOT))
+import omp_env  # noqa: E402,F401  (before any test module loads torch)
 
 FLICKR8K = ROOT.parent / "shared" / "data" / "flickr8k"
 SHAPES_ARGS = ["--dataset", "shapes", "--num-images", "36", "--image-size", "48", "--seed", "3", "--workers", "2"]

@@ -174,3 +174,17 @@ def test_compiled_step_gives_the_eager_loss_and_gradients():
     assert counters["frames"]["ok"] > compiled_frames  # the step really went through torch.compile
     torch.testing.assert_close(compiled[0], eager[0], rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(compiled[1], eager[1], rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("grad", [True, False])
+def test_attention_weights_are_the_papers_tanh_mlp(grad):
+    """The sigmoid form gives softmax_i(w^T tanh(W_a a_i + W_h h) + b) exactly as written in the paper."""
+    attention = tiny_model().decoder.attention
+    features = torch.randn(2, 16, 128)
+    h = torch.randn(6, 20)
+    features_proj = attention.project(features)
+    paper = torch.softmax(attention.score(torch.tanh(
+        features_proj.repeat_interleave(3, 0) + attention.hidden_att(h)[:, None])).squeeze(2), dim=1)
+    with torch.set_grad_enabled(grad):
+        got = attention.weights(features_proj, h)
+    torch.testing.assert_close(got, paper, rtol=1e-5, atol=1e-6)
