@@ -330,12 +330,13 @@ class Decoder(nn.Module):
         Args:
             features: a, (G, L, D), shared by N/G consecutive captions each.
             captions: (N, T+1) `<start> w_1 .. w_n <end> <pad>..`.
-            caplens: (N,) n + 2, counting <start> and <end>.
+            caplens: (N,) n + 2, counting <start> and <end>; best kept on the CPU (T is read from them).
         Returns a dict with logits (N, T, V) for targets captions[:, 1:T+1], alphas (N, T, L),
         mask (N, T) of real steps, and for sampled hard attention log_p_s and entropy (N, T).
         """
-        steps = int(caplens.max().item()) - 1  # T: predict w_1 .. <end>
-        mask = torch.arange(steps, device=captions.device)[None, :] < (caplens[:, None] - 1)  # (N, T)
+        steps = int(caplens.max()) - 1  # T: predict w_1 .. <end> (caplens on the CPU: no GPU sync)
+        lengths = caplens.to(captions.device, non_blocking=True)
+        mask = torch.arange(steps, device=captions.device)[None, :] < (lengths[:, None] - 1)  # (N, T)
         features_proj = self.attention.project(features)  # (G, L, A), once per image
         state = self.init_state(features, captions.size(0) // features.size(0))  # (N, n) each
         logits, alphas, log_p_s, entropy = [], [], [], []

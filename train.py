@@ -152,14 +152,15 @@ def compute_loss(out: dict[str, torch.Tensor], cfg: Config, hard_baseline: float
 
 def prepare_batch(batch: dict[str, Any], cfg: Config, device: torch.device
                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Images (B, 3, S, S), captions (B, C, T+1), caplens (B, C) on the device; C = captions_per_step,
+    """Images (B, 3, S, S) and captions (B, C, T+1) on the device, cut to the batch's longest caption;
+    caplens (B, C) stay on the CPU, where the decoder reads T without a GPU sync. C = captions_per_step,
     a fresh random choice among each image's stored captions every step."""
     captions, caplens = batch["captions"], batch["caplens"]
     if 0 < cfg.captions_per_step < captions.size(1):
         keep = torch.randperm(captions.size(1))[: cfg.captions_per_step]
         captions, caplens = captions[:, keep], caplens[:, keep]
-    return (batch["image"].to(device, non_blocking=True), captions.to(device, non_blocking=True),
-            caplens.to(device, non_blocking=True))
+    captions = captions[..., : int(caplens.max())]
+    return batch["image"].to(device, non_blocking=True), captions.to(device, non_blocking=True), caplens
 
 
 def train_step(
