@@ -13,6 +13,7 @@ import random
 import re
 import secrets
 import sys
+import unicodedata
 from contextlib import nullcontext
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -298,9 +299,29 @@ def atomic_write_text(path: str | Path, text: str) -> None:
     atomic_write(path, lambda f: f.write(text.encode("utf-8")))
 
 
-def tokenize(text: str) -> list[str]:
-    """Lower-cased alphanumeric words: the rule behind the Karpathy JSON `tokens`, used to pack and score."""
-    return re.findall(r"[a-z0-9]+", text.lower())
+TOKENIZERS = ("ascii", "unicode")  # how packing and scoring split captions into words (see `tokenize`)
+
+
+def tokenize(text: str, tokenizer: str = "ascii") -> list[str]:
+    """Caption text -> lower-cased words, by one of TOKENIZERS; the same rule packs and scores a dataset.
+
+    ascii: runs of a-z0-9, the rule behind the Karpathy JSON `tokens` (English).
+    unicode: runs of letters, digits and combining marks of any script (NFC), lower-cased by Unicode
+        rules, so Greek, Cyrillic or Devanagari words survive. Scripts written without spaces
+        (Japanese, Chinese) must be segmented beforehand: a run between spaces is one word.
+    """
+    if tokenizer == "ascii":
+        return re.findall(r"[a-z0-9]+", text.lower())
+    if tokenizer != "unicode":
+        raise ValueError(f"tokenizer {tokenizer!r} is not one of {', '.join(TOKENIZERS)}")
+    words, word = [], []
+    for char in unicodedata.normalize("NFC", text).lower():
+        if unicodedata.category(char)[0] in "LNM":  # letter, number, mark (a vowel sign is part of its word)
+            word.append(char)
+        elif word:
+            words.append("".join(word))
+            word = []
+    return words + ["".join(word)] if word else words
 
 
 def one_line(error: BaseException) -> str:
