@@ -113,6 +113,10 @@ class TrainConfig:
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     amp: str = option("off", choices=("off", "bf16", "fp16"))  # CUDA only; ignored on CPU
     resume: str = ""  # path to a last.pt to continue from exactly
+    # Fine-tuning: start a new run (fresh optimiser, epoch 0) from another run's checkpoint: its weights,
+    # architecture and word map; with extend_vocab, the word map gains the new data's words (new rows).
+    init_from: str = ""
+    extend_vocab: bool = False
 
     # --- data ---
     data_folder: str = "data/shapes"  # folder written by create_input_files.py
