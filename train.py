@@ -468,6 +468,11 @@ def _train(cfg: Config, ckpt: dict[str, Any] | None, info: DistInfo, device: tor
         model.load_state_dict(loaded.state_dict())
         extend_vocab(model, len(word_map))
         model.to(device)
+        if info.is_main:
+            unknown = sum(word not in word_map for word in pack_word_map)
+            print(f"init_from {cfg.init_from}: its {len(init['word_map'])} words kept, "
+                  f"{len(word_map) - len(init['word_map'])} added from {cfg.data_folder}"
+                  f"{f', {unknown} of its words read as <unk> (extend_vocab=true adds them)' if unknown else ''}")
     else:
         model = build_model(cfg.model_config(), encoder_weights=cfg.encoder_weights, fine_tune=cfg.fine_tune_encoder,
                             fine_tune_stages=cfg.fine_tune_stages).to(device)
