@@ -49,11 +49,11 @@ def spice_missing() -> str | None:
 
     lib = Path(stanford.SPICEDIR) / stanford.SPICELIB
     jars = [lib / f"{stanford.JAR}.jar", lib / f"{stanford.JAR}-models.jar"]
-    missing = ([] if java_available() else ["java (a JRE 8+ on PATH)"]) + [str(j) for j in jars if not j.is_file()]
+    missing = ([] if java_available() else ["java (a JRE 8+ on PATH)"]) + [j.name for j in jars if not j.is_file()]
     if not missing:
         return None
-    return (f"SPICE skipped: missing {'; '.join(missing)} (pycocoevalcap downloads the CoreNLP jars from "
-            f"nlp.stanford.edu/software/{stanford.CORENLP}.zip on first use; unzip those two jars into {lib})")
+    return (f"SPICE skipped: missing {', '.join(missing)} (pycocoevalcap downloads the jars on first use, from "
+            f"nlp.stanford.edu/software/{stanford.CORENLP}.zip, which needs the network; put them in {lib})")
 
 
 def score_captions(

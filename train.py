@@ -31,8 +31,14 @@ from tqdm import tqdm
 from datasets import CaptionDataset, collate_captions
 from decoding import DecodeOptions, decode_split
 from eval import caption_diversity, score_captions, warn_if_collapsed
-from models import ShowAttendTell, build_model, doubly_stochastic_penalty, reinforce_surrogate, target_log_probs
-from models import model_from_checkpoint
+from models import (
+    ShowAttendTell,
+    build_model,
+    doubly_stochastic_penalty,
+    model_from_checkpoint,
+    reinforce_surrogate,
+    target_log_probs,
+)
 from utils import (
     MODEL_KEYS,
     SPECIAL_TOKENS,
@@ -45,10 +51,10 @@ from utils import (
     checkpoint_configs,
     cleanup_distributed,
     config_from_checkpoint,
-    model_config_from_checkpoint,
     init_distributed,
     load_checkpoint,
     load_config,
+    model_config_from_checkpoint,
     parse_overrides,
     rng_state,
     run_cli,
@@ -312,6 +318,8 @@ def resolve_init(cfg: Config, overrides: Sequence[str]) -> tuple[Config, dict[st
     Model keys given as overrides are refused (the weights fit one shape only); a --config file's model
     keys are replaced by the checkpoint's, with a note naming those that differed.
     """
+    if cfg.extend_vocab and not cfg.init_from:
+        raise UserError("extend_vocab=true extends the word map of init_from=PATH; give init_from too")
     if not cfg.init_from or cfg.resume:
         return cfg, None
     init = load_checkpoint(cfg.init_from)
@@ -550,7 +558,7 @@ def _train(cfg: Config, ckpt: dict[str, Any] | None, info: DistInfo, device: tor
                 "scaler": scaler.state_dict(),
                 **checkpoint_configs(cfg),
                 "word_map": word_map,
-                **({"pack_word_map": pack_word_map} if word_map != pack_word_map else {}),  # see resolve_init
+                **({"pack_word_map": pack_word_map} if word_map != pack_word_map else {}),  # for eval.py; see "Fine-tuning" above
                 "image_size": train_loader.dataset.image_size,  # caption.py resizes new images to this
                 "train_state": state.to_dict(),
                 "rng": rng_state(),

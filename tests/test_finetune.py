@@ -143,3 +143,6 @@ def test_init_from_refuses_architecture_overrides(base_run, shapes_folder, tmp_p
     assert err.strip() == (f"error: init_from={base_ckpt}: the architecture comes from that checkpoint; "
                            "drop the override(s) of decoder_dim")
     assert not (tmp_path / "tuned").exists()
+    assert train.main(["--config", "configs/shapes.yaml", f"data_folder={shapes_folder}", "extend_vocab=true"]) == 1
+    assert capsys.readouterr().err.strip() == (
+        "error: extend_vocab=true extends the word map of init_from=PATH; give init_from too")
