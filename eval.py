@@ -321,6 +321,10 @@ def evaluate(args: argparse.Namespace) -> dict[str, Any]:
     out = Path(args.out) if args.out else Path(args.checkpoint).with_name(f"{args.split}_beam{opts.beam_size}.json")
     metrics_path = out.with_name(out.name.removesuffix(".json") + ".metrics.json")
     out.parent.mkdir(parents=True, exist_ok=True)  # fail before decoding, not after
+    if args.report:
+        if Path(args.report).exists() and not Path(args.report).is_dir():
+            raise UserError(f"--report {args.report}: exists and is not a folder")
+        Path(args.report).mkdir(parents=True, exist_ok=True)
     model, model_cfg, ckpt = load_model(args.checkpoint)
     device = resolve_device(args.device)
     model.to(device)
@@ -342,7 +346,9 @@ def evaluate(args: argparse.Namespace) -> dict[str, Any]:
     if args.bleu == "nltk":
         metrics.update(nltk_corpus_bleu(captions, references))
     if args.control == "shuffled" and len(decoded) > 1:
-        control = score_captions(captions, shuffled_references(references), tokenizer=tokenizer)
+        control_metrics = [m for m in ALL_METRICS if tokenizer != "unicode" or m not in _ENGLISH_METRICS]  # noted once
+        control = score_captions(captions, shuffled_references(references), metrics=control_metrics,
+                                 tokenizer=tokenizer)
         metrics.update({f"shuffled_{key}": value for key, value in control.items() if key != "BLEU-brevity-penalty"})
         if control.get("CIDEr"):
             metrics["CIDEr_over_shuffled"] = metrics["CIDEr"] / control["CIDEr"]
@@ -370,7 +376,7 @@ def evaluate(args: argparse.Namespace) -> dict[str, Any]:
         from report import write_report
 
         index_html = write_report(args.report, decoded, dataset, metrics, per_image, hard=model_cfg.attention == "hard",
-                                  gif_limit=args.report_limit)
+                                  gif_limit=args.report_limit, source=f"{args.checkpoint} on {args.data_folder}")
     print_table(metrics)
     warn_if_collapsed(diversity)
     print(f"captions: {out}")

@@ -67,10 +67,12 @@ def write_report(
     per_image: dict[int, dict[str, float]],
     *,
     hard: bool = False,
-    gif_limit: int = 100,
+    gif_limit: int = 50,
+    source: str = "",
 ) -> Path:
     """Write DIR/index.html and its images for `decoded` (decoding.decode_split's output on `dataset`, a
-    CaptionDataset) with eval's corpus `metrics` and `per_image` scores; return the index.html path."""
+    CaptionDataset) with eval's corpus `metrics` and `per_image` scores; return the index.html path.
+    `source` (e.g. "CHECKPOINT on DATA_FOLDER") is shown under the title."""
     from caption import AttentionMaps, render_panels, save_attention_gif
     from eval import COLLAPSE_DISTINCT
 
@@ -91,7 +93,9 @@ def write_report(
         thumbnail = image.copy()
         thumbnail.thumbnail((THUMBNAIL_SIZE, THUMBNAIL_SIZE))
         atomic_write(report_dir / "images" / f"{i}.jpg", lambda f: thumbnail.save(f, format="JPEG", quality=85))
-        thumb_cell = f"<img src='images/{i}.jpg' alt='image {i}' width='{thumbnail.width}' height='{thumbnail.height}'>"
+        lazy = " loading='lazy'" if rank > gif_limit else ""  # thousands of rows: load thumbnails as they scroll in
+        thumb_cell = (f"<img src='images/{i}.jpg' alt='image {i}' width='{thumbnail.width}' "
+                      f"height='{thumbnail.height}'{lazy}>")
         if rank <= gif_limit and d["words"]:
             maps = AttentionMaps(image=image, words=list(d["words"]), alphas=d["alphas"], betas=d["betas"], hard=hard)
             # Quantised here with PIL's fast octree: the GIF writer's default (median cut) takes ~100x longer.
@@ -122,6 +126,7 @@ def write_report(
 <link rel="icon" href="data:,"><style>{_STYLE}</style><script>{_SCRIPT}</script></head>
 <body>
 <h1>Captions: {html.escape(title)}</h1>
+<p class="id">{html.escape(source)}</p>
 {warning}<div class="top">
 <div><h2>Corpus metrics</h2>{_metrics_table(metrics, corpus_keys)}</div>
 <div><h2>Does the model use the image?</h2>{_metrics_table(metrics, DIAGNOSTICS)}</div>

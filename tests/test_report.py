@@ -203,6 +203,10 @@ def test_report_limit_must_be_non_negative(shapes_folder, tmp_path, capsys):
     assert run_eval(ckpt, shapes_folder, tmp_path / "t.json", "--report", str(tmp_path / "r"),
                     "--report-limit", "-1") == 1
     assert capsys.readouterr().err.strip() == "error: --report-limit=-1 must be >= 0"
+    (tmp_path / "file").write_text("")
+    assert run_eval(ckpt, shapes_folder, tmp_path / "t.json", "--report", str(tmp_path / "file")) == 1
+    assert capsys.readouterr().err.strip() == f"error: --report {tmp_path / 'file'}: exists and is not a folder"
+    assert not (tmp_path / "t.json").exists()  # refused before decoding
 
 
 # --------------------------------------------------------------------------------------------
