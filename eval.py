@@ -303,7 +303,7 @@ def get_args_parser() -> argparse.ArgumentParser:
                              "BLEU-4 and attention, worst first")
     parser.add_argument("--report-limit", type=int, default=50,
                         help="attention GIFs for this many (the worst) images in the report, each ~0.5 s and "
-                             "~0.5 MB (default: %(default)s)")
+                             "~0.3 MB (default: %(default)s)")
     parser.add_argument("--num-workers", type=int, default=2, help="DataLoader workers (default: 2)")
     return parser
 
