@@ -40,7 +40,8 @@ import numpy as np
 from datasets import SPLITS, load_image
 from shapes import MIN_IMAGE_SIZE as MIN_SHAPES_IMAGE_SIZE
 from shapes import generate_image, shape_filename
-from utils import SPECIAL_TOKENS, UserError, atomic_write_text, one_line, progress_bar, run_cli, tokenize
+from utils import (SPECIAL_TOKENS, TOKENIZERS, UserError, atomic_write_text, one_line, progress_bar, run_cli,
+                   tokenize)
 
 KARPATHY_DATASETS = ("flickr8k", "flickr30k", "coco")
 DATASETS = KARPATHY_DATASETS + ("custom", "shapes")
@@ -75,6 +76,7 @@ class PackOptions:
     val_fraction: float | None = None  # custom, shapes: share of images in val; None: 0.1, shapes 1/12
     test_fraction: float | None = None  # custom, shapes: share in test; None: 0.1, shapes 1/12 (500 of 6000)
     seed: int = 0  # seeds caption sampling, the custom split and the shapes images
+    tokenizer: str = "ascii"  # ascii (English) | unicode (letters of any script); eval scores with the same
     num_workers: int | None = None  # image decoding processes; None: the CPUs this process may use
     skip_bad_images: bool = False  # skip (and count) unreadable or caption-less images instead of stopping
     force: bool = False  # overwrite an existing packed dataset
@@ -87,6 +89,8 @@ class PackOptions:
         """
         if self.dataset not in DATASETS:
             raise UserError(f"dataset {self.dataset!r} is not one of {', '.join(DATASETS)}")
+        if self.tokenizer not in TOKENIZERS:
+            raise UserError(f"tokenizer {self.tokenizer!r} is not one of {', '.join(TOKENIZERS)}")
         shapes = self.dataset == "shapes"
         for name in ("karpathy_json", "captions_file", "image_folder"):
             flag, needed = "--" + name.replace("_", "-"), name in SOURCE_INPUTS[self.dataset]
@@ -132,6 +136,7 @@ class Record:
     tokens: list[list[str]] = field(default_factory=list)  # every caption, tokenised
     references: list[str] = field(default_factory=list)  # every caption as text, aligned with `tokens`
     index: int = -1  # shapes: image index
+    image_id: int | None = None  # the dataset's own image id (COCO's `cocoid`), stored as image_ids when all have one
     objects: list[dict[str, Any]] | None = None  # shapes only
     word_objects: list[list[int]] | None = None  # shapes only, aligned with `tokens`
 
@@ -203,8 +208,10 @@ def _ordered_map(fn: Callable[[Any], Result], jobs: Sequence[Any], workers: int,
 # --------------------------------------------------------------------------------------------
 # Sources: Karpathy JSON, custom captions file, shapes
 # --------------------------------------------------------------------------------------------
-def read_karpathy(json_path: str, image_folder: str) -> dict[str, list[Record]]:
-    """Records per split from a Karpathy-split JSON; `restval` counts as train.
+def read_karpathy(json_path: str, image_folder: str, tokenizer: str = "ascii") -> dict[str, list[Record]]:
+    """Records per split from a Karpathy-split JSON; `restval` counts as train. Captions use the JSON's
+    `tokens` with the ascii tokenizer, and are tokenised from `raw` with the unicode one. An integer
+    `cocoid` becomes the record's image_id (what COCO results files are keyed by).
 
     The image is image_folder/filepath/filename when `filepath` is given (COCO: train2014/...),
     falling back to image_folder/filename when that file does not exist (for JSON files whose
@@ -242,11 +249,14 @@ def read_karpathy(json_path: str, image_folder: str) -> dict[str, list[Record]]:
         if not os.path.isfile(os.path.join(image_folder, filename)) and \
                 os.path.isfile(os.path.join(image_folder, entry["filename"])):
             filename = entry["filename"]
-        record = Record(filename=filename, path=os.path.join(image_folder, filename))
+        cocoid = entry.get("cocoid")
+        record = Record(filename=filename, path=os.path.join(image_folder, filename),
+                        image_id=cocoid if isinstance(cocoid, int) and not isinstance(cocoid, bool) else None)
         for sentence in sentences:  # "tokens", when present, is a list (checked above)
             words = [str(t) for t in sentence.get("tokens", [])]
             text = str(sentence.get("raw", " ".join(words))).strip()
-            record.add_caption(text, [w.lower() for w in words] if "tokens" in sentence else tokenize(text))
+            use_json_tokens = "tokens" in sentence and tokenizer == "ascii"
+            record.add_caption(text, [w.lower() for w in words] if use_json_tokens else tokenize(text, tokenizer))
         splits[split].append(record)
     return splits
 
@@ -304,7 +314,7 @@ def split_names(names: Sequence[str], val_fraction: float, test_fraction: float,
 
 
 def read_custom(captions_file: str, image_folder: str, val_fraction: float, test_fraction: float,
-                seed: int) -> dict[str, list[Record]]:
+                seed: int, tokenizer: str = "ascii") -> dict[str, list[Record]]:
     captions = read_captions_file(captions_file)
     if not captions:
         raise UserError(f"{captions_file}: no captions found")
@@ -314,7 +324,7 @@ def read_custom(captions_file: str, image_folder: str, val_fraction: float, test
         for name in names:
             record = Record(filename=name, path=os.path.join(image_folder, name))
             for text in captions[name]:
-                record.add_caption(text, tokenize(text))
+                record.add_caption(text, tokenize(text, tokenizer))
             splits[split].append(record)
     return splits
 
@@ -333,8 +343,8 @@ def read_records(options: PackOptions) -> dict[str, list[Record]]:
         return shapes_records(options.num_images, options.val_fraction, options.test_fraction)
     if options.dataset == "custom":
         return read_custom(options.captions_file, options.image_folder, options.val_fraction, options.test_fraction,
-                           options.seed)
-    return read_karpathy(options.karpathy_json, options.image_folder)
+                           options.seed, options.tokenizer)
+    return read_karpathy(options.karpathy_json, options.image_folder, options.tokenizer)
 
 
 # --------------------------------------------------------------------------------------------
@@ -442,12 +452,15 @@ def _write_captions(tmp_path: str, split: str, records: list[Record], word_map: 
         h5.create_dataset("references", data=[json.dumps(r.references) for r in records], dtype=text,
                           shape=(num_images,))
         h5.create_dataset("filenames", data=[r.filename for r in records], dtype=text, shape=(num_images,))
+        if records and all(r.image_id is not None for r in records):  # else eval keys results by file name
+            h5.create_dataset("image_ids", data=np.array([r.image_id for r in records], dtype=np.int64))
         if shapes:
             h5.create_dataset("objects", data=[json.dumps(r.objects) for r in records], dtype=text,
                               shape=(num_images,))
             h5.create_dataset("word_objects", data=word_objects)
         h5.attrs.update({"captions_per_image": captions_per_image, "max_len": max_len,
-                         "image_size": options.image_size, "dataset": options.dataset, "split": split})
+                         "image_size": options.image_size, "dataset": options.dataset, "split": split,
+                         "tokenizer": options.tokenizer})
 
 
 def pack(records: dict[str, list[Record]], options: PackOptions) -> dict[str, Any]:
@@ -489,7 +502,8 @@ def pack(records: dict[str, list[Record]], options: PackOptions) -> dict[str, An
         summary = {"dataset": options.dataset, "splits": {s: len(records[s]) for s in SPLITS},
                    "vocab_size": len(word_map), "captions_per_image": options.captions_per_image,
                    "max_len": options.max_len, "image_size": options.image_size,
-                   "min_word_freq": options.min_word_freq, "seed": options.seed, "skipped_images": len(skipped),
+                   "min_word_freq": options.min_word_freq, "seed": options.seed, "tokenizer": options.tokenizer,
+                   "skipped_images": len(skipped),
                    "skipped": skipped}
         # dataset.json marks a complete folder: remove an old one first and write the new one last.
         if os.path.exists(os.path.join(output_folder, "dataset.json")):
@@ -557,6 +571,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     add("--val-fraction", type=float, help="custom/shapes: share of images in val (0.1; shapes 1/12)")
     add("--test-fraction", type=float, help="custom/shapes: share of images in test (0.1; shapes 1/12)")
     add("--seed", type=int, help="seeds caption sampling, the custom split and shapes")
+    add("--tokenizer", choices=TOKENIZERS,
+        help="ascii: a-z0-9 words (English); unicode: letters of any script, lower-cased (eval scores alike)")
     add("--num-workers", "--workers", dest="num_workers", type=int,
         help="image decoding processes (the CPUs this process may use)")
     add("--skip-bad-images", action="store_true",

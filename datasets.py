@@ -149,6 +149,9 @@ class CaptionDataset(Dataset):
                 self.max_len = int(h5.attrs["max_len"])
                 self.image_size = int(h5.attrs["image_size"])
                 self.has_objects = "objects" in h5
+                self.has_image_ids = "image_ids" in h5  # packs from before image ids fall back to file names
+                tokenizer = h5.attrs.get("tokenizer", "ascii")  # packs from before the option: ascii
+                self.tokenizer = tokenizer.decode() if isinstance(tokenizer, bytes) else str(tokenizer)
                 num_captions = h5["captions"].shape[0]
         except OSError as e:
             raise UserError(f"{self.path}: not a readable HDF5 file ({one_line(e)})") from None
@@ -159,6 +162,9 @@ class CaptionDataset(Dataset):
         self._h5: h5py.File | None = None
         self._features_h5: h5py.File | None = None
         self._pid: int | None = None
+        # Packed caption id -> model id (a (V_pack,) tensor), set by train.py when the model's word map is
+        # not the pack's (init_from); None: the pack's ids are the model's.
+        self.caption_id_map: torch.Tensor | None = None
 
     def _file(self) -> h5py.File:
         if self._h5 is None or self._pid != os.getpid():  # a forked worker must not reuse its parent's handle
@@ -190,9 +196,12 @@ class CaptionDataset(Dataset):
             if self.transform is not None:
                 image = self.transform(image)
             image = normalize_image(image)  # (3, S, S) float
+        captions = torch.from_numpy(h5["captions"][rows].astype(np.int64))  # (captions_per_image, T)
+        if self.caption_id_map is not None:
+            captions = self.caption_id_map[captions]
         item = {
             "image": image,
-            "captions": torch.from_numpy(h5["captions"][rows].astype(np.int64)),  # (captions_per_image, T)
+            "captions": captions,
             "caplens": torch.from_numpy(h5["caplens"][rows].astype(np.int64)),  # (captions_per_image,)
             "index": i,
         }
@@ -207,6 +216,16 @@ class CaptionDataset(Dataset):
     def filename(self, i: int) -> str:
         """Source image path relative to the image folder it was packed from."""
         return self._file()["filenames"].asstr()[i]
+
+    def image_id(self, i: int) -> int | str:
+        """Image i's own id for results files: COCO's `cocoid` when the pack stored ids, else its file name."""
+        if self.has_image_ids:
+            return int(self._file()["image_ids"][i])
+        return self.filename(i)
+
+    def image(self, i: int) -> np.ndarray:
+        """Image i as stored: uint8 (3, S, S), not normalised (for reports and figures)."""
+        return self._file()["images"][i]
 
     def objects(self, i: int) -> list[dict[str, Any]] | None:
         """Shapes only: [{"color", "shape", "box": [x0, y0, x1, y1] as fractions}] of image i; else None."""

@@ -14,6 +14,7 @@ import argparse
 import json
 import math
 import shutil
+import subprocess
 import sys
 from collections import defaultdict
 from pathlib import Path
@@ -29,7 +30,9 @@ from models import ShowAttendTell, load_model
 from utils import ModelConfig, UserError, atomic_write_text, resolve_device, run_cli, tokenize
 
 ALL_METRICS = ("BLEU", "METEOR", "ROUGE_L", "CIDEr")
-_JAVA_METRICS = ("METEOR",)  # the PTB tokenizer needs Java too; without it we tokenise in Python
+OPTIONAL_METRICS = ("SPICE",)  # asked for by name (eval.py --spice): slow, and it needs CoreNLP's jars
+_JAVA_METRICS = ("METEOR",)  # the PTB tokenizer needs Java too; without it we tokenise in Python (SPICE: spice_missing)
+_ENGLISH_METRICS = ("METEOR", "SPICE")  # English stemmer/synonyms or parser: skipped for the unicode tokenizer
 
 
 # --------------------------------------------------------------------------------------------
@@ -39,30 +42,61 @@ def java_available() -> bool:
     return shutil.which("java") is not None
 
 
+def spice_missing() -> str | None:
+    """What SPICE lacks here, in one line, or None when it can run.
+
+    pycocoevalcap's Spice downloads Stanford CoreNLP 3.6.0 on first use (into its own spice/lib);
+    without the network that fails, so we look for the jars first instead of letting it try.
+    """
+    import pycocoevalcap.spice.get_stanford_models as stanford
+
+    lib = Path(stanford.SPICEDIR) / stanford.SPICELIB
+    jars = [lib / f"{stanford.JAR}.jar", lib / f"{stanford.JAR}-models.jar"]
+    missing = ([] if java_available() else ["java (a JRE 8+ on PATH)"]) + [j.name for j in jars if not j.is_file()]
+    if not missing:
+        return None
+    return (f"SPICE skipped: missing {', '.join(missing)} (pycocoevalcap downloads the jars on first use, from "
+            f"nlp.stanford.edu/software/{stanford.CORENLP}.zip, which needs the network; put them in {lib})")
+
+
 def score_captions(
     captions: dict[int, str],
     references: dict[int, list[str]],
     *,
     metrics: Iterable[str] = ALL_METRICS,
     tokenizer: str = "ptb",
+    per_image: dict[Any, dict[str, float]] | None = None,
 ) -> dict[str, float]:
     """coco-caption scores of one caption per image against its references.
 
     Args:
         captions: image id -> generated caption.
         references: image id -> raw reference captions.
-        metrics: any of BLEU (gives BLEU-1..4), METEOR, ROUGE_L, CIDEr.
-        tokenizer: "ptb" (coco-caption's Stanford PTB tokenizer, needs Java) or "simple" (Python).
+        metrics: any of BLEU (gives BLEU-1..4), METEOR, ROUGE_L, CIDEr, and SPICE (needs its jars,
+            see spice_missing).
+        tokenizer: "ptb" (coco-caption's Stanford PTB tokenizer, needs Java), "simple" (Python, a-z0-9
+            words) or "unicode" (utils.tokenize's unicode rule, for packs made with --tokenizer unicode;
+            the PTB tokenizer is English-only, so it is skipped, and so are METEOR and SPICE).
+        per_image: when given, filled with image id -> {"BLEU-4", "CIDEr"} (those asked for): each
+            image's own score from the same scorers, for the report.
     """
     if set(captions) != set(references):
         raise ValueError("captions and references must cover the same image ids")
     if not captions:
         raise UserError("nothing to score: no captions")
     metrics = list(metrics)
-    unknown = set(metrics) - set(ALL_METRICS)
+    unknown = set(metrics) - set(ALL_METRICS + OPTIONAL_METRICS)
     if unknown:
-        raise ValueError(f"unknown metric(s) {sorted(unknown)}; valid: {', '.join(ALL_METRICS)}")
-    if tokenizer == "ptb" and java_available():
+        raise ValueError(f"unknown metric(s) {sorted(unknown)}; valid: {', '.join(ALL_METRICS + OPTIONAL_METRICS)}")
+    if tokenizer == "unicode":
+        gts = {i: [" ".join(tokenize(r, "unicode")) for r in references[i]] for i in captions}
+        res = {i: [" ".join(tokenize(captions[i], "unicode"))] for i in captions}
+        english = [m for m in metrics if m in _ENGLISH_METRICS]
+        if english:
+            print(f"note: skipping {', '.join(english)}: English-only (the captions use the unicode tokenizer)",
+                  file=sys.stderr)
+            metrics = [m for m in metrics if m not in _ENGLISH_METRICS]
+    elif tokenizer == "ptb" and java_available():
         from pycocoevalcap.tokenizer.ptbtokenizer import PTBTokenizer
 
         ptb = PTBTokenizer()
@@ -74,11 +108,17 @@ def score_captions(
     if not java_available() and any(m in _JAVA_METRICS for m in metrics):
         print("warning: java not found; skipping METEOR (and using a Python tokenizer)", file=sys.stderr)
         metrics = [m for m in metrics if m not in _JAVA_METRICS]
+    if "SPICE" in metrics and spice_missing():
+        raise UserError(spice_missing())
 
     scores: dict[str, float] = {}
     for name in metrics:
         if name == "BLEU":
-            scores.update(_coco_bleu(gts, res))
+            corpus, bleu4 = _coco_bleu(gts, res)
+            scores.update(corpus)
+            if per_image is not None:
+                for i, value in zip(gts, bleu4):
+                    per_image.setdefault(i, {})["BLEU-4"] = float(value)
         elif name == "METEOR":
             from pycocoevalcap.meteor.meteor import Meteor
 
@@ -90,12 +130,25 @@ def score_captions(
         elif name == "CIDEr":
             from pycocoevalcap.cider.cider import Cider
 
-            scores["CIDEr"] = float(Cider().compute_score(gts, res)[0])
+            corpus_cider, cider = Cider().compute_score(gts, res)
+            scores["CIDEr"] = float(corpus_cider)
+            if per_image is not None:
+                for i, value in zip(gts, cider):  # Cider scores images in the order of gts' keys
+                    per_image.setdefault(i, {})["CIDEr"] = float(value)
+        elif name == "SPICE":
+            from pycocoevalcap.spice.spice import Spice
+
+            try:
+                scores["SPICE"] = float(Spice().compute_score(gts, res)[0])
+            except subprocess.CalledProcessError as e:  # its JVM died: say so, keep the other metrics
+                print(f"warning: SPICE failed (java exited with {e.returncode}); other metrics unaffected",
+                      file=sys.stderr)
     return scores
 
 
-def _coco_bleu(gts: dict[int, list[str]], res: dict[int, list[str]]) -> dict[str, float]:
-    """coco-caption BLEU-1..4 (what pycocoevalcap's Bleu(4) computes), plus the corpus brevity penalty.
+def _coco_bleu(gts: dict[int, list[str]], res: dict[int, list[str]]) -> tuple[dict[str, float], list[float]]:
+    """coco-caption BLEU-1..4 (what pycocoevalcap's Bleu(4) computes), plus the corpus brevity penalty;
+    and each image's own BLEU-4, in the order of gts' keys.
 
     The scorer is driven directly, rather than through Bleu.compute_score, only to read the length
     ratio: BLEU-n / BLEU-brevity-penalty is BLEU without the penalty, for papers that report it so.
@@ -105,12 +158,12 @@ def _coco_bleu(gts: dict[int, list[str]], res: dict[int, list[str]]) -> dict[str
     scorer = BleuScorer(n=4)
     for i in gts:
         scorer += (res[i][0], gts[i])
-    bleu, _ = scorer.compute_score(option="closest", verbose=0)
+    bleu, per_image = scorer.compute_score(option="closest", verbose=0)
     # Hypothesis length / closest reference length, corpus-wide (its ratio() method is broken in 1.2).
     ratio = scorer.testlen(option="closest") / max(scorer.reflen(option="closest"), 1e-9)
     scores = {f"BLEU-{n + 1}": float(b) for n, b in enumerate(bleu)}
     scores["BLEU-brevity-penalty"] = 1.0 if ratio >= 1 else float(math.exp(1 - 1 / ratio)) if ratio > 0 else 0.0
-    return scores
+    return scores, [float(b) for b in per_image[3]]
 
 
 def nltk_corpus_bleu(captions: dict[int, str], references: dict[int, list[str]]) -> dict[str, float]:
@@ -246,6 +299,14 @@ def get_args_parser() -> argparse.ArgumentParser:
                         help="shuffled (default): also score the same captions against the references of a fixed "
                              "random permutation of the images, to show the model uses the image")
     parser.add_argument("--out", help="results JSON (COCO format); metrics go to OUT with .metrics.json")
+    parser.add_argument("--spice", action="store_true",
+                        help="also SPICE (needs java and Stanford CoreNLP's jars; says what is missing otherwise)")
+    parser.add_argument("--report", metavar="DIR",
+                        help="write a static HTML page DIR/index.html: per image its caption, references, CIDEr, "
+                             "BLEU-4 and attention, worst first")
+    parser.add_argument("--report-limit", type=int, default=50,
+                        help="attention GIFs for this many (the worst) images in the report, each ~0.5 s and "
+                             "~0.3 MB (default: %(default)s)")
     parser.add_argument("--num-workers", type=int, default=2, help="DataLoader workers (default: 2)")
     parser.add_argument("--feature-cache", choices=("auto", "on", "off"), default="auto",
                         help="decode from the split's cached encoder features (feature_cache.py): auto (default) "
@@ -270,14 +331,25 @@ def evaluate(args: argparse.Namespace) -> dict[str, Any]:
     opts = decode_options_from_args(args)
     if args.num_workers < 0:
         raise UserError(f"--num-workers={args.num_workers} must be >= 0")
+    if args.report_limit < 0:
+        raise UserError(f"--report-limit={args.report_limit} must be >= 0")
+    spice = bool(args.spice)
+    if spice and spice_missing():  # said before decoding; the other metrics are computed as usual
+        print(f"warning: {spice_missing()}", file=sys.stderr)
+        spice = False
     out = Path(args.out) if args.out else Path(args.checkpoint).with_name(f"{args.split}_beam{opts.beam_size}.json")
     metrics_path = out.with_name(out.name.removesuffix(".json") + ".metrics.json")
     out.parent.mkdir(parents=True, exist_ok=True)  # fail before decoding, not after
+    if args.report:
+        if Path(args.report).exists() and not Path(args.report).is_dir():
+            raise UserError(f"--report {args.report}: exists and is not a folder")
+        Path(args.report).mkdir(parents=True, exist_ok=True)
     model, model_cfg, ckpt = load_model(args.checkpoint)
     device = resolve_device(args.device)
     model.to(device)
     dataset = CaptionDataset(args.data_folder, args.split, with_references=True)
-    if dataset.word_map != ckpt["word_map"]:
+    # A model fine-tuned with init_from keeps its own word map and records the pack's (train.py).
+    if dataset.word_map not in (ckpt["word_map"], ckpt.get("pack_word_map")):
         raise UserError(f"{args.checkpoint}: word map differs from {args.data_folder}/word_map.json")
     if len(dataset) == 0:
         raise UserError(f"{dataset.path}: the {args.split} split has no images")
@@ -288,11 +360,16 @@ def evaluate(args: argparse.Namespace) -> dict[str, Any]:
     decoded = decode_split(model, loader, ckpt["word_map"], opts, device=device)
     captions = {d["index"]: d["caption"] for d in decoded}
     references = {d["index"]: d["references"] for d in decoded}
-    metrics: dict[str, Any] = score_captions(captions, references)
+    tokenizer = "unicode" if dataset.tokenizer == "unicode" else "ptb"
+    per_image: dict[int, dict[str, float]] = {}
+    metrics: dict[str, Any] = score_captions(captions, references, tokenizer=tokenizer, per_image=per_image,
+                                             metrics=ALL_METRICS + (("SPICE",) if spice else ()))
     if args.bleu == "nltk":
         metrics.update(nltk_corpus_bleu(captions, references))
     if args.control == "shuffled" and len(decoded) > 1:
-        control = score_captions(captions, shuffled_references(references))
+        control_metrics = [m for m in ALL_METRICS if tokenizer != "unicode" or m not in _ENGLISH_METRICS]  # noted once
+        control = score_captions(captions, shuffled_references(references), metrics=control_metrics,
+                                 tokenizer=tokenizer)
         metrics.update({f"shuffled_{key}": value for key, value in control.items() if key != "BLEU-brevity-penalty"})
         if control.get("CIDEr"):
             metrics["CIDEr_over_shuffled"] = metrics["CIDEr"] / control["CIDEr"]
@@ -300,7 +377,8 @@ def evaluate(args: argparse.Namespace) -> dict[str, Any]:
     metrics.update(diversity)
     unfinished = sum(not d["finished"] for d in decoded)
     metrics.update({"images": len(decoded), "unfinished": unfinished, "beam_size": opts.beam_size,
-                    "split": args.split, "attention": model_cfg.attention, "control": args.control})
+                    "split": args.split, "attention": model_cfg.attention, "control": args.control,
+                    "tokenizer": dataset.tokenizer})
     objects = {d["index"]: dataset.objects(d["index"]) for d in decoded}
     if all(o is not None for o in objects.values()):
         fidelity = attention_fidelity(decoded, objects)
@@ -310,12 +388,21 @@ def evaluate(args: argparse.Namespace) -> dict[str, Any]:
             metrics["attention_chance"] = fidelity["all"]["chance"]
         metrics["attention_fidelity"] = fidelity
 
-    results = [{"image_id": d["index"], "caption": d["caption"]} for d in decoded]
+    # COCO results format: image_id is the image's own id (cocoid, else its file name); index is its row in the split.
+    results = [{"image_id": dataset.image_id(d["index"]), "caption": d["caption"], "index": d["index"]}
+               for d in decoded]
     atomic_write_text(out, json.dumps(results, indent=1))
     atomic_write_text(metrics_path, json.dumps(metrics, indent=2))
+    if args.report:
+        from report import write_report
+
+        index_html = write_report(args.report, decoded, dataset, metrics, per_image, hard=model_cfg.attention == "hard",
+                                  gif_limit=args.report_limit, source=f"{args.checkpoint} on {args.data_folder}")
     print_table(metrics)
     warn_if_collapsed(diversity)
     print(f"captions: {out}")
+    if args.report:
+        print(f"report: {index_html}")
     return metrics
 
 

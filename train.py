@@ -3,6 +3,7 @@
     python train.py --config configs/shapes.yaml [key=value ...]
     torchrun --nproc_per_node 2 train.py --config configs/flickr8k.yaml
     python train.py --config configs/shapes.yaml resume=runs/shapes/last.pt
+    python train.py --config configs/flickr8k.yaml data_folder=data/mine init_from=runs/coco/best.pt extend_vocab=true
 
 Every run writes into its own folder: config.yaml, metrics.csv, curves.png, TensorBoard events, last.pt,
 best.pt. Model selection uses a decoded metric on val (BLEU-4 of greedy/beam captions), not teacher forcing;
@@ -32,7 +33,14 @@ from datasets import CaptionDataset, collate_captions
 from decoding import DecodeOptions, decode_split
 from eval import caption_diversity, score_captions, warn_if_collapsed
 from feature_cache import ensure_cache
-from models import ShowAttendTell, build_model, doubly_stochastic_penalty, reinforce_surrogate, target_log_probs
+from models import (
+    ShowAttendTell,
+    build_model,
+    doubly_stochastic_penalty,
+    model_from_checkpoint,
+    reinforce_surrogate,
+    target_log_probs,
+)
 from utils import (
     MODEL_KEYS,
     SPECIAL_TOKENS,
@@ -48,6 +56,7 @@ from utils import (
     init_distributed,
     load_checkpoint,
     load_config,
+    model_config_from_checkpoint,
     parse_overrides,
     progress_bar,
     rng_state,
@@ -229,7 +238,8 @@ def train_one_epoch(
 
 
 def val_scores(
-    model: ShowAttendTell, loader: DataLoader, word_map: dict[str, int], cfg: Config, device: torch.device
+    model: ShowAttendTell, loader: DataLoader, word_map: dict[str, int], cfg: Config, device: torch.device,
+    tokenizer: str = "simple",
 ) -> dict[str, float]:
     """Decode val and score it (BLEU-1..4 and CIDEr; the number that selects the model is a decoded
     metric), with the collapse diagnostics."""
@@ -238,7 +248,7 @@ def val_scores(
     decoded = decode_split(model, loader, word_map, opts, device=device, amp=cfg.amp, progress=False)
     references = {d["index"]: d["references"] for d in decoded}
     captions = {d["index"]: d["caption"] for d in decoded}
-    scores = score_captions(captions, references, metrics=("BLEU", "CIDEr"), tokenizer="simple")
+    scores = score_captions(captions, references, metrics=("BLEU", "CIDEr"), tokenizer=tokenizer)
     return {**scores, **caption_diversity(list(captions.values()))}
 
 
@@ -323,6 +333,96 @@ def resolve_config(args: argparse.Namespace) -> tuple[Config, dict[str, Any] | N
     return resumed, ckpt
 
 
+# --------------------------------------------------------------------------------------------
+# Fine-tuning another run's model on new data (init_from, extend_vocab)
+#
+# Design: the model keeps the init checkpoint's word map (ids never move, so its rows keep their
+# meaning), optionally extended by the pack's words it lacks, appended at new ids. The pack itself is
+# not rewritten: its captions were encoded with its own word map, so CaptionDataset translates them on
+# load through `caption_id_map` (pack id -> model id; words the model lacks become <unk>). Checkpoints
+# store the model's word map, and the pack's as `pack_word_map`, which lets eval.py accept that pack.
+# --------------------------------------------------------------------------------------------
+def resolve_init(cfg: Config, overrides: Sequence[str]) -> tuple[Config, dict[str, Any] | None]:
+    """With init_from (and not resuming): load that checkpoint and take its architecture.
+
+    Model keys given as overrides are refused (the weights fit one shape only); a --config file's model
+    keys are replaced by the checkpoint's, with a note naming those that differed.
+    """
+    if cfg.extend_vocab and not cfg.init_from:
+        raise UserError("extend_vocab=true extends the word map of init_from=PATH; give init_from too")
+    if not cfg.init_from or cfg.resume:
+        return cfg, None
+    init = load_checkpoint(cfg.init_from)
+    changed = [key for key in parse_overrides(overrides) if key in MODEL_KEYS]
+    if changed:
+        raise UserError(f"init_from={cfg.init_from}: the architecture comes from that checkpoint; drop the "
+                        f"override(s) of {', '.join(changed)}")
+    model_cfg = dataclasses.asdict(model_config_from_checkpoint(init, cfg.init_from))
+    differ = [key for key, value in model_cfg.items() if key != "vocab_size" and getattr(cfg, key) != value]
+    if differ:
+        print(f"note: init_from={cfg.init_from}: using its {', '.join(differ)} (the config file's differ)",
+              file=sys.stderr)
+    cfg = dataclasses.replace(cfg, **model_cfg)
+    cfg.check()
+    return cfg, init
+
+
+def extend_word_map(base: dict[str, int], new: dict[str, int]) -> dict[str, int]:
+    """`base` unchanged, then the words of `new` it lacks at the next ids (in `new`'s order: most frequent first)."""
+    extended = dict(base)
+    for word in sorted(new, key=new.__getitem__):
+        if word not in extended:
+            extended[word] = len(extended)
+    return extended
+
+
+def caption_id_map(pack_word_map: dict[str, int], model_word_map: dict[str, int]) -> torch.Tensor:
+    """(V_pack,) table: pack id -> model id of the same word, <unk> for words the model lacks."""
+    table = torch.full((max(pack_word_map.values()) + 1,), model_word_map["<unk>"], dtype=torch.long)
+    for word, i in pack_word_map.items():
+        table[i] = model_word_map.get(word, model_word_map["<unk>"])
+    return table
+
+
+@torch.no_grad()
+def extend_vocab(model: ShowAttendTell, vocab_size: int) -> None:
+    """Grow the word embedding E and the output layer (L_o, or fc) to `vocab_size` rows in place.
+
+    Old rows are copied unchanged; new embedding rows start as E does (uniform +-0.1), new output rows as
+    a fresh nn.Linear, with their bias set to the lowest old bias so that a new word is not preferred
+    before it has been trained.
+    """
+    decoder = model.decoder
+    old_size = decoder.embedding.num_embeddings
+    if vocab_size < old_size:
+        raise ValueError(f"cannot shrink the vocabulary from {old_size} to {vocab_size}")
+    if vocab_size == old_size:
+        return
+    device = decoder.embedding.weight.device
+    embedding = nn.Embedding(vocab_size, decoder.embedding.embedding_dim).to(device)
+    embedding.weight.uniform_(-0.1, 0.1)
+    embedding.weight[:old_size] = decoder.embedding.weight
+    decoder.embedding = embedding
+    name = "L_o" if decoder.deep_output else "fc"
+    old = getattr(decoder, name)
+    out = nn.Linear(old.in_features, vocab_size).to(device)
+    out.weight[:old_size] = old.weight
+    out.bias[:old_size] = old.bias
+    out.bias[old_size:] = old.bias.min()
+    setattr(decoder, name, out)
+    decoder.vocab_size = vocab_size
+
+
+def model_word_map(cfg: Config, resume: dict[str, Any] | None, init: dict[str, Any] | None,
+                   pack_word_map: dict[str, int]) -> dict[str, int]:
+    """The word map the model speaks: the pack's, or, for a fine-tuning run, the init model's (extended)."""
+    if resume is not None and cfg.init_from:
+        return resume["word_map"]  # a resumed fine-tuning run keeps the map it started with
+    if init is not None:
+        return extend_word_map(init["word_map"], pack_word_map) if cfg.extend_vocab else dict(init["word_map"])
+    return pack_word_map
+
+
 def append_metrics_row(path: Path, row: dict[str, Any]) -> None:
     """One row per epoch. A run resumed by newer code keeps the columns its file started with."""
     fieldnames = CSV_FIELDS
@@ -372,26 +472,49 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     def body() -> int:
         cfg, ckpt = resolve_config(args)
+        cfg, init = resolve_init(cfg, args.overrides)
         info, device = init_distributed(cfg.device)
         try:
-            return _train(cfg, ckpt, info, device)
+            return _train(cfg, ckpt, info, device, init)
         finally:
             cleanup_distributed(info)
 
     return run_cli(body, args.debug)
 
 
-def _train(cfg: Config, ckpt: dict[str, Any] | None, info: DistInfo, device: torch.device) -> int:
+def _train(cfg: Config, ckpt: dict[str, Any] | None, info: DistInfo, device: torch.device,
+           init: dict[str, Any] | None = None) -> int:
     seed_everything(cfg.seed)
     out_dir = cfg.resolved_out_dir()
+    feature_cache = use_feature_cache(cfg)  # refuses impossible settings before any work
     if ckpt is None and (out_dir / "last.pt").exists():
         raise UserError(f"{out_dir} already holds a run; continue it with resume={out_dir / 'last.pt'} "
                         "or pick another out_dir=")
     train_loader, val_loader, sampler = make_loaders(cfg, info, device)
-    word_map = train_loader.dataset.word_map
+    pack_word_map = train_loader.dataset.word_map
+    word_map = model_word_map(cfg, ckpt, init, pack_word_map)
+    if word_map != pack_word_map:  # fine-tuning: the pack's caption ids are translated on load
+        id_map = caption_id_map(pack_word_map, word_map)
+        for loader in (train_loader, val_loader):
+            dataset = loader.dataset.dataset if isinstance(loader.dataset, Subset) else loader.dataset
+            dataset.caption_id_map = id_map
     cfg.vocab_size = len(word_map)
-    model = build_model(cfg.model_config(), encoder_weights=cfg.encoder_weights, fine_tune=cfg.fine_tune_encoder,
-                        fine_tune_stages=cfg.fine_tune_stages).to(device)
+    if init is not None:
+        loaded, _ = model_from_checkpoint(init, cfg.init_from)  # UserError if its weights do not fit its config
+        model = build_model(dataclasses.replace(cfg.model_config(), vocab_size=len(init["word_map"])),
+                            encoder_weights="none", fine_tune=cfg.fine_tune_encoder,
+                            fine_tune_stages=cfg.fine_tune_stages)  # the same net, with this run's frozen stages
+        model.load_state_dict(loaded.state_dict())
+        extend_vocab(model, len(word_map))
+        model.to(device)
+        if info.is_main:
+            unknown = sum(word not in word_map for word in pack_word_map)
+            print(f"init_from {cfg.init_from}: its {len(init['word_map'])} words kept, "
+                  f"{len(word_map) - len(init['word_map'])} added from {cfg.data_folder}"
+                  f"{f', {unknown} of its words read as <unk> (extend_vocab=true adds them)' if unknown else ''}")
+    else:
+        model = build_model(cfg.model_config(), encoder_weights=cfg.encoder_weights, fine_tune=cfg.fine_tune_encoder,
+                            fine_tune_stages=cfg.fine_tune_stages).to(device)
     if cfg.compile_step:
         model.decoder.compile_step()
     trained = ConceptHead(model, word_map).to(device) if cfg.concept_loss_weight > 0 else model
@@ -414,9 +537,6 @@ def _train(cfg: Config, ckpt: dict[str, Any] | None, info: DistInfo, device: tor
         scaler.load_state_dict(ckpt["scaler"])
         state = TrainState(**ckpt["train_state"])
         set_rng_state(ckpt["rng"])
-    if use_feature_cache(cfg):
-        for dataset in (train_loader.dataset, getattr(val_loader.dataset, "dataset", val_loader.dataset)):
-            dataset.features_path = cached_features(model, cfg, dataset.split, info, device)
     ddp_model = DistributedDataParallel(trained) if info.enabled else trained
 
     writer = None
@@ -433,13 +553,18 @@ def _train(cfg: Config, ckpt: dict[str, Any] | None, info: DistInfo, device: tor
             f"{info.world_size} process(es), attention {cfg.attention}, run folder {out_dir}"
         )
 
+    val_tokenizer = "unicode" if train_loader.dataset.tokenizer == "unicode" else "simple"
+    if feature_cache:  # after the run folder: a refused out_dir costs no caching
+        for dataset in (train_loader.dataset, getattr(val_loader.dataset, "dataset", val_loader.dataset)):
+            dataset.features_path = cached_features(model, cfg, dataset.split, info, device)
+
     while state.epoch < cfg.epochs:
         sampler.set_epoch(state.epoch)
         start = time.time()
         losses = train_one_epoch(ddp_model, train_loader, optimizer, scaler, cfg, state, device, info, writer)
         state.epoch += 1
         # Rank 0 decodes val; every rank gets the scores so LR decay and early stopping agree.
-        val = [val_scores(model, val_loader, word_map, cfg, device) if info.is_main else {}]
+        val = [val_scores(model, val_loader, word_map, cfg, device, tokenizer=val_tokenizer) if info.is_main else {}]
         if info.enabled:
             dist.broadcast_object_list(val, src=0)
         val = val[0]
@@ -470,6 +595,7 @@ def _train(cfg: Config, ckpt: dict[str, Any] | None, info: DistInfo, device: tor
                 "scaler": scaler.state_dict(),
                 **checkpoint_configs(cfg),
                 "word_map": word_map,
+                **({"pack_word_map": pack_word_map} if word_map != pack_word_map else {}),  # for eval.py; see "Fine-tuning" above
                 "image_size": train_loader.dataset.image_size,  # caption.py resizes new images to this
                 "train_state": state.to_dict(),
                 "rng": rng_state(),

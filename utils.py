@@ -5,6 +5,7 @@ Nothing runs at import time.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
@@ -12,9 +13,9 @@ import os
 import random
 import re
 import secrets
-import contextlib
 import sys
 import time
+import unicodedata
 from contextlib import nullcontext
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -114,6 +115,10 @@ class TrainConfig:
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     amp: str = option("off", choices=("off", "bf16", "fp16"))  # CUDA only; ignored on CPU
     resume: str = ""  # path to a last.pt to continue from exactly
+    # Fine-tuning: start a new run (fresh optimiser, epoch 0) from another run's checkpoint: its weights,
+    # architecture and word map; with extend_vocab, the word map gains the new data's words (new rows).
+    init_from: str = ""
+    extend_vocab: bool = False
 
     # --- data ---
     data_folder: str = "data/shapes"  # folder written by create_input_files.py
@@ -320,9 +325,29 @@ def atomic_write_text(path: str | Path, text: str) -> None:
     atomic_write(path, lambda f: f.write(text.encode("utf-8")))
 
 
-def tokenize(text: str) -> list[str]:
-    """Lower-cased alphanumeric words: the rule behind the Karpathy JSON `tokens`, used to pack and score."""
-    return re.findall(r"[a-z0-9]+", text.lower())
+TOKENIZERS = ("ascii", "unicode")  # how packing and scoring split captions into words (see `tokenize`)
+
+
+def tokenize(text: str, tokenizer: str = "ascii") -> list[str]:
+    """Caption text -> lower-cased words, by one of TOKENIZERS; the same rule packs and scores a dataset.
+
+    ascii: runs of a-z0-9, the rule behind the Karpathy JSON `tokens` (English).
+    unicode: runs of letters, digits and combining marks of any script (NFC), lower-cased by Unicode
+        rules, so Greek, Cyrillic or Devanagari words survive. Scripts written without spaces
+        (Japanese, Chinese) must be segmented beforehand: a run between spaces is one word.
+    """
+    if tokenizer == "ascii":
+        return re.findall(r"[a-z0-9]+", text.lower())
+    if tokenizer != "unicode":
+        raise ValueError(f"tokenizer {tokenizer!r} is not one of {', '.join(TOKENIZERS)}")
+    words, word = [], []
+    for char in unicodedata.normalize("NFC", text).lower():
+        if unicodedata.category(char)[0] in "LNM":  # letter, number, mark (a vowel sign is part of its word)
+            word.append(char)
+        elif word:
+            words.append("".join(word))
+            word = []
+    return words + ["".join(word)] if word else words
 
 
 def one_line(error: BaseException) -> str:

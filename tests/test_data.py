@@ -187,7 +187,7 @@ def test_pack_shapes_layout_and_round_trip(shapes_folder: Path) -> None:
         assert set(packed) == {"images", "captions", "caplens", "references", "filenames", "objects", "word_objects",
                                "attrs"}
         assert packed["attrs"] == {"captions_per_image": 5, "max_len": 50, "image_size": 48, "dataset": "shapes",
-                                   "split": split}
+                                   "split": split, "tokenizer": "ascii"}
         assert packed["images"].shape == (num_images, 3, 48, 48) and packed["images"].dtype == np.uint8
         assert packed["captions"].shape == (num_images * captions_per_image, 52)
         assert packed["captions"].dtype == packed["caplens"].dtype == np.int32

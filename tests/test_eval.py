@@ -135,7 +135,7 @@ def test_score_captions_rejects_bad_input():
     with pytest.raises(ValueError, match="same image ids"):
         evaluation.score_captions({1: "a"}, {2: ["a"]})
     with pytest.raises(ValueError, match="unknown metric"):
-        evaluation.score_captions({1: "a"}, {1: ["a"]}, metrics=["BLEU", "SPICE"], tokenizer="simple")
+        evaluation.score_captions({1: "a"}, {1: ["a"]}, metrics=["BLEU", "WER"], tokenizer="simple")
     with pytest.raises(ValueError, match="nothing to score"):
         evaluation.score_captions({}, {})
 
@@ -275,8 +275,9 @@ def test_eval_main_end_to_end(packed, tmp_path, capsys, shared_meteor):
     assert code == 0, captured.err
     results = json.loads(out.read_text())
     assert isinstance(results, list) and len(results) == 5  # 60 images: 50 train, 5 val, 5 test
-    assert all(set(r) == {"image_id", "caption"} for r in results)
-    assert [r["image_id"] for r in results] == list(range(5))
+    assert all(set(r) == {"image_id", "caption", "index"} for r in results)
+    assert [r["index"] for r in results] == list(range(5))
+    assert [r["image_id"] for r in results] == [f"shapes_{i:06d}.png" for i in range(55, 60)]  # file names
     assert all(r["caption"] == sentence for r in results)
 
     metrics = json.loads(out.with_name("test.metrics.json").read_text())

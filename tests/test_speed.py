@@ -86,7 +86,7 @@ def test_beam_search_attention_is_the_emitting_beams():
 @pytest.fixture
 def own_pack(shapes_folder, tmp_path) -> Path:
     """A private copy of the tiny pack: the cache is written beside it."""
-    return Path(shutil.copytree(shapes_folder, tmp_path / "packed"))
+    return Path(shutil.copytree(shapes_folder, tmp_path / "packed", ignore=shutil.ignore_patterns("features")))
 
 
 def test_feature_cache_holds_the_encoders_annotations_and_trains(own_pack, tmp_path):
