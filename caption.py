@@ -395,8 +395,12 @@ def save_attention_png(path: str | Path, panels: Sequence[Image.Image]) -> None:
 
 
 def save_attention_gif(path: str | Path, panels: Sequence[Image.Image], frame_ms: int = GIF_FRAME_MS) -> None:
-    """The panels as an animated GIF (one frame each, `frame_ms` per frame, looping forever), atomically."""
-    first, rest = panels[0], list(panels[1:])
+    """The panels as an animated GIF (one frame each, `frame_ms` per frame, looping forever), atomically.
+
+    Each frame is reduced to 256 colours with PIL's fast octree first: PIL's default for GIFs (median
+    cut) took ~3 s a GIF against ~0.03 s, measured on the report's shapes GIFs."""
+    frames = [panel.quantize(colors=256, method=Image.Quantize.FASTOCTREE) for panel in panels]
+    first, rest = frames[0], frames[1:]
     atomic_write(
         path, lambda f: first.save(f, format="GIF", save_all=True, append_images=rest, duration=frame_ms, loop=0)
     )

@@ -144,7 +144,7 @@ def test_png_and_gif_come_from_the_same_panels(tmp_path):
     assert len(frames) == len(panels)
     for i, frame in enumerate(frames):  # GIF frames are the panels up to the 256-colour palette
         distances = [np.abs(frame - np.asarray(panel, dtype=int)).mean() for panel in panels]
-        assert int(np.argmin(distances)) == i and distances[i] < 10, (i, distances)
+        assert int(np.argmin(distances)) == i and distances[i] < 15, (i, distances)  # octree palette: ~10
 
 
 def test_hard_attention_outlines_the_argmax_cell():
