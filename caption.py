@@ -307,12 +307,18 @@ def caption(args: argparse.Namespace) -> int:
                                  model_cfg.attention == "hard")
             panels = render_panels(maps)
             png, gif = out_dir / f"{name}_attention.png", out_dir / f"{name}_attention.gif"
+            # Both figures are staged before either is renamed: a failure (a full disk) leaves the previous
+            # run's pair as it was, and never a new PNG without its GIF.
+            staged = [(out_dir / f".{final.name}.{os.getpid()}.staged", final) for final in (png, gif)]
             try:
-                save_attention_png(png, panels)
-                save_attention_gif(gif, panels)
+                save_attention_png(staged[0][0], panels)
+                save_attention_gif(staged[1][0], panels)
+                for tmp, final in staged:
+                    os.replace(tmp, final)
             except OSError as e:
+                for tmp, _ in staged:
+                    tmp.unlink(missing_ok=True)
                 print(f"error: {path}: cannot write its figures to {out_dir} ({one_line(e)})", file=sys.stderr)
-                png.unlink(missing_ok=True)
                 bad.append((str(path), "cannot write figures"))
                 continue
             caption_text = decode_ids(hyp.tokens, rev_word_map)

@@ -21,7 +21,7 @@ from torchvision.transforms.v2 import functional as TF
 
 from utils import UserError, load_word_map, one_line
 
-__all__ = ["CaptionDataset", "collate_captions", "load_image", "load_image_tensor", "normalize_image",
+__all__ = ["CaptionDataset", "check_packed", "collate_captions", "load_image", "load_image_tensor", "normalize_image",
            "IMAGENET_MEAN", "IMAGENET_STD", "SPLITS"]
 
 SPLITS = ("train", "val", "test")  # the packed files {split}.h5
@@ -104,6 +104,49 @@ REQUIRED_KEYS = ("images", "captions", "caplens", "references", "filenames")
 REQUIRED_ATTRS = ("captions_per_image", "max_len", "image_size")
 
 
+def check_packed(data_folder: str, split: str, word_map: dict[str, int] | None = None) -> dict[str, Any]:
+    """Check a packed split before any work starts, so nothing fails mid-epoch: the split file, the
+    word map, the dataset.json marker of a finished pack, the HDF5 structure, and that every stored
+    caption id is a word of `word_map` (default: the folder's word_map.json). A truncated or bit-rotted
+    file shows up here as unreadable HDF5 or as ids out of range; rot inside image pixels cannot (no
+    checksums are stored). Raises UserError naming the file; returns the split's sizes and attributes.
+    """
+    if split not in SPLITS:
+        raise UserError(f"split {split!r} is not one of {', '.join(SPLITS)}")
+    path = os.path.join(data_folder, f"{split}.h5")
+    if not os.path.isfile(path):
+        raise UserError(f"{path} not found; run create_input_files.py --output-folder {data_folder} first")
+    word_map_path = os.path.join(data_folder, "word_map.json")
+    folder_word_map = load_word_map(word_map_path)
+    source = "the checkpoint's word map" if word_map is not None else word_map_path
+    word_map = folder_word_map if word_map is None else word_map
+    marker = os.path.join(data_folder, "dataset.json")
+    if not os.path.isfile(marker):
+        raise UserError(f"{marker} not found: packing never finished in {data_folder} (killed, or a full disk?); "
+                        "re-run create_input_files.py")
+    try:
+        with h5py.File(path, "r") as h5:
+            missing = [k for k in REQUIRED_KEYS if k not in h5] + [a for a in REQUIRED_ATTRS if a not in h5.attrs]
+            if missing:
+                raise UserError(f"{path}: lacks {', '.join(missing)}; re-run create_input_files.py")
+            info = {"num_images": h5["images"].shape[0], "num_captions": h5["captions"].shape[0],
+                    "has_objects": "objects" in h5, **{a: int(h5.attrs[a]) for a in REQUIRED_ATTRS}}
+            captions, caplens = h5["captions"][()], h5["caplens"][()]
+            if info["num_images"]:  # the last image is the one a truncated copy loses first
+                h5["images"][info["num_images"] - 1]
+    except OSError as e:
+        raise UserError(f"{path}: not a readable HDF5 file ({one_line(e)})") from None
+    if info["num_captions"] != info["num_images"] * info["captions_per_image"]:
+        raise UserError(f"{path}: {info['num_captions']} captions for {info['num_images']} images "
+                        f"x {info['captions_per_image']} per image")
+    if captions.size and (captions.min() < 0 or captions.max() >= len(word_map)):
+        raise UserError(f"{path}: caption ids up to {captions.max()} (lowest {captions.min()}) but {source} has "
+                        f"{len(word_map)} words: the word map does not belong to this pack, or the file is corrupt")
+    if caplens.size and (caplens.min() < 2 or caplens.max() > info["max_len"] + 2):
+        raise UserError(f"{path}: caption lengths outside 2..{info['max_len'] + 2}: the file is corrupt; repack it")
+    return info
+
+
 class CaptionDataset(Dataset):
     """Images with all their stored captions; val/test items also carry the raw references.
 
@@ -121,31 +164,17 @@ class CaptionDataset(Dataset):
 
     def __init__(self, data_folder: str, split: str, transform: Callable[[torch.Tensor], torch.Tensor] | None = None,
                  with_references: bool | None = None):
-        if split not in SPLITS:
-            raise UserError(f"split {split!r} is not one of {', '.join(SPLITS)}")
+        info = check_packed(data_folder, split)
         self.path = os.path.join(data_folder, f"{split}.h5")
-        if not os.path.isfile(self.path):
-            raise UserError(f"{self.path} not found; run create_input_files.py --output-folder {data_folder} first")
         self.split = split
         self.transform = transform
         self.with_references = split != "train" if with_references is None else with_references
         self.word_map = load_word_map(os.path.join(data_folder, "word_map.json"))
-        try:
-            with h5py.File(self.path, "r") as h5:
-                missing = [k for k in REQUIRED_KEYS if k not in h5] + [a for a in REQUIRED_ATTRS if a not in h5.attrs]
-                if missing:
-                    raise UserError(f"{self.path}: lacks {', '.join(missing)}; re-run create_input_files.py")
-                self.num_images = h5["images"].shape[0]
-                self.captions_per_image = int(h5.attrs["captions_per_image"])
-                self.max_len = int(h5.attrs["max_len"])
-                self.image_size = int(h5.attrs["image_size"])
-                self.has_objects = "objects" in h5
-                num_captions = h5["captions"].shape[0]
-        except OSError as e:
-            raise UserError(f"{self.path}: not a readable HDF5 file ({one_line(e)})") from None
-        if num_captions != self.num_images * self.captions_per_image:
-            raise UserError(f"{self.path}: {num_captions} captions for {self.num_images} images "
-                            f"x {self.captions_per_image} per image")
+        self.num_images = info["num_images"]
+        self.captions_per_image = info["captions_per_image"]
+        self.max_len = info["max_len"]
+        self.image_size = info["image_size"]
+        self.has_objects = info["has_objects"]
         self._h5: h5py.File | None = None
         self._pid: int | None = None
 

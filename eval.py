@@ -23,7 +23,7 @@ from torch.utils.data import DataLoader
 from datasets import CaptionDataset, collate_captions
 from decoding import decode_args_parser, decode_options_from_args, decode_split
 from models import load_model
-from utils import UserError, atomic_write_text, resolve_device, run_cli, tokenize
+from utils import UserError, atomic_write_all, check_writable, resolve_device, run_cli, tokenize
 
 ALL_METRICS = ("BLEU", "METEOR", "ROUGE_L", "CIDEr")
 _JAVA_METRICS = ("METEOR",)  # the PTB tokenizer needs Java too; without it we tokenise in Python
@@ -79,7 +79,11 @@ def score_captions(
         elif name == "METEOR":
             from pycocoevalcap.meteor.meteor import Meteor
 
-            scores["METEOR"] = float(Meteor().compute_score(gts, res)[0])  # its __del__ stops the JVM
+            meteor = Meteor()
+            try:
+                scores["METEOR"] = float(meteor.compute_score(gts, res)[0])
+            finally:
+                _stop_meteor(meteor)
         elif name == "ROUGE_L":
             from pycocoevalcap.rouge.rouge import Rouge
 
@@ -89,6 +93,19 @@ def score_captions(
 
             scores["CIDEr"] = float(Cider().compute_score(gts, res)[0])
     return scores
+
+
+def _stop_meteor(meteor: Any) -> None:
+    """End METEOR's JVM now, also when Ctrl-C lands inside compute_score: that leaves its lock held, and
+    the object's own __del__ (which takes the lock) would then hang the interpreter at exit."""
+    if meteor.lock.locked():
+        meteor.lock.release()
+    try:
+        meteor.meteor_p.stdin.close()
+    except BrokenPipeError:  # the JVM had already gone
+        pass
+    meteor.meteor_p.kill()
+    meteor.meteor_p.wait()
 
 
 def _coco_bleu(gts: dict[int, list[str]], res: dict[int, list[str]]) -> dict[str, float]:
@@ -253,7 +270,8 @@ def evaluate(args: argparse.Namespace) -> dict[str, Any]:
         raise UserError(f"--num-workers={args.num_workers} must be >= 0")
     out = Path(args.out) if args.out else Path(args.checkpoint).with_name(f"{args.split}_beam{opts.beam_size}.json")
     metrics_path = out.with_name(out.name.removesuffix(".json") + ".metrics.json")
-    out.parent.mkdir(parents=True, exist_ok=True)  # fail before decoding, not after
+    check_writable(out.parent, "the results")  # fail before decoding, not after
+    out.parent.mkdir(parents=True, exist_ok=True)
     model, model_cfg, ckpt = load_model(args.checkpoint)
     device = resolve_device(args.device)
     model.to(device)
@@ -290,8 +308,9 @@ def evaluate(args: argparse.Namespace) -> dict[str, Any]:
         metrics["attention_fidelity"] = fidelity
 
     results = [{"image_id": d["index"], "caption": d["caption"]} for d in decoded]
-    atomic_write_text(out, json.dumps(results, indent=1))
-    atomic_write_text(metrics_path, json.dumps(metrics, indent=2))
+    # Both files or neither: a full disk must not leave new results beside old metrics.
+    atomic_write_all([(metrics_path, lambda f: f.write(json.dumps(metrics, indent=2).encode("utf-8"))),
+                      (out, lambda f: f.write(json.dumps(results, indent=1).encode("utf-8")))])
     print_table(metrics)
     warn_if_collapsed(diversity)
     print(f"captions: {out}")
