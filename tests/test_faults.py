@@ -585,22 +585,46 @@ def test_caption_into_head_exits_quietly(tiny_ckpt, tmp_path):
 # --------------------------------------------------------------------------------------------
 # Packing: kills, overlapping splits, captions files as spreadsheets export them
 # --------------------------------------------------------------------------------------------
+PACK_KILLER = r"""
+import os, signal, sys
+import create_input_files as packer
+where = os.environ["FAULT_AT"]
+if where == "captions":  # while the split files are still temporaries
+    original = packer._write_captions
+    def write_captions(tmp_path, split, *args):
+        if split == "val":
+            os.kill(os.getpid(), signal.SIGKILL)
+        return original(tmp_path, split, *args)
+    packer._write_captions = write_captions
+else:  # among the final renames: the old marker is gone, the new one not yet there
+    original = os.replace
+    def replace(src, dst):
+        if str(dst).endswith("val.h5"):
+            os.kill(os.getpid(), signal.SIGKILL)
+        return original(src, dst)
+    os.replace = replace
+sys.exit(packer.main(sys.argv[1:]))
+"""
+
+
 @pytest.mark.slow
-def test_kill_during_packing_then_the_same_command_finishes(tmp_path):
+@pytest.mark.parametrize("where", ["captions", "renames"])
+def test_kill_during_packing_then_the_same_command_finishes(where, tmp_path):
     out = tmp_path / "packed"
-    cmd = [sys.executable, "create_input_files.py", *[c if c != "24" else "300" for c in PACK_ARGS],
-           "--output-folder", str(out)]
-    proc = subprocess.Popen(cmd, cwd=ROOT, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    deadline = time.time() + 60
-    while not (out / "train.h5.tmp").exists() and time.time() < deadline:
-        time.sleep(0.05)
-    time.sleep(0.3)
-    proc.kill()
-    proc.wait()
-    assert not (out / "dataset.json").exists()
-    result = subprocess.run(cmd, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=120)
+    args = [*PACK_ARGS, "--output-folder", str(out)]
+    assert packer.main(args) == 0  # an older pack, replaced with --force
+    killed = subprocess.run([sys.executable, "-c", PACK_KILLER, *args, "--force"], cwd=ROOT,
+                            env={**ENV, "FAULT_AT": where}, capture_output=True)
+    assert killed.returncode == -signal.SIGKILL
+    if where == "captions":  # the older pack is whole
+        assert (out / "dataset.json").is_file() and {p.name for p in out.glob("*.h5.tmp")} >= {"train.h5.tmp"}
+    else:  # half old, half new: not marked complete, so no reader takes it
+        assert not (out / "dataset.json").exists()
+        assert train.main(train_args(out, tmp_path / "run")) == 1
+    result = subprocess.run([sys.executable, "create_input_files.py", *args] + (["--force"] if where == "captions"
+                            else []), cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr[-2000:]
-    assert json.loads((out / "dataset.json").read_text())["splits"]["train"] == 250
+    assert json.loads((out / "dataset.json").read_text())["splits"]["train"] == 20
     assert not list(out.glob("*.tmp"))
 
 
