@@ -488,8 +488,10 @@ def pack(records: dict[str, list[Record]], options: PackOptions) -> dict[str, An
     output_folder = options.output_folder
     check_writable(output_folder, "the packed dataset")
     existing = [f for f in FINAL_FILES if os.path.exists(os.path.join(output_folder, f))]
-    # Without dataset.json the files are what a killed or failed pack left: nothing to protect.
-    if "dataset.json" in existing and not options.force:
+    # No dataset.json but temp files of ours: what a killed pack left, nothing to protect.
+    unfinished = "dataset.json" not in existing and any(
+        os.path.exists(os.path.join(output_folder, f"{name}.tmp")) for name in FINAL_FILES)
+    if existing and not (options.force or unfinished):
         raise UserError(f"{output_folder}: already has {', '.join(existing)}; use --force to overwrite")
     skipped: list[str] = []
 

@@ -81,9 +81,10 @@ def score_captions(
 
             meteor = Meteor()
             try:
-                scores["METEOR"] = float(meteor.compute_score(gts, res)[0])
-            finally:
+                scores["METEOR"] = float(meteor.compute_score(gts, res)[0])  # then its __del__ stops the JVM
+            except BaseException:
                 _stop_meteor(meteor)
+                raise
         elif name == "ROUGE_L":
             from pycocoevalcap.rouge.rouge import Rouge
 
@@ -96,8 +97,8 @@ def score_captions(
 
 
 def _stop_meteor(meteor: Any) -> None:
-    """End METEOR's JVM now, also when Ctrl-C lands inside compute_score: that leaves its lock held, and
-    the object's own __del__ (which takes the lock) would then hang the interpreter at exit."""
+    """End METEOR's JVM after a failure or Ctrl-C inside compute_score: that leaves its lock held, and the
+    object's own __del__ (which takes the lock) would then hang the interpreter at exit."""
     if meteor.lock.locked():
         meteor.lock.release()
     try:

@@ -20,7 +20,7 @@ import sys
 import time
 from contextlib import nullcontext
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 import torch
 import torch.distributed as dist
@@ -54,6 +54,7 @@ from utils import (
     init_distributed,
     load_checkpoint,
     load_config,
+    one_line,
     parse_overrides,
     remove_stale_temporaries,
     rng_state,
@@ -105,7 +106,7 @@ class ResumableSampler(DistributedSampler):
 
     skip = 0
 
-    def __iter__(self):
+    def __iter__(self) -> Iterator[int]:
         return itertools.islice(super().__iter__(), self.skip, None)
 
     def __len__(self) -> int:
@@ -563,7 +564,13 @@ def _train_loop(cfg: Config, out_dir: Path, info: DistInfo, device: torch.device
         sampler.set_epoch(state.epoch)
         sampler.skip = state.epoch_step * cfg.batch_size  # > 0 only in an epoch resumed part-way
         start = time.time()
-        losses = train_one_epoch(ddp_model, train_loader, optimizer, scaler, cfg, state, device, info, writer, stop)
+        try:
+            losses = train_one_epoch(ddp_model, train_loader, optimizer, scaler, cfg, state, device, info, writer, stop)
+        except RuntimeError as e:  # torch notices a dead worker; it was most likely the OOM killer's
+            if not str(e).startswith("DataLoader worker"):
+                raise
+            raise UserError(f"{one_line(e)} (out of memory? lower num_workers= or batch_size=); "
+                            f"{out_dir / 'last.pt'} holds the last finished epoch") from None
         sampler.skip = 0
         if not losses:  # a stop signal, after a step
             return stopped()

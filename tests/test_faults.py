@@ -165,6 +165,31 @@ def test_a_kill_from_outside_at_any_moment(sig, shapes_folder, tmp_path):
     assert metrics_epochs(out) == list(range(1, done + 2))
 
 
+WORKER_KILLER = r"""
+import multiprocessing, os, signal, sys
+import train
+original_step = train.train_step
+def train_step(*args, **kwargs):
+    if args[5].step == 1:  # as the OOM killer picks a DataLoader worker
+        for child in multiprocessing.active_children():
+            os.kill(child.pid, signal.SIGKILL)
+    return original_step(*args, **kwargs)
+train.train_step = train_step
+sys.exit(train.main(sys.argv[1:]))
+"""
+
+
+@pytest.mark.slow
+def test_a_killed_dataloader_worker_is_reported(shapes_folder, tmp_path):
+    out = tmp_path / "run"
+    result = subprocess.run([sys.executable, "-c", WORKER_KILLER,
+                             *train_args(shapes_folder, out, "epochs=2", "num_workers=1")],
+                            cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 1, result.stderr[-2000:]
+    line = one_error_line(result.stderr.strip().splitlines()[-1])
+    assert "DataLoader worker" in line and "num_workers=" in line
+
+
 # --------------------------------------------------------------------------------------------
 # Non-finite loss and learning rates
 # --------------------------------------------------------------------------------------------
@@ -449,7 +474,8 @@ def test_disk_full_while_saving_a_checkpoint(one_epoch, tmp_path, capsys):
         assert metrics_epochs(run) == [1, 2]
 
 
-def test_disk_full_while_writing_eval_results(tiny_ckpt, shapes_folder, tmp_path, capsys):
+def test_disk_full_while_writing_eval_results(tiny_ckpt, shapes_folder, tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(evaluation, "java_available", lambda: False)  # no JVM: this is about the files
     args = ["--checkpoint", str(tiny_ckpt), "--data-folder", str(shapes_folder), "--num-workers", "0",
             "--beam-size", "1", "--max-len", "5", "--control", "none"]
     with small_disk(tmp_path / "disk", "1m") as disk:
@@ -628,12 +654,16 @@ def test_kill_during_packing_then_the_same_command_finishes(where, tmp_path):
     assert not list(out.glob("*.tmp"))
 
 
-def test_an_unfinished_pack_is_redone_without_force(pack, tmp_path):
+def test_an_unfinished_pack_is_redone_without_force(pack, tmp_path, capsys):
     out = tmp_path / "packed"
     pack([*PACK_ARGS, "--output-folder", str(out)])
-    (out / "dataset.json").unlink()  # as a pack killed before its marker
+    (out / "dataset.json").unlink()
+    capsys.readouterr()
+    assert packer.main([*PACK_ARGS, "--output-folder", str(out)]) == 1  # files of unknown origin: --force
+    assert "use --force" in one_error_line(capsys.readouterr().err)
+    (out / "test.h5.tmp").write_bytes(b"")  # as a pack killed before its marker leaves it
     pack([*PACK_ARGS, "--output-folder", str(out)])
-    assert (out / "dataset.json").is_file()
+    assert (out / "dataset.json").is_file() and not list(out.glob("*.tmp"))
 
 
 def karpathy_json(tmp_path: Path, write_image, entries: list[tuple[str, str]]) -> Path:
