@@ -404,7 +404,9 @@ def truncate_metrics(path: Path, epoch: int) -> None:
         return
     with open(path, newline="") as f:
         lines = f.read().splitlines(keepends=True)
-    kept = lines[:1] + [line for line in lines[1:] if line.strip() and int(line.split(",", 1)[0]) <= epoch]
+    # A row cut by a kill mid-append has no line end: drop it too, or the next row would be glued onto it.
+    kept = lines[:1] + [line for line in lines[1:] if line.endswith("\n") and line.split(",", 1)[0].isdigit()
+                        and int(line.split(",", 1)[0]) <= epoch]
     if kept != lines:
         atomic_write_text(path, "".join(kept))
 

@@ -190,6 +190,13 @@ def test_a_killed_dataloader_worker_is_reported(shapes_folder, tmp_path):
     assert "DataLoader worker" in line and "num_workers=" in line
 
 
+def test_resume_drops_metrics_rows_past_the_checkpoint_and_a_cut_row(tmp_path):
+    path = tmp_path / "metrics.csv"
+    path.write_bytes(b"epoch,step\r\n1,3\r\n2,6\r\n3,9\r\n1")  # killed while appending epoch 11's row
+    train.truncate_metrics(path, 2)
+    assert path.read_bytes() == b"epoch,step\r\n1,3\r\n2,6\r\n"
+
+
 # --------------------------------------------------------------------------------------------
 # Non-finite loss and learning rates
 # --------------------------------------------------------------------------------------------
