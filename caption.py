@@ -210,11 +210,17 @@ class Captioner:
         """Write PREFIX_attention.png and PREFIX_attention.gif for one caption; returns their paths."""
         panels = cls.panels(result, rank, overlay)
         png, gif = Path(f"{prefix}_attention.png"), Path(f"{prefix}_attention.gif")
-        save_attention_png(png, panels)
+        # Both figures are staged before either is renamed: a failure (a full disk) leaves the previous
+        # pair as it was, and never a new PNG without its GIF.
+        staged = [(final.with_name(f".{final.name}.{os.getpid()}.staged"), final) for final in (png, gif)]
         try:
-            save_attention_gif(gif, panels)
+            save_attention_png(staged[0][0], panels)
+            save_attention_gif(staged[1][0], panels)
+            for tmp, final in staged:
+                os.replace(tmp, final)
         except BaseException:
-            png.unlink(missing_ok=True)  # no PNG without its GIF
+            for tmp, _ in staged:
+                tmp.unlink(missing_ok=True)
             raise
         return png, gif
 

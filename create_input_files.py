@@ -40,7 +40,7 @@ import numpy as np
 from datasets import SPLITS, load_image
 from shapes import MIN_IMAGE_SIZE as MIN_SHAPES_IMAGE_SIZE
 from shapes import generate_image, shape_filename
-from utils import (SPECIAL_TOKENS, TOKENIZERS, UserError, atomic_write_text, one_line, progress_bar, run_cli,
+from utils import (SPECIAL_TOKENS, TOKENIZERS, UserError, check_writable, one_line, progress_bar, run_cli,
                    tokenize)
 
 KARPATHY_DATASETS = ("flickr8k", "flickr30k", "coco")
@@ -79,6 +79,7 @@ class PackOptions:
     tokenizer: str = "ascii"  # ascii (English) | unicode (letters of any script); eval scores with the same
     num_workers: int | None = None  # image decoding processes; None: the CPUs this process may use
     skip_bad_images: bool = False  # skip (and count) unreadable or caption-less images instead of stopping
+    allow_split_overlap: bool = False  # Karpathy JSON: allow one image in two splits (refused by default)
     force: bool = False  # overwrite an existing packed dataset
 
     def resolved(self) -> PackOptions:
@@ -208,7 +209,17 @@ def _ordered_map(fn: Callable[[Any], Result], jobs: Sequence[Any], workers: int,
 # --------------------------------------------------------------------------------------------
 # Sources: Karpathy JSON, custom captions file, shapes
 # --------------------------------------------------------------------------------------------
-def read_karpathy(json_path: str, image_folder: str, tokenizer: str = "ascii") -> dict[str, list[Record]]:
+def _inside_image_folder(name: str, source: str) -> str:
+    """An image name from a captions source, refused when it points outside the image folder (absolute,
+    or climbing with `..`): a captions file must never make us read, and pack, other files."""
+    normal = os.path.normpath(name)
+    if os.path.isabs(name) or normal == ".." or normal.startswith(".." + os.sep):
+        raise UserError(f"{source}: image name {name!r} points outside the image folder; refused")
+    return name
+
+
+def read_karpathy(json_path: str, image_folder: str, tokenizer: str = "ascii", allow_split_overlap: bool = False
+                  ) -> dict[str, list[Record]]:
     """Records per split from a Karpathy-split JSON; `restval` counts as train. Captions use the JSON's
     `tokens` with the ascii tokenizer, and are tokenised from `raw` with the unicode one. An integer
     `cocoid` becomes the record's image_id (what COCO results files are keyed by).
@@ -229,6 +240,7 @@ def read_karpathy(json_path: str, image_folder: str, tokenizer: str = "ascii") -
     if not isinstance(data, dict) or not isinstance(data.get("images"), list):
         raise UserError(f"{json_path}: expected a Karpathy-split JSON object with an 'images' list")
     splits: dict[str, list[Record]] = {s: [] for s in SPLITS}
+    split_of: dict[str, str] = {}  # image -> the split it was first seen in
     for n, entry in enumerate(data["images"]):
         if not isinstance(entry, dict) or not isinstance(entry.get("filename"), str):
             raise UserError(f"{json_path}: images[{n}] lacks a 'filename'")
@@ -245,7 +257,8 @@ def read_karpathy(json_path: str, image_folder: str, tokenizer: str = "ascii") -
                             "(each a dict with 'raw' text and/or a 'tokens' list)")
         if not isinstance(entry.get("filepath") or "", str):
             raise UserError(f"{json_path}: images[{n}] ({entry['filename']}) has a non-text 'filepath'")
-        filename = os.path.join(entry.get("filepath") or "", entry["filename"])
+        filename = _inside_image_folder(os.path.join(entry.get("filepath") or "", entry["filename"]),
+                                        f"{json_path}: images[{n}]")
         if not os.path.isfile(os.path.join(image_folder, filename)) and \
                 os.path.isfile(os.path.join(image_folder, entry["filename"])):
             filename = entry["filename"]
@@ -257,6 +270,10 @@ def read_karpathy(json_path: str, image_folder: str, tokenizer: str = "ascii") -
             text = str(sentence.get("raw", " ".join(words))).strip()
             use_json_tokens = "tokens" in sentence and tokenizer == "ascii"
             record.add_caption(text, [w.lower() for w in words] if use_json_tokens else tokenize(text, tokenizer))
+        seen = split_of.setdefault(os.path.normpath(filename), split)
+        if seen != split and not allow_split_overlap:
+            raise UserError(f"{json_path}: images[{n}] ({filename}) is in both {seen} and {split}: a model would be "
+                            "scored on an image it trained on; use --allow-split-overlap to pack it anyway")
         splits[split].append(record)
     return splits
 
@@ -265,14 +282,18 @@ def read_captions_file(path: str) -> dict[str, list[str]]:
     """Image name -> raw captions (file order), from a CSV with `image` and `caption` header columns
     (Flickr8k `captions.txt`) or Flickr `token.txt` lines (`name.jpg#0<TAB>caption`)."""
     try:
-        with open(path, encoding="utf-8-sig", newline="") as f:
-            text = f.read()
+        with open(path, "rb") as f:
+            data = f.read()
     except FileNotFoundError:
         raise UserError(f"{path}: captions file not found") from None
-    except UnicodeDecodeError as e:
-        raise UserError(f"{path}: not UTF-8 text ({e})") from None
     except OSError as e:
         raise UserError(f"{path}: cannot read ({e.strerror or e})") from None
+    try:
+        text = data.decode("utf-8-sig")  # a spreadsheet's UTF-8 export starts with a byte order mark
+    except UnicodeDecodeError as e:
+        line = data[: e.start].count(b"\n") + 1
+        raise UserError(f"{path}:{line}: not UTF-8 text (byte 0x{data[e.start]:02x}; Latin-1 or a Windows code "
+                        "page?); save it as UTF-8 (a spreadsheet's 'CSV UTF-8')") from None
     lines = text.splitlines()
     first = next((line for line in lines if line.strip()), "")
     captions: dict[str, list[str]] = {}
@@ -283,9 +304,14 @@ def read_captions_file(path: str) -> dict[str, list[str]]:
             match = re.match(r"(.+)#\d+\t(.*)$", line)
             if not match:
                 raise UserError(f"{path}:{n}: expected 'name.jpg#N<TAB>caption'")
-            captions.setdefault(match.group(1).strip(), []).append(match.group(2).strip())
+            name = _inside_image_folder(match.group(1).strip(), f"{path}:{n}")
+            if match.group(2).strip() not in captions.setdefault(name, []):  # a duplicated row is one caption
+                captions[name].append(match.group(2).strip())
         return captions
-    rows = list(csv.reader(io.StringIO(text)))
+    # Spreadsheets export with ',' or, in many locales, ';' or tabs: the one whose header has both columns.
+    delimiter = next((d for d in (",", ";", "\t", "|")
+                      if {"image", "caption"} <= {cell.strip().lower() for cell in first.split(d)}), ",")
+    rows = list(csv.reader(io.StringIO(text, newline=""), delimiter=delimiter))
     header = [h.strip().lower() for h in rows[0]] if rows else []
     if "image" not in header or "caption" not in header:
         raise UserError(f"{path}: expected a CSV header with 'image' and 'caption' columns "
@@ -295,12 +321,14 @@ def read_captions_file(path: str) -> dict[str, list[str]]:
         if not row or not any(cell.strip() for cell in row):
             continue
         if len(row) > len(header) and i_caption == len(header) - 1:
-            row = row[:i_caption] + [",".join(row[i_caption:])]  # unquoted commas inside the caption
+            row = row[:i_caption] + [delimiter.join(row[i_caption:])]  # unquoted delimiters inside the caption
         if len(row) != len(header):
             raise UserError(f"{path}:{n}: expected {len(header)} columns, found {len(row)}")
         if "\n" in row[i_caption] or "\r" in row[i_caption]:  # an unclosed quote swallowed the next rows
             raise UserError(f"{path}:{n}: caption spans several lines (an unclosed quote?)")
-        captions.setdefault(row[i_image].strip(), []).append(row[i_caption].strip())
+        name, caption = _inside_image_folder(row[i_image].strip(), f"{path}:{n}"), row[i_caption].strip()
+        if caption not in captions.setdefault(name, []):  # a duplicated row is one caption, not two
+            captions[name].append(caption)
     return captions
 
 
@@ -344,7 +372,7 @@ def read_records(options: PackOptions) -> dict[str, list[Record]]:
     if options.dataset == "custom":
         return read_custom(options.captions_file, options.image_folder, options.val_fraction, options.test_fraction,
                            options.seed, options.tokenizer)
-    return read_karpathy(options.karpathy_json, options.image_folder, options.tokenizer)
+    return read_karpathy(options.karpathy_json, options.image_folder, options.tokenizer, options.allow_split_overlap)
 
 
 # --------------------------------------------------------------------------------------------
@@ -473,8 +501,12 @@ def pack(records: dict[str, list[Record]], options: PackOptions) -> dict[str, An
     UserError naming it before any final file is written, unless skip_bad_images.
     """
     output_folder = options.output_folder
+    check_writable(output_folder, "the packed dataset")
     existing = [f for f in FINAL_FILES if os.path.exists(os.path.join(output_folder, f))]
-    if existing and not options.force:
+    # No dataset.json but temp files of ours: what a killed pack left, nothing to protect.
+    unfinished = "dataset.json" not in existing and any(
+        os.path.exists(os.path.join(output_folder, f"{name}.tmp")) for name in FINAL_FILES)
+    if existing and not (options.force or unfinished):
         raise UserError(f"{output_folder}: already has {', '.join(existing)}; use --force to overwrite")
     skipped: list[str] = []
 
@@ -505,13 +537,19 @@ def pack(records: dict[str, list[Record]], options: PackOptions) -> dict[str, An
                    "min_word_freq": options.min_word_freq, "seed": options.seed, "tokenizer": options.tokenizer,
                    "skipped_images": len(skipped),
                    "skipped": skipped}
-        # dataset.json marks a complete folder: remove an old one first and write the new one last.
+        # Every new file is complete (in its temp) before the old pack is touched: a full disk fails here,
+        # with an older pack intact. Then dataset.json, which marks a complete folder, goes first and
+        # comes back last; renames need no space.
+        for name, content in (("word_map.json", word_map), ("dataset.json", summary)):
+            tmp[name] = os.path.join(output_folder, f"{name}.tmp")
+            with open(tmp[name], "w", encoding="utf-8") as f:
+                f.write(json.dumps(content, indent=1) + "\n")
         if os.path.exists(os.path.join(output_folder, "dataset.json")):
             os.remove(os.path.join(output_folder, "dataset.json"))
         for split in SPLITS:
             os.replace(tmp[split], os.path.join(output_folder, f"{split}.h5"))
-        atomic_write_text(os.path.join(output_folder, "word_map.json"), json.dumps(word_map, indent=1) + "\n")
-        atomic_write_text(os.path.join(output_folder, "dataset.json"), json.dumps(summary, indent=1) + "\n")
+        os.replace(tmp["word_map.json"], os.path.join(output_folder, "word_map.json"))
+        os.replace(tmp["dataset.json"], os.path.join(output_folder, "dataset.json"))
     except OSError as e:  # images are read by load_image, which names its file: this is the output side
         _remove_temporary(tmp, output_folder, created)
         raise UserError(f"{output_folder}: cannot write ({e.strerror or one_line(e)})") from e
@@ -577,6 +615,8 @@ def get_args_parser() -> argparse.ArgumentParser:
         help="image decoding processes (the CPUs this process may use)")
     add("--skip-bad-images", action="store_true",
         help="skip unreadable or caption-less images (and count them) instead of stopping")
+    add("--allow-split-overlap", action="store_true",
+        help="Karpathy JSON: pack an image listed in two splits (refused by default: it leaks test images)")
     add("--force", action="store_true", help="overwrite an existing packed dataset")
     add("--debug", action="store_true", help="show the traceback of an error, not one line")
     # The defaults are PackOptions' own (written once there); None means "the dataset's default".

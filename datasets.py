@@ -21,8 +21,8 @@ from torchvision.transforms.v2 import functional as TF
 
 from utils import UserError, load_word_map, one_line
 
-__all__ = ["CaptionDataset", "collate_captions", "image_array", "load_image", "load_image_tensor", "normalize_image",
-           "IMAGENET_MEAN", "IMAGENET_STD", "SPLITS"]
+__all__ = ["CaptionDataset", "check_packed", "collate_captions", "image_array", "load_image", "load_image_tensor",
+           "normalize_image", "IMAGENET_MEAN", "IMAGENET_STD", "SPLITS"]
 
 SPLITS = ("train", "val", "test")  # the packed files {split}.h5
 
@@ -109,6 +109,59 @@ def load_image_tensor(
 
 REQUIRED_KEYS = ("images", "captions", "caplens", "references", "filenames")
 REQUIRED_ATTRS = ("captions_per_image", "max_len", "image_size")
+_CHECK_ROWS = 65536  # caption rows read at a time by check_packed
+
+
+def check_packed(data_folder: str, split: str, word_map: dict[str, int] | None = None) -> dict[str, Any]:
+    """Check a packed split before any work starts, so nothing fails mid-epoch: the split file, the
+    word map, the dataset.json marker of a finished pack, the HDF5 structure, and that every stored
+    caption id is a word of `word_map` (default: the folder's word_map.json). A truncated or bit-rotted
+    file shows up here as unreadable HDF5 or as ids out of range; rot inside image pixels cannot (no
+    checksums are stored). Raises UserError naming the file; returns the split's sizes and attributes.
+    """
+    if split not in SPLITS:
+        raise UserError(f"split {split!r} is not one of {', '.join(SPLITS)}")
+    path = os.path.join(data_folder, f"{split}.h5")
+    if not os.path.isfile(path):
+        raise UserError(f"{path} not found; run create_input_files.py --output-folder {data_folder} first")
+    word_map_path = os.path.join(data_folder, "word_map.json")
+    folder_word_map = load_word_map(word_map_path)
+    source = "the checkpoint's word map" if word_map is not None else word_map_path
+    word_map = folder_word_map if word_map is None else word_map
+    marker = os.path.join(data_folder, "dataset.json")
+    if not os.path.isfile(marker):
+        raise UserError(f"{marker} not found: packing never finished in {data_folder} (killed, or a full disk?); "
+                        "re-run create_input_files.py")
+    try:
+        with h5py.File(path, "r") as h5:
+            missing = [k for k in REQUIRED_KEYS if k not in h5] + [a for a in REQUIRED_ATTRS if a not in h5.attrs]
+            if missing:
+                raise UserError(f"{path}: lacks {', '.join(missing)}; re-run create_input_files.py")
+            tokenizer = h5.attrs.get("tokenizer", "ascii")  # packs from before the option: ascii
+            info = {"num_images": h5["images"].shape[0], "num_captions": h5["captions"].shape[0],
+                    "has_objects": "objects" in h5, **{a: int(h5.attrs[a]) for a in REQUIRED_ATTRS},
+                    "has_image_ids": "image_ids" in h5,
+                    "tokenizer": tokenizer.decode() if isinstance(tokenizer, bytes) else str(tokenizer)}
+            # Caption ids and lengths in bounded chunks: memory stays flat in the dataset's size.
+            id_range, length_range = [np.iinfo(np.int64).max, -1], [np.iinfo(np.int64).max, -1]
+            for first in range(0, info["num_captions"], _CHECK_ROWS):
+                for name, bounds in (("captions", id_range), ("caplens", length_range)):
+                    chunk = h5[name][first : first + _CHECK_ROWS]
+                    if chunk.size:
+                        bounds[0], bounds[1] = min(bounds[0], int(chunk.min())), max(bounds[1], int(chunk.max()))
+            if info["num_images"]:  # the last image is the one a truncated copy loses first
+                h5["images"][info["num_images"] - 1]
+    except OSError as e:
+        raise UserError(f"{path}: not a readable HDF5 file ({one_line(e)})") from None
+    if info["num_captions"] != info["num_images"] * info["captions_per_image"]:
+        raise UserError(f"{path}: {info['num_captions']} captions for {info['num_images']} images "
+                        f"x {info['captions_per_image']} per image")
+    if id_range[1] >= 0 and (id_range[0] < 0 or id_range[1] >= len(word_map)):
+        raise UserError(f"{path}: caption ids up to {id_range[1]} (lowest {id_range[0]}) but {source} has "
+                        f"{len(word_map)} words: the word map does not belong to this pack, or the file is corrupt")
+    if length_range[1] >= 0 and (length_range[0] < 2 or length_range[1] > info["max_len"] + 2):
+        raise UserError(f"{path}: caption lengths outside 2..{info['max_len'] + 2}: the file is corrupt; repack it")
+    return info
 
 
 class CaptionDataset(Dataset):
@@ -130,34 +183,19 @@ class CaptionDataset(Dataset):
 
     def __init__(self, data_folder: str, split: str, transform: Callable[[torch.Tensor], torch.Tensor] | None = None,
                  with_references: bool | None = None, features: str | os.PathLike[str] | None = None):
-        if split not in SPLITS:
-            raise UserError(f"split {split!r} is not one of {', '.join(SPLITS)}")
+        info = check_packed(data_folder, split)
         self.path = os.path.join(data_folder, f"{split}.h5")
-        if not os.path.isfile(self.path):
-            raise UserError(f"{self.path} not found; run create_input_files.py --output-folder {data_folder} first")
         self.split = split
         self.transform = transform
         self.with_references = split != "train" if with_references is None else with_references
         self.word_map = load_word_map(os.path.join(data_folder, "word_map.json"))
-        try:
-            with h5py.File(self.path, "r") as h5:
-                missing = [k for k in REQUIRED_KEYS if k not in h5] + [a for a in REQUIRED_ATTRS if a not in h5.attrs]
-                if missing:
-                    raise UserError(f"{self.path}: lacks {', '.join(missing)}; re-run create_input_files.py")
-                self.num_images = h5["images"].shape[0]
-                self.captions_per_image = int(h5.attrs["captions_per_image"])
-                self.max_len = int(h5.attrs["max_len"])
-                self.image_size = int(h5.attrs["image_size"])
-                self.has_objects = "objects" in h5
-                self.has_image_ids = "image_ids" in h5  # packs from before image ids fall back to file names
-                tokenizer = h5.attrs.get("tokenizer", "ascii")  # packs from before the option: ascii
-                self.tokenizer = tokenizer.decode() if isinstance(tokenizer, bytes) else str(tokenizer)
-                num_captions = h5["captions"].shape[0]
-        except OSError as e:
-            raise UserError(f"{self.path}: not a readable HDF5 file ({one_line(e)})") from None
-        if num_captions != self.num_images * self.captions_per_image:
-            raise UserError(f"{self.path}: {num_captions} captions for {self.num_images} images "
-                            f"x {self.captions_per_image} per image")
+        self.num_images = info["num_images"]
+        self.captions_per_image = info["captions_per_image"]
+        self.max_len = info["max_len"]
+        self.image_size = info["image_size"]
+        self.has_objects = info["has_objects"]
+        self.has_image_ids = info["has_image_ids"]  # packs from before image ids fall back to file names
+        self.tokenizer = info["tokenizer"]
         self.features_path = features
         self._h5: h5py.File | None = None
         self._features_h5: h5py.File | None = None

@@ -27,7 +27,7 @@ from datasets import CaptionDataset, collate_captions
 from decoding import decode_args_parser, decode_options_from_args, decode_split
 from feature_cache import ensure_cache
 from models import ShowAttendTell, load_model
-from utils import ModelConfig, UserError, atomic_write_text, resolve_device, run_cli, tokenize
+from utils import ModelConfig, UserError, atomic_write_all, check_writable, resolve_device, run_cli, tokenize
 
 ALL_METRICS = ("BLEU", "METEOR", "ROUGE_L", "CIDEr")
 OPTIONAL_METRICS = ("SPICE",)  # asked for by name (eval.py --spice): slow, and it needs CoreNLP's jars
@@ -122,7 +122,12 @@ def score_captions(
         elif name == "METEOR":
             from pycocoevalcap.meteor.meteor import Meteor
 
-            scores["METEOR"] = float(Meteor().compute_score(gts, res)[0])  # its __del__ stops the JVM
+            meteor = Meteor()
+            try:
+                scores["METEOR"] = float(meteor.compute_score(gts, res)[0])  # then its __del__ stops the JVM
+            except BaseException:
+                _stop_meteor(meteor)
+                raise
         elif name == "ROUGE_L":
             from pycocoevalcap.rouge.rouge import Rouge
 
@@ -144,6 +149,19 @@ def score_captions(
                 print(f"warning: SPICE failed (java exited with {e.returncode}); other metrics unaffected",
                       file=sys.stderr)
     return scores
+
+
+def _stop_meteor(meteor: Any) -> None:
+    """End METEOR's JVM after a failure or Ctrl-C inside compute_score: that leaves its lock held, and the
+    object's own __del__ (which takes the lock) would then hang the interpreter at exit."""
+    if meteor.lock.locked():
+        meteor.lock.release()
+    try:
+        meteor.meteor_p.stdin.close()
+    except BrokenPipeError:  # the JVM had already gone
+        pass
+    meteor.meteor_p.kill()
+    meteor.meteor_p.wait()
 
 
 def _coco_bleu(gts: dict[int, list[str]], res: dict[int, list[str]]) -> tuple[dict[str, float], list[float]]:
@@ -339,10 +357,12 @@ def evaluate(args: argparse.Namespace) -> dict[str, Any]:
         spice = False
     out = Path(args.out) if args.out else Path(args.checkpoint).with_name(f"{args.split}_beam{opts.beam_size}.json")
     metrics_path = out.with_name(out.name.removesuffix(".json") + ".metrics.json")
-    out.parent.mkdir(parents=True, exist_ok=True)  # fail before decoding, not after
+    check_writable(out.parent, "the results")  # fail before decoding, not after
+    out.parent.mkdir(parents=True, exist_ok=True)
     if args.report:
         if Path(args.report).exists() and not Path(args.report).is_dir():
             raise UserError(f"--report {args.report}: exists and is not a folder")
+        check_writable(args.report, "the report")
         Path(args.report).mkdir(parents=True, exist_ok=True)
     model, model_cfg, ckpt = load_model(args.checkpoint)
     device = resolve_device(args.device)
@@ -391,8 +411,9 @@ def evaluate(args: argparse.Namespace) -> dict[str, Any]:
     # COCO results format: image_id is the image's own id (cocoid, else its file name); index is its row in the split.
     results = [{"image_id": dataset.image_id(d["index"]), "caption": d["caption"], "index": d["index"]}
                for d in decoded]
-    atomic_write_text(out, json.dumps(results, indent=1))
-    atomic_write_text(metrics_path, json.dumps(metrics, indent=2))
+    # Both files or neither: a full disk must not leave new results beside old metrics.
+    atomic_write_all([(metrics_path, lambda f: f.write(json.dumps(metrics, indent=2).encode("utf-8"))),
+                      (out, lambda f: f.write(json.dumps(results, indent=1).encode("utf-8")))])
     if args.report:
         from report import write_report
 

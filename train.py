@@ -16,10 +16,14 @@ import omp_env  # noqa: F401  (first: sets OpenMP's wait policy before torch loa
 import argparse
 import csv
 import dataclasses
+import itertools
+import os
+import signal
 import sys
 import time
+from contextlib import nullcontext
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 import torch
 import torch.distributed as dist
@@ -46,19 +50,25 @@ from utils import (
     SPECIAL_TOKENS,
     Config,
     DistInfo,
+    StopSignals,
     UserError,
     apply_overrides,
     atomic_write,
+    atomic_write_text,
     autocast_context,
+    check_writable,
     checkpoint_configs,
     cleanup_distributed,
     config_from_checkpoint,
+    folder_lock,
     init_distributed,
     load_checkpoint,
     load_config,
     model_config_from_checkpoint,
+    one_line,
     parse_overrides,
     progress_bar,
+    remove_stale_temporaries,
     rng_state,
     run_cli,
     save_checkpoint,
@@ -69,6 +79,8 @@ from utils import (
 
 VAL_METRICS = ("BLEU-4", "CIDEr")  # decoded on val every epoch; cfg.val_metric drives LR decay, early stop, best.pt
 DIVERSITY_KEYS = ("distinct_captions", "vocab_used", "mean_length")  # collapse diagnostics, see eval.py
+# Fixed by the saved weights and optimizer state: a resume may not change them (ModelConfig keys neither).
+FIXED_ON_RESUME = ("fine_tune_encoder", "fine_tune_stages")
 CSV_FIELDS = ["epoch", "step", "train_loss", "train_ce", "train_ds", "train_concept", "lr",
               *(f"val_{key}" for key in VAL_METRICS + DIVERSITY_KEYS), "epoch_seconds"]
 
@@ -91,9 +103,32 @@ class TrainState:
     epochs_since_improvement: int = 0
     # b of Sec. 4.1, a moving average of log p(y|s,a); a 0-dim tensor while training (no per-step sync)
     hard_baseline: float | torch.Tensor = 0.0
+    # An interrupted epoch (SIGTERM, Ctrl-C): batches of epoch `epoch + 1` already trained, and the sums of
+    # their loss parts, so that the resumed run trains only the rest and reports the whole epoch's mean.
+    epoch_step: int = 0
+    epoch_sums: dict[str, float] = dataclasses.field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         return {**dataclasses.asdict(self), "hard_baseline": float(self.hard_baseline)}
+
+
+class ResumableSampler(DistributedSampler):
+    """A DistributedSampler whose epoch can start part-way, after `skip` samples: an epoch interrupted
+    mid-way continues with the very batches it had not trained, in the same order."""
+
+    skip = 0
+
+    def __iter__(self) -> Iterator[int]:
+        return itertools.islice(super().__iter__(), self.skip, None)
+
+    def __len__(self) -> int:
+        return super().__len__() - self.skip
+
+
+def _ignore_stop_signals(worker_id: int) -> None:
+    """DataLoader workers leave SIGINT/SIGTERM to the main process, which saves and stops them."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
 class ConceptHead(nn.Module):
@@ -194,6 +229,20 @@ def train_step(
         out = model(images, captions, caplens, "sample" if sample else "expected")
         loss, parts = compute_loss(out, cfg, state.hard_baseline, concepts)
     optimizer.zero_grad(set_to_none=True)
+    # A NaN/inf loss would put NaN into every weight at this update. Checking costs one sync per step;
+    # in DDP every rank must take the same decision, or the others wait in the gradient all-reduce forever.
+    finite = torch.isfinite(loss.detach()).float()
+    if dist.is_available() and dist.is_initialized():
+        dist.all_reduce(finite, op=dist.ReduceOp.MIN)
+    if not finite.item():
+        where = f"epoch {state.epoch + 1} step {state.step + 1}"
+        if cfg.nonfinite_loss == "stop":
+            kept = f"the last checkpoint (epoch {state.epoch}) is kept" if state.epoch else "nothing was saved"
+            raise UserError(f"non-finite loss ({float(loss.detach()):g}) at {where}: training stopped and {kept}; "
+                            "lower the learning rate, or set nonfinite_loss=skip to skip such batches")
+        print(f"warning: non-finite loss ({float(loss.detach()):g}) at {where}: batch skipped", file=sys.stderr)
+        state.step += 1
+        return {}
     scaler.scale(loss).backward()
     if cfg.grad_clip > 0:
         scaler.unscale_(optimizer)
@@ -217,24 +266,50 @@ def train_one_epoch(
     device: torch.device,
     info: DistInfo,
     writer: Any,
+    stop: StopRequest | None = None,
 ) -> dict[str, float]:
+    """One epoch (or its rest, after a mid-epoch resume); returns the mean loss parts, or {} when a stop
+    signal ended it early (state.epoch_step and state.epoch_sums then say where)."""
     model.train()
-    totals = {key: torch.zeros((), device=device) for key in ("loss", "ce", "ds", "concept")}
-    num_steps, start = 0, time.time()
-    bar = progress_bar(loader, desc=f"epoch {state.epoch + 1}/{cfg.epochs}", disable=not info.is_main)
+    # A resumed, interrupted epoch starts from the sums of the steps it had done (state.epoch_sums).
+    totals = {key: torch.tensor(state.epoch_sums.get(key, 0.0), device=device) for key in ("loss", "ce", "ds", "concept")}
+    num_steps, start = state.epoch_step, time.time()
+    bar = progress_bar(loader, desc=f"epoch {state.epoch + 1}/{cfg.epochs}", disable=not info.is_main,
+                       initial=state.epoch_step, total=state.epoch_step + len(loader))
     for batch in bar:
         parts = train_step(model, batch, optimizer, scaler, cfg, state, device)
         num_steps += 1
+        state.epoch_step = num_steps
         for key, value in parts.items():
             if key in totals:
                 totals[key] += value
-        if state.step % 10 == 0:  # reading the loss syncs with the GPU: do it now and then
+        if stop is not None and stop.requested(state.step, info, device):
+            state.epoch_sums = {key: float(value) for key, value in totals.items()}
+            return {}
+        if state.step % 10 == 0 and parts:  # reading the loss syncs with the GPU: do it now and then
             images_per_s = num_steps * cfg.batch_size * info.world_size / (time.time() - start)
             bar.set_postfix(loss=f"{float(parts['loss']):.3f}", img_s=f"{images_per_s:.0f}")
         if writer is not None and state.step % cfg.log_every == 0:
             for key, value in parts.items():
                 writer.add_scalar(f"train/{key}", float(value), state.step)
+    state.epoch_step, state.epoch_sums = 0, {}
     return {key: float(value) / max(num_steps, 1) for key, value in totals.items()}
+
+
+class StopRequest(StopSignals):
+    """StopSignals for the training loop: every rank of a DDP run must stop at the same step, so there
+    the flag is all-reduced every 10 steps (a single process checks after every step)."""
+
+    def requested(self, step: int, info: DistInfo, device: torch.device) -> bool:
+        if not info.enabled:
+            return self.received is not None
+        if step % 10:
+            return False
+        flag = torch.tensor(float(self.received is not None), device=device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        if flag.item() and self.received is None:
+            self.received = "SIGTERM"  # another rank got it
+        return bool(flag.item())
 
 
 def val_scores(
@@ -253,7 +328,7 @@ def val_scores(
 
 
 def make_loaders(cfg: Config, info: DistInfo, device: torch.device
-                 ) -> tuple[DataLoader, DataLoader, DistributedSampler]:
+                 ) -> tuple[DataLoader, DataLoader, ResumableSampler]:
     train_set = CaptionDataset(cfg.data_folder, "train", transform=RandomHorizontalFlip() if cfg.hflip else None)
     val_set = CaptionDataset(cfg.data_folder, "val")
     if len(val_set) == 0:  # fail now, not after an epoch: model selection needs a val score
@@ -262,11 +337,12 @@ def make_loaders(cfg: Config, info: DistInfo, device: torch.device
         val_set = Subset(val_set, range(min(cfg.val_max_images, len(val_set))))
     # A DistributedSampler with world size 1 is a seeded shuffle whose order is a function of the epoch,
     # which is what makes resume exact.
-    sampler = DistributedSampler(train_set, num_replicas=info.world_size, rank=info.rank, shuffle=True, seed=cfg.seed)
+    sampler = ResumableSampler(train_set, num_replicas=info.world_size, rank=info.rank, shuffle=True, seed=cfg.seed)
     # Own generators: worker seeds then never draw from the global RNG, which resume restores exactly.
     # Pinned host memory lets prepare_batch's non_blocking copies overlap the GPU's work.
     common = {"num_workers": cfg.num_workers, "collate_fn": collate_captions, "persistent_workers": cfg.num_workers > 0,
-              "pin_memory": device.type == "cuda"}
+              "pin_memory": device.type == "cuda",
+              "worker_init_fn": _ignore_stop_signals if cfg.num_workers > 0 else None}
     train_loader = DataLoader(train_set, batch_size=cfg.batch_size, sampler=sampler, drop_last=True,
                               generator=torch.Generator().manual_seed(cfg.seed), **common)
     if len(train_loader) == 0:  # drop_last would "train" zero steps
@@ -324,11 +400,24 @@ def resolve_config(args: argparse.Namespace) -> tuple[Config, dict[str, Any] | N
     ckpt = load_checkpoint(cfg.resume)
     if "train_state" not in ckpt:
         raise UserError(f"{cfg.resume}: has no training state to resume from (use last.pt)")
-    changed = [key for key in parse_overrides(args.overrides) if key in MODEL_KEYS]
+    overridden = parse_overrides(args.overrides)
+    changed = [key for key in overridden if key in MODEL_KEYS]
     if changed:
         raise UserError(f"resume={cfg.resume}: cannot change the model's {', '.join(changed)} when resuming "
                         "(start a new run instead)")
-    resumed = apply_overrides(config_from_checkpoint(ckpt, cfg.resume), args.overrides)
+    stored = config_from_checkpoint(ckpt, cfg.resume)
+    resumed = apply_overrides(stored, args.overrides)
+    fixed = [key for key in FIXED_ON_RESUME if getattr(resumed, key) != getattr(stored, key)]
+    if (resumed.concept_loss_weight > 0) != (stored.concept_loss_weight > 0):
+        fixed.append("concept_loss_weight")  # adds or drops the concept head: a weight change is fine
+    if fixed:
+        raise UserError(f"resume={cfg.resume}: cannot change {', '.join(fixed)} when resuming (its optimizer "
+                        "state is for the trained parameters as they were); start a new run instead")
+    if "out_dir" not in overridden:  # a run folder copied elsewhere goes on where its checkpoint now is
+        resumed.out_dir = str(Path(cfg.resume).parent)
+    if not os.path.isdir(resumed.data_folder):
+        raise UserError(f"resume={cfg.resume}: its data folder {resumed.data_folder} is not there (moved?); "
+                        "pass data_folder=WHERE_IT_IS_NOW")
     resumed.check()
     return resumed, ckpt
 
@@ -423,6 +512,35 @@ def model_word_map(cfg: Config, resume: dict[str, Any] | None, init: dict[str, A
     return pack_word_map
 
 
+def apply_resume_overrides(optimizer: torch.optim.Optimizer, scheduler: Any, cfg: Config,
+                           overridden: Sequence[str]) -> None:
+    """The restored optimizer and scheduler carry the settings of the run as saved; the config (and so
+    config.yaml) is the truth. Learning rates change only when given, since the scheduler may have
+    decayed them; weight decay and the plateau schedule always follow the config."""
+    groups = optimizer.param_groups
+    if "decoder_lr" in overridden:
+        groups[0]["lr"] = cfg.decoder_lr
+    if "encoder_lr" in overridden and len(groups) > 1:
+        groups[1]["lr"] = cfg.encoder_lr
+    for group in groups:
+        group["weight_decay"] = cfg.weight_decay
+    scheduler.factor, scheduler.patience = cfg.lr_decay_factor, cfg.lr_patience
+
+
+def truncate_metrics(path: Path, epoch: int) -> None:
+    """Drop rows past `epoch`: a run killed after writing an epoch's row but before its checkpoint
+    trains that epoch again on resume, which must not list it twice."""
+    if not path.exists():
+        return
+    with open(path, newline="") as f:
+        lines = f.read().splitlines(keepends=True)
+    # A row cut by a kill mid-append has no line end: drop it too, or the next row would be glued onto it.
+    kept = lines[:1] + [line for line in lines[1:] if line.endswith("\n") and line.split(",", 1)[0].isdigit()
+                        and int(line.split(",", 1)[0]) <= epoch]
+    if kept != lines:
+        atomic_write_text(path, "".join(kept))
+
+
 def append_metrics_row(path: Path, row: dict[str, Any]) -> None:
     """One row per epoch. A run resumed by newer code keeps the columns its file started with."""
     fieldnames = CSV_FIELDS
@@ -475,7 +593,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         cfg, init = resolve_init(cfg, args.overrides)
         info, device = init_distributed(cfg.device)
         try:
-            return _train(cfg, ckpt, info, device, init)
+            with StopRequest() as stop:
+                return _train(cfg, ckpt, info, device, init, stop, tuple(parse_overrides(args.overrides)))
         finally:
             cleanup_distributed(info)
 
@@ -483,10 +602,13 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _train(cfg: Config, ckpt: dict[str, Any] | None, info: DistInfo, device: torch.device,
-           init: dict[str, Any] | None = None) -> int:
+           init: dict[str, Any] | None = None, stop: StopRequest | None = None,
+           overridden: Sequence[str] = ()) -> int:
     seed_everything(cfg.seed)
     out_dir = cfg.resolved_out_dir()
     feature_cache = use_feature_cache(cfg)  # refuses impossible settings before any work
+    if info.is_main:
+        check_writable(out_dir, "the run folder")
     if ckpt is None and (out_dir / "last.pt").exists():
         raise UserError(f"{out_dir} already holds a run; continue it with resume={out_dir / 'last.pt'} "
                         "or pick another out_dir=")
@@ -535,15 +657,61 @@ def _train(cfg: Config, ckpt: dict[str, Any] | None, info: DistInfo, device: tor
         optimizer.load_state_dict(ckpt["optimizer"])
         scheduler.load_state_dict(ckpt["scheduler"])
         scaler.load_state_dict(ckpt["scaler"])
+        apply_resume_overrides(optimizer, scheduler, cfg, overridden)
         state = TrainState(**ckpt["train_state"])
         set_rng_state(ckpt["rng"])
+    if feature_cache:  # the frozen encoder's annotations, once per image (after the checks on out_dir)
+        for dataset in (train_loader.dataset, getattr(val_loader.dataset, "dataset", val_loader.dataset)):
+            dataset.features_path = cached_features(model, cfg, dataset.split, info, device)
     ddp_model = DistributedDataParallel(trained) if info.enabled else trained
+    with folder_lock(out_dir, "training") if info.is_main else nullcontext():
+        return _train_loop(cfg, out_dir, info, device, stop, model, trained, ddp_model, optimizer, scheduler, scaler,
+                           state, train_loader, val_loader, sampler, word_map, pack_word_map, resumed=ckpt is not None)
+
+
+def _train_loop(cfg: Config, out_dir: Path, info: DistInfo, device: torch.device, stop: StopRequest | None,
+                model: ShowAttendTell, trained: ShowAttendTell | ConceptHead, ddp_model: nn.Module,
+                optimizer: torch.optim.Optimizer, scheduler: Any, scaler: torch.amp.GradScaler, state: TrainState,
+                train_loader: DataLoader, val_loader: DataLoader, sampler: ResumableSampler,
+                word_map: dict[str, int], pack_word_map: dict[str, int], resumed: bool) -> int:
+    """The epochs, with out_dir locked by this process (rank 0)."""
+
+    def payload() -> dict[str, Any]:
+        saved = {
+            "model": model.state_dict(),
+            "optimizer": optimizer.state_dict(),
+            "scheduler": scheduler.state_dict(),
+            "scaler": scaler.state_dict(),
+            **checkpoint_configs(cfg),
+            "word_map": word_map,
+            **({"pack_word_map": pack_word_map} if word_map != pack_word_map else {}),  # for eval.py; see init_from
+            "image_size": train_loader.dataset.image_size,  # caption.py resizes new images to this
+            "train_state": state.to_dict(),
+            "rng": rng_state(),
+        }
+        if isinstance(trained, ConceptHead):
+            saved["concept_head"] = trained.head.state_dict()
+        return saved
+
+    def stopped() -> int:
+        """Save where the run stands (rank 0) and exit with the shell's code for the signal."""
+        last = out_dir / "last.pt"
+        if info.is_main:
+            writer.close()
+            save_checkpoint(last, payload())
+            print(f"interrupted by {stop.received} at epoch {state.epoch + 1} step {state.step}: saved {last}; "
+                  f"continue with resume={last}", file=sys.stderr)
+        return stop.exit_code
 
     writer = None
     if info.is_main:
         from torch.utils.tensorboard import SummaryWriter  # imported late: it is slow to import
 
-        out_dir.mkdir(parents=True, exist_ok=True)
+        if not resumed and (out_dir / "last.pt").exists():  # another run got here first
+            raise UserError(f"{out_dir} already holds a run; continue it with resume={out_dir / 'last.pt'} "
+                            "or pick another out_dir=")
+        remove_stale_temporaries(out_dir)
+        truncate_metrics(out_dir / "metrics.csv", state.epoch)
         save_config(cfg, out_dir / "config.yaml")
         writer = SummaryWriter(log_dir=str(out_dir / "tensorboard"), purge_step=state.step or None)
         trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
@@ -554,14 +722,20 @@ def _train(cfg: Config, ckpt: dict[str, Any] | None, info: DistInfo, device: tor
         )
 
     val_tokenizer = "unicode" if train_loader.dataset.tokenizer == "unicode" else "simple"
-    if feature_cache:  # after the run folder: a refused out_dir costs no caching
-        for dataset in (train_loader.dataset, getattr(val_loader.dataset, "dataset", val_loader.dataset)):
-            dataset.features_path = cached_features(model, cfg, dataset.split, info, device)
-
     while state.epoch < cfg.epochs:
         sampler.set_epoch(state.epoch)
+        sampler.skip = state.epoch_step * cfg.batch_size  # > 0 only in an epoch resumed part-way
         start = time.time()
-        losses = train_one_epoch(ddp_model, train_loader, optimizer, scaler, cfg, state, device, info, writer)
+        try:
+            losses = train_one_epoch(ddp_model, train_loader, optimizer, scaler, cfg, state, device, info, writer, stop)
+        except RuntimeError as e:  # torch notices a dead worker; it was most likely the OOM killer's
+            if not str(e).startswith("DataLoader worker"):
+                raise
+            raise UserError(f"{one_line(e)} (out of memory? lower num_workers= or batch_size=); "
+                            f"{out_dir / 'last.pt'} holds the last finished epoch") from None
+        sampler.skip = 0
+        if not losses:  # a stop signal, after a step
+            return stopped()
         state.epoch += 1
         # Rank 0 decodes val; every rank gets the scores so LR decay and early stopping agree.
         val = [val_scores(model, val_loader, word_map, cfg, device, tokenizer=val_tokenizer) if info.is_main else {}]
@@ -588,23 +762,10 @@ def _train(cfg: Config, ckpt: dict[str, Any] | None, info: DistInfo, device: tor
                 writer.add_scalar(f"val/{key}", val[key], state.step)
             writer.add_scalar("train/lr", lr, state.step)
             writer.flush()
-            payload = {
-                "model": model.state_dict(),
-                "optimizer": optimizer.state_dict(),
-                "scheduler": scheduler.state_dict(),
-                "scaler": scaler.state_dict(),
-                **checkpoint_configs(cfg),
-                "word_map": word_map,
-                **({"pack_word_map": pack_word_map} if word_map != pack_word_map else {}),  # for eval.py; see "Fine-tuning" above
-                "image_size": train_loader.dataset.image_size,  # caption.py resizes new images to this
-                "train_state": state.to_dict(),
-                "rng": rng_state(),
-            }
-            if isinstance(trained, ConceptHead):
-                payload["concept_head"] = trained.head.state_dict()
-            save_checkpoint(out_dir / "last.pt", payload)
+            saved = payload()
+            save_checkpoint(out_dir / "last.pt", saved)
             if improved:
-                save_checkpoint(out_dir / "best.pt", payload)
+                save_checkpoint(out_dir / "best.pt", saved)
             print(
                 f"epoch {state.epoch}: loss {losses['loss']:.3f} (ce {losses['ce']:.3f}, ds {losses['ds']:.4f}) "
                 f"val BLEU-4 {val['BLEU-4']:.4f} CIDEr {val['CIDEr']:.4f}{' (best)' if improved else ''} "
@@ -612,6 +773,11 @@ def _train(cfg: Config, ckpt: dict[str, Any] | None, info: DistInfo, device: tor
                 f"words {val['vocab_used']} lr {lr:.2g} {seconds:.0f}s"
             )
             warn_if_collapsed(val)
+        if stop is not None and stop.requested(0, info, device):  # arrived during val or the save: saved above
+            if info.is_main:
+                print(f"interrupted by {stop.received} after epoch {state.epoch}: {out_dir / 'last.pt'} holds it; "
+                      f"continue with resume={out_dir / 'last.pt'}", file=sys.stderr)
+            return stop.exit_code
         if cfg.early_stop_patience and state.epochs_since_improvement >= cfg.early_stop_patience:
             if info.is_main:
                 print(f"early stop: no val {cfg.val_metric} improvement for {state.epochs_since_improvement} epochs")

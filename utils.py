@@ -5,18 +5,20 @@ Nothing runs at import time.
 """
 from __future__ import annotations
 
-import contextlib
 import dataclasses
+import fcntl
 import json
 import math
 import os
 import random
 import re
 import secrets
+import signal
 import sys
+import threading
 import time
 import unicodedata
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, BinaryIO, Callable, ContextManager, Iterable, Iterator, Sequence, TextIO
@@ -41,6 +43,16 @@ def run_cli(body: Callable[[], int], debug: bool = False) -> int:
     `error:` line and exit 1; anything else is a bug and keeps its traceback. `--debug` shows them all."""
     try:
         return body()
+    except BrokenPipeError:
+        # Whoever read our stdout has gone (`caption.py ... | head -1`): stop quietly, as a command killed by
+        # SIGPIPE would (exit 141), and point stdout at /dev/null so the exit-time flush cannot fail again.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141
+    except KeyboardInterrupt:
+        if debug:
+            raise
+        print("error: interrupted", file=sys.stderr)
+        return 130
     except (UserError, OSError) as e:
         if debug:
             raise
@@ -158,6 +170,7 @@ class TrainConfig:
     lr_decay_factor: float = option(0.8, above=0.0, max=1.0)  # ReduceLROnPlateau factor on the val metric
     lr_patience: int = option(2, min=0)  # epochs without improvement before the LR decays
     early_stop_patience: int = option(8, min=0)  # epochs without improvement before training stops (0 = off)
+    nonfinite_loss: str = option("stop", choices=("stop", "skip"))  # a NaN/inf loss stops the run, or skips its batch
     log_every: int = option(50, min=1)  # steps between TensorBoard scalars
     # torch.compile the decoder's per-word step for teacher forcing (fused ops: fewer GPU kernel launches);
     # costs a compile at start (~20 s on a 2-core CPU for the tiny test model). See benchmark.py --device cuda.
@@ -293,21 +306,33 @@ def atomic_write(path: str | Path, write: Callable[[BinaryIO], None]) -> None:
     """Write through `write(file)` to a temp file beside `path`, then rename: never a half-written file.
 
     The one atomic writer (checkpoints, JSON, figures). The temp file is created with mode "xb" rather
-    than mkstemp, so it gets the usual umask permissions rather than 0600.
+    than mkstemp, so it gets the usual umask permissions rather than 0600. A process killed mid-write
+    leaves only a `.NAME.PID.HEX.tmp` file (see remove_stale_temporaries), never a damaged NAME.
     """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
+    atomic_write_all([(path, write)])
+
+
+def atomic_write_all(writes: Sequence[tuple[str | Path, Callable[[BinaryIO], None]]]) -> None:
+    """atomic_write for files that belong together (eval's results and metrics): every temp file is
+    written before any is renamed, so a full disk or a crash leaves the previous set, not a mix."""
+    staged: list[tuple[Path, Path]] = []
     try:
-        with open(tmp, "xb") as f:
-            write(f)
-        os.replace(tmp, path)
+        for path, write in writes:
+            path = Path(path)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
+            staged.append((tmp, path))
+            with open(tmp, "xb") as f:
+                write(f)
+        for tmp, path in staged:
+            os.replace(tmp, path)
     except BaseException:
-        tmp.unlink(missing_ok=True)
+        for tmp, _ in staged:
+            tmp.unlink(missing_ok=True)
         raise
 
 
-@contextlib.contextmanager
+@contextmanager
 def atomic_path(path: str | Path) -> Iterator[Path]:
     """A temp path beside `path` for writers that want a file name (h5py); renamed to `path` on success."""
     path = Path(path)
@@ -319,6 +344,85 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+
+
+def remove_stale_temporaries(folder: Path) -> None:
+    """Delete the temp files of atomic writers that were killed (call only while holding the folder's lock)."""
+    for tmp in folder.glob(".*.*.tmp"):
+        if re.fullmatch(r"\..+\.\d+\.[0-9a-f]{8}\.tmp", tmp.name):
+            tmp.unlink(missing_ok=True)
+
+
+def check_writable(path: str | Path, what: str) -> None:
+    """Refuse an output location that cannot be written (read-only disk, no permission, a file in the
+    way) before any work starts, rather than after hours of it."""
+    path = Path(path)
+    existing = path
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise UserError(f"{path}: cannot write {what} there ({existing} is not a folder)")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        read_only = os.statvfs(existing).f_flag & os.ST_RDONLY
+        raise UserError(f"{path}: cannot write {what} there "
+                        f"({'read-only file system' if read_only else 'permission denied'})")
+
+
+@contextmanager
+def folder_lock(folder: Path, what: str) -> Iterator[None]:
+    """Hold an exclusive flock on folder/.lock (with our pid in it) while writing into `folder`.
+
+    A second writer is refused with one line naming the holder. The kernel drops the lock when its
+    process dies, however it dies, so a lock file left by a killed run never blocks the next one.
+    """
+    folder.mkdir(parents=True, exist_ok=True)
+    handle = open(folder / ".lock", "a+")
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        handle.seek(0)
+        holder = handle.read().strip() or "unknown"
+        handle.close()
+        raise UserError(f"{folder} is in use by another {what} (pid {holder}); wait for it to end or pick "
+                        f"another folder (the lock: {folder / '.lock'})") from None
+    try:
+        handle.truncate(0)
+        handle.write(f"{os.getpid()}\n")
+        handle.flush()
+        yield
+    finally:
+        handle.close()
+
+
+class StopSignals:
+    """SIGTERM and SIGINT (a scheduler's preemption, Ctrl-C) only set `received`, which the training loop
+    reads at a safe point (after a step, after a checkpoint), so a checkpoint is never cut mid-write and
+    the run can save where it stands. A second signal interrupts at once (KeyboardInterrupt).
+    """
+
+    def __init__(self) -> None:
+        self.received: str | None = None
+        self._previous: dict[int, Any] = {}
+
+    def __enter__(self) -> StopSignals:
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        if self.received is not None:
+            raise KeyboardInterrupt
+        self.received = signal.Signals(signum).name
+
+    @property
+    def exit_code(self) -> int:
+        """The shell's code for a process ended by the signal: 130 for SIGINT, 143 for SIGTERM."""
+        return 128 + signal.Signals[self.received].value if self.received else 0
 
 
 def atomic_write_text(path: str | Path, text: str) -> None:
@@ -408,8 +512,43 @@ def checkpoint_configs(cfg: Config) -> dict[str, Any]:
     }
 
 
+class _WriteErrors:
+    """A file wrapper that keeps the OSError of a failed write: torch.save reports a full disk only as
+    an opaque RuntimeError from its zip writer."""
+
+    def __init__(self, file: BinaryIO) -> None:
+        self.file, self.error = file, None
+
+    def write(self, data: bytes) -> int:
+        try:
+            return self.file.write(data)
+        except OSError as e:
+            self.error = e
+            raise
+
+    def flush(self) -> None:
+        self.file.flush()
+
+
 def save_checkpoint(path: str | Path, payload: dict[str, Any]) -> None:
-    atomic_write(path, lambda f: torch.save(payload, f))
+    """Atomically write a checkpoint; refuse weights that are not finite (a NaN model must never replace
+    a good last.pt or best.pt), and report a full disk as the OSError it is."""
+    model = payload.get("model")
+    if isinstance(model, dict) and any(torch.is_tensor(t) and t.is_floating_point() and not torch.isfinite(t).all()
+                                       for t in model.values()):
+        raise UserError(f"{path}: not saved: the model has non-finite weights (NaN or inf); "
+                        "the previous file is kept")
+
+    def write(f: BinaryIO) -> None:
+        wrapped = _WriteErrors(f)
+        try:
+            torch.save(payload, wrapped)
+        except RuntimeError:
+            if wrapped.error is not None:
+                raise wrapped.error from None
+            raise
+
+    atomic_write(path, write)
 
 
 def load_checkpoint(path: str | Path) -> dict[str, Any]:
@@ -563,13 +702,14 @@ class PlainProgress:
     `every` steps: in a log file, CI or nohup output, tqdm's carriage-return redraws are junk."""
 
     def __init__(self, iterable: Iterable[Any] | None = None, *, desc: str = "", total: int | None = None,
-                 unit: str = "it", every: int | None = None, disable: bool = False, file: TextIO | None = None):
+                 unit: str = "it", every: int | None = None, disable: bool = False, file: TextIO | None = None,
+                 initial: int = 0):
         if total is None and iterable is not None and hasattr(iterable, "__len__"):
             total = len(iterable)  # type: ignore[arg-type]
         self.iterable, self.desc, self.total, self.unit, self.disable = iterable, desc, total, unit, disable
         self.every = every or (max(1, math.ceil(total / PROGRESS_LINES)) if total else 100)
         self.file = file
-        self.n, self.printed_at, self.postfix = 0, 0, ""
+        self.n, self.printed_at, self.initial, self.postfix = initial, initial, initial, ""  # initial: resumed
         self.start = time.monotonic()
 
     def __iter__(self) -> Iterator[Any]:
@@ -616,7 +756,7 @@ class PlainProgress:
         from tqdm import tqdm
 
         elapsed = time.monotonic() - self.start
-        rate = self.n / elapsed if elapsed > 0 else 0.0
+        rate = (self.n - self.initial) / elapsed if elapsed > 0 else 0.0
         done = f"{self.n}/{self.total} ({100 * self.n / self.total:.0f}%)" if self.total else f"{self.n}"
         eta = (f", ETA {tqdm.format_interval((self.total - self.n) / rate)}"
                if self.total and rate > 0 else "")
@@ -626,7 +766,7 @@ class PlainProgress:
 
 
 def progress_bar(iterable: Iterable[Any] | None = None, *, desc: str = "", total: int | None = None, unit: str = "it",
-             every: int | None = None, disable: bool = False, file: TextIO | None = None) -> Any:
+             every: int | None = None, disable: bool = False, file: TextIO | None = None, initial: int = 0) -> Any:
     """A progress bar for train.py, eval.py and packing: tqdm when `file` (default stderr) is a terminal,
     otherwise a PlainProgress printing one line every `every` steps (default: ~20 lines a pass)."""
     stream = file or sys.stderr
@@ -634,5 +774,7 @@ def progress_bar(iterable: Iterable[Any] | None = None, *, desc: str = "", total
     if isatty is not None and isatty():
         from tqdm import tqdm
 
-        return tqdm(iterable, desc=desc, total=total, unit=unit, disable=disable, dynamic_ncols=True, file=stream)
-    return PlainProgress(iterable, desc=desc, total=total, unit=unit, every=every, disable=disable, file=file)
+        return tqdm(iterable, desc=desc, total=total, unit=unit, disable=disable, dynamic_ncols=True, file=stream,
+                    initial=initial)
+    return PlainProgress(iterable, desc=desc, total=total, unit=unit, every=every, disable=disable, file=file,
+                         initial=initial)

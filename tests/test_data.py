@@ -514,10 +514,10 @@ def test_skip_bad_images_and_images_without_captions(tiny_karpathy: dict[str, An
     source = tiny_karpathy
     messages = write_bad_images(source["images"] / "val2014", write_image)
     data = json.loads(source["json"].read_text())
-    data["images"].append(karpathy_entry("t0.jpg", "test", ["", " , ."], "train2014"))  # no words at all
+    data["images"].append(karpathy_entry("t9.jpg", "test", ["", " , ."], "train2014"))  # no words at all
     source["json"].write_text(json.dumps(data))
     assert packer.main(karpathy_args(source)) == 1
-    assert "train2014/t0.jpg: image has no captions" in capsys.readouterr().err
+    assert "train2014/t9.jpg: image has no captions" in capsys.readouterr().err
     for kind in messages:
         data["images"].append(karpathy_entry(kind, "val", COMMON, "val2014"))
     source["json"].write_text(json.dumps(data))

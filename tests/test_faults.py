@@ -1,0 +1,779 @@
+"""The fault matrix (issue 12): kills, full and read-only disks, data that lies, runs that move, captions
+files as spreadsheets export them. One promise throughout: nothing good before the fault is lost, nothing
+half-written looks complete, and the next run either continues or says in one line what is wrong.
+
+Run alone with `pytest -m faults`; the kill tests are also marked `slow` (they run in the default suite).
+Disk-full and read-only cases mount a small tmpfs and skip where mounting is not allowed.
+"""
+from __future__ import annotations
+
+import csv
+import errno
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Iterator
+
+import h5py
+import pytest
+import torch
+
+import caption
+import create_input_files as packer
+import eval as evaluation
+import train
+from conftest import ROOT
+from utils import load_checkpoint
+
+pytestmark = pytest.mark.faults
+
+TINY = ["encoder_stages=1", "enc_size=2", "attention_dim=16", "embed_dim=16", "decoder_dim=16", "batch_size=8",
+        "num_workers=0", "encoder_weights=none", "encoder=resnet18", "max_len=12", "early_stop_patience=0",
+        "feature_cache=off"]
+STEPS_PER_EPOCH = 3  # 30 train images of the shapes fixture, batch_size 8, drop_last
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+
+
+def one_error_line(err: str, prefix: str = "error: ") -> str:
+    err = err.strip()
+    assert err.startswith(prefix) and "\n" not in err and "Traceback" not in err, err
+    return err
+
+
+def train_args(data: Path, out: Path, *extra: str) -> list[str]:
+    return [*TINY, f"data_folder={data}", f"out_dir={out}", *extra]
+
+
+def metrics_epochs(out: Path) -> list[int]:
+    with open(out / "metrics.csv", newline="") as f:
+        return [int(row["epoch"]) for row in csv.DictReader(f)]
+
+
+def assert_every_checkpoint_loads(out: Path) -> None:
+    for path in out.glob("*.pt"):
+        ckpt = load_checkpoint(path)
+        assert all(torch.isfinite(v).all() for v in ckpt["model"].values() if v.is_floating_point()), path
+
+
+# A driver around train.main for faults that must hit a real process: a signal sent to itself after a
+# given step, or a SIGKILL in the middle of writing a given checkpoint file.
+DRIVER = r"""
+import os, signal, sys
+import train, utils
+sig, at_step, in_save = int(os.environ.get("FAULT_SIGNAL", "9")), int(os.environ.get("FAULT_STEP", "0")), \
+    os.environ.get("FAULT_SAVE", "")
+if at_step:
+    original_step = train.train_step
+    def train_step(*args, **kwargs):
+        parts = original_step(*args, **kwargs)
+        if args[5].step == at_step:
+            os.kill(os.getpid(), sig)
+        return parts
+    train.train_step = train_step
+if in_save:
+    name, epoch = in_save.split(":")
+    original_save = train.save_checkpoint
+    def save_checkpoint(path, payload):
+        if path.name == name and payload["train_state"]["epoch"] == int(epoch):
+            def half(f):
+                f.write(b"PK\x03\x04" + b"\0" * 1000)
+                f.flush()
+                os.kill(os.getpid(), signal.SIGKILL)
+            utils.atomic_write(path, half)
+        original_save(path, payload)
+    train.save_checkpoint = save_checkpoint
+sys.exit(train.main(sys.argv[1:]))
+"""
+
+
+def run_driver(args: list[str], **fault: str) -> subprocess.CompletedProcess:
+    env = {**ENV, **{f"FAULT_{key.upper()}": value for key, value in fault.items()}}
+    return subprocess.run([sys.executable, "-c", DRIVER, *args], cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=120)
+
+
+# --------------------------------------------------------------------------------------------
+# Kills during training
+# --------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def straight_run(shapes_folder: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """3 epochs without a fault: what every interrupted-and-resumed run must end up as."""
+    out = tmp_path_factory.mktemp("straight") / "run"
+    assert train.main(train_args(shapes_folder, out, "epochs=3")) == 0
+    return out
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("sig,code", [(signal.SIGTERM, 143), (signal.SIGINT, 130)])
+def test_sigterm_and_sigint_save_a_checkpoint_that_resumes_exactly(sig, code, shapes_folder, straight_run, tmp_path):
+    out = tmp_path / "run"
+    result = run_driver(train_args(shapes_folder, out, "epochs=3"), signal=str(int(sig)), step="5")  # epoch 2
+    assert result.returncode == code, result.stderr[-2000:]
+    line = one_error_line(result.stderr.splitlines()[-1], "interrupted")
+    assert "Traceback" not in result.stderr and "epoch 2 step 5" in line and f"resume={out / 'last.pt'}" in line
+    ckpt = load_checkpoint(out / "last.pt")
+    assert (ckpt["train_state"]["epoch"], ckpt["train_state"]["step"]) == (1, 5)
+    assert train.main([f"resume={out / 'last.pt'}"]) == 0
+    assert metrics_epochs(out) == [1, 2, 3]
+    a, b = (torch.load(run / "last.pt", weights_only=True) for run in (straight_run, out))
+    assert a["train_state"]["step"] == b["train_state"]["step"] == 3 * STEPS_PER_EPOCH
+    for key, value in a["model"].items():  # the remaining batches of epoch 2, in the same order, same RNG
+        torch.testing.assert_close(b["model"][key], value, rtol=1e-5, atol=1e-6, msg=key)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["last.pt", "best.pt"])
+def test_sigkill_while_writing_a_checkpoint(name, shapes_folder, tmp_path):
+    out = tmp_path / "run"
+    # val BLEU improves from -inf at epoch 1 only for sure: kill while writing epoch 1's best.pt or epoch 2's last.pt
+    epoch = 1 if name == "best.pt" else 2
+    result = run_driver(train_args(shapes_folder, out, "epochs=3"), save=f"{name}:{epoch}")
+    assert result.returncode == -signal.SIGKILL
+    assert_every_checkpoint_loads(out)
+    assert train.main([f"resume={out / 'last.pt'}"]) == 0
+    assert metrics_epochs(out) == [1, 2, 3]  # the epoch whose save was killed is not listed twice
+    assert_every_checkpoint_loads(out)
+    assert not list(out.glob(".*.tmp"))  # the resumed run cleared the dead writer's temp files
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM])
+def test_a_kill_from_outside_at_any_moment(sig, shapes_folder, tmp_path):
+    """The scheduler's kill, sent from another process after the first epoch (in training, val or a save)."""
+    out = tmp_path / "run"
+    proc = subprocess.Popen([sys.executable, "train.py", *train_args(shapes_folder, out, "epochs=30")], cwd=ROOT,
+                            env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    for line in proc.stdout:
+        if line.startswith("epoch 1:"):
+            break
+    time.sleep(0.3)
+    proc.send_signal(sig)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == (-9 if sig == signal.SIGKILL else 143), err[-2000:]
+    if sig == signal.SIGTERM:
+        assert "Traceback" not in err and err.strip().splitlines()[-1].startswith("interrupted by SIGTERM")
+    assert_every_checkpoint_loads(out)
+    done = load_checkpoint(out / "last.pt")["train_state"]["epoch"]
+    assert train.main([f"resume={out / 'last.pt'}", f"epochs={done + 1}"]) == 0
+    assert metrics_epochs(out) == list(range(1, done + 2))
+
+
+WORKER_KILLER = r"""
+import multiprocessing, os, signal, sys
+import train
+original_step = train.train_step
+def train_step(*args, **kwargs):
+    if args[5].step == 1:  # as the OOM killer picks a DataLoader worker
+        for child in multiprocessing.active_children():
+            os.kill(child.pid, signal.SIGKILL)
+    return original_step(*args, **kwargs)
+train.train_step = train_step
+sys.exit(train.main(sys.argv[1:]))
+"""
+
+
+@pytest.mark.slow
+def test_a_killed_dataloader_worker_is_reported(shapes_folder, tmp_path):
+    out = tmp_path / "run"
+    result = subprocess.run([sys.executable, "-c", WORKER_KILLER,
+                             *train_args(shapes_folder, out, "epochs=2", "num_workers=1")],
+                            cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 1, result.stderr[-2000:]
+    line = one_error_line(result.stderr.strip().splitlines()[-1])
+    assert "DataLoader worker" in line and "num_workers=" in line
+
+
+def test_resume_drops_metrics_rows_past_the_checkpoint_and_a_cut_row(tmp_path):
+    path = tmp_path / "metrics.csv"
+    path.write_bytes(b"epoch,step\r\n1,3\r\n2,6\r\n3,9\r\n1")  # killed while appending epoch 11's row
+    train.truncate_metrics(path, 2)
+    assert path.read_bytes() == b"epoch,step\r\n1,3\r\n2,6\r\n"
+
+
+# --------------------------------------------------------------------------------------------
+# Non-finite loss and learning rates
+# --------------------------------------------------------------------------------------------
+def poison_loss_at(monkeypatch, steps: set[int]) -> None:
+    """compute_loss returns NaN at the given global steps (1-based), as a diverging run would."""
+    original, calls = train.compute_loss, [0]
+
+    def compute_loss(*args, **kwargs):
+        loss, parts = original(*args, **kwargs)
+        calls[0] += 1
+        if calls[0] in steps:
+            loss = loss * float("nan")
+            parts["loss"] = loss.detach()
+        return loss, parts
+
+    monkeypatch.setattr(train, "compute_loss", compute_loss)
+
+
+def test_nan_loss_stops_naming_epoch_and_step_and_keeps_the_good_checkpoint(shapes_folder, tmp_path, capsys,
+                                                                           monkeypatch):
+    out = tmp_path / "run"
+    poison_loss_at(monkeypatch, {5})
+    assert train.main(train_args(shapes_folder, out, "epochs=3")) == 1
+    line = one_error_line(capsys.readouterr().err.strip().splitlines()[-1])
+    assert "non-finite loss (nan) at epoch 2 step 5" in line and "nonfinite_loss=skip" in line
+    for name in ("last.pt", "best.pt"):
+        assert load_checkpoint(out / name)["train_state"]["epoch"] == 1
+    assert_every_checkpoint_loads(out)
+    assert metrics_epochs(out) == [1]
+
+
+def test_nan_loss_skip_mode_skips_the_batch(shapes_folder, tmp_path, capsys, monkeypatch):
+    out = tmp_path / "run"
+    poison_loss_at(monkeypatch, {2, 5})
+    assert train.main(train_args(shapes_folder, out, "epochs=2", "nonfinite_loss=skip")) == 0
+    err = capsys.readouterr().err
+    assert "non-finite loss (nan) at epoch 1 step 2: batch skipped" in err
+    assert "non-finite loss (nan) at epoch 2 step 5: batch skipped" in err
+    assert_every_checkpoint_loads(out)
+    assert load_checkpoint(out / "last.pt")["train_state"]["epoch"] == 2
+
+
+def test_nan_weights_are_never_saved(shapes_folder, tmp_path, capsys, monkeypatch):
+    """Belt and braces: even if NaN weights reach the save (here: injected), last.pt keeps the good epoch."""
+    out = tmp_path / "run"
+    original = train.val_scores
+
+    def val_then_poison(model, *args, **kwargs):
+        scores = original(model, *args, **kwargs)
+        if train_epochs[0] == 1:
+            with torch.no_grad():
+                next(model.parameters()).fill_(float("nan"))
+        train_epochs[0] += 1
+        return scores
+
+    train_epochs = [0]
+    monkeypatch.setattr(train, "val_scores", val_then_poison)
+    assert train.main(train_args(shapes_folder, out, "epochs=2")) == 1
+    assert "non-finite weights" in one_error_line(capsys.readouterr().err.strip().splitlines()[-1])
+    assert load_checkpoint(out / "last.pt")["train_state"]["epoch"] == 1
+    assert_every_checkpoint_loads(out)
+
+
+@pytest.mark.parametrize("override", ["decoder_lr=inf", "decoder_lr=nan", "encoder_lr=inf", "alpha_c=nan"])
+def test_non_finite_settings_are_refused(override, shapes_folder, tmp_path, capsys):
+    assert train.main(train_args(shapes_folder, tmp_path / "run", override)) == 1
+    assert "must be a finite number" in one_error_line(capsys.readouterr().err)
+    assert not (tmp_path / "run").exists()
+
+
+# --------------------------------------------------------------------------------------------
+# Two trainings into one run folder
+# --------------------------------------------------------------------------------------------
+HOLD_LOCK = "import fcntl, os, sys, time; f = open(sys.argv[1], 'a+'); fcntl.flock(f, fcntl.LOCK_EX); " \
+            "f.truncate(0); f.write(str(os.getpid())); f.flush(); print('locked', flush=True); time.sleep(60)"
+
+
+def test_a_second_training_into_a_busy_run_folder_is_refused(shapes_folder, tmp_path, capsys):
+    out = tmp_path / "run"
+    out.mkdir()
+    holder = subprocess.Popen([sys.executable, "-c", HOLD_LOCK, str(out / ".lock")], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        assert train.main(train_args(shapes_folder, out, "epochs=1")) == 1
+        line = one_error_line(capsys.readouterr().err)
+        assert f"{out} is in use by another training (pid {holder.pid})" in line
+        assert not (out / "metrics.csv").exists() and not (out / "config.yaml").exists()
+    finally:
+        holder.kill()
+        holder.wait()
+    # The holder died without cleaning up: its lock file stays, and does not block.
+    assert (out / ".lock").exists()
+    assert train.main(train_args(shapes_folder, out, "epochs=1")) == 0
+
+
+# --------------------------------------------------------------------------------------------
+# Resume: moved folders and overrides
+# --------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def one_epoch(shapes_folder: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("one") / "run"
+    assert train.main(train_args(shapes_folder, out, "epochs=1")) == 0
+    return out
+
+
+def test_resume_of_a_copied_run_folder_writes_into_the_copy(one_epoch, tmp_path):
+    copy = tmp_path / "copied"
+    shutil.copytree(one_epoch, copy)
+    before = (one_epoch / "last.pt").read_bytes()
+    assert train.main([f"resume={copy / 'last.pt'}", "epochs=2"]) == 0
+    assert (one_epoch / "last.pt").read_bytes() == before and metrics_epochs(one_epoch) == [1]
+    assert load_checkpoint(copy / "last.pt")["train_state"]["epoch"] == 2 and metrics_epochs(copy) == [1, 2]
+    assert f"out_dir: {copy}" in (copy / "config.yaml").read_text()
+
+
+def test_resume_with_a_moved_data_folder_says_what_to_pass(one_epoch, shapes_folder, tmp_path, capsys):
+    copy = tmp_path / "copied"
+    shutil.copytree(one_epoch, copy)
+    ckpt = torch.load(copy / "last.pt", weights_only=True)
+    ckpt["train_config"]["data_folder"] = str(tmp_path / "gone")
+    torch.save(ckpt, copy / "last.pt")
+    assert train.main([f"resume={copy / 'last.pt'}", "epochs=2"]) == 1
+    line = one_error_line(capsys.readouterr().err)
+    assert str(tmp_path / "gone") in line and "data_folder=" in line
+    assert train.main([f"resume={copy / 'last.pt'}", "epochs=2", f"data_folder={shapes_folder}"]) == 0
+
+
+def test_resume_overrides_that_can_change_take_effect(one_epoch, tmp_path):
+    copy = tmp_path / "copied"
+    shutil.copytree(one_epoch, copy)
+    assert train.main([f"resume={copy / 'last.pt'}", "epochs=2", "decoder_lr=0.0123", "lr_patience=7",
+                       "weight_decay=0.001"]) == 0
+    ckpt = torch.load(copy / "last.pt", weights_only=True)
+    assert ckpt["optimizer"]["param_groups"][0]["lr"] == pytest.approx(0.0123)
+    assert ckpt["optimizer"]["param_groups"][0]["weight_decay"] == pytest.approx(0.001)
+    assert ckpt["scheduler"]["patience"] == 7
+    assert ckpt["train_config"]["decoder_lr"] == pytest.approx(0.0123)
+    config = (copy / "config.yaml").read_text()
+    assert "decoder_lr: 0.0123" in config and "epochs: 2" in config and "lr_patience: 7" in config
+
+
+@pytest.mark.parametrize("override", ["decoder_dim=32", "attention=hard", "fine_tune_encoder=true",
+                                      "fine_tune_stages=0", "concept_loss_weight=0.5"])
+def test_resume_overrides_that_cannot_change_are_refused_by_name(override, one_epoch, tmp_path, capsys):
+    key, run = override.split("=")[0], tmp_path / "run"
+    shutil.copytree(one_epoch, run)
+    assert train.main([f"resume={run / 'last.pt'}", "epochs=2", override]) == 1
+    line = one_error_line(capsys.readouterr().err)
+    assert key in line and "resum" in line
+    assert metrics_epochs(run) == [1]
+
+
+# --------------------------------------------------------------------------------------------
+# Packed data that lies: every reader checks before work starts
+# --------------------------------------------------------------------------------------------
+@pytest.fixture
+def packed_copy(shapes_folder: Path, tmp_path: Path) -> Path:
+    copy = tmp_path / "packed"
+    shutil.copytree(shapes_folder, copy)
+    return copy
+
+
+def truncate(path: Path) -> None:
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+
+
+def rot_superblock(path: Path) -> None:
+    data = bytearray(path.read_bytes())
+    data[0:8] = b"\x00" * 8  # the HDF5 signature
+    path.write_bytes(bytes(data))
+
+
+def rot_caption_ids(path: Path) -> None:
+    """Flip bits inside the stored caption ids (the raw data, not the HDF5 structure)."""
+    with h5py.File(path, "r") as h5:
+        offset, size = h5["captions"].id.get_offset(), h5["captions"].id.get_storage_size()
+    data = bytearray(path.read_bytes())
+    for i in range(offset + 3, offset + size, 97):
+        data[i] ^= 0x40
+    path.write_bytes(bytes(data))
+
+
+def shrink_word_map(folder: Path) -> None:
+    word_map = json.loads((folder / "word_map.json").read_text())
+    keep = {w: i for w, i in word_map.items() if i < 8 or w in ("<unk>", "<start>", "<end>")}
+    ordered = {w: n for n, w in enumerate(sorted(keep, key=keep.get))}
+    (folder / "word_map.json").write_text(json.dumps(ordered))
+
+
+LIES = {
+    "truncated": ("train.h5", truncate, "not a readable HDF5 file"),
+    "zero-byte": ("train.h5", lambda p: p.write_bytes(b""), "not a readable HDF5 file"),
+    "rotted-superblock": ("train.h5", rot_superblock, "not a readable HDF5 file"),
+    "rotted-caption-ids": ("train.h5", rot_caption_ids, "caption ids up to"),
+    "missing-split": ("val.h5", lambda p: p.unlink(), "val.h5 not found"),
+    "no-marker": ("dataset.json", lambda p: p.unlink(), "packing never finished"),
+    "small-word-map": ("word_map.json", lambda p: shrink_word_map(p.parent), "caption ids up to"),
+}
+
+
+@pytest.mark.parametrize("lie", sorted(LIES))
+def test_train_checks_packed_data_before_work_starts(lie, packed_copy, tmp_path, capsys):
+    name, damage, message = LIES[lie]
+    damage(packed_copy / name)
+    assert train.main(train_args(packed_copy, tmp_path / "run", "epochs=1")) == 1
+    line = one_error_line(capsys.readouterr().err)
+    assert message in line and str(packed_copy) in line
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.fixture(scope="module")
+def tiny_ckpt(one_epoch: Path) -> Path:
+    return one_epoch / "best.pt"
+
+
+@pytest.mark.parametrize("lie", ["truncated-test", "no-marker", "small-word-map", "rotted-test-ids"])
+def test_eval_checks_packed_data_before_decoding(lie, packed_copy, tiny_ckpt, tmp_path, capsys):
+    if lie == "truncated-test":
+        truncate(packed_copy / "test.h5")
+        message = "not a readable HDF5 file"
+    elif lie == "rotted-test-ids":
+        rot_caption_ids(packed_copy / "test.h5")
+        message = "caption ids up to"
+    else:
+        name, damage, message = LIES[lie]
+        damage(packed_copy / name)
+    out = tmp_path / "res" / "test.json"
+    code = evaluation.main(["--checkpoint", str(tiny_ckpt), "--data-folder", str(packed_copy), "--num-workers", "0",
+                            "--beam-size", "1", "--max-len", "5", "--out", str(out)])
+    assert code == 1
+    line = one_error_line(capsys.readouterr().err)
+    assert message in line and str(packed_copy) in line
+    assert not out.exists()
+
+
+# --------------------------------------------------------------------------------------------
+# Full and read-only disks (a small tmpfs)
+# --------------------------------------------------------------------------------------------
+@contextmanager
+def small_disk(path: Path, size: str = "2m") -> Iterator[Path]:
+    path.mkdir(parents=True, exist_ok=True)
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)], capture_output=True)
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here ({mounted.stderr.decode().strip()})")
+    try:
+        yield path
+    finally:
+        subprocess.run(["umount", "-l", str(path)], capture_output=True)
+
+
+def make_read_only(path: Path) -> None:
+    subprocess.run(["mount", "-o", "remount,ro", str(path)], check=True, capture_output=True)
+
+
+def fill(disk: Path, leave: int = 0) -> None:
+    """Fill the disk up to `leave` bytes free."""
+    with open(disk / "ballast", "wb") as f:
+        try:
+            while True:
+                free = shutil.disk_usage(disk).free - leave
+                if free <= 0:
+                    break
+                f.write(b"\0" * min(free, 1 << 20))
+                f.flush()
+        except OSError as e:
+            assert e.errno == errno.ENOSPC
+
+
+def test_disk_full_while_saving_a_checkpoint(one_epoch, tmp_path, capsys):
+    with small_disk(tmp_path / "disk", "8m") as disk:
+        run = disk / "run"
+        shutil.copytree(one_epoch, run)
+        before = (run / "last.pt").read_bytes()
+        fill(disk, leave=60_000)
+        assert train.main([f"resume={run / 'last.pt'}", "epochs=2"]) == 1
+        line = one_error_line(capsys.readouterr().err.splitlines()[-1])
+        assert "No space left on device" in line
+        assert (run / "last.pt").read_bytes() == before
+        assert not list(run.glob(".*.tmp"))
+        (disk / "ballast").unlink()
+        assert train.main([f"resume={run / 'last.pt'}", "epochs=2"]) == 0
+        assert metrics_epochs(run) == [1, 2]
+
+
+def test_disk_full_while_writing_eval_results(tiny_ckpt, shapes_folder, tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(evaluation, "java_available", lambda: False)  # no JVM: this is about the files
+    args = ["--checkpoint", str(tiny_ckpt), "--data-folder", str(shapes_folder), "--num-workers", "0",
+            "--beam-size", "1", "--max-len", "5", "--control", "none"]
+    with small_disk(tmp_path / "disk", "1m") as disk:
+        out = disk / "test.json"
+        assert evaluation.main([*args, "--out", str(out)]) == 0
+        earlier = out.read_bytes(), out.with_name("test.metrics.json").read_bytes()
+        capsys.readouterr()
+        fill(disk)
+        assert evaluation.main([*args, "--beam-size", "2", "--out", str(out)]) == 1
+        assert "No space left on device" in one_error_line(capsys.readouterr().err.splitlines()[-1])
+        assert (out.read_bytes(), out.with_name("test.metrics.json").read_bytes()) == earlier
+        assert sorted(p.name for p in disk.iterdir()) == ["ballast", "test.json", "test.metrics.json"]
+
+
+def test_disk_full_while_writing_caption_figures(tiny_ckpt, tmp_path, capsys):
+    from shapes import generate_image
+
+    generate_image(5, 0, 48)[0].save(tmp_path / "img.png")
+    args = ["--img", str(tmp_path / "img.png"), "--checkpoint", str(tiny_ckpt), "--max-len", "4", "--beam-size", "1"]
+    with small_disk(tmp_path / "disk", "2m") as disk:
+        assert caption.main([*args, "--out-dir", str(disk)]) == 0
+        earlier = {p.name: p.read_bytes() for p in disk.iterdir()}
+        capsys.readouterr()
+        fill(disk)
+        assert caption.main([*args, "--out-dir", str(disk)]) == 1
+        assert "No space left on device" in capsys.readouterr().err
+        assert {p.name: p.read_bytes() for p in disk.iterdir() if p.name != "ballast"} == earlier
+
+
+def test_a_failed_figure_write_keeps_the_previous_figures(tiny_ckpt, tmp_path, capsys):
+    from shapes import generate_image
+
+    generate_image(5, 0, 48)[0].save(tmp_path / "img.png")
+    args = ["--img", str(tmp_path / "img.png"), "--checkpoint", str(tiny_ckpt), "--max-len", "4",
+            "--out-dir", str(tmp_path / "figs")]
+    assert caption.main(args) == 0
+    png = tmp_path / "figs" / "img_attention.png"
+    (tmp_path / "figs" / "img_attention.gif").unlink()
+    (tmp_path / "figs" / "img_attention.gif").mkdir()  # the GIF cannot be written
+    assert caption.main(args) == 1
+    assert png.is_file() and png.stat().st_size > 0
+
+
+PACK_ARGS = ["--dataset", "shapes", "--num-images", "24", "--image-size", "48", "--workers", "1"]
+
+
+def test_disk_full_while_packing_keeps_the_older_pack(tmp_path):
+    """In a subprocess: h5py once segfaulted after ENOSPC; an older pack replaced with --force survives."""
+    with small_disk(tmp_path / "disk", "3m") as disk:
+        out = disk / "packed"
+        cmd = [sys.executable, "create_input_files.py", *PACK_ARGS, "--output-folder", str(out)]
+        assert subprocess.run(cmd, cwd=ROOT, env=ENV, capture_output=True).returncode == 0
+        earlier = {p.name: p.read_bytes() for p in out.iterdir()}
+        bigger = [c if c != "24" else "400" for c in cmd] + ["--force"]
+        result = subprocess.run(bigger, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=120)
+        assert result.returncode == 1, result.stderr[-2000:]
+        assert "No space left on device" in one_error_line(result.stderr.splitlines()[-1])
+        assert {p.name: p.read_bytes() for p in out.iterdir()} == earlier
+
+
+def test_read_only_output_locations_are_refused_before_work(tiny_ckpt, shapes_folder, tmp_path, capsys,
+                                                            monkeypatch):
+    def no_work(*args, **kwargs):
+        raise AssertionError("work started before the output location was checked")
+
+    for module, name in ((train, "make_loaders"), (packer, "_write_images"), (evaluation, "decode_split")):
+        monkeypatch.setattr(module, name, no_work)
+    with small_disk(tmp_path / "disk", "1m") as disk:
+        make_read_only(disk)
+        assert train.main(train_args(shapes_folder, disk / "run", "epochs=1")) == 1
+        assert "read-only" in one_error_line(capsys.readouterr().err).lower()
+        assert packer.main([*PACK_ARGS, "--output-folder", str(disk / "packed")]) == 1
+        assert "read-only" in one_error_line(capsys.readouterr().err).lower()
+        assert evaluation.main(["--checkpoint", str(tiny_ckpt), "--data-folder", str(shapes_folder),
+                                "--out", str(disk / "res.json")]) == 1
+        assert "read-only" in one_error_line(capsys.readouterr().err).lower()
+
+
+# --------------------------------------------------------------------------------------------
+# eval.py and caption.py: interrupts and pipes
+# --------------------------------------------------------------------------------------------
+def test_ctrl_c_in_eval_stops_meteor_and_prints_no_traceback(tiny_ckpt, shapes_folder, tmp_path, capsys,
+                                                             monkeypatch):
+    if shutil.which("java") is None:
+        pytest.skip("needs java for METEOR")
+    from pycocoevalcap.meteor.meteor import Meteor
+
+    started = []
+
+    def interrupted(self, gts, res):
+        started.append(self.meteor_p)
+        self.lock.acquire()  # held, as when Ctrl-C lands in the middle of the real method
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(Meteor, "compute_score", interrupted)
+    out = tmp_path / "test.json"
+    try:
+        code = evaluation.main(["--checkpoint", str(tiny_ckpt), "--data-folder", str(shapes_folder), "--num-workers",
+                                "0", "--beam-size", "1", "--max-len", "5", "--out", str(out)])
+    except KeyboardInterrupt:
+        pytest.fail("KeyboardInterrupt escaped eval.main")
+    assert code == 130
+    assert one_error_line(capsys.readouterr().err.splitlines()[-1]) == "error: interrupted"
+    assert started and started[0].poll() is not None  # the JVM was ended, not left waiting on stdin
+    assert not out.exists()
+
+
+@pytest.mark.slow
+def test_eval_killed_mid_run_leaves_no_results(tiny_ckpt, shapes_folder, tmp_path):
+    out = tmp_path / "test.json"
+    code = ("import os, signal, sys, eval, decoding\n"
+            "eval.decode_split = lambda *a, **k: os.kill(os.getpid(), signal.SIGKILL)\n"
+            "sys.exit(eval.main(sys.argv[1:]))")
+    args = ["--checkpoint", str(tiny_ckpt), "--data-folder", str(shapes_folder), "--num-workers", "0",
+            "--out", str(out)]
+    assert subprocess.run([sys.executable, "-c", code, *args], cwd=ROOT, env=ENV).returncode == -9
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.slow
+def test_caption_into_head_exits_quietly(tiny_ckpt, tmp_path):
+    from shapes import generate_image
+
+    for i in range(3):
+        generate_image(i, 0, 48)[0].save(tmp_path / f"img{i}.png")
+    cmd = (f"{sys.executable} caption.py --img {tmp_path} --checkpoint {tiny_ckpt} --max-len 4 --batch-size 1 "
+           f"--out-dir {tmp_path / 'figs'} | head -c 1")
+    result = subprocess.run(["bash", "-o", "pipefail", "-c", cmd], cwd=ROOT, env=ENV, capture_output=True, text=True,
+                            timeout=120)
+    assert result.stderr == "" and result.returncode == 141, result.stderr[-2000:]
+
+
+# --------------------------------------------------------------------------------------------
+# Packing: kills, overlapping splits, captions files as spreadsheets export them
+# --------------------------------------------------------------------------------------------
+PACK_KILLER = r"""
+import os, signal, sys
+import create_input_files as packer
+where = os.environ["FAULT_AT"]
+if where == "captions":  # while the split files are still temporaries
+    original = packer._write_captions
+    def write_captions(tmp_path, split, *args):
+        if split == "val":
+            os.kill(os.getpid(), signal.SIGKILL)
+        return original(tmp_path, split, *args)
+    packer._write_captions = write_captions
+else:  # among the final renames: the old marker is gone, the new one not yet there
+    original = os.replace
+    def replace(src, dst):
+        if str(dst).endswith("val.h5"):
+            os.kill(os.getpid(), signal.SIGKILL)
+        return original(src, dst)
+    os.replace = replace
+sys.exit(packer.main(sys.argv[1:]))
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("where", ["captions", "renames"])
+def test_kill_during_packing_then_the_same_command_finishes(where, tmp_path):
+    out = tmp_path / "packed"
+    args = [*PACK_ARGS, "--output-folder", str(out)]
+    assert packer.main(args) == 0  # an older pack, replaced with --force
+    killed = subprocess.run([sys.executable, "-c", PACK_KILLER, *args, "--force"], cwd=ROOT,
+                            env={**ENV, "FAULT_AT": where}, capture_output=True)
+    assert killed.returncode == -signal.SIGKILL
+    if where == "captions":  # the older pack is whole
+        assert (out / "dataset.json").is_file() and {p.name for p in out.glob("*.h5.tmp")} >= {"train.h5.tmp"}
+    else:  # half old, half new: not marked complete, so no reader takes it
+        assert not (out / "dataset.json").exists()
+        assert train.main(train_args(out, tmp_path / "run")) == 1
+    result = subprocess.run([sys.executable, "create_input_files.py", *args] + (["--force"] if where == "captions"
+                            else []), cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert json.loads((out / "dataset.json").read_text())["splits"]["train"] == 20
+    assert not list(out.glob("*.tmp"))
+
+
+def test_an_unfinished_pack_is_redone_without_force(pack, tmp_path, capsys):
+    out = tmp_path / "packed"
+    pack([*PACK_ARGS, "--output-folder", str(out)])
+    (out / "dataset.json").unlink()
+    capsys.readouterr()
+    assert packer.main([*PACK_ARGS, "--output-folder", str(out)]) == 1  # files of unknown origin: --force
+    assert "use --force" in one_error_line(capsys.readouterr().err)
+    (out / "test.h5.tmp").write_bytes(b"")  # as a pack killed before its marker leaves it
+    pack([*PACK_ARGS, "--output-folder", str(out)])
+    assert (out / "dataset.json").is_file() and not list(out.glob("*.tmp"))
+
+
+def karpathy_json(tmp_path: Path, write_image, entries: list[tuple[str, str]]) -> Path:
+    for name, _ in entries:
+        write_image(tmp_path / "imgs" / name)
+    images = [{"filename": name, "split": split, "sentences": [{"raw": f"a red square {i}"}] * 2}
+              for i, (name, split) in enumerate(entries)]
+    path = tmp_path / "k.json"
+    path.write_text(json.dumps({"images": images}))
+    return path
+
+
+@pytest.mark.parametrize("allow", [False, True])
+def test_the_same_image_in_two_splits(allow, tmp_path, write_image, capsys):
+    entries = [(f"i{n}.jpg", "train") for n in range(6)] + [("i0.jpg", "test"), ("v.jpg", "val")]
+    path = karpathy_json(tmp_path, write_image, entries)
+    args = ["--dataset", "coco", "--karpathy-json", str(path), "--image-folder", str(tmp_path / "imgs"),
+            "--output-folder", str(tmp_path / "out"), "--min-word-freq", "1", "--image-size", "32", "--workers", "1"]
+    code = packer.main(args + (["--allow-split-overlap"] if allow else []))
+    err = capsys.readouterr().err
+    if allow:
+        assert code == 0 and (tmp_path / "out" / "dataset.json").is_file()
+    else:
+        assert code == 1
+        line = one_error_line(err)
+        assert "i0.jpg" in line and "train and test" in line and "--allow-split-overlap" in line
+
+
+def test_a_karpathy_filename_outside_the_image_folder_is_refused(tmp_path, write_image, capsys):
+    write_image(tmp_path / "secret.jpg")
+    path = karpathy_json(tmp_path, write_image, [("a.jpg", "train")])
+    data = json.loads(path.read_text())
+    data["images"].append({"filename": "../secret.jpg", "split": "train", "sentences": [{"raw": "a cat"}]})
+    path.write_text(json.dumps(data))
+    assert packer.main(["--dataset", "coco", "--karpathy-json", str(path), "--image-folder", str(tmp_path / "imgs"),
+                        "--output-folder", str(tmp_path / "out")]) == 1
+    assert "../secret.jpg" in one_error_line(capsys.readouterr().err) and not (tmp_path / "out").exists()
+
+
+def write_captions(tmp_path: Path, write_image, data: bytes, names: list[str]) -> Path:
+    for name in names:
+        write_image(tmp_path / "imgs" / name)
+    path = tmp_path / "captions.csv"
+    path.write_bytes(data)
+    return path
+
+
+NAMES = [f"im{i}.jpg" for i in range(10)]
+
+
+def csv_rows(sep: str = ",", newline: str = "\n", names: list[str] = NAMES, caption: str = "a dog on grass") -> str:
+    return newline.join([f"image{sep}caption"] + [f"{n}{sep}{caption} {i}" for i, n in enumerate(names)]) + newline
+
+
+SPREADSHEETS = {
+    "bom": ("\ufeff" + csv_rows()).encode("utf-8"),
+    "crlf": csv_rows(newline="\r\n").encode("utf-8"),
+    "semicolon": csv_rows(sep=";").encode("utf-8"),
+    "tab": csv_rows(sep="\t").encode("utf-8"),
+    "bom-semicolon-crlf": ("\ufeff" + csv_rows(sep=";", newline="\r\n")).encode("utf-8"),
+    "duplicate-rows": (csv_rows() + "\n".join(csv_rows().splitlines()[1:4]) + "\n").encode("utf-8"),
+    "empty-captions": (csv_rows() + "im1.jpg,\nim2.jpg,   \n").encode("utf-8"),
+    "emoji-and-non-latin": (csv_rows() + "im1.jpg,🐶 一只狗 собака\nim2.jpg,a dog 🐶 runs\n").encode("utf-8"),
+}
+
+
+@pytest.mark.parametrize("kind", sorted(SPREADSHEETS))
+def test_captions_files_as_spreadsheets_export_them(kind, tmp_path, write_image, pack):
+    path = write_captions(tmp_path, write_image, SPREADSHEETS[kind], NAMES)
+    out = tmp_path / "out"
+    pack(["--dataset", "custom", "--captions-file", str(path), "--image-folder", str(tmp_path / "imgs"),
+          "--output-folder", str(out), "--image-size", "32", "--min-word-freq", "1", "--workers", "1"])
+    with h5py.File(out / "train.h5") as h5:
+        references = [json.loads(r) for r in h5["references"].asstr()[()]]
+    texts = [t for refs in references for t in refs]
+    assert all(t.startswith("a dog") and "\r" not in t and "\ufeff" not in t for t in texts), texts
+    if kind == "duplicate-rows":
+        assert all(len(refs) == len(set(refs)) for refs in references)  # a repeated row is one caption
+
+
+def test_image_names_with_spaces_and_non_ascii(tmp_path, write_image, pack):
+    names = [f"my photo {i}.jpg" for i in range(5)] + [f"café_{i}.jpg" for i in range(5)]
+    path = write_captions(tmp_path, write_image, csv_rows(names=names).encode("utf-8"), names)
+    out = tmp_path / "out"
+    pack(["--dataset", "custom", "--captions-file", str(path), "--image-folder", str(tmp_path / "imgs"),
+          "--output-folder", str(out), "--image-size", "32", "--min-word-freq", "1", "--workers", "1"])
+    summary = json.loads((out / "dataset.json").read_text())
+    assert sum(summary["splits"].values()) == 10
+
+
+def test_latin1_captions_file_names_the_line(tmp_path, write_image, capsys):
+    data = csv_rows().encode("utf-8") + "im1.jpg,un caf\xe9 cr\xe8me\n".encode("latin-1")
+    path = write_captions(tmp_path, write_image, data, NAMES)
+    assert packer.main(["--dataset", "custom", "--captions-file", str(path), "--image-folder", str(tmp_path / "imgs"),
+                        "--output-folder", str(tmp_path / "out")]) == 1
+    line = one_error_line(capsys.readouterr().err)
+    assert f"{path}:12: not UTF-8" in line
+
+
+def test_a_captions_row_outside_the_image_folder_is_refused(tmp_path, write_image, capsys):
+    write_image(tmp_path / "x.jpg")  # exists, just outside the image folder
+    data = csv_rows().encode("utf-8") + b"../x.jpg,a stolen dog\n"
+    path = write_captions(tmp_path, write_image, data, NAMES)
+    assert packer.main(["--dataset", "custom", "--captions-file", str(path), "--image-folder", str(tmp_path / "imgs"),
+                        "--output-folder", str(tmp_path / "out"), "--skip-bad-images"]) == 1
+    line = one_error_line(capsys.readouterr().err)
+    assert "../x.jpg" in line and "outside the image folder" in line
