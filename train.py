@@ -131,6 +131,16 @@ def _ignore_stop_signals(worker_id: int) -> None:
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
+def stop_workers(*loaders: DataLoader) -> None:
+    """End the loaders' persistent workers now. They ignore SIGTERM (_ignore_stop_signals), and SIGTERM is
+    how multiprocessing ends daemonic children at interpreter exit: left to it, the exit would wait on
+    them forever. DataLoader keeps no public handle on them; its iterator does the usual shutdown."""
+    for loader in loaders:
+        iterator = getattr(loader, "_iterator", None)
+        if iterator is not None and hasattr(iterator, "_shutdown_workers"):
+            iterator._shutdown_workers()
+
+
 class ConceptHead(nn.Module):
     """Training only, not in the paper: the model plus a linear head that predicts, from each image's mean
     annotation vector, which words its captions use (a bag of words over the vocabulary).
@@ -664,9 +674,13 @@ def _train(cfg: Config, ckpt: dict[str, Any] | None, info: DistInfo, device: tor
         for dataset in (train_loader.dataset, getattr(val_loader.dataset, "dataset", val_loader.dataset)):
             dataset.features_path = cached_features(model, cfg, dataset.split, info, device)
     ddp_model = DistributedDataParallel(trained) if info.enabled else trained
-    with folder_lock(out_dir, "training") if info.is_main else nullcontext():
-        return _train_loop(cfg, out_dir, info, device, stop, model, trained, ddp_model, optimizer, scheduler, scaler,
-                           state, train_loader, val_loader, sampler, word_map, pack_word_map, resumed=ckpt is not None)
+    try:
+        with folder_lock(out_dir, "training") if info.is_main else nullcontext():
+            return _train_loop(cfg, out_dir, info, device, stop, model, trained, ddp_model, optimizer, scheduler,
+                               scaler, state, train_loader, val_loader, sampler, word_map, pack_word_map,
+                               resumed=ckpt is not None)
+    finally:
+        stop_workers(train_loader, val_loader)
 
 
 def _train_loop(cfg: Config, out_dir: Path, info: DistInfo, device: torch.device, stop: StopRequest | None,

@@ -166,3 +166,13 @@ def test_metrics_csv_keeps_its_columns_on_resume(tmp_path):
     path.write_text("epoch,step,train_loss\n1,10,2.5\n")  # written by older code with fewer columns
     train.append_metrics_row(path, {key: "7" for key in train.CSV_FIELDS})
     assert path.read_text().splitlines() == ["epoch,step,train_loss", "1,10,2.5", "7,7,7"]
+
+
+def test_training_with_persistent_workers_exits(shapes_folder, tmp_path):
+    """DataLoader workers ignore SIGTERM (the main process handles it), so train.py must end them itself:
+    left to multiprocessing's exit handler, the finished run hung forever (the demo did)."""
+    argv = [sys.executable, "train.py", "--config", "configs/shapes.yaml", f"data_folder={shapes_folder}",
+            f"out_dir={tmp_path / 'run'}", *TINY, "num_workers=1", "epochs=2", "feature_cache=off"]
+    result = subprocess.run(argv, cwd=ROOT, capture_output=True, text=True, timeout=180)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "done: best val" in result.stdout
