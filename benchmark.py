@@ -1,9 +1,9 @@
 """Speed as ratios: each row runs two variants in this one process, alternating, and reports medians.
 
-    python benchmark.py            # the README's table (a few minutes on a 2-core CPU)
-    python benchmark.py --quick    # fewer repeats and smaller batches (under 3 minutes on a 2-core CPU)
-    python benchmark.py --tiny     # seconds: the test suite runs it so it cannot rot
-    python benchmark.py --device cuda   # adds ms per step fp32 vs bf16 and peak GPU memory
+    python benchmark.py            # the README's table (3.5 min on a 2-core CPU)
+    python benchmark.py --quick    # fewer repeats and smaller batches (1.5 min on a 2-core CPU)
+    python benchmark.py --tiny     # tiny models: the test suite runs it so it cannot rot
+    python benchmark.py --device cuda   # adds ms per step fp32 vs bf16 and eager vs compile_step, peak GPU memory
 
 Absolute times on a shared machine mean little; a ratio of two variants measured side by side does.
 Models have random weights (decoding runs to max_len: no beam finishes early) and the dimensions of
