@@ -282,7 +282,8 @@ def train_one_epoch(
     signal ended it early (state.epoch_step and state.epoch_sums then say where)."""
     model.train()
     # A resumed, interrupted epoch starts from the sums of the steps it had done (state.epoch_sums).
-    totals = {key: torch.tensor(state.epoch_sums.get(key, 0.0), device=device) for key in ("loss", "ce", "ds", "concept")}
+    totals = {key: torch.tensor(state.epoch_sums.get(key, 0.0), device=device)
+              for key in ("loss", "ce", "ds", "concept")}
     num_steps, start = state.epoch_step, time.time()
     bar = progress_bar(loader, desc=f"epoch {state.epoch + 1}/{cfg.epochs}", disable=not info.is_main,
                        initial=state.epoch_step, total=state.epoch_step + len(loader))

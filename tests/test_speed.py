@@ -1,7 +1,8 @@
-"""The speed features keep the numbers: shared per-image annotations, the cache-friendly attention,
-back-pointer beam search, the feature cache, and benchmark.py's tiny mode."""
+"""The speed features keep the numbers: shared per-image annotations, the attention's sigmoid form and
+cache-friendly path, back-pointer beam search, the feature cache, compile_step, and benchmark.py's tiny mode."""
 from __future__ import annotations
 
+import csv
 import shutil
 import subprocess
 import sys
@@ -10,8 +11,6 @@ from pathlib import Path
 import h5py
 import pytest
 import torch
-
-import csv
 
 import train
 from datasets import CaptionDataset, collate_captions
