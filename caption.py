@@ -48,7 +48,7 @@ import os
 import sys
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Sequence, Union
+from typing import Any, BinaryIO, Callable, Sequence, Union
 
 import numpy as np
 import torch
@@ -57,8 +57,8 @@ from PIL import Image
 from datasets import load_image_tensor
 from decoding import DecodeOptions, decode_args_parser, decode_images, decode_options_from_args
 from models import Hypothesis, ShowAttendTell, load_model
-from utils import ModelConfig, UserError, atomic_write, atomic_write_text, check_fields, decode_ids, one_line, \
-    resolve_device, run_cli
+from utils import ModelConfig, UserError, atomic_write, atomic_write_all, atomic_write_text, check_fields, \
+    decode_ids, one_line, resolve_device, run_cli
 
 MAX_IMAGE_SIZE = 2048  # a larger S would only exhaust memory: the packed datasets use 96-256
 
@@ -210,18 +210,8 @@ class Captioner:
         """Write PREFIX_attention.png and PREFIX_attention.gif for one caption; returns their paths."""
         panels = cls.panels(result, rank, overlay)
         png, gif = Path(f"{prefix}_attention.png"), Path(f"{prefix}_attention.gif")
-        # Both figures are staged before either is renamed: a failure (a full disk) leaves the previous
-        # pair as it was, and never a new PNG without its GIF.
-        staged = [(final.with_name(f".{final.name}.{os.getpid()}.staged"), final) for final in (png, gif)]
-        try:
-            save_attention_png(staged[0][0], panels)
-            save_attention_gif(staged[1][0], panels)
-            for tmp, final in staged:
-                os.replace(tmp, final)
-        except BaseException:
-            for tmp, _ in staged:
-                tmp.unlink(missing_ok=True)
-            raise
+        # Both or neither: a failure (a full disk) leaves the previous pair, never a new PNG without its GIF.
+        atomic_write_all([(png, png_writer(panels)), (gif, gif_writer(panels))])
         return png, gif
 
 
@@ -396,20 +386,25 @@ def panel_grid(panels: Sequence[Image.Image], columns: int = GRID_COLUMNS) -> Im
 
 def save_attention_png(path: str | Path, panels: Sequence[Image.Image]) -> None:
     """The grid of all panels as one PNG, written atomically."""
-    grid = panel_grid(panels)
-    atomic_write(path, lambda f: grid.save(f, format="PNG"))
+    atomic_write(path, png_writer(panels))
 
 
 def save_attention_gif(path: str | Path, panels: Sequence[Image.Image], frame_ms: int = GIF_FRAME_MS) -> None:
-    """The panels as an animated GIF (one frame each, `frame_ms` per frame, looping forever), atomically.
+    """The panels as an animated GIF (one frame each, `frame_ms` per frame, looping forever), atomically."""
+    atomic_write(path, gif_writer(panels, frame_ms))
 
-    Each frame is reduced to 256 colours with PIL's fast octree first: PIL's default for GIFs (median
+
+def png_writer(panels: Sequence[Image.Image]) -> Callable[[BinaryIO], None]:
+    grid = panel_grid(panels)
+    return lambda f: grid.save(f, format="PNG")
+
+
+def gif_writer(panels: Sequence[Image.Image], frame_ms: int = GIF_FRAME_MS) -> Callable[[BinaryIO], None]:
+    """Each frame is reduced to 256 colours with PIL's fast octree first: PIL's default for GIFs (median
     cut) took ~3 s a GIF against ~0.03 s, measured on the report's shapes GIFs."""
     frames = [panel.quantize(colors=256, method=Image.Quantize.FASTOCTREE) for panel in panels]
-    first, rest = frames[0], frames[1:]
-    atomic_write(
-        path, lambda f: first.save(f, format="GIF", save_all=True, append_images=rest, duration=frame_ms, loop=0)
-    )
+    return lambda f: frames[0].save(f, format="GIF", save_all=True, append_images=frames[1:], duration=frame_ms,
+                                    loop=0)
 
 
 def output_names(paths: Sequence[Path]) -> list[str]:

@@ -435,10 +435,10 @@ def test_checkpoint_whose_weights_do_not_match_its_config(tmp_path, capsys):
 
 
 def test_a_failed_write_leaves_no_file(soft_ckpt, tmp_path, capsys, monkeypatch):
-    def disk_full(path, panels, frame_ms=0):
+    def disk_full(f):
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(caption, "save_attention_gif", disk_full)  # the PNG is written, then the GIF fails
+    monkeypatch.setattr(caption, "gif_writer", lambda panels, frame_ms=0: disk_full)  # the PNG is staged, the GIF fails
     shapes_image().save(tmp_path / "img.png")
     out_dir = tmp_path / "out"
     code, out, err = run(["--img", str(tmp_path / "img.png"), "--checkpoint", str(soft_ckpt), "--out-dir",
