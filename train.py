@@ -624,12 +624,14 @@ def _train(cfg: Config, ckpt: dict[str, Any] | None, info: DistInfo, device: tor
         raise UserError(f"{out_dir} already holds a run; continue it with resume={out_dir / 'last.pt'} "
                         "or pick another out_dir=")
     train_loader, val_loader, sampler = make_loaders(cfg, info, device)
+    # The packed train and val splits (val_max_images wraps val in a Subset).
+    packed = [train_loader.dataset, val_loader.dataset.dataset if isinstance(val_loader.dataset, Subset)
+              else val_loader.dataset]
     pack_word_map = train_loader.dataset.word_map
     word_map = model_word_map(cfg, ckpt, init, pack_word_map)
     if word_map != pack_word_map:  # fine-tuning: the pack's caption ids are translated on load
         id_map = caption_id_map(pack_word_map, word_map)
-        for loader in (train_loader, val_loader):
-            dataset = loader.dataset.dataset if isinstance(loader.dataset, Subset) else loader.dataset
+        for dataset in packed:
             dataset.caption_id_map = id_map
     cfg.vocab_size = len(word_map)
     if init is not None:
@@ -672,7 +674,7 @@ def _train(cfg: Config, ckpt: dict[str, Any] | None, info: DistInfo, device: tor
         state = TrainState(**ckpt["train_state"])
         set_rng_state(ckpt["rng"])
     if feature_cache:  # the frozen encoder's annotations, once per image (after the checks on out_dir)
-        for dataset in (train_loader.dataset, getattr(val_loader.dataset, "dataset", val_loader.dataset)):
+        for dataset in packed:
             dataset.features_path = cached_features(model, cfg, dataset.split, info, device)
     ddp_model = DistributedDataParallel(trained) if info.enabled else trained
     try:

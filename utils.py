@@ -319,8 +319,7 @@ def atomic_write_all(writes: Sequence[tuple[str | Path, Callable[[BinaryIO], Non
     try:
         for path, write in writes:
             path = Path(path)
-            path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
+            tmp = _temporary_beside(path)
             staged.append((tmp, path))
             with open(tmp, "xb") as f:
                 write(f)
@@ -336,14 +335,19 @@ def atomic_write_all(writes: Sequence[tuple[str | Path, Callable[[BinaryIO], Non
 def atomic_path(path: str | Path) -> Iterator[Path]:
     """A temp path beside `path` for writers that want a file name (h5py); renamed to `path` on success."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
+    tmp = _temporary_beside(path)
     try:
         yield tmp
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+
+
+def _temporary_beside(path: Path) -> Path:
+    """`.NAME.PID.HEX.tmp` in path's folder (created if missing): the one temp name remove_stale_temporaries knows."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
 
 
 def remove_stale_temporaries(folder: Path) -> None:
