@@ -156,7 +156,15 @@ class SoftAttention(nn.Module):
         super().__init__()
         self.features_att = nn.Linear(encoder_dim, attention_dim)
         self.hidden_att = nn.Linear(decoder_dim, attention_dim)
-        self.score = nn.Linear(attention_dim, 1)
+        # w of f_att. The paper's bias b adds the same constant to every location's score, which the
+        # softmax cancels: it could never receive a gradient (and DDP refuses a parameter that gets none).
+        self.score = nn.Linear(attention_dim, 1, bias=False)
+
+    def _load_from_state_dict(self, state_dict: dict[str, Any], prefix: str, *args: Any, **kwargs: Any) -> None:
+        """Checkpoints written before the bias was dropped carry `score.bias`: it changed no alpha, so it is
+        discarded on load (as BatchNorm upgrades its old state dicts)."""
+        state_dict.pop(prefix + "score.bias", None)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def project(self, features: torch.Tensor) -> torch.Tensor:
         """The h-independent half of f_att, computed once per image rather than every step."""

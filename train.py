@@ -667,7 +667,12 @@ def _train(cfg: Config, ckpt: dict[str, Any] | None, info: DistInfo, device: tor
             if "concept_head" not in ckpt:
                 raise UserError(f"{cfg.resume}: has no concept head to resume with concept_loss_weight > 0")
             trained.head.load_state_dict(ckpt["concept_head"])
-        optimizer.load_state_dict(ckpt["optimizer"])
+        try:
+            optimizer.load_state_dict(ckpt["optimizer"])
+        except ValueError:  # its parameter groups differ in size: older code had another parameter set
+            raise UserError(f"{cfg.resume}: its optimizer state does not fit this code's model (written before "
+                            "the attention's unused score bias was dropped?); start a new run from it with "
+                            f"init_from={cfg.resume}") from None
         scheduler.load_state_dict(ckpt["scheduler"])
         scaler.load_state_dict(ckpt["scaler"])
         apply_resume_overrides(optimizer, scheduler, cfg, overridden)

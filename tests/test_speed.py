@@ -182,8 +182,9 @@ def test_attention_weights_are_the_papers_tanh_mlp(grad):
     features = torch.randn(2, 16, 128)
     h = torch.randn(6, 20)
     features_proj = attention.project(features)
+    b = 0.7  # the paper's bias: the same for every location, so the softmax cancels it
     paper = torch.softmax(attention.score(torch.tanh(
-        features_proj.repeat_interleave(3, 0) + attention.hidden_att(h)[:, None])).squeeze(2), dim=1)
+        features_proj.repeat_interleave(3, 0) + attention.hidden_att(h)[:, None])).squeeze(2) + b, dim=1)
     with torch.set_grad_enabled(grad):
         got = attention.weights(features_proj, h)
     torch.testing.assert_close(got, paper, rtol=1e-5, atol=1e-6)

@@ -107,21 +107,31 @@ def test_bad_overrides_fail_cleanly(capsys, tmp_path):
     assert "config file not found" in capsys.readouterr().err
 
 
-def test_two_process_gloo_run(shapes_folder, tmp_path):
-    out = tmp_path / "ddp"
+def torchrun(*args: str) -> subprocess.CompletedProcess:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
-    cmd = [
-        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-        "train.py", "--config", "configs/shapes.yaml", f"data_folder={shapes_folder}", f"out_dir={out}",
-        *TINY, "epochs=1", "device=cpu",
-    ]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "train.py", *args]
     result = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
-    assert result.stdout.count("epoch 1:") == 1  # only rank 0 prints and writes
+    return result
+
+
+@pytest.mark.parametrize("variant", ["attention=hard", "concept_loss_weight=1.0"])
+def test_two_process_gloo_run_crosses_epochs_and_resumes(variant, shapes_folder, tmp_path):
+    """Several steps per rank, an epoch boundary with validation between, then a resume: what a user's
+    multi-process run does (one step per rank hid a parameter without gradient, which fails at step 2)."""
+    out = tmp_path / "ddp"
+    result = torchrun("--config", "configs/shapes.yaml", f"data_folder={shapes_folder}", f"out_dir={out}",
+                      *TINY, "batch_size=4", "epochs=2", "device=cpu", variant)
+    assert result.stdout.count("epoch 1:") == 1 and result.stdout.count("epoch 2:") == 1  # rank 0 prints
     ckpt = torch.load(out / "last.pt", weights_only=True)
-    # 30 train images -> 15 per rank, 8 per step with drop_last -> 1 step (a single process takes 3)
-    assert ckpt["train_state"]["step"] == 1
+    # 30 train images -> 15 per rank, 4 per step with drop_last -> 3 steps per rank and epoch
+    assert ckpt["train_state"]["step"] == 6 and ckpt["train_state"]["epoch"] == 2
     assert not any(k.startswith("module.") for k in ckpt["model"])  # saved unwrapped
+    assert ("concept_head" in ckpt) == ("concept" in variant)
+    torchrun(f"resume={out / 'last.pt'}", "epochs=3")
+    resumed = torch.load(out / "last.pt", weights_only=True)
+    assert resumed["train_state"]["step"] == 9 and resumed["train_state"]["epoch"] == 3
+    assert [row["epoch"] for row in csv.DictReader(open(out / "metrics.csv"))] == ["1", "2", "3"]
 
 
 def test_resume_refuses_an_architecture_change(shapes_folder, tmp_path, capsys):
