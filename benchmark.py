@@ -30,9 +30,14 @@ from typing import Callable, Sequence
 import torch
 from torch.utils.data import DataLoader
 
+from checkpoints import CHECKPOINT_FORMAT, save_checkpoint
+from config import ModelConfig
 from datasets import CaptionDataset, collate_captions
-from models import beam_search, build_model, target_log_probs
-from utils import CHECKPOINT_FORMAT, ModelConfig, load_word_map, resolve_device, save_checkpoint
+from decoding import beam_search
+from losses import target_log_probs
+from models import build_model
+from runtime import resolve_device
+from text import load_word_map
 
 ROOT = Path(__file__).resolve().parent
 

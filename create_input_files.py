@@ -27,9 +27,9 @@ import signal
 import sys
 import zlib
 from collections import Counter, deque
-from contextlib import closing
 from concurrent.futures import Future, ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
+from contextlib import closing
 from dataclasses import dataclass, field, fields
 from itertools import islice
 from typing import Any, Callable, Iterable, Iterator, Sequence
@@ -38,10 +38,12 @@ import h5py
 import numpy as np
 
 from datasets import SPLITS, load_image
+from filesafety import check_writable
+from progress import progress_bar
+from runtime import UserError, one_line, run_cli
 from shapes import MIN_IMAGE_SIZE as MIN_SHAPES_IMAGE_SIZE
 from shapes import generate_image, shape_filename
-from utils import (SPECIAL_TOKENS, TOKENIZERS, UserError, check_writable, one_line, progress_bar, run_cli,
-                   tokenize)
+from text import SPECIAL_TOKENS, TOKENIZERS, tokenize
 
 KARPATHY_DATASETS = ("flickr8k", "flickr30k", "coco")
 DATASETS = KARPATHY_DATASETS + ("custom", "shapes")

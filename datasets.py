@@ -19,7 +19,8 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 from torch.utils.data import Dataset
 from torchvision.transforms.v2 import functional as TF
 
-from utils import UserError, load_word_map, one_line
+from runtime import UserError, one_line
+from text import load_word_map
 
 __all__ = ["CaptionDataset", "check_packed", "collate_captions", "image_array", "load_image", "load_image_tensor",
            "normalize_image", "IMAGENET_MEAN", "IMAGENET_STD", "SPLITS"]

@@ -10,14 +10,195 @@ from __future__ import annotations
 
 import argparse
 from dataclasses import dataclass, fields
-from typing import Any, Iterable
+from typing import Any, Iterable, NamedTuple
 
 import torch
+import torch.nn.functional as F
 
-from models import Hypothesis, ShowAttendTell, beam_search
-from utils import HARD_DECODE_MODES, autocast_context, check_fields, decode_ids, option, progress_bar
+from config import HARD_DECODE_MODES, check_fields, option
+from models import ShowAttendTell
+from progress import progress_bar
+from runtime import autocast_context
+from text import decode_ids
 
 __all__ = ["DecodeOptions", "decode_args_parser", "decode_options_from_args", "decode_images", "decode_split"]
+
+
+# --------------------------------------------------------------------------------------------
+# Decoding: beam search batched over images and beams (greedy is beam_size=1).
+# --------------------------------------------------------------------------------------------
+@dataclass
+class Hypothesis:
+    tokens: list[int]  # word ids, without <start> and <end>
+    score: float  # sum of log-probabilities (including <end> when finished)
+    normalized_score: float  # score / length**length_penalty, what ranks the hypotheses
+    finished: bool  # False when max_len was reached without <end>
+    alphas: torch.Tensor  # (len(tokens), enc_size, enc_size) attention when emitting each word
+    betas: torch.Tensor  # (len(tokens),) gate value (mean over D for a vector gate)
+
+
+class _Step(NamedTuple):
+    """What beam search keeps of one step to read the captions back at the end."""
+
+    word_ids: torch.Tensor  # (R,) word chosen by each row after the step
+    parent: torch.Tensor  # (R,) the row of this step's input that it extends
+    alpha: torch.Tensor  # (R, L) attention of each input row
+    beta: torch.Tensor  # (R,) gate of each input row (mean over D for a vector gate)
+    kept: torch.Tensor | None  # (R,) rows of the previous step's output that this step's input kept
+
+
+@torch.no_grad()
+def beam_search(
+    model: ShowAttendTell,
+    images: torch.Tensor,
+    word_map: dict[str, int],
+    *,
+    beam_size: int = 5,
+    max_len: int = 50,
+    length_penalty: float = 0.0,
+    context_mode: str = "expected",
+    n_best: int = 1,
+) -> list[list[Hypothesis]]:
+    """The n_best best captions per image (best first), decoding all images and all their beams as one batch.
+
+    A finished beam stays in the beam, extended only by <pad> at no cost, so every image keeps exactly
+    `beam_size` rows until all of them are finished; the image then leaves the batch, and the search ends
+    when no image is left or max_len is reached. When no beam of an image reaches <end>, its best
+    unfinished hypothesis is returned rather than nothing.
+
+    Speed: an image's k beams share its annotations and their projection (computed once, not per beam);
+    each step keeps only the chosen words, back-pointers and attention, and the captions are read back
+    by following the back-pointers once at the end (no per-step copy of the growing hypotheses).
+
+    Args:
+        images: (B, 3, S, S) normalised, or their annotations (B, L, D) from a feature cache.
+        length_penalty: rank finished hypotheses by score / length**length_penalty (0 = raw log-prob).
+        context_mode: hard attention's context at decoding (expected, argmax, sample); soft ignores it.
+        n_best: hypotheses returned per image, 1..beam_size: the final beam, finished ones first, each
+            group by normalized score. Always a list per image, so callers never branch on n_best.
+    """
+    if beam_size < 1:
+        raise ValueError(f"beam_size={beam_size} must be >= 1")
+    if not 1 <= n_best <= beam_size:
+        raise ValueError(f"n_best={n_best} must be in 1..beam_size={beam_size}")
+    model.eval()
+    decoder = model.decoder
+    start, end, pad = word_map["<start>"], word_map["<end>"], word_map["<pad>"]
+    k, vocab = beam_size, decoder.vocab_size
+    features = model.encode(images)  # (B, L, D)
+    batch, num_locations, _ = features.shape
+    device = features.device
+    features_proj = decoder.attention.project(features)  # (B, L, A)
+    state = decoder.init_state(features, k)  # (B*k, n) each
+    image_ids = torch.arange(batch, device=device)  # (A,) the images still decoding, A <= B
+    word_ids = torch.full((batch * k,), start, dtype=torch.long, device=device)  # (A*k,)
+    # Only beam 0 is live at t=0, so the first top-k picks k distinct words rather than k copies.
+    scores = torch.full((batch, k), float("-inf"), device=device)
+    scores[:, 0] = 0.0
+    scores = scores.flatten()  # (A*k,)
+    finished = torch.zeros(batch * k, dtype=torch.bool, device=device)
+    lengths = torch.zeros(batch * k, dtype=torch.long, device=device)  # tokens incl. <end>
+    steps: list[_Step] = []
+    # Results have n_best slots per image (slot = image * n_best + rank), filled when the image ends.
+    ended: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # step -> (slots, their rows) ending there
+    slot_score = torch.empty(batch * n_best, device=device)
+    slot_normalized = torch.empty(batch * n_best, device=device)
+    slot_length = torch.empty(batch * n_best, dtype=torch.long, device=device)
+    slot_finished = torch.empty(batch * n_best, dtype=torch.bool, device=device)
+    ranks = torch.arange(n_best, device=device)
+    kept = None
+    # Retiring finished images needs a host sync; on a GPU, do it every few steps only.
+    check_every = 1 if device.type == "cpu" else 8
+
+    for t in range(max_len):
+        out = decoder.step(word_ids, state, features, features_proj, context_mode)
+        log_probs = F.log_softmax(out.logits.float(), dim=1)  # (A*k, V)
+        log_probs[:, [pad, start]] = float("-inf")  # never emitted (an untrained model may prefer them)
+        # A finished beam may only continue with <pad>, at log-prob 0: its score is frozen.
+        log_probs.masked_fill_(finished[:, None], float("-inf"))
+        log_probs[:, pad] = torch.where(finished, 0.0, log_probs[:, pad])
+        active = image_ids.numel()
+        candidates = (scores[:, None] + log_probs).view(active, k * vocab)  # (A, k*V)
+        top_scores, top_ids = candidates.topk(k, dim=1)  # (A, k)
+        parent = (top_ids // vocab + torch.arange(active, device=device)[:, None] * k).flatten()  # (A*k,)
+        word_ids = (top_ids % vocab).flatten()  # (A*k,)
+        scores = top_scores.flatten()
+        was_finished = finished[parent]
+        lengths = lengths[parent] + (~was_finished).long()
+        finished = was_finished | (word_ids == end)
+        steps.append(_Step(word_ids, parent, out.alpha, out.beta.float().mean(dim=1), kept))
+        state = (out.state[0][parent], out.state[1][parent])
+        kept = None
+        last = t == max_len - 1
+        if not last and (t + 1) % check_every:
+            continue
+        done = torch.ones(active, dtype=torch.bool, device=device) if last else finished.view(active, k).all(dim=1)
+        if not bool(done.any()):
+            continue
+        # Rank the done images' beams: finished hypotheses first, each group by normalized score (two
+        # stable sorts: an offset such as -1e9 for unfinished ones would erase their differences in
+        # float32); unfinished ones are the fallback for images with none finished.
+        rows = torch.arange(active * k, device=device).view(active, k)[done]  # (E, k)
+        normalized = scores[rows] / lengths[rows].clamp_min(1).float() ** length_penalty if length_penalty \
+            else scores[rows]  # (E, k)
+        by_score = normalized.argsort(dim=1, descending=True, stable=True)
+        by_finished = finished[rows].gather(1, by_score).int().argsort(dim=1, descending=True, stable=True)
+        order = by_score.gather(1, by_finished)[:, :n_best]  # (E, n)
+        chosen = rows.gather(1, order).flatten()  # (E*n,)
+        slots = (image_ids[done][:, None] * n_best + ranks).flatten()  # (E*n,)
+        ended[t] = (slots, chosen)
+        slot_score[slots] = scores[chosen]
+        slot_normalized[slots] = normalized.gather(1, order).flatten()
+        slot_length[slots] = lengths[chosen]
+        slot_finished[slots] = finished[chosen]
+        if bool(done.all()):
+            break
+        # The done images leave the batch: keep the rows (and annotations) of the others.
+        image_ids = image_ids[~done]
+        kept = torch.arange(active * k, device=device).view(active, k)[~done].flatten()  # (A'*k,)
+        features, features_proj = features[~done], features_proj[~done]
+        word_ids, scores, finished, lengths = word_ids[kept], scores[kept], finished[kept], lengths[kept]
+        state = (state[0][kept], state[1][kept])
+
+    tokens, alphas, betas = _follow_back_pointers(steps, ended, batch * n_best, num_locations, pad)
+    enc = model.encoder.enc_size
+
+    def hypothesis(slot: int) -> Hypothesis:
+        n_words = int(slot_length[slot]) - int(slot_finished[slot])  # drop <end>
+        return Hypothesis(
+            tokens=tokens[slot, :n_words].tolist(),
+            score=float(slot_score[slot]),
+            normalized_score=float(slot_normalized[slot]),
+            finished=bool(slot_finished[slot]),
+            alphas=alphas[slot, :n_words].view(n_words, enc, enc).cpu(),
+            betas=betas[slot, :n_words].cpu(),
+        )
+
+    return [[hypothesis(i * n_best + rank) for rank in range(n_best)] for i in range(batch)]
+
+
+def _follow_back_pointers(
+    steps: list[_Step], ended: dict[int, tuple[torch.Tensor, torch.Tensor]], slots: int, num_locations: int, pad: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One backward walk over beam search's steps, picking up each result slot at the step where its image
+    ended: every slot's words (S, T), the attention that emitted each word (S, T, L) and its gates (S, T)."""
+    device = steps[0].word_ids.device
+    tokens = torch.full((slots, len(steps)), pad, dtype=torch.long, device=device)
+    alphas = torch.zeros(slots, len(steps), num_locations, device=device)
+    betas = torch.zeros(slots, len(steps), device=device)
+    walking = torch.empty(0, dtype=torch.long, device=device)  # slots whose caption reaches back to step t
+    rows = torch.empty(0, dtype=torch.long, device=device)  # their rows in step t's output
+    for t in reversed(range(len(steps))):
+        step = steps[t]
+        if t in ended:
+            walking, rows = torch.cat([walking, ended[t][0]]), torch.cat([rows, ended[t][1]])
+        tokens[walking, t] = step.word_ids[rows]
+        rows = step.parent[rows]  # the input row that emitted the word, with this step's alpha and beta
+        alphas[walking, t] = step.alpha[rows].float()
+        betas[walking, t] = step.beta[rows]
+        if step.kept is not None:
+            rows = step.kept[rows]
+    return tokens, alphas, betas
 
 
 @dataclass
@@ -72,7 +253,7 @@ def decode_images(
     """
     model.eval()
     device = torch.device(device)
-    context_mode = opts.hard_decode if model.attention_variant == "hard" else "expected"
+    context_mode = opts.hard_decode if model.decoder.attention.stochastic else "expected"
     hypotheses: list[list[Hypothesis]] = []
     for first in range(0, images.size(0), opts.batch_size):
         batch = images[first : first + opts.batch_size].to(device, non_blocking=True)  # (b, 3, S, S)

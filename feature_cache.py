@@ -19,8 +19,11 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
+from config import ModelConfig
 from datasets import CaptionDataset, collate_captions
-from utils import ModelConfig, UserError, atomic_path, one_line, progress_bar
+from filesafety import atomic_path
+from progress import progress_bar
+from runtime import UserError, one_line
 
 __all__ = ["cache_path", "cache_identity", "check_cache", "build_cache", "ensure_cache"]
 

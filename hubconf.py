@@ -25,7 +25,7 @@ def show_attend_tell(checkpoint: str, device: str = "cpu", check_hash: bool = Fa
     check_hash: for URLs named `name-<sha256 prefix>.pt`, verify the download against that prefix.
     Other keyword arguments go to `Captioner.from_checkpoint` (e.g. image_size).
     """
-    from caption import Captioner  # here, not at the top: torch.hub checks `dependencies` first
+    from captioner import Captioner
 
     return Captioner.from_checkpoint(fetch_checkpoint(checkpoint, check_hash), device=device, **kwargs)
 
@@ -34,7 +34,7 @@ def fetch_checkpoint(checkpoint: str, check_hash: bool = False) -> Path:
     """A local path as it is; a URL downloaded into the hub cache unless already there."""
     import torch.hub
 
-    from utils import UserError, one_line
+    from runtime import UserError, one_line
 
     if "://" not in str(checkpoint):
         return Path(checkpoint)

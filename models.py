@@ -9,22 +9,23 @@ beam search and both attention variants all call it, so they cannot drift apart.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, NamedTuple
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 import torchvision
 
-from utils import SPECIAL_TOKENS, ModelConfig, UserError, load_checkpoint, model_config_from_checkpoint
+from attention import ATTENTIONS
+
+from checkpoints import load_checkpoint, model_config_from_checkpoint
+from config import ModelConfig
+from runtime import UserError
+from text import SPECIAL_TOKENS
 
 __all__ = [
     "Encoder",
     "WeightsDownloadError",
-    "SoftAttention",
-    "HardAttention",
     "Decoder",
     "ShowAttendTell",
     "build_model",
@@ -145,95 +146,6 @@ def _first_detail(error: Exception) -> str:
 
 
 # --------------------------------------------------------------------------------------------
-# Attention: f_att scores the locations; the variant decides how alpha becomes the context z_t.
-# --------------------------------------------------------------------------------------------
-class SoftAttention(nn.Module):
-    """Deterministic soft attention (Sec. 4.2): z_t = sum_i alpha_ti a_i, trained by backprop."""
-
-    variant = "soft"
-
-    def __init__(self, encoder_dim: int, decoder_dim: int, attention_dim: int) -> None:
-        super().__init__()
-        self.features_att = nn.Linear(encoder_dim, attention_dim)
-        self.hidden_att = nn.Linear(decoder_dim, attention_dim)
-        # w of f_att. The paper's bias b adds the same constant to every location's score, which the
-        # softmax cancels: it could never receive a gradient (and DDP refuses a parameter that gets none).
-        self.score = nn.Linear(attention_dim, 1, bias=False)
-
-    def _load_from_state_dict(self, state_dict: dict[str, Any], prefix: str, *args: Any, **kwargs: Any) -> None:
-        """Checkpoints written before the bias was dropped carry `score.bias`: it changed no alpha, so it is
-        discarded on load (as BatchNorm upgrades its old state dicts)."""
-        state_dict.pop(prefix + "score.bias", None)
-        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
-
-    def project(self, features: torch.Tensor) -> torch.Tensor:
-        """The h-independent half of f_att, computed once per image rather than every step."""
-        return self.features_att(features)  # (B, L, A)
-
-    def weights(self, features_proj: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
-        """alpha_t = softmax_i f_att(a_i, h_{t-1}) for N = G*r rows of h sharing G images' projections.
-
-        f_att = w^T tanh(W_a a_i + W_h h) + b. As tanh(x) = 2 sigmoid(2x) - 1 and a softmax ignores a
-        constant, the scores are computed as 2 w^T sigmoid(2 (W_a a_i + W_h h)): the same alpha, and
-        sigmoid is ~6x faster than tanh on a CPU (measured: 2.3 vs 0.38 G elements/s a core). The
-        (G, r, L, A) pre-activation is a step's largest tensor: it is transformed in place, and without
-        autograd on a CPU it is built one image at a time so that it stays in the cache.
-        """
-        groups, num_locations, attention_dim = features_proj.shape
-        att_h = self.hidden_att(h).view(groups, -1, 1, attention_dim)  # (G, r, 1, A)
-        if torch.is_grad_enabled() or features_proj.device.type != "cpu":
-            gate = torch.sigmoid_((features_proj.unsqueeze(1) + att_h).mul_(2.0))  # (G, r, L, A)
-            e = F.linear(gate, self.score.weight)  # (G, r, L, 1)
-        else:
-            e = features_proj.new_empty(groups, att_h.size(1), num_locations, 1)
-            gate = features_proj.new_empty(att_h.size(1), num_locations, attention_dim)
-            for g in range(groups):
-                torch.add(features_proj[g], att_h[g], out=gate).mul_(2.0).sigmoid_()  # (r, L, A)
-                torch.matmul(gate, self.score.weight.t(), out=e[g])  # (r, L, 1)
-        e = 2.0 * e.view(h.size(0), num_locations).float()  # (N, L): f_att up to a constant per row
-        return F.softmax(e, dim=1)  # fp32 even under autocast
-
-    def context(
-        self, features: torch.Tensor, alpha: torch.Tensor, context_mode: str
-    ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Returns z_t (N, D) and, for sampled locations, s_t (N,) (None when z_t is the expectation)."""
-        del context_mode  # soft attention always takes the expectation
-        return _expected_context(features, alpha), None
-
-
-class HardAttention(SoftAttention):
-    """Stochastic hard attention (Sec. 4.1): s_t ~ Multinoulli(alpha_t), z_t = a_{s_t}.
-
-    Context modes: "sample" (training, and optional decoding), "expected" (the expectation, as the paper's
-    variance-reduction trick and the original code's decoding do), "argmax" (most likely location).
-    """
-
-    variant = "hard"
-
-    def context(
-        self, features: torch.Tensor, alpha: torch.Tensor, context_mode: str
-    ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        if context_mode == "expected":
-            return _expected_context(features, alpha), None
-        if context_mode == "sample":
-            s = torch.multinomial(alpha.float(), 1).squeeze(1)  # (B,)
-        elif context_mode == "argmax":
-            s = alpha.argmax(dim=1)  # (B,)
-        else:
-            raise ValueError(f"hard attention context mode {context_mode!r} is not one of sample, expected, argmax")
-        rows_per_image = alpha.size(0) // features.size(0)
-        image = torch.arange(alpha.size(0), device=features.device) // rows_per_image  # (N,)
-        return features[image, s], s  # (N, D), (N,)
-
-
-def _expected_context(features: torch.Tensor, alpha: torch.Tensor) -> torch.Tensor:
-    """z_t = sum_i alpha_ti a_i for N = G*r rows of alpha over G images: one (r, L) x (L, D) product per image."""
-    groups, num_locations, _ = features.shape
-    z = torch.bmm(alpha.view(groups, -1, num_locations).to(features.dtype), features)  # (G, r, D)
-    return z.view(alpha.size(0), -1)  # (N, D)
-
-
-# --------------------------------------------------------------------------------------------
 # Decoder
 # --------------------------------------------------------------------------------------------
 class StepOutput(NamedTuple):
@@ -261,9 +173,9 @@ class Decoder(nn.Module):
         deep_output: bool = True,
     ) -> None:
         super().__init__()
-        attention_cls = {"soft": SoftAttention, "hard": HardAttention}.get(attention)
+        attention_cls = ATTENTIONS.get(attention)
         if attention_cls is None:
-            raise ValueError(f"attention={attention!r} is not one of soft, hard")
+            raise ValueError(f"attention={attention!r} is not one of {', '.join(ATTENTIONS)}")
         if gate not in ("scalar", "vector", "none"):
             raise ValueError(f"gate={gate!r} is not one of scalar, vector, none")
         self.vocab_size, self.deep_output = vocab_size, deep_output
@@ -400,7 +312,6 @@ class ShowAttendTell(nn.Module):
             gate=cfg.gate,
             deep_output=cfg.deep_output,
         )
-        self.attention_variant = cfg.attention
 
     def encode(self, images: torch.Tensor) -> torch.Tensor:
         """Images (B, 3, S, S) -> annotations a (B, L, D); annotations (B, L, D) from a cache pass through."""
@@ -455,216 +366,3 @@ def load_model(path: str | Path) -> tuple[ShowAttendTell, ModelConfig, dict[str,
     return model, cfg, ckpt
 
 
-# --------------------------------------------------------------------------------------------
-# Training objectives
-# --------------------------------------------------------------------------------------------
-def doubly_stochastic_penalty(alphas: torch.Tensor, mask: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
-    """lambda-free regulariser sum_i (1 - sum_t alpha_ti)^2 (Sec. 4.2.1), averaged over captions.
-
-    The sum over t runs over real (unpadded) steps only. `reduction="sum"` is the paper's sum over
-    locations i; "mean" divides it by L, as the popular PyTorch tutorial does. With L locations and
-    fewer words than locations no cell can reach 1, so the summed form pulls attention toward uniform.
-    """
-    attention_per_location = (alphas * mask.unsqueeze(2).to(alphas.dtype)).sum(dim=1)  # (N, L)
-    per_location = (1.0 - attention_per_location) ** 2  # (N, L)
-    if reduction == "sum":
-        return per_location.sum(dim=1).mean()
-    if reduction == "mean":
-        return per_location.mean(dim=1).mean()
-    raise ValueError(f"ds_reduction={reduction!r} is not one of sum, mean")
-
-
-def reinforce_surrogate(
-    log_lik: torch.Tensor, log_p_s: torch.Tensor, baseline: float | torch.Tensor, reinforce_weight: float
-) -> torch.Tensor:
-    """A loss whose gradient is -lambda_r (log p(y|s,a) - b) d log p(s|a)/dW (Sec. 4.1, Eq. 12).
-
-    Args:
-        log_lik: (N,) log p(y|s~,a) per sample; treated as a constant reward (detached).
-        log_p_s: (N,) log p(s~|a) of the sampled locations, summed over steps.
-        baseline: the moving-average baseline b.
-    """
-    advantage = (log_lik.detach() - baseline)  # (N,)
-    return -(reinforce_weight * advantage * log_p_s).mean()
-
-
-# --------------------------------------------------------------------------------------------
-# Decoding: beam search batched over images and beams (greedy is beam_size=1).
-# --------------------------------------------------------------------------------------------
-@dataclass
-class Hypothesis:
-    tokens: list[int]  # word ids, without <start> and <end>
-    score: float  # sum of log-probabilities (including <end> when finished)
-    normalized_score: float  # score / length**length_penalty, what ranks the hypotheses
-    finished: bool  # False when max_len was reached without <end>
-    alphas: torch.Tensor  # (len(tokens), enc_size, enc_size) attention when emitting each word
-    betas: torch.Tensor  # (len(tokens),) gate value (mean over D for a vector gate)
-
-
-class _Step(NamedTuple):
-    """What beam search keeps of one step to read the captions back at the end."""
-
-    word_ids: torch.Tensor  # (R,) word chosen by each row after the step
-    parent: torch.Tensor  # (R,) the row of this step's input that it extends
-    alpha: torch.Tensor  # (R, L) attention of each input row
-    beta: torch.Tensor  # (R,) gate of each input row (mean over D for a vector gate)
-    kept: torch.Tensor | None  # (R,) rows of the previous step's output that this step's input kept
-
-
-@torch.no_grad()
-def beam_search(
-    model: ShowAttendTell,
-    images: torch.Tensor,
-    word_map: dict[str, int],
-    *,
-    beam_size: int = 5,
-    max_len: int = 50,
-    length_penalty: float = 0.0,
-    context_mode: str = "expected",
-    n_best: int = 1,
-) -> list[list[Hypothesis]]:
-    """The n_best best captions per image (best first), decoding all images and all their beams as one batch.
-
-    A finished beam stays in the beam, extended only by <pad> at no cost, so every image keeps exactly
-    `beam_size` rows until all of them are finished; the image then leaves the batch, and the search ends
-    when no image is left or max_len is reached. When no beam of an image reaches <end>, its best
-    unfinished hypothesis is returned rather than nothing.
-
-    Speed: an image's k beams share its annotations and their projection (computed once, not per beam);
-    each step keeps only the chosen words, back-pointers and attention, and the captions are read back
-    by following the back-pointers once at the end (no per-step copy of the growing hypotheses).
-
-    Args:
-        images: (B, 3, S, S) normalised, or their annotations (B, L, D) from a feature cache.
-        length_penalty: rank finished hypotheses by score / length**length_penalty (0 = raw log-prob).
-        context_mode: hard attention's context at decoding (expected, argmax, sample); soft ignores it.
-        n_best: hypotheses returned per image, 1..beam_size: the final beam, finished ones first, each
-            group by normalized score. Always a list per image, so callers never branch on n_best.
-    """
-    if beam_size < 1:
-        raise ValueError(f"beam_size={beam_size} must be >= 1")
-    if not 1 <= n_best <= beam_size:
-        raise ValueError(f"n_best={n_best} must be in 1..beam_size={beam_size}")
-    model.eval()
-    decoder = model.decoder
-    start, end, pad = word_map["<start>"], word_map["<end>"], word_map["<pad>"]
-    k, vocab = beam_size, decoder.vocab_size
-    features = model.encode(images)  # (B, L, D)
-    batch, num_locations, _ = features.shape
-    device = features.device
-    features_proj = decoder.attention.project(features)  # (B, L, A)
-    state = decoder.init_state(features, k)  # (B*k, n) each
-    image_ids = torch.arange(batch, device=device)  # (A,) the images still decoding, A <= B
-    word_ids = torch.full((batch * k,), start, dtype=torch.long, device=device)  # (A*k,)
-    # Only beam 0 is live at t=0, so the first top-k picks k distinct words rather than k copies.
-    scores = torch.full((batch, k), float("-inf"), device=device)
-    scores[:, 0] = 0.0
-    scores = scores.flatten()  # (A*k,)
-    finished = torch.zeros(batch * k, dtype=torch.bool, device=device)
-    lengths = torch.zeros(batch * k, dtype=torch.long, device=device)  # tokens incl. <end>
-    steps: list[_Step] = []
-    # Results have n_best slots per image (slot = image * n_best + rank), filled when the image ends.
-    ended: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # step -> (slots, their rows) ending there
-    slot_score = torch.empty(batch * n_best, device=device)
-    slot_normalized = torch.empty(batch * n_best, device=device)
-    slot_length = torch.empty(batch * n_best, dtype=torch.long, device=device)
-    slot_finished = torch.empty(batch * n_best, dtype=torch.bool, device=device)
-    ranks = torch.arange(n_best, device=device)
-    kept = None
-    # Retiring finished images needs a host sync; on a GPU, do it every few steps only.
-    check_every = 1 if device.type == "cpu" else 8
-
-    for t in range(max_len):
-        out = decoder.step(word_ids, state, features, features_proj, context_mode)
-        log_probs = F.log_softmax(out.logits.float(), dim=1)  # (A*k, V)
-        log_probs[:, [pad, start]] = float("-inf")  # never emitted (an untrained model may prefer them)
-        # A finished beam may only continue with <pad>, at log-prob 0: its score is frozen.
-        log_probs.masked_fill_(finished[:, None], float("-inf"))
-        log_probs[:, pad] = torch.where(finished, 0.0, log_probs[:, pad])
-        active = image_ids.numel()
-        candidates = (scores[:, None] + log_probs).view(active, k * vocab)  # (A, k*V)
-        top_scores, top_ids = candidates.topk(k, dim=1)  # (A, k)
-        parent = (top_ids // vocab + torch.arange(active, device=device)[:, None] * k).flatten()  # (A*k,)
-        word_ids = (top_ids % vocab).flatten()  # (A*k,)
-        scores = top_scores.flatten()
-        was_finished = finished[parent]
-        lengths = lengths[parent] + (~was_finished).long()
-        finished = was_finished | (word_ids == end)
-        steps.append(_Step(word_ids, parent, out.alpha, out.beta.float().mean(dim=1), kept))
-        state = (out.state[0][parent], out.state[1][parent])
-        kept = None
-        last = t == max_len - 1
-        if not last and (t + 1) % check_every:
-            continue
-        done = torch.ones(active, dtype=torch.bool, device=device) if last else finished.view(active, k).all(dim=1)
-        if not bool(done.any()):
-            continue
-        # Rank the done images' beams: finished hypotheses first, each group by normalized score (two
-        # stable sorts: an offset such as -1e9 for unfinished ones would erase their differences in
-        # float32); unfinished ones are the fallback for images with none finished.
-        rows = torch.arange(active * k, device=device).view(active, k)[done]  # (E, k)
-        normalized = scores[rows] / lengths[rows].clamp_min(1).float() ** length_penalty if length_penalty \
-            else scores[rows]  # (E, k)
-        by_score = normalized.argsort(dim=1, descending=True, stable=True)
-        by_finished = finished[rows].gather(1, by_score).int().argsort(dim=1, descending=True, stable=True)
-        order = by_score.gather(1, by_finished)[:, :n_best]  # (E, n)
-        chosen = rows.gather(1, order).flatten()  # (E*n,)
-        slots = (image_ids[done][:, None] * n_best + ranks).flatten()  # (E*n,)
-        ended[t] = (slots, chosen)
-        slot_score[slots] = scores[chosen]
-        slot_normalized[slots] = normalized.gather(1, order).flatten()
-        slot_length[slots] = lengths[chosen]
-        slot_finished[slots] = finished[chosen]
-        if bool(done.all()):
-            break
-        # The done images leave the batch: keep the rows (and annotations) of the others.
-        image_ids = image_ids[~done]
-        kept = torch.arange(active * k, device=device).view(active, k)[~done].flatten()  # (A'*k,)
-        features, features_proj = features[~done], features_proj[~done]
-        word_ids, scores, finished, lengths = word_ids[kept], scores[kept], finished[kept], lengths[kept]
-        state = (state[0][kept], state[1][kept])
-
-    tokens, alphas, betas = _follow_back_pointers(steps, ended, batch * n_best, num_locations, pad)
-    enc = model.encoder.enc_size
-
-    def hypothesis(slot: int) -> Hypothesis:
-        n_words = int(slot_length[slot]) - int(slot_finished[slot])  # drop <end>
-        return Hypothesis(
-            tokens=tokens[slot, :n_words].tolist(),
-            score=float(slot_score[slot]),
-            normalized_score=float(slot_normalized[slot]),
-            finished=bool(slot_finished[slot]),
-            alphas=alphas[slot, :n_words].view(n_words, enc, enc).cpu(),
-            betas=betas[slot, :n_words].cpu(),
-        )
-
-    return [[hypothesis(i * n_best + rank) for rank in range(n_best)] for i in range(batch)]
-
-
-def _follow_back_pointers(
-    steps: list[_Step], ended: dict[int, tuple[torch.Tensor, torch.Tensor]], slots: int, num_locations: int, pad: int
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """One backward walk over beam search's steps, picking up each result slot at the step where its image
-    ended: every slot's words (S, T), the attention that emitted each word (S, T, L) and its gates (S, T)."""
-    device = steps[0].word_ids.device
-    tokens = torch.full((slots, len(steps)), pad, dtype=torch.long, device=device)
-    alphas = torch.zeros(slots, len(steps), num_locations, device=device)
-    betas = torch.zeros(slots, len(steps), device=device)
-    walking = torch.empty(0, dtype=torch.long, device=device)  # slots whose caption reaches back to step t
-    rows = torch.empty(0, dtype=torch.long, device=device)  # their rows in step t's output
-    for t in reversed(range(len(steps))):
-        step = steps[t]
-        if t in ended:
-            walking, rows = torch.cat([walking, ended[t][0]]), torch.cat([rows, ended[t][1]])
-        tokens[walking, t] = step.word_ids[rows]
-        rows = step.parent[rows]  # the input row that emitted the word, with this step's alpha and beta
-        alphas[walking, t] = step.alpha[rows].float()
-        betas[walking, t] = step.beta[rows]
-        if step.kept is not None:
-            rows = step.kept[rows]
-    return tokens, alphas, betas
-
-
-def target_log_probs(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """log p(y_t | a, y_<t) of each target word, (N, T), in fp32 even under autocast."""
-    return F.log_softmax(logits.float(), dim=2).gather(2, targets.unsqueeze(2)).squeeze(2)

@@ -18,7 +18,7 @@ from typing import Any, Sequence
 import numpy as np
 from PIL import Image
 
-from utils import atomic_write, atomic_write_text
+from filesafety import atomic_write, atomic_write_text
 
 __all__ = ["write_report", "THUMBNAIL_SIZE"]
 
@@ -73,8 +73,8 @@ def write_report(
     """Write DIR/index.html and its images for `decoded` (decoding.decode_split's output on `dataset`, a
     CaptionDataset) with eval's corpus `metrics` and `per_image` scores; return the index.html path.
     `source` (e.g. "CHECKPOINT on DATA_FOLDER") is shown under the title."""
-    from caption import AttentionMaps, render_panels, save_attention_gif
-    from eval import COLLAPSE_DISTINCT
+    from figures import AttentionMaps, render_panels, save_attention_gif
+    from scoring import COLLAPSE_DISTINCT
 
     report_dir = Path(report_dir)
     index_html = report_dir / "index.html"

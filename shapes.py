@@ -19,7 +19,7 @@ from typing import Any, Sequence
 import numpy as np
 from PIL import Image, ImageDraw
 
-from utils import UserError, run_cli
+from runtime import UserError, run_cli
 
 __all__ = ["COLORS", "SHAPES", "COUNT_WORDS", "MAX_OBJECTS", "MIN_GAP", "MIN_IMAGE_SIZE", "generate_image",
            "shape_filename"]

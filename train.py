@@ -28,54 +28,51 @@ from typing import Any, Iterator, Sequence
 import torch
 import torch.distributed as dist
 import torch.nn as nn
-import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, DistributedSampler, Subset
 from torchvision.transforms.v2 import RandomHorizontalFlip
 
+from checkpoints import (
+    checkpoint_configs,
+    config_from_checkpoint,
+    load_checkpoint,
+    model_config_from_checkpoint,
+    save_checkpoint,
+)
+from config import (
+    MODEL_KEYS,
+    Config,
+    apply_overrides,
+    load_config,
+    parse_overrides,
+    save_config,
+)
+from attention import is_stochastic
 from datasets import CaptionDataset, collate_captions
 from decoding import DecodeOptions, decode_split
-from eval import caption_diversity, score_captions, warn_if_collapsed
 from feature_cache import ensure_cache
-from models import (
-    ShowAttendTell,
-    build_model,
-    doubly_stochastic_penalty,
-    model_from_checkpoint,
-    reinforce_surrogate,
-    target_log_probs,
+from figures import write_curves
+from filesafety import (
+    atomic_write_text,
+    check_writable,
+    folder_lock,
+    remove_stale_temporaries,
 )
-from utils import (
-    MODEL_KEYS,
-    SPECIAL_TOKENS,
-    Config,
+from losses import ConceptHead, compute_loss
+from models import ShowAttendTell, build_model, model_from_checkpoint
+from progress import progress_bar
+from runtime import (
     DistInfo,
     StopSignals,
     UserError,
-    apply_overrides,
-    atomic_write,
-    atomic_write_text,
     autocast_context,
-    check_writable,
-    checkpoint_configs,
     cleanup_distributed,
-    config_from_checkpoint,
-    folder_lock,
     init_distributed,
-    load_checkpoint,
-    load_config,
-    model_config_from_checkpoint,
     one_line,
-    parse_overrides,
-    progress_bar,
-    remove_stale_temporaries,
-    rng_state,
     run_cli,
-    save_checkpoint,
-    save_config,
-    seed_everything,
-    set_rng_state,
 )
+from scoring import caption_diversity, score_captions, warn_if_collapsed
+from utils import rng_state, seed_everything, set_rng_state
 
 VAL_METRICS = ("BLEU-4", "CIDEr")  # decoded on val every epoch; cfg.val_metric drives LR decay, early stop, best.pt
 DIVERSITY_KEYS = ("distinct_captions", "vocab_used", "mean_length")  # collapse diagnostics, see eval.py
@@ -141,69 +138,6 @@ def stop_workers(*loaders: DataLoader) -> None:
             iterator._shutdown_workers()
 
 
-class ConceptHead(nn.Module):
-    """Training only, not in the paper: the model plus a linear head that predicts, from each image's mean
-    annotation vector, which words its captions use (a bag of words over the vocabulary).
-
-    A random-init encoder learns from the caption loss alone only through attention and the initial
-    LSTM state, and on a small dataset the decoder then settles for one caption that fits every image.
-    This direct per-image signal trains the encoder to recognise what captions talk about (dogs, water,
-    snow), the role ImageNet pretraining plays in the paper. The head is dropped from the saved model.
-    """
-
-    def __init__(self, model: ShowAttendTell, word_map: dict[str, int]) -> None:
-        super().__init__()
-        self.model = model
-        self.head = nn.Linear(model.encoder.out_dim, len(word_map))
-        self.ignore = [word_map[token] for token in SPECIAL_TOKENS]  # never a concept
-
-    def targets(self, captions: torch.Tensor) -> torch.Tensor:
-        """(B, C, T+1) word ids -> (B, V): each word used by any of an image's captions, weights summing to 1."""
-        present = torch.zeros(captions.size(0), self.head.out_features, device=captions.device)
-        present.scatter_(1, captions.flatten(1), 1.0)
-        present[:, self.ignore] = 0.0
-        return present / present.sum(dim=1, keepdim=True).clamp_min(1.0)
-
-    def forward(self, images: torch.Tensor, captions: torch.Tensor, caplens: torch.Tensor,
-                context_mode: str = "expected") -> dict[str, torch.Tensor]:
-        out = self.model(images, captions, caplens, context_mode)
-        out["concept_logits"] = self.head(out["mean_annotation"])  # (B, V)
-        return out
-
-
-def compute_loss(out: dict[str, torch.Tensor], cfg: Config, hard_baseline: float | torch.Tensor,
-                 concepts: torch.Tensor | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """Cross-entropy over real words + doubly stochastic term (+ REINFORCE and entropy for hard)
-    (+ the concept loss against `concepts` (B, V) when the model has a ConceptHead).
-
-    `out` is the model's teacher-forced output. Returns the loss and detached parts; for sampled hard
-    attention, parts["log_lik"] is the batch's mean per-word log p(y|s,a), which updates the baseline.
-    """
-    mask = out["mask"]  # (N, T)
-    log_probs = target_log_probs(out["logits"], out["targets"])  # (N, T), shared by CE and the reward
-    ce = -log_probs[mask].mean()  # cross-entropy, mean over real words
-    ds = doubly_stochastic_penalty(out["alphas"], mask, cfg.ds_reduction)
-    loss = ce + cfg.alpha_c * ds
-    parts = {"ce": ce.detach(), "ds": ds.detach()}
-    if cfg.attention == "hard":
-        num_words = mask.sum(dim=1).clamp_min(1)  # (N,)
-        # Entropy bonus lambda_e * H[s] (Eq. 12), averaged over real steps.
-        loss = loss - cfg.hard_entropy_weight * (out["entropy"] * mask).sum() / num_words.sum()
-        if "log_p_s" in out:
-            # Reward log p(y|s,a) per word, as the original code (it averages the cost over time).
-            log_lik = (log_probs * mask).sum(dim=1) / num_words  # (N,)
-            log_p_s = (out["log_p_s"] * mask).sum(dim=1)  # (N,) log p(s|a) over real steps
-            loss = loss + reinforce_surrogate(log_lik, log_p_s, hard_baseline, cfg.hard_reinforce_weight)
-            parts["log_lik"] = log_lik.detach().mean()
-    if concepts is not None:
-        concept = -(concepts * F.log_softmax(out["concept_logits"].float(), dim=1)).sum(dim=1).mean()
-        loss = loss + cfg.concept_loss_weight * concept
-        parts["concept"] = concept.detach()
-    # Detached tensors, not floats: converting would force a GPU sync every step.
-    parts["loss"] = loss.detach()
-    return loss, parts
-
-
 def prepare_batch(batch: dict[str, Any], cfg: Config, device: torch.device
                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Images (B, 3, S, S) and captions (B, C, T+1) on the device, cut to the batch's longest caption;
@@ -234,7 +168,7 @@ def train_step(
     concepts = unwrapped.targets(batch["captions"].to(device)) if isinstance(unwrapped, ConceptHead) else None
     # Hard attention: with probability hard_expected_prob the mini-batch uses the expected context
     # (Sec. 4.1's variance-reduction trick); otherwise locations are sampled.
-    sample = cfg.attention == "hard" and torch.rand(()).item() >= cfg.hard_expected_prob
+    sample = is_stochastic(cfg.attention) and torch.rand(()).item() >= cfg.hard_expected_prob
     with autocast_context(device, cfg.amp):
         out = model(images, captions, caplens, "sample" if sample else "expected")
         loss, parts = compute_loss(out, cfg, state.hard_baseline, concepts)
@@ -565,37 +499,6 @@ def append_metrics_row(path: Path, row: dict[str, Any]) -> None:
         writer.writerow(row)
 
 
-def write_curves(metrics_csv: Path, out_png: Path) -> None:
-    """Loss, val BLEU-4, distinct captions and learning rate against epoch, redrawn after every epoch."""
-    import matplotlib
-
-    matplotlib.use("Agg")  # headless
-    import matplotlib.pyplot as plt
-
-    with open(metrics_csv, newline="") as f:
-        rows = list(csv.DictReader(f))
-    epochs = [int(r["epoch"]) for r in rows]
-
-    def column(name: str) -> list[float]:
-        return [float(r[name]) if r.get(name) else float("nan") for r in rows]
-
-    panels = [("train loss", ["train_loss", "train_ce", "train_concept"]),
-              ("val BLEU-4", ["val_BLEU-4"]), ("val CIDEr", ["val_CIDEr"]),
-              ("val distinct captions", ["val_distinct_captions"]), ("learning rate", ["lr"])]
-    fig, axes = plt.subplots(1, len(panels), figsize=(4 * len(panels), 3.2), constrained_layout=True)
-    for ax, (title, names) in zip(axes, panels):
-        for name in names:
-            ax.plot(epochs, column(name), marker="o", markersize=3, label=name)
-        ax.set_title(title)
-        ax.set_xlabel("epoch")
-        ax.grid(alpha=0.3)
-        if len(names) > 1:
-            ax.legend()
-    axes[-1].set_yscale("log")
-    atomic_write(out_png, lambda f: fig.savefig(f, format="png", dpi=90))
-    plt.close(fig)
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     args = get_args_parser().parse_args(argv)
 
@@ -727,7 +630,9 @@ def _train_loop(cfg: Config, out_dir: Path, info: DistInfo, device: torch.device
 
     writer = None
     if info.is_main:
-        from torch.utils.tensorboard import SummaryWriter  # imported late: it is slow to import
+        from torch.utils.tensorboard import (
+            SummaryWriter,  # imported late: it is slow to import
+        )
 
         if not resumed and (out_dir / "last.pt").exists():  # another run got here first
             raise UserError(f"{out_dir} already holds a run; continue it with resume={out_dir / 'last.pt'} "

@@ -70,7 +70,7 @@ def write_checkpoint(path: Path, model: Any, model_cfg: Any, word_map: dict[str,
     """An inference checkpoint in today's format (what eval.py and caption.py need), plus `extra` entries."""
     import dataclasses
 
-    from utils import CHECKPOINT_FORMAT, save_checkpoint
+    from checkpoints import CHECKPOINT_FORMAT, save_checkpoint
 
     save_checkpoint(path, {"model": model.state_dict(), "format_version": CHECKPOINT_FORMAT,
                            "model_config": dataclasses.asdict(model_cfg), "word_map": word_map, **extra})

@@ -9,13 +9,15 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from test_caption import GRID, SIZE, WORD_MAP, make_checkpoint, shapes_image
 
 import caption
-from caption import Captioner
+import figures
+from captioner import Captioner
 from datasets import load_image_tensor
-from models import beam_search, load_model
-from test_caption import GRID, SIZE, WORD_MAP, make_checkpoint, shapes_image
-from utils import UserError
+from decoding import beam_search
+from models import load_model
+from runtime import UserError
 
 ROOT = Path(__file__).resolve().parent.parent
 REV = {v: k for k, v in WORD_MAP.items()}
@@ -203,9 +205,9 @@ def test_highlight_keeps_colours_where_attention_is_high_and_dims_the_rest():
     image = rng.integers(0, 256, (SIZE, SIZE, 3), dtype=np.uint8)
     weight = np.zeros((SIZE, SIZE))
     weight[:16, :16] = 1.0
-    out = caption.highlight(image, weight)
+    out = figures.highlight(image, weight)
     assert np.array_equal(out[:16, :16], image[:16, :16])  # the image's own colours, exactly
-    dimmed = np.rint(image[16:].astype(float) * caption.HIGHLIGHT_FLOOR)
+    dimmed = np.rint(image[16:].astype(float) * figures.HIGHLIGHT_FLOOR)
     assert np.array_equal(out[16:], dimmed.astype(np.uint8))
 
 
@@ -214,12 +216,12 @@ def test_nearly_flat_alpha_draws_as_an_even_dimming():
     span a few hundredths, where stretching each panel to its own min-max would span 0..1."""
     uniform = 1.0 / (GRID * GRID)
     alphas = torch.stack([bump((1, 1), 0.8), bump((2, 2), 1.5 * uniform)]).numpy()
-    weights = caption.attention_weights(alphas, (SIZE, SIZE))
+    weights = figures.attention_weights(alphas, (SIZE, SIZE))
     assert weights.shape == (2, SIZE, SIZE) and weights.max() == pytest.approx(1.0)
     flat = weights[1]
     assert flat.max() - flat.min() < 0.05 and flat.max() < 0.3
     image = np.full((SIZE, SIZE, 3), 200, dtype=np.uint8)
-    shaded = caption.highlight(image, flat).astype(int)
+    shaded = figures.highlight(image, flat).astype(int)
     assert shaded.max() - shaded.min() <= 8 and shaded.max() < 200 * 0.5
 
 
@@ -227,11 +229,11 @@ def test_panels_of_a_caption_share_one_scale():
     """The step with half the peak gets a dimmer highlight than the step with the peak, in the weights
     and in the rendered panels."""
     alphas = torch.stack([bump((1, 2), 0.6), bump((1, 2), 0.3)])
-    weights = caption.attention_weights(alphas.numpy(), (SIZE, SIZE))
+    weights = figures.attention_weights(alphas.numpy(), (SIZE, SIZE))
     assert weights[0].max() == pytest.approx(1.0)
     assert 0.4 < weights[1].max() < 0.6
     white = Image.new("RGB", (SIZE, SIZE), (255, 255, 255))
-    panels = caption.render_panels(caption.AttentionMaps(white, ["red", "circle"], alphas))
+    panels = figures.render_panels(figures.AttentionMaps(white, ["red", "circle"], alphas))
     strong, weak = (np.asarray(p.convert("L"), dtype=int) for p in panels[1:])
     assert strong.shape == weak.shape
     assert strong.max() == 255  # the peak keeps the image's own white (the figure's margins are white too)
@@ -245,8 +247,8 @@ def test_panels_of_a_caption_share_one_scale():
 def test_panel_title_gives_the_peak_against_uniform():
     alpha = torch.full((8, 8), (1 - 0.038) / 63)
     alpha[3, 4] = 0.038
-    assert caption.step_title(3, "dog", alpha.numpy(), 0.52) == "3: dog (β=0.52)\npeak 0.038 = 2.4x uniform"
-    assert caption.step_title(1, "a", np.full((6, 6), 1 / 36), None) == "1: a\npeak 0.028 = 1.0x uniform"
+    assert figures.step_title(3, "dog", alpha.numpy(), 0.52) == "3: dog (β=0.52)\npeak 0.038 = 2.4x uniform"
+    assert figures.step_title(1, "a", np.full((6, 6), 1 / 36), None) == "1: a\npeak 0.028 = 1.0x uniform"
 
 
 def test_overlay_flag_colormap(ckpt, photos, tmp_path, capsys):

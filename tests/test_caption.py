@@ -9,14 +9,17 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import write_checkpoint
 from PIL import Image, ImageSequence
 
 import caption
+import captioner
 import datasets
-from models import build_model
-from conftest import write_checkpoint
+import figures
+from checkpoints import save_checkpoint
+from config import ModelConfig
 from datasets import load_image_tensor
-from utils import ModelConfig, save_checkpoint
+from models import build_model
 
 ROOT = Path(__file__).resolve().parent.parent
 WORDS = ["a", "red", "blue", "circle", "square", "triangle", "on", "left"]
@@ -102,11 +105,11 @@ def test_png_grid_and_gif_frames_match_the_words(which, soft_ckpt, hard_ckpt, tm
     # GIF: frame 0 is the plain image, then one frame per word; 800 ms each, looping forever.
     n_frames, durations, loop, sizes = open_gif(out_dir / "img_attention.gif")
     assert n_frames == len(words) + 1
-    assert durations == [caption.GIF_FRAME_MS] * n_frames
+    assert durations == [figures.GIF_FRAME_MS] * n_frames
     assert loop == 0
     # PNG: the same panels tiled GRID_COLUMNS per row.
     panel_w, panel_h = sizes[0]
-    columns = min(caption.GRID_COLUMNS, n_frames)
+    columns = min(figures.GRID_COLUMNS, n_frames)
     rows = -(-n_frames // columns)
     assert open_png(out_dir / "img_attention.png") == (columns * panel_w, rows * panel_h)
     assert sorted(p.name for p in out_dir.iterdir()) == ["img_attention.gif", "img_attention.png"]  # no temp files
@@ -128,12 +131,12 @@ def test_frames_follow_a_caption_that_ends_by_itself(tmp_path, capsys):
 
 
 def test_png_and_gif_come_from_the_same_panels(tmp_path):
-    maps = caption.AttentionMaps(shapes_image().resize((SIZE, SIZE)), ["a", "red", "circle"],
+    maps = figures.AttentionMaps(shapes_image().resize((SIZE, SIZE)), ["a", "red", "circle"],
                                  torch.softmax(torch.randn(3, GRID * GRID), 1).view(3, GRID, GRID), torch.rand(3))
-    panels = caption.render_panels(maps)
+    panels = figures.render_panels(maps)
     assert len(panels) == 4 and len({p.size for p in panels}) == 1
-    caption.save_attention_png(tmp_path / "x.png", panels)
-    caption.save_attention_gif(tmp_path / "x.gif", panels)
+    figures.save_attention_png(tmp_path / "x.png", panels)
+    figures.save_attention_gif(tmp_path / "x.gif", panels)
     with Image.open(tmp_path / "x.png") as png:
         grid = np.asarray(png.convert("RGB"))
     w, h = panels[0].size
@@ -151,8 +154,8 @@ def test_hard_attention_outlines_the_argmax_cell():
     alphas = torch.full((1, GRID, GRID), 0.1 / (GRID * GRID - 1))
     alphas[0, 0, GRID - 1] = 0.9  # peak in the top-right cell
     image = Image.new("RGB", (SIZE, SIZE), (128, 128, 128))
-    soft = caption.render_panels(caption.AttentionMaps(image, ["circle"], alphas))[1]
-    hard = caption.render_panels(caption.AttentionMaps(image, ["circle"], alphas, hard=True))[1]
+    soft = figures.render_panels(figures.AttentionMaps(image, ["circle"], alphas))[1]
+    hard = figures.render_panels(figures.AttentionMaps(image, ["circle"], alphas, hard=True))[1]
     diff = np.abs(np.asarray(soft, dtype=int) - np.asarray(hard, dtype=int)).sum(axis=2) > 30  # (H, W)
     ys, xs = np.nonzero(diff)
     assert len(xs) > 20  # an outline was drawn
@@ -163,7 +166,7 @@ def test_hard_attention_outlines_the_argmax_cell():
 def test_smoothed_attention_keeps_the_peak_where_alpha_peaks():
     alpha = np.zeros((GRID, GRID))
     alpha[2, 1] = 1.0
-    heat = caption.smooth_attention(alpha, (SIZE, SIZE))
+    heat = figures.smooth_attention(alpha, (SIZE, SIZE))
     assert heat.shape == (SIZE, SIZE)
     y, x = np.unravel_index(heat.argmax(), heat.shape)
     cell = SIZE // GRID
@@ -315,9 +318,9 @@ def test_images_are_decoded_in_batches(soft_ckpt, tmp_path, capsys, monkeypatch)
 
 
 def test_decode_images_batched_equals_one_by_one(soft_ckpt):
+    from checkpoints import load_checkpoint
     from decoding import DecodeOptions, decode_images
     from models import model_from_checkpoint
-    from utils import load_checkpoint
 
     model, _ = model_from_checkpoint(load_checkpoint(soft_ckpt))
     torch.manual_seed(0)
@@ -438,7 +441,7 @@ def test_a_failed_write_leaves_no_file(soft_ckpt, tmp_path, capsys, monkeypatch)
     def disk_full(f):
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(caption, "gif_writer", lambda panels, frame_ms=0: disk_full)  # the PNG is staged, the GIF fails
+    monkeypatch.setattr(captioner, "gif_writer", lambda panels, frame_ms=0: disk_full)  # the PNG is staged, the GIF fails
     shapes_image().save(tmp_path / "img.png")
     out_dir = tmp_path / "out"
     code, out, err = run(["--img", str(tmp_path / "img.png"), "--checkpoint", str(soft_ckpt), "--out-dir",
@@ -450,8 +453,8 @@ def test_a_failed_write_leaves_no_file(soft_ckpt, tmp_path, capsys, monkeypatch)
 
 
 def test_atomic_write_never_leaves_a_partial_file(tmp_path):
-    """utils.atomic_write is the one writer behind figures, checkpoints and JSON."""
-    from utils import atomic_write
+    """filesafety.atomic_write is the one writer behind figures, checkpoints and JSON."""
+    from filesafety import atomic_write
 
     def write_then_fail(f):
         f.write(b"\x89PNG half")
@@ -466,7 +469,7 @@ def test_atomic_write_never_leaves_a_partial_file(tmp_path):
 
 def test_show_with_a_display_opens_the_grids(soft_ckpt, tmp_path, capsys, monkeypatch):
     shown = []
-    monkeypatch.setattr(caption, "_display_available", lambda: True)
+    monkeypatch.setattr(caption, "display_available", lambda: True)
     monkeypatch.setattr(caption, "show_grids", lambda grids: shown.extend(grids))
     shapes_image().save(tmp_path / "img.png")
     code, out, err = run(["--img", str(tmp_path / "img.png"), "--checkpoint", str(soft_ckpt), "--out-dir",

@@ -18,15 +18,23 @@ import h5py
 import numpy as np
 import pytest
 import torch
+from conftest import ROOT, SHAPES_ARGS
 from PIL import Image
 
 import create_input_files as packer
 import datasets
 import shapes
-from conftest import ROOT, SHAPES_ARGS
 from create_input_files import PackOptions
-from datasets import IMAGENET_MEAN, IMAGENET_STD, SPLITS, CaptionDataset, collate_captions, load_image
-from utils import SPECIAL_TOKENS, UserError, decode_ids, load_word_map, tokenize
+from datasets import (
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    SPLITS,
+    CaptionDataset,
+    collate_captions,
+    load_image,
+)
+from runtime import UserError
+from text import SPECIAL_TOKENS, decode_ids, load_word_map, tokenize
 
 
 # --------------------------------------------------------------------------------------------

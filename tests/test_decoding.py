@@ -5,8 +5,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from models import StepOutput, beam_search, build_model, target_log_probs
-from utils import ModelConfig
+from config import ModelConfig
+from decoding import beam_search
+from losses import target_log_probs
+from models import StepOutput, build_model
 
 WORDS = ["a", "red", "blue", "green", "circle", "square", "triangle", "on", "left", "of"]
 WORD_MAP = {"<pad>": 0, "<unk>": 1, "<start>": 2, "<end>": 3, **{w: i + 4 for i, w in enumerate(WORDS)}}

@@ -7,13 +7,15 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import write_checkpoint
 
 import eval as evaluation
+import scoring
+from config import ModelConfig
 from models import build_model
-from conftest import write_checkpoint
-from utils import ModelConfig, tokenize
+from text import tokenize
 
-NEEDS_JAVA = pytest.mark.skipif(not evaluation.java_available(), reason="coco-caption's PTB tokenizer/METEOR need Java")
+NEEDS_JAVA = pytest.mark.skipif(not scoring.java_available(), reason="coco-caption's PTB tokenizer/METEOR need Java")
 
 # Fixed results/references (raw text, punctuation and case included: the PTB tokenizer must see them).
 CAPTIONS = {
@@ -31,7 +33,7 @@ REFERENCES = {
 @pytest.fixture(scope="module")
 def meteor_jvm():
     """One METEOR JVM for the whole file: loading its paraphrase tables takes seconds each time."""
-    if not evaluation.java_available():
+    if not scoring.java_available():
         pytest.skip("METEOR needs Java")
     from pycocoevalcap.meteor.meteor import Meteor
 
@@ -119,7 +121,7 @@ def test_score_captions_empty_caption_scores_zero(shared_meteor):
 def test_score_captions_without_java_skips_meteor(monkeypatch, capsys):
     from pycocoevalcap.bleu.bleu import Bleu
 
-    monkeypatch.setattr(evaluation, "java_available", lambda: False)
+    monkeypatch.setattr(scoring, "java_available", lambda: False)
     scores = evaluation.score_captions(CAPTIONS, REFERENCES)
     assert set(scores) == {"BLEU-1", "BLEU-2", "BLEU-3", "BLEU-4", "BLEU-brevity-penalty", "ROUGE-L", "CIDEr"}
     assert "java not found" in capsys.readouterr().err

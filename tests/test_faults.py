@@ -23,13 +23,14 @@ from typing import Iterator
 import h5py
 import pytest
 import torch
+from conftest import ROOT
 
 import caption
 import create_input_files as packer
 import eval as evaluation
+import scoring
 import train
-from conftest import ROOT
-from utils import load_checkpoint
+from checkpoints import load_checkpoint
 
 pytestmark = pytest.mark.faults
 
@@ -65,7 +66,7 @@ def assert_every_checkpoint_loads(out: Path) -> None:
 # given step, or a SIGKILL in the middle of writing a given checkpoint file.
 DRIVER = r"""
 import os, signal, sys
-import train, utils
+import train, filesafety
 sig, at_step, in_save = int(os.environ.get("FAULT_SIGNAL", "9")), int(os.environ.get("FAULT_STEP", "0")), \
     os.environ.get("FAULT_SAVE", "")
 if at_step:
@@ -85,7 +86,7 @@ if in_save:
                 f.write(b"PK\x03\x04" + b"\0" * 1000)
                 f.flush()
                 os.kill(os.getpid(), signal.SIGKILL)
-            utils.atomic_write(path, half)
+            filesafety.atomic_write(path, half)
         original_save(path, payload)
     train.save_checkpoint = save_checkpoint
 sys.exit(train.main(sys.argv[1:]))
@@ -481,7 +482,7 @@ def test_disk_full_while_saving_a_checkpoint(one_epoch, tmp_path, capsys):
 
 
 def test_disk_full_while_writing_eval_results(tiny_ckpt, shapes_folder, tmp_path, capsys, monkeypatch):
-    monkeypatch.setattr(evaluation, "java_available", lambda: False)  # no JVM: this is about the files
+    monkeypatch.setattr(scoring, "java_available", lambda: False)  # no JVM: this is about the files
     args = ["--checkpoint", str(tiny_ckpt), "--data-folder", str(shapes_folder), "--num-workers", "0",
             "--beam-size", "1", "--max-len", "5", "--control", "none"]
     with small_disk(tmp_path / "disk", "1m") as disk:

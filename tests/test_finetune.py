@@ -6,12 +6,13 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import SHAPES_ARGS, pack_main
 
 import train
-from conftest import SHAPES_ARGS, pack_main
+from config import ModelConfig
 from datasets import CaptionDataset
 from models import build_model
-from utils import ModelConfig, decode_ids
+from text import decode_ids
 
 TINY_MODEL = ["encoder_stages=2", "enc_size=4", "attention_dim=32", "embed_dim=16", "decoder_dim=32"]
 TINY_RUN = ["batch_size=8", "num_workers=0", "max_len=12", "log_every=1", "early_stop_patience=0"]

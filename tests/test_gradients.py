@@ -14,8 +14,8 @@ import pytest
 import torch
 
 import train
+from config import load_config
 from models import build_model
-from utils import load_config
 
 ROOT = Path(__file__).resolve().parent.parent
 CONFIGS = sorted(p.name for p in (ROOT / "configs").glob("*.yaml"))

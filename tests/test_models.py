@@ -8,16 +8,12 @@ import torch
 import torch.nn.functional as F
 import torchvision
 
-import models
-from models import (
-    Encoder,
-    WeightsDownloadError,
-    build_model,
-    doubly_stochastic_penalty,
-    model_from_checkpoint,
-    reinforce_surrogate,
-)
-from utils import Config, UserError, checkpoint_configs, load_checkpoint, load_config, save_checkpoint
+from checkpoints import checkpoint_configs, load_checkpoint, save_checkpoint
+from config import Config, load_config
+from losses import doubly_stochastic_penalty, reinforce_surrogate
+from attention import HardAttention
+from models import Encoder, WeightsDownloadError, build_model, model_from_checkpoint
+from runtime import UserError
 
 VOCAB = 12  # ids: 0 <pad>, 1..8 words, 9 <unk>, 10 <start>, 11 <end>
 WORD_MAP = {"<pad>": 0, **{f"w{i}": i for i in range(1, 9)}, "<unk>": 9, "<start>": 10, "<end>": 11}
@@ -204,7 +200,7 @@ def test_checkpoint_round_trip_weights_only(tmp_path):
     raw = torch.load(path, weights_only=True)  # plain data only
     assert raw["model_config"]["attention"] == "hard"
     restored, restored_cfg = model_from_checkpoint(load_checkpoint(path))
-    assert restored_cfg == cfg.model_config() and restored.attention_variant == "hard"
+    assert restored_cfg == cfg.model_config() and restored.decoder.attention.stochastic
     images, captions, lengths = tiny_batch()
     torch.testing.assert_close(restored(images, captions, lengths)["logits"], model(images, captions, lengths)["logits"])
 
@@ -285,7 +281,7 @@ def test_reinforce_gradient_is_unbiased_and_baseline_reduces_variance():
 
 def test_hard_attention_locations_follow_alpha():
     torch.manual_seed(0)
-    attention = models.HardAttention(4, 4, 4)
+    attention = HardAttention(4, 4, 4)
     features = torch.arange(3 * 4, dtype=torch.float32).view(1, 3, 4).repeat(20000, 1, 1)  # (B, L=3, D=4)
     alpha = torch.tensor([[0.2, 0.5, 0.3]]).repeat(20000, 1)
     z, s = attention.context(features, alpha, "sample")

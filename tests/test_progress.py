@@ -1,4 +1,4 @@
-"""utils.progress_bar: tqdm on a terminal, one plain line every N steps in a log file (CI, nohup, > log)."""
+"""progress.progress_bar: tqdm on a terminal, one plain line every N steps in a log file (CI, nohup, > log)."""
 from __future__ import annotations
 
 import io
@@ -6,7 +6,7 @@ import re
 
 from tqdm import tqdm
 
-from utils import PlainProgress, progress_bar
+from progress import PlainProgress, progress_bar
 
 
 class FakeTerminal(io.StringIO):

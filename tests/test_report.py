@@ -13,12 +13,15 @@ import h5py
 import numpy as np
 import pytest
 import torch
+from conftest import pack_main, write_checkpoint
 from PIL import Image
 
 import eval as evaluation
-from conftest import pack_main, write_checkpoint
+import figures
+import scoring
+from config import ModelConfig
 from models import build_model
-from utils import ModelConfig, tokenize
+from text import tokenize
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 NEEDS_CHROMIUM = pytest.mark.skipif(CHROMIUM is None, reason="needs Debian's chromium (apt-get install chromium)")
@@ -27,7 +30,7 @@ NEEDS_CHROMIUM = pytest.mark.skipif(CHROMIUM is None, reason="needs Debian's chr
 @pytest.fixture(autouse=True)
 def no_java(monkeypatch):
     """Python tokenisation and no METEOR: each JVM start costs seconds, and none of these tests is about them."""
-    monkeypatch.setattr(evaluation, "java_available", lambda: False)
+    monkeypatch.setattr(scoring, "java_available", lambda: False)
 
 
 def tiny_checkpoint(path: Path, folder: Path, seed: int = 0) -> Path:
@@ -128,7 +131,7 @@ def report(tmp_path_factory, shapes_folder) -> tuple[Path, dict[str, Any]]:
     out = root / "test.json"
     # val has 3 images, as test: GIFs for the 2 worst only.
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(evaluation, "java_available", lambda: False)
+        patch.setattr(scoring, "java_available", lambda: False)
         assert run_eval(ckpt, shapes_folder, out, "--report", str(root / "report"), "--report-limit", "2",
                         split="val") == 0
     return root / "report", json.loads(out.with_name("test.metrics.json").read_text())
@@ -182,7 +185,6 @@ def test_report_renders_in_a_headless_browser(report, tmp_path):
 
 
 def test_report_failure_leaves_no_index(shapes_folder, tmp_path, monkeypatch):
-    import caption
 
     ckpt = tiny_checkpoint(tmp_path / "tiny.pt", shapes_folder)
     folder = tmp_path / "report"
@@ -192,7 +194,7 @@ def test_report_failure_leaves_no_index(shapes_folder, tmp_path, monkeypatch):
     def disk_full(*args: Any, **kwargs: Any) -> None:
         raise RuntimeError("disk full")
 
-    monkeypatch.setattr(caption, "save_attention_gif", disk_full)
+    monkeypatch.setattr(figures, "save_attention_gif", disk_full)
     with pytest.raises(RuntimeError, match="disk full"):
         run_eval(ckpt, shapes_folder, tmp_path / "test.json", "--report", str(folder), "--control", "none")
     assert not (folder / "index.html").exists()
@@ -236,6 +238,8 @@ def test_spice_runs_when_its_jars_are_there(shapes_folder, tmp_path, capsys, mon
             return 0.25, [{"All": {"f": 0.25}}] * len(gts)
 
     monkeypatch.setattr(evaluation, "spice_missing", lambda: None)
+
+    monkeypatch.setattr(scoring, "spice_missing", lambda: None)
     monkeypatch.setattr(spice_module, "Spice", FakeSpice)
     ckpt = tiny_checkpoint(tmp_path / "tiny.pt", shapes_folder)
     out = tmp_path / "test.json"

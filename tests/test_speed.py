@@ -13,10 +13,12 @@ import pytest
 import torch
 
 import train
+from checkpoints import load_checkpoint
+from config import ModelConfig
 from datasets import CaptionDataset, collate_captions
+from decoding import beam_search
 from feature_cache import cache_path
-from models import beam_search, build_model
-from utils import ModelConfig, load_checkpoint
+from models import build_model
 
 ROOT = Path(__file__).resolve().parent.parent
 WORD_MAP = {"<pad>": 0, "<start>": 1, "<end>": 2, "<unk>": 3, **{f"w{i}": i for i in range(4, 30)}}
@@ -149,7 +151,7 @@ def test_benchmark_tiny_mode_runs(tmp_path):
 
 def test_compiled_step_gives_the_eager_loss_and_gradients():
     """compile_step=true (torch.compile of Decoder.step) trains the same model: loss and gradients agree."""
-    from models import target_log_probs
+    from losses import target_log_probs
 
     model = tiny_model("soft")
     features = torch.randn(3, 16, model.encoder.out_dim)

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 import train
-from utils import load_checkpoint
+from checkpoints import load_checkpoint
 
 ROOT = Path(__file__).resolve().parent.parent
 TINY = [
@@ -72,7 +72,8 @@ def test_hard_attention_train_eval_caption_round_trip(shapes_folder, tmp_path, c
     from shapes import generate_image
 
     out = tmp_path / "hard"
-    assert run_train(shapes_folder, out, "epochs=1", "attention=hard", "hard_decode=argmax") == 0
+    # hard_expected_prob=0: every step samples locations, so the REINFORCE baseline moves
+    assert run_train(shapes_folder, out, "epochs=1", "attention=hard", "hard_decode=argmax", "hard_expected_prob=0") == 0
     ckpt = load_checkpoint(out / "last.pt")
     assert ckpt["model_config"]["attention"] == "hard"
     assert ckpt["train_state"]["hard_baseline"] < 0.0  # moving average of log p(y|s,a)

@@ -6,13 +6,13 @@ from pathlib import Path
 from typing import Callable
 
 import pytest
+from conftest import pack_main
 from PIL import Image
 
 import create_input_files
 import eval as evaluation
-from conftest import pack_main
 from datasets import CaptionDataset
-from utils import tokenize
+from text import tokenize
 
 # Greek captions, with capitals, accents and punctuation; the colour word names the image's colour.
 COLOURS = {"κόκκινο": (200, 30, 30), "πράσινο": (30, 200, 30), "μπλε": (30, 30, 200)}
@@ -46,10 +46,10 @@ def greek(tmp_path: Path, write_image: Callable[..., Path]) -> tuple[Path, Path]
 
 def test_pack_and_score_greek(greek, tmp_path, capsys):
     import torch
-
     from conftest import write_checkpoint
+
+    from config import ModelConfig
     from models import build_model
-    from utils import ModelConfig
 
     captions, images = greek
     folder = tmp_path / "packed"

@@ -1,0 +1,261 @@
+"""The one config system: ModelConfig (what rebuilds a network) and TrainConfig (how it was trained),
+seen by users as one flat namespace (YAML in configs/, then `key=value`), and the validation every
+options object uses (`option` + `check_fields`)."""
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any, Sequence
+
+import yaml
+
+from attention import ATTENTIONS
+from filesafety import atomic_write_text
+from runtime import UserError, one_line
+
+
+# --------------------------------------------------------------------------------------------
+# Configs. ModelConfig is what rebuilds the network; TrainConfig is how it was trained. Users see one
+# flat namespace (Config: YAML files in configs/, then `key=value`); checkpoints keep the two apart,
+# so a training key can be renamed or removed without breaking a single saved model (as nanoGPT keeps
+# GPTConfig apart from its training globals). Each choice and bound is written once, in the field's
+# metadata and read by every `check`; choice lists that argparse also offers are named constants.
+# --------------------------------------------------------------------------------------------
+def option(default: Any, *, choices: Sequence[Any] | None = None, min: float | None = None,
+           max: float | None = None, above: float | None = None, below: float | None = None) -> Any:
+    """A config field with its valid values: choices, or bounds min <= x <= max, above < x < below."""
+    # A registry (a dict) is kept as it is, so that names registered later are valid choices too.
+    meta = {"choices": choices if isinstance(choices, dict) else tuple(choices) if choices else None,
+            "min": min, "max": max, "above": above, "below": below}
+    return field(default=default, metadata={k: v for k, v in meta.items() if v is not None})
+
+
+def check_fields(obj: Any, as_flags: bool = False) -> None:
+    """Raise UserError naming the first field of dataclass `obj` outside its declared choices or bounds,
+    as `config key` or, with as_flags, as the command-line flag `--key`."""
+    for f in fields(obj):
+        value, meta = getattr(obj, f.name), f.metadata
+        label = f"--{f.name.replace('_', '-')}" if as_flags else f"config {f.name}"
+        if "choices" in meta and value not in meta["choices"]:
+            raise UserError(f"{label}={value!r} is not one of {', '.join(map(str, meta['choices']))}")
+        if isinstance(value, float) and not math.isfinite(value):
+            raise UserError(f"{label}={value} must be a finite number")
+        for name, ok, text in (("min", lambda v, b: v >= b, ">="), ("max", lambda v, b: v <= b, "<="),
+                               ("above", lambda v, b: v > b, ">"), ("below", lambda v, b: v < b, "<")):
+            if name in meta and not ok(value, meta[name]):
+                raise UserError(f"{label}={value} must be {text} {meta[name]}")
+
+
+HARD_DECODE_MODES = ("expected", "argmax", "sample")  # hard attention's context at decoding (see models.py)
+
+
+@dataclass
+class ModelConfig:
+    """Everything `models.build_model` needs; stored in every checkpoint as `model_config`."""
+
+    # --- encoder (paper: VGG conv5 14x14x512; we use a torchvision ResNet, see models.py) ---
+    encoder: str = option("resnet101", choices=("resnet18", "resnet34", "resnet50", "resnet101", "resnet152"))
+    encoder_stages: int = option(4, choices=(1, 2, 3, 4))  # keep layer1..layerN (3 halves the stride)
+    enc_size: int = option(14, min=1)  # annotation grid is enc_size x enc_size, so L = enc_size**2
+    # --- decoder ---
+    attention: str = option("soft", choices=ATTENTIONS)  # soft: Sec. 4.2 | hard: stochastic, Sec. 4.1 | see attention.py
+    attention_dim: int = option(512, min=1)  # hidden size of the attention MLP f_att
+    embed_dim: int = option(512, min=1)  # m, word embedding size
+    decoder_dim: int = option(512, min=1)  # n, LSTM size
+    dropout: float = option(0.5, min=0.0, below=1.0)  # dropout before the output layer
+    gate: str = option("scalar", choices=("scalar", "vector", "none"))  # paper's scalar beta_t | size-D | none
+    deep_output: bool = True  # paper's L_o(E y_{t-1} + L_h h_t + L_z z_t); false = linear on h_t
+    vocab_size: int = field(default=0, metadata={"min": 0, "derived": True})  # from the word map, not a config key
+
+    def check(self) -> None:
+        check_fields(self)
+
+
+@dataclass
+class TrainConfig:
+    """How a model is trained: run, data, initialisation, loss, optimisation and validation decoding."""
+
+    # --- run ---
+    name: str = "run"  # run name; the run folder defaults to runs/<name>
+    out_dir: str = ""  # run folder (config, metrics.csv, curves.png, TensorBoard events, last.pt, best.pt)
+    seed: int = 0  # seeds python, numpy and torch (CPU and CUDA)
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    amp: str = option("off", choices=("off", "bf16", "fp16"))  # CUDA only; ignored on CPU
+    resume: str = ""  # path to a last.pt to continue from exactly
+    # Fine-tuning: start a new run (fresh optimiser, epoch 0) from another run's checkpoint: its weights,
+    # architecture and word map; with extend_vocab, the word map gains the new data's words (new rows).
+    init_from: str = ""
+    extend_vocab: bool = False
+
+    # --- data ---
+    data_folder: str = "data/shapes"  # folder written by create_input_files.py
+    num_workers: int = option(2, min=0)  # DataLoader workers (each opens the HDF5 file itself)
+    captions_per_step: int = option(0, min=0)  # captions of each image trained per step; 0 = all stored
+    hflip: bool = False  # augment: flip training images left-right with probability 0.5
+    # Train and validate from the frozen encoder's annotations, computed once per image and cached
+    # beside the pack (feature_cache.py): auto = whenever the encoder is frozen and hflip is off.
+    feature_cache: str = option("auto", choices=("auto", "on", "off"))
+
+    # --- encoder initialisation and training ---
+    encoder_weights: str = "imagenet"  # imagenet (torch hub cache) | none (random init) | path to a state_dict
+    fine_tune_encoder: bool = False  # train the top encoder stages (frozen encoder runs BN in eval)
+    fine_tune_stages: int = option(3, min=0)  # with fine_tune_encoder, stages >= this index are trained
+
+    # --- loss ---
+    alpha_c: float = option(1.0, min=0.0)  # lambda of the doubly stochastic regulariser (Sec. 4.2.1)
+    ds_reduction: str = option("mean", choices=("sum", "mean"))  # sum: paper's formula | mean: sum / L
+    # Not in the paper (off by default): weight of an auxiliary loss that trains the encoder to tell which
+    # words an image's captions use, from its mean annotation vector; a stand-in for the ImageNet
+    # pretraining a random-init encoder lacks (see train.ConceptHead and configs/flickr8k_cpu.yaml).
+    concept_loss_weight: float = option(0.0, min=0.0)
+
+    # --- hard attention (Sec. 4.1; defaults follow the paper and the original Theano code) ---
+    hard_reinforce_weight: float = option(0.1, min=0.0)  # lambda_r: scales the REINFORCE term
+    hard_entropy_weight: float = option(0.002, min=0.0)  # lambda_e: entropy bonus
+    hard_baseline_decay: float = option(0.9, min=0.0, max=1.0)  # b_k = 0.9 b_{k-1} + 0.1 log p(y|s,a), Eq. 12
+    hard_expected_prob: float = option(0.5, min=0.0, max=1.0)  # per mini-batch probability of alpha instead of s
+
+    # --- optimisation ---
+    epochs: int = option(20, min=1)
+    batch_size: int = option(32, min=1)  # images per step (each with captions_per_step captions)
+    decoder_lr: float = option(4e-4, min=0.0)
+    encoder_lr: float = option(1e-4, min=0.0)
+    weight_decay: float = option(0.0, min=0.0)
+    grad_clip: float = option(5.0, min=0.0)  # clip gradient norm (0 = off)
+    lr_decay_factor: float = option(0.8, above=0.0, max=1.0)  # ReduceLROnPlateau factor on the val metric
+    lr_patience: int = option(2, min=0)  # epochs without improvement before the LR decays
+    early_stop_patience: int = option(8, min=0)  # epochs without improvement before training stops (0 = off)
+    nonfinite_loss: str = option("stop", choices=("stop", "skip"))  # a NaN/inf loss stops the run, or skips its batch
+    log_every: int = option(50, min=1)  # steps between TensorBoard scalars
+    # torch.compile the decoder's per-word step for teacher forcing (fused ops: fewer GPU kernel launches);
+    # costs a compile at start (~20 s on a 2-core CPU for the tiny test model). See benchmark.py --device cuda.
+    compile_step: bool = False
+
+    # --- validation: decoded with the same options as eval.py / caption.py (see decoding.py) ---
+    # The decoded val metric that selects best.pt and drives LR decay and early stopping: BLEU-4 (the
+    # paper's criterion) or CIDEr (on Flickr8k from random init it kept improving with the captions'
+    # variety while BLEU-4 stayed flat; see README).
+    val_metric: str = option("BLEU-4", choices=("BLEU-4", "CIDEr"))
+    val_beam_size: int = option(1, min=1)  # model selection decodes val with this beam (1 = greedy)
+    val_max_images: int = option(0, min=0)  # decode at most this many val images per epoch (0 = all)
+    max_len: int = option(50, min=1)  # longest caption decoded
+    hard_decode: str = option("expected", choices=HARD_DECODE_MODES)  # hard models' context at decoding
+
+
+@dataclass
+class Config(TrainConfig, ModelConfig):
+    """The flat namespace of YAML files and `key=value` overrides: every ModelConfig and TrainConfig key."""
+
+    def resolved_out_dir(self) -> Path:
+        return Path(self.out_dir or os.path.join("runs", self.name))
+
+    def model_config(self) -> ModelConfig:
+        return ModelConfig(**{f.name: getattr(self, f.name) for f in fields(ModelConfig)})
+
+    def check(self) -> None:
+        """Every field within its declared choices/bounds, and the one rule that spans two fields."""
+        check_fields(self)
+        if self.fine_tune_encoder and not self.fine_tune_stages <= self.encoder_stages:
+            raise UserError(f"config fine_tune_stages={self.fine_tune_stages} must be in 0..{self.encoder_stages}")
+
+
+USER_KEYS = tuple(f.name for f in fields(Config) if not f.metadata.get("derived"))
+
+
+MODEL_KEYS = tuple(f.name for f in fields(ModelConfig))
+
+
+TRAIN_KEYS = tuple(f.name for f in fields(TrainConfig))
+
+
+def _parse_value(key: str, text: str, current: Any) -> Any:
+    """Convert a CLI string to the type of the field's default (as nanoGPT's configurator does)."""
+    if isinstance(current, bool):
+        low = text.lower()
+        if low in ("1", "true", "yes", "on"):
+            return True
+        if low in ("0", "false", "no", "off"):
+            return False
+        raise UserError(f"override {key}={text!r}: expected true or false")
+    if isinstance(current, int):
+        try:
+            return int(text)
+        except ValueError:
+            raise UserError(f"override {key}={text!r}: expected an integer") from None
+    if isinstance(current, float):
+        try:
+            return float(text)
+        except ValueError:
+            raise UserError(f"override {key}={text!r}: expected a number") from None
+    return text
+
+
+def _coerce(key: str, value: Any, current: Any) -> Any:
+    """Type-check a YAML value against the default's type (ints are accepted for floats)."""
+    if isinstance(value, str) and not isinstance(current, str):
+        return _parse_value(key, value, current)
+    if isinstance(current, bool) != isinstance(value, bool) or (
+        not isinstance(value, type(current)) and not (isinstance(current, float) and isinstance(value, int))
+    ):
+        raise UserError(f"config {key}: expected {type(current).__name__}, got {value!r}")
+    return float(value) if isinstance(current, float) else value
+
+
+def config_from_dict(values: dict[str, Any], base: Config | None = None, source: str = "config",
+                     keys: Sequence[str] = USER_KEYS) -> Config:
+    """Apply a dict of overrides to `base` (defaults when None); keys outside `keys` are an error."""
+    cfg = dataclasses.replace(base) if base is not None else Config()
+    for key, value in values.items():
+        if key not in keys:
+            raise UserError(f"{source}: unknown key {key!r} (valid keys: {', '.join(sorted(keys))})")
+        setattr(cfg, key, _coerce(key, value, getattr(cfg, key)))
+    return cfg
+
+
+def load_config(path: str | None, overrides: Sequence[str] = ()) -> Config:
+    """Defaults <- YAML file <- `key=value` overrides, then checked."""
+    cfg = Config()
+    if path:
+        try:
+            with open(path, encoding="utf-8") as f:
+                values = yaml.safe_load(f) or {}
+        except FileNotFoundError:
+            raise UserError(f"{path}: config file not found") from None
+        except (OSError, UnicodeDecodeError) as e:
+            raise UserError(f"{path}: cannot read the config file ({one_line(e)})") from None
+        except yaml.YAMLError as e:
+            raise UserError(f"{path}: not valid YAML ({one_line(e)})") from None
+        if not isinstance(values, dict):
+            raise UserError(f"{path}: expected a mapping of key: value")
+        cfg = config_from_dict(values, cfg, source=path)
+    cfg = apply_overrides(cfg, overrides)
+    cfg.check()
+    return cfg
+
+
+def parse_overrides(overrides: Sequence[str]) -> dict[str, str]:
+    """`key=value` strings -> {key: text}; `--key=value` and dashes in keys are accepted."""
+    parsed = {}
+    for item in overrides:
+        key, sep, text = item.partition("=")
+        if not sep or not key:
+            raise UserError(f"override {item!r}: expected key=value")
+        key = key.lstrip("-").replace("-", "_")
+        if key not in USER_KEYS:
+            raise UserError(f"override {item!r}: unknown key {key!r} (see utils.Config for the valid keys)")
+        parsed[key] = text
+    return parsed
+
+
+def apply_overrides(cfg: Config, overrides: Sequence[str]) -> Config:
+    parsed = {key: _parse_value(key, text, getattr(cfg, key)) for key, text in parse_overrides(overrides).items()}
+    return config_from_dict(parsed, cfg, source="overrides")
+
+
+def save_config(cfg: Config, path: str | Path) -> None:
+    """The resolved config as YAML that `--config` reads back (derived keys such as vocab_size left out)."""
+    values = {key: getattr(cfg, key) for key in USER_KEYS}
+    atomic_write_text(path, yaml.safe_dump(values, sort_keys=False))

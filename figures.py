@@ -1,0 +1,225 @@
+"""Figures: attention overlays (one list of panels feeds the PNG grid and the GIF, so they cannot
+disagree) and the training curves."""
+from __future__ import annotations
+
+import csv
+import math
+import os
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import BinaryIO, Callable, Sequence
+
+import numpy as np
+import torch
+from PIL import Image
+
+from filesafety import atomic_write
+from runtime import UserError
+
+GIF_FRAME_MS = 800  # slow enough to read each word
+
+
+GRID_COLUMNS = 5
+
+
+PANEL_INCHES, TITLE_INCHES, PANEL_DPI = 2.6, 0.45, 100  # equal panels, so grid and GIF frames agree
+
+
+OVERLAY_STYLES = ("highlight", "colormap")
+
+
+HIGHLIGHT_FLOOR = 0.15  # brightness left where attention is zero: dark, yet the scene stays readable
+
+
+# --------------------------------------------------------------------------------------------
+# Attention figures: one list of panels feeds both the PNG grid and the GIF, so they cannot disagree
+# --------------------------------------------------------------------------------------------
+@dataclass
+class AttentionMaps:
+    """What the figures show for one image."""
+
+    image: Image.Image  # RGB, S x S (what the model saw)
+    words: list[str]  # T words of the caption
+    alphas: torch.Tensor  # (T, g, g) alpha_t when emitting each word
+    betas: torch.Tensor | None = None  # (T,) gate beta_t, shown in the titles; None without a gate
+    hard: bool = False  # hard attention: outline the argmax cell (the location s_t argmax decoding uses)
+
+
+def smooth_attention(alpha: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """alpha_t (g, g) -> (H, W): bilinear upsampling, then a Gaussian about half a cell wide."""
+    from skimage.filters import gaussian
+    from skimage.transform import resize
+
+    up = resize(alpha.astype(np.float64), size, order=1, mode="edge", anti_aliasing=False)  # (H, W)
+    sigma = 0.5 * max(size) / max(alpha.shape)
+    return gaussian(up, sigma=sigma, mode="nearest")
+
+
+def attention_weights(alphas: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """alpha_t (T, g, g) -> (T, H, W) smoothed maps on ONE scale for the whole caption, in [0, 1].
+
+    Dividing by the caption's largest value (not each step's own max) keeps a flat map flat: a step
+    whose alpha is nearly uniform draws as a nearly even dimming, never as a strong hot-to-cold gradient.
+    """
+    heat = np.stack([smooth_attention(alpha, size) for alpha in alphas]) if len(alphas) else np.zeros((0, *size))
+    return heat / max(float(heat.max(initial=0.0)), 1e-12)
+
+
+def highlight(image: np.ndarray, weight: np.ndarray, floor: float = HIGHLIGHT_FLOOR) -> np.ndarray:
+    """The paper's style: keep the image's colours where weight is 1, dim toward `floor` brightness at 0.
+
+    image: (H, W, 3) uint8; weight: (H, W) in [0, 1]. Returns (H, W, 3) uint8.
+    """
+    factor = floor + (1.0 - floor) * np.clip(weight, 0.0, 1.0)  # (H, W)
+    return np.rint(image.astype(np.float64) * factor[..., None]).astype(np.uint8)
+
+
+def step_title(t: int, word: str, alpha: np.ndarray, beta: float | None) -> str:
+    """`3: dog (β=0.52)` over `peak 0.038 = 2.4x uniform`: a flat map says so in numbers."""
+    peak = float(alpha.max())
+    title = f"{t}: {word}" + (f" (β={beta:.2f})" if beta is not None else "")
+    # The step number keeps consecutive frames distinct: PIL merges identical GIF frames.
+    return f"{title}\npeak {peak:.2g} = {peak * alpha.size:.1f}x uniform"
+
+
+def render_panels(maps: AttentionMaps, overlay: str = "highlight") -> list[Image.Image]:
+    """Panel 0 is the plain image; panel t (1..T) overlays alpha_t on it with word t as the title.
+
+    overlay: "highlight" (the image's colours where alpha is high, dimmed elsewhere) or "colormap"
+    (jet over the image). All panels of a caption share one scale (see `attention_weights`).
+    Drawn with matplotlib's Agg canvas directly (no pyplot, no global backend switch), so it works
+    headless and leaves an interactive session's backend alone. All panels have the same pixel size.
+    """
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+    from matplotlib.patches import Rectangle
+
+    if overlay not in OVERLAY_STYLES:
+        raise UserError(f"overlay={overlay!r} is not one of {', '.join(OVERLAY_STYLES)}")
+    image = np.asarray(maps.image)  # (H, W, 3)
+    height, width = image.shape[:2]
+    alphas = maps.alphas.detach().float().cpu().numpy()  # (T, g, g)
+    weights = attention_weights(alphas, (height, width))  # (T, H, W), one scale
+    panels = []
+    for t in range(len(maps.words) + 1):
+        fig = Figure(figsize=(PANEL_INCHES, PANEL_INCHES + TITLE_INCHES), dpi=PANEL_DPI)
+        FigureCanvasAgg(fig)
+        ax = fig.add_axes((0.02, 0.02, 0.96, 0.96 * PANEL_INCHES / (PANEL_INCHES + TITLE_INCHES)))
+        ax.set_axis_off()
+        if t == 0:
+            ax.imshow(image)
+            title = "image"
+        else:
+            alpha = alphas[t - 1]  # (g, g)
+            if overlay == "highlight":
+                ax.imshow(highlight(image, weights[t - 1]))
+            else:
+                ax.imshow(image)
+                ax.imshow(weights[t - 1], cmap="jet", alpha=0.5, vmin=0.0, vmax=1.0)
+            beta = float(maps.betas[t - 1]) if maps.betas is not None else None
+            title = step_title(t, maps.words[t - 1], alpha, beta)
+            if maps.hard:
+                grid = alpha.shape[0]
+                row, col = divmod(int(alpha.argmax()), grid)
+                cell_h, cell_w = height / grid, width / grid
+                ax.add_patch(Rectangle((col * cell_w - 0.5, row * cell_h - 0.5), cell_w, cell_h,
+                                       fill=False, edgecolor="white", linewidth=2))
+        ax.set_title(title, fontsize=9)
+        fig.canvas.draw()
+        panels.append(Image.fromarray(np.asarray(fig.canvas.buffer_rgba())).convert("RGB"))
+    return panels
+
+
+def panel_grid(panels: Sequence[Image.Image], columns: int = GRID_COLUMNS) -> Image.Image:
+    """Tile equal-sized panels row by row on a white canvas."""
+    columns = max(1, min(columns, len(panels)))
+    rows = math.ceil(len(panels) / columns)
+    width, height = panels[0].size
+    grid = Image.new("RGB", (columns * width, rows * height), "white")
+    for i, panel in enumerate(panels):
+        grid.paste(panel, ((i % columns) * width, (i // columns) * height))
+    return grid
+
+
+def save_attention_png(path: str | Path, panels: Sequence[Image.Image]) -> None:
+    """The grid of all panels as one PNG, written atomically."""
+    atomic_write(path, png_writer(panels))
+
+
+def save_attention_gif(path: str | Path, panels: Sequence[Image.Image], frame_ms: int = GIF_FRAME_MS) -> None:
+    """The panels as an animated GIF (one frame each, `frame_ms` per frame, looping forever), atomically."""
+    atomic_write(path, gif_writer(panels, frame_ms))
+
+
+def png_writer(panels: Sequence[Image.Image]) -> Callable[[BinaryIO], None]:
+    grid = panel_grid(panels)
+    return lambda f: grid.save(f, format="PNG")
+
+
+def gif_writer(panels: Sequence[Image.Image], frame_ms: int = GIF_FRAME_MS) -> Callable[[BinaryIO], None]:
+    """Each frame is reduced to 256 colours with PIL's fast octree first: PIL's default for GIFs (median
+    cut) took ~3 s a GIF against ~0.03 s, measured on the report's shapes GIFs."""
+    frames = [panel.quantize(colors=256, method=Image.Quantize.FASTOCTREE) for panel in panels]
+    return lambda f: frames[0].save(f, format="GIF", save_all=True, append_images=frames[1:], duration=frame_ms,
+                                    loop=0)
+
+
+# --------------------------------------------------------------------------------------------
+# Display
+# --------------------------------------------------------------------------------------------
+_NON_INTERACTIVE = {"agg", "cairo", "pdf", "pgf", "ps", "svg", "template"}
+
+
+def display_available() -> bool:
+    if sys.platform.startswith("linux") and not (os.environ.get("DISPLAY") or os.environ.get("WAYLAND_DISPLAY")):
+        return False
+    import matplotlib
+
+    return matplotlib.get_backend().lower() not in _NON_INTERACTIVE
+
+
+def show_grids(grids: Sequence[tuple[str, Path]]) -> None:
+    """Open one window per captioned image (blocks until they are closed)."""
+    import matplotlib.pyplot as plt
+
+    for caption, png in grids:
+        with Image.open(png) as grid:
+            pixels = np.asarray(grid.convert("RGB"))
+        fig = plt.figure(figsize=(pixels.shape[1] / PANEL_DPI, pixels.shape[0] / PANEL_DPI + 0.4), dpi=PANEL_DPI)
+        fig.suptitle(caption)
+        ax = fig.add_axes((0, 0, 1, pixels.shape[0] / (pixels.shape[0] + 0.4 * PANEL_DPI)))
+        ax.imshow(pixels)
+        ax.set_axis_off()
+    plt.show()
+
+
+def write_curves(metrics_csv: Path, out_png: Path) -> None:
+    """Loss, val BLEU-4, distinct captions and learning rate against epoch, redrawn after every epoch."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # headless
+    import matplotlib.pyplot as plt
+
+    with open(metrics_csv, newline="") as f:
+        rows = list(csv.DictReader(f))
+    epochs = [int(r["epoch"]) for r in rows]
+
+    def column(name: str) -> list[float]:
+        return [float(r[name]) if r.get(name) else float("nan") for r in rows]
+
+    panels = [("train loss", ["train_loss", "train_ce", "train_concept"]),
+              ("val BLEU-4", ["val_BLEU-4"]), ("val CIDEr", ["val_CIDEr"]),
+              ("val distinct captions", ["val_distinct_captions"]), ("learning rate", ["lr"])]
+    fig, axes = plt.subplots(1, len(panels), figsize=(4 * len(panels), 3.2), constrained_layout=True)
+    for ax, (title, names) in zip(axes, panels):
+        for name in names:
+            ax.plot(epochs, column(name), marker="o", markersize=3, label=name)
+        ax.set_title(title)
+        ax.set_xlabel("epoch")
+        ax.grid(alpha=0.3)
+        if len(names) > 1:
+            ax.legend()
+    axes[-1].set_yscale("log")
+    atomic_write(out_png, lambda f: fig.savefig(f, format="png", dpi=90))
+    plt.close(fig)

@@ -1,0 +1,116 @@
+"""Files that are never half-written: atomic writes (temp file beside the target, then rename), folder
+locks, and checks that an output location is writable before work starts."""
+from __future__ import annotations
+
+import fcntl
+import os
+import re
+import secrets
+from contextlib import contextmanager
+from pathlib import Path
+from typing import BinaryIO, Callable, Iterator, Sequence
+
+from runtime import UserError
+
+
+# --------------------------------------------------------------------------------------------
+# Files: atomic writes (temp file in the same folder + rename), word maps.
+# --------------------------------------------------------------------------------------------
+def atomic_write(path: str | Path, write: Callable[[BinaryIO], None]) -> None:
+    """Write through `write(file)` to a temp file beside `path`, then rename: never a half-written file.
+
+    The one atomic writer (checkpoints, JSON, figures). The temp file is created with mode "xb" rather
+    than mkstemp, so it gets the usual umask permissions rather than 0600. A process killed mid-write
+    leaves only a `.NAME.PID.HEX.tmp` file (see remove_stale_temporaries), never a damaged NAME.
+    """
+    atomic_write_all([(path, write)])
+
+
+def atomic_write_all(writes: Sequence[tuple[str | Path, Callable[[BinaryIO], None]]]) -> None:
+    """atomic_write for files that belong together (eval's results and metrics): every temp file is
+    written before any is renamed, so a full disk or a crash leaves the previous set, not a mix."""
+    staged: list[tuple[Path, Path]] = []
+    try:
+        for path, write in writes:
+            path = Path(path)
+            tmp = _temporary_beside(path)
+            staged.append((tmp, path))
+            with open(tmp, "xb") as f:
+                write(f)
+        for tmp, path in staged:
+            os.replace(tmp, path)
+    except BaseException:
+        for tmp, _ in staged:
+            tmp.unlink(missing_ok=True)
+        raise
+
+
+@contextmanager
+def atomic_path(path: str | Path) -> Iterator[Path]:
+    """A temp path beside `path` for writers that want a file name (h5py); renamed to `path` on success."""
+    path = Path(path)
+    tmp = _temporary_beside(path)
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def _temporary_beside(path: Path) -> Path:
+    """`.NAME.PID.HEX.tmp` in path's folder (created if missing): the one temp name remove_stale_temporaries knows."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
+
+
+def remove_stale_temporaries(folder: Path) -> None:
+    """Delete the temp files of atomic writers that were killed (call only while holding the folder's lock)."""
+    for tmp in folder.glob(".*.*.tmp"):
+        if re.fullmatch(r"\..+\.\d+\.[0-9a-f]{8}\.tmp", tmp.name):
+            tmp.unlink(missing_ok=True)
+
+
+def check_writable(path: str | Path, what: str) -> None:
+    """Refuse an output location that cannot be written (read-only disk, no permission, a file in the
+    way) before any work starts, rather than after hours of it."""
+    path = Path(path)
+    existing = path
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise UserError(f"{path}: cannot write {what} there ({existing} is not a folder)")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        read_only = os.statvfs(existing).f_flag & os.ST_RDONLY
+        raise UserError(f"{path}: cannot write {what} there "
+                        f"({'read-only file system' if read_only else 'permission denied'})")
+
+
+@contextmanager
+def folder_lock(folder: Path, what: str) -> Iterator[None]:
+    """Hold an exclusive flock on folder/.lock (with our pid in it) while writing into `folder`.
+
+    A second writer is refused with one line naming the holder. The kernel drops the lock when its
+    process dies, however it dies, so a lock file left by a killed run never blocks the next one.
+    """
+    folder.mkdir(parents=True, exist_ok=True)
+    handle = open(folder / ".lock", "a+")
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        handle.seek(0)
+        holder = handle.read().strip() or "unknown"
+        handle.close()
+        raise UserError(f"{folder} is in use by another {what} (pid {holder}); wait for it to end or pick "
+                        f"another folder (the lock: {folder / '.lock'})") from None
+    try:
+        handle.truncate(0)
+        handle.write(f"{os.getpid()}\n")
+        handle.flush()
+        yield
+    finally:
+        handle.close()
+
+
+def atomic_write_text(path: str | Path, text: str) -> None:
+    atomic_write(path, lambda f: f.write(text.encode("utf-8")))

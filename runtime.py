@@ -1,0 +1,130 @@
+"""What every entry point shares at run time: user errors as one line, stop signals, devices and
+distributed processes."""
+from __future__ import annotations
+
+import os
+import signal
+import sys
+import threading
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from typing import Any, Callable, ContextManager
+
+import torch
+import torch.distributed as dist
+
+
+class UserError(ValueError):
+    """A problem with what the user gave us (a path, a value, a file): reported as one line, no traceback.
+
+    Anything else that escapes a script's main is a bug in our code and keeps its traceback.
+    """
+
+
+def run_cli(body: Callable[[], int], debug: bool = False) -> int:
+    """Run a script's body: a UserError or a failed file operation (full disk, permissions) becomes one
+    `error:` line and exit 1; anything else is a bug and keeps its traceback. `--debug` shows them all."""
+    try:
+        return body()
+    except BrokenPipeError:
+        # Whoever read our stdout has gone (`caption.py ... | head -1`): stop quietly, as a command killed by
+        # SIGPIPE would (exit 141), and point stdout at /dev/null so the exit-time flush cannot fail again.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141
+    except KeyboardInterrupt:
+        if debug:
+            raise
+        print("error: interrupted", file=sys.stderr)
+        return 130
+    except (UserError, OSError) as e:
+        if debug:
+            raise
+        message = " ".join(str(e).split()) if isinstance(e, UserError) else one_line(e)  # one line, uncut
+        print(f"error: {message}", file=sys.stderr)
+        return 1
+
+
+class StopSignals:
+    """SIGTERM and SIGINT (a scheduler's preemption, Ctrl-C) only set `received`, which the training loop
+    reads at a safe point (after a step, after a checkpoint), so a checkpoint is never cut mid-write and
+    the run can save where it stands. A second signal interrupts at once (KeyboardInterrupt).
+    """
+
+    def __init__(self) -> None:
+        self.received: str | None = None
+        self._previous: dict[int, Any] = {}
+
+    def __enter__(self) -> StopSignals:
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        if self.received is not None:
+            raise KeyboardInterrupt
+        self.received = signal.Signals(signum).name
+
+    @property
+    def exit_code(self) -> int:
+        """The shell's code for a process ended by the signal: 130 for SIGINT, 143 for SIGTERM."""
+        return 128 + signal.Signals[self.received].value if self.received else 0
+
+
+def one_line(error: BaseException) -> str:
+    """An exception's message folded onto one line (YAML and h5py errors span several)."""
+    text = " ".join(str(error).split())
+    return text[:300] if text else type(error).__name__
+
+
+# --------------------------------------------------------------------------------------------
+# Devices, mixed precision and distributed training.
+# --------------------------------------------------------------------------------------------
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise UserError(f"device={name!r} is not a device (use auto, cpu, cuda or cuda:N)") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UserError(f"device={name} asked for, but CUDA is not available (use device=cpu or auto)")
+    return device
+
+
+def autocast_context(device: torch.device, amp: str) -> ContextManager:
+    """One autocast-or-null context, so the training loop has no AMP branches (as nanoGPT)."""
+    if device.type != "cuda" or amp == "off":
+        return nullcontext()
+    return torch.autocast(device_type="cuda", dtype=torch.bfloat16 if amp == "bf16" else torch.float16)
+
+
+@dataclass
+class DistInfo:
+    enabled: bool = False
+    rank: int = 0
+    local_rank: int = 0
+    world_size: int = 1
+    is_main: bool = field(default=True)
+
+
+def init_distributed(device_name: str) -> tuple[DistInfo, torch.device]:
+    """Detect torchrun from the environment; nccl on CUDA, gloo on CPU."""
+    if "RANK" not in os.environ or int(os.environ.get("WORLD_SIZE", "1")) < 2:
+        return DistInfo(), resolve_device(device_name)
+    rank, local_rank, world = int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"]), int(os.environ["WORLD_SIZE"])
+    device = resolve_device(device_name)
+    if device.type == "cuda":
+        device = torch.device("cuda", local_rank)
+        torch.cuda.set_device(device)
+    dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
+    return DistInfo(True, rank, local_rank, world, rank == 0), device
+
+
+def cleanup_distributed(info: DistInfo) -> None:
+    if info.enabled and dist.is_initialized():
+        dist.destroy_process_group()
