@@ -30,7 +30,7 @@ from typing import Callable, Sequence
 import torch
 from torch.utils.data import DataLoader
 
-from checkpoints import CHECKPOINT_FORMAT, save_checkpoint
+from checkpoints import build_checkpoint, save_checkpoint
 from config import ModelConfig
 from datasets import CaptionDataset, collate_captions
 from decoding import beam_search
@@ -305,8 +305,7 @@ def random_checkpoint(path: Path, data_folder: Path) -> Path:
     cfg = ModelConfig(encoder="resnet18", encoder_stages=2, enc_size=4, attention_dim=32, embed_dim=16,
                       decoder_dim=32, vocab_size=len(word_map))
     torch.manual_seed(0)
-    save_checkpoint(path, {"model": build_model(cfg).state_dict(), "format_version": CHECKPOINT_FORMAT,
-                           "model_config": dataclasses.asdict(cfg), "word_map": word_map, "image_size": 64})
+    save_checkpoint(path, build_checkpoint(build_model(cfg), cfg, word_map, image_size=64))
     return path
 
 

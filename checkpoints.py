@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any, BinaryIO
 
 import torch
+import torch.nn as nn
 
 from config import (
     MODEL_KEYS,
@@ -27,13 +28,18 @@ from text import check_word_map
 CHECKPOINT_FORMAT = 2  # 1: one flat "config" (before the split); 2: "model_config" + "train_config"
 
 
-def checkpoint_configs(cfg: Config) -> dict[str, Any]:
-    """The config part of a checkpoint: what rebuilds the model, kept apart from how it was trained."""
-    return {
-        "format_version": CHECKPOINT_FORMAT,
-        "model_config": dataclasses.asdict(cfg.model_config()),
-        "train_config": {key: getattr(cfg, key) for key in TRAIN_KEYS},
-    }
+def build_checkpoint(model: nn.Module, model_cfg: ModelConfig, word_map: dict[str, int], *,
+                     image_size: int | None = None, cfg: Config | None = None, **training: Any) -> dict[str, Any]:
+    """The one checkpoint layout (train.py, benchmark.py, the tests): weights, what rebuilds the model and
+    its word map; `image_size` tells caption.py how large an image the model saw; `cfg` records how it was
+    trained, kept apart from the model config; `training` adds what resume needs (optimizer, RNG, ...)."""
+    payload: dict[str, Any] = {"format_version": CHECKPOINT_FORMAT, "model": model.state_dict(),
+                               "model_config": dataclasses.asdict(model_cfg), "word_map": word_map}
+    if image_size is not None:
+        payload["image_size"] = image_size
+    if cfg is not None:
+        payload["train_config"] = {key: getattr(cfg, key) for key in TRAIN_KEYS}
+    return {**payload, **training}
 
 
 class _WriteErrors:

@@ -68,10 +68,7 @@ def write_image() -> Callable[..., Path]:
 
 def write_checkpoint(path: Path, model: Any, model_cfg: Any, word_map: dict[str, int], **extra: Any) -> Path:
     """An inference checkpoint in today's format (what eval.py and caption.py need), plus `extra` entries."""
-    import dataclasses
+    from checkpoints import build_checkpoint, save_checkpoint
 
-    from checkpoints import CHECKPOINT_FORMAT, save_checkpoint
-
-    save_checkpoint(path, {"model": model.state_dict(), "format_version": CHECKPOINT_FORMAT,
-                           "model_config": dataclasses.asdict(model_cfg), "word_map": word_map, **extra})
+    save_checkpoint(path, build_checkpoint(model, model_cfg, word_map, **extra))
     return path

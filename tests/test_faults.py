@@ -30,6 +30,7 @@ import create_input_files as packer
 import eval as evaluation
 import scoring
 import train
+import trainer
 from checkpoints import load_checkpoint
 
 pytestmark = pytest.mark.faults
@@ -66,17 +67,17 @@ def assert_every_checkpoint_loads(out: Path) -> None:
 # given step, or a SIGKILL in the middle of writing a given checkpoint file.
 DRIVER = r"""
 import os, signal, sys
-import train, filesafety
+import train, trainer, filesafety
 sig, at_step, in_save = int(os.environ.get("FAULT_SIGNAL", "9")), int(os.environ.get("FAULT_STEP", "0")), \
     os.environ.get("FAULT_SAVE", "")
 if at_step:
-    original_step = train.train_step
+    original_step = trainer.train_step
     def train_step(*args, **kwargs):
         parts = original_step(*args, **kwargs)
         if args[5].step == at_step:
             os.kill(os.getpid(), sig)
         return parts
-    train.train_step = train_step
+    trainer.train_step = train_step
 if in_save:
     name, epoch = in_save.split(":")
     original_save = train.save_checkpoint
@@ -167,14 +168,14 @@ def test_a_kill_from_outside_at_any_moment(sig, shapes_folder, tmp_path):
 
 WORKER_KILLER = r"""
 import multiprocessing, os, signal, sys
-import train
-original_step = train.train_step
+import train, trainer
+original_step = trainer.train_step
 def train_step(*args, **kwargs):
     if args[5].step == 1:  # as the OOM killer picks a DataLoader worker
         for child in multiprocessing.active_children():
             os.kill(child.pid, signal.SIGKILL)
     return original_step(*args, **kwargs)
-train.train_step = train_step
+trainer.train_step = train_step
 sys.exit(train.main(sys.argv[1:]))
 """
 
@@ -193,7 +194,7 @@ def test_a_killed_dataloader_worker_is_reported(shapes_folder, tmp_path):
 def test_resume_drops_metrics_rows_past_the_checkpoint_and_a_cut_row(tmp_path):
     path = tmp_path / "metrics.csv"
     path.write_bytes(b"epoch,step\r\n1,3\r\n2,6\r\n3,9\r\n1")  # killed while appending epoch 11's row
-    train.truncate_metrics(path, 2)
+    trainer.truncate_metrics(path, 2)
     assert path.read_bytes() == b"epoch,step\r\n1,3\r\n2,6\r\n"
 
 
@@ -202,7 +203,7 @@ def test_resume_drops_metrics_rows_past_the_checkpoint_and_a_cut_row(tmp_path):
 # --------------------------------------------------------------------------------------------
 def poison_loss_at(monkeypatch, steps: set[int]) -> None:
     """compute_loss returns NaN at the given global steps (1-based), as a diverging run would."""
-    original, calls = train.compute_loss, [0]
+    original, calls = trainer.compute_loss, [0]
 
     def compute_loss(*args, **kwargs):
         loss, parts = original(*args, **kwargs)
@@ -212,7 +213,7 @@ def poison_loss_at(monkeypatch, steps: set[int]) -> None:
             parts["loss"] = loss.detach()
         return loss, parts
 
-    monkeypatch.setattr(train, "compute_loss", compute_loss)
+    monkeypatch.setattr(trainer, "compute_loss", compute_loss)
 
 
 def test_nan_loss_stops_naming_epoch_and_step_and_keeps_the_good_checkpoint(shapes_folder, tmp_path, capsys,

@@ -8,6 +8,7 @@ import pytest
 import torch
 from conftest import SHAPES_ARGS, pack_main
 
+import finetune as fine_tuning
 import train
 from config import ModelConfig
 from datasets import CaptionDataset
@@ -39,11 +40,11 @@ def finetune(base: Path, data: Path, out: Path, *extra: str) -> int:
 def test_extend_word_map_and_caption_id_map():
     base = {"<pad>": 0, "dog": 1, "<unk>": 2, "<start>": 3, "<end>": 4}
     pack = {"<pad>": 0, "cat": 1, "dog": 2, "<unk>": 3, "<start>": 4, "<end>": 5}
-    extended = train.extend_word_map(base, pack)
+    extended = fine_tuning.extend_word_map(base, pack)
     assert extended == {**base, "cat": 5}  # old ids kept, the new word appended
-    table = train.caption_id_map(pack, extended)
+    table = fine_tuning.caption_id_map(pack, extended)
     assert table.tolist() == [0, 5, 1, 2, 3, 4]
-    assert train.caption_id_map(pack, base).tolist() == [0, 2, 1, 2, 3, 4]  # "cat" -> <unk> without extending
+    assert fine_tuning.caption_id_map(pack, base).tolist() == [0, 2, 1, 2, 3, 4]  # "cat" -> <unk> without extending
 
 
 def test_extend_vocab_keeps_old_rows_and_old_logits():
@@ -56,7 +57,7 @@ def test_extend_vocab_keeps_old_rows_and_old_logits():
     with torch.no_grad():
         before = model(images, captions, caplens)["logits"]
     old = {k: v.clone() for k, v in model.state_dict().items()}
-    train.extend_vocab(model, 9)
+    fine_tuning.extend_vocab(model, 9)
     decoder = model.decoder
     assert decoder.embedding.weight.shape == (9, 8) and decoder.L_o.weight.shape == (9, 8)
     assert torch.equal(decoder.embedding.weight[:6], old["decoder.embedding.weight"])
@@ -73,9 +74,9 @@ def test_extend_vocab_keeps_old_rows_and_old_logits():
 def test_dataset_translates_pack_ids_to_model_ids(shapes_folder):
     dataset = CaptionDataset(str(shapes_folder), "train")
     pack_map = dataset.word_map
-    model_map = train.extend_word_map({"<pad>": 0, "<unk>": 1, "<start>": 2, "<end>": 3, "circle": 4}, pack_map)
+    model_map = fine_tuning.extend_word_map({"<pad>": 0, "<unk>": 1, "<start>": 2, "<end>": 3, "circle": 4}, pack_map)
     raw = dataset[0]["captions"]
-    dataset.caption_id_map = train.caption_id_map(pack_map, model_map)
+    dataset.caption_id_map = fine_tuning.caption_id_map(pack_map, model_map)
     mapped = dataset[0]["captions"]
     rev_pack, rev_model = ({v: k for k, v in m.items()} for m in (pack_map, model_map))
     assert [decode_ids(c, rev_pack) for c in raw] == [decode_ids(c, rev_model) for c in mapped]

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-import train
+import trainer
 from config import load_config
 from models import build_model
 
@@ -34,13 +34,13 @@ def tiny_config(name: str, **changes):
 
 
 def one_step_without_gradient(cfg, context_mode: str, cached: bool) -> list[str]:
-    """Names of the trainable parameters that one train.train_step leaves without a gradient."""
+    """Names of the trainable parameters that one trainer.train_step leaves without a gradient."""
     torch.manual_seed(0)
     word_map = {**{t: i for i, t in enumerate(("<pad>", "<unk>", "<start>", "<end>"))},
                 **{f"w{i}": i for i in range(4, cfg.vocab_size)}}
     model = build_model(cfg.model_config(), encoder_weights="none", fine_tune=cfg.fine_tune_encoder,
                         fine_tune_stages=cfg.fine_tune_stages)
-    trained = train.ConceptHead(model, word_map) if cfg.concept_loss_weight > 0 else model
+    trained = trainer.ConceptHead(model, word_map) if cfg.concept_loss_weight > 0 else model
     optimizer = torch.optim.SGD([p for p in trained.parameters() if p.requires_grad], lr=0.0)
     images = torch.randn(2, 3, 32, 32)
     if cached:  # the feature cache hands the decoder the frozen encoder's annotations (B, L, D)
@@ -51,8 +51,8 @@ def one_step_without_gradient(cfg, context_mode: str, cached: bool) -> list[str]
     batch = {"image": images, "captions": captions, "caplens": torch.full((2, 2), 7)}
     # hard_expected_prob decides per step between sampled and expected context: force the one asked for
     cfg.hard_expected_prob = 0.0 if context_mode == "sample" else 1.0
-    parts = train.train_step(trained, batch, optimizer, torch.amp.GradScaler("cpu", enabled=False), cfg,
-                             train.TrainState(), torch.device("cpu"))
+    parts = trainer.train_step(trained, batch, optimizer, torch.amp.GradScaler("cpu", enabled=False), cfg,
+                             trainer.TrainState(), torch.device("cpu"))
     assert parts and torch.isfinite(parts["loss"])
     return [name for name, p in trained.named_parameters() if p.requires_grad and p.grad is None]
 

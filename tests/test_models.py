@@ -8,10 +8,10 @@ import torch
 import torch.nn.functional as F
 import torchvision
 
+from attention import HardAttention
 from checkpoints import checkpoint_configs, load_checkpoint, save_checkpoint
 from config import Config, load_config
 from losses import doubly_stochastic_penalty, reinforce_surrogate
-from attention import HardAttention
 from models import Encoder, WeightsDownloadError, build_model, model_from_checkpoint
 from runtime import UserError
 

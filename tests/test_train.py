@@ -12,6 +12,7 @@ import pytest
 import torch
 
 import train
+import trainer
 from checkpoints import load_checkpoint
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -154,7 +155,7 @@ def test_a_bug_keeps_its_traceback_while_a_user_error_is_one_line(shapes_folder,
     def broken_loss(*args, **kwargs):
         raise ValueError("injected bug in the training step")
 
-    monkeypatch.setattr(train, "compute_loss", broken_loss)
+    monkeypatch.setattr(trainer, "compute_loss", broken_loss)
     with pytest.raises(ValueError, match="injected bug"):
         run_train(shapes_folder, tmp_path / "run", "epochs=1")
     # --debug shows the traceback of a user error too
@@ -175,7 +176,7 @@ def test_val_metric_cider_selects_the_model(shapes_folder, tmp_path):
 def test_metrics_csv_keeps_its_columns_on_resume(tmp_path):
     path = tmp_path / "metrics.csv"
     path.write_text("epoch,step,train_loss\n1,10,2.5\n")  # written by older code with fewer columns
-    train.append_metrics_row(path, {key: "7" for key in train.CSV_FIELDS})
+    trainer.append_metrics_row(path, {key: "7" for key in trainer.CSV_FIELDS})
     assert path.read_text().splitlines() == ["epoch,step,train_loss", "1,10,2.5", "7,7,7"]
 
 

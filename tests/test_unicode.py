@@ -11,6 +11,7 @@ from PIL import Image
 
 import create_input_files
 import eval as evaluation
+import trainer
 from datasets import CaptionDataset
 from text import tokenize
 
@@ -105,7 +106,7 @@ def test_train_validates_with_the_packs_tokenizer(greek, tmp_path, monkeypatch):
                "--val-fraction", "0.25", "--test-fraction", "0.25", "--output-folder", str(folder)])
     used = []
     score = evaluation.score_captions
-    monkeypatch.setattr(train, "score_captions", lambda *a, **k: used.append(k["tokenizer"]) or score(*a, **k))
+    monkeypatch.setattr(trainer, "score_captions", lambda *a, **k: used.append(k["tokenizer"]) or score(*a, **k))
     assert train.main(["--config", "configs/shapes.yaml", f"data_folder={folder}", f"out_dir={tmp_path / 'run'}",
                        "epochs=1", "batch_size=2", "num_workers=0", "encoder_stages=1", "enc_size=2",
                        "attention_dim=8", "embed_dim=8", "decoder_dim=16", "max_len=6"]) == 0

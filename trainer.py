@@ -1,0 +1,429 @@
+"""The training engine train.py drives: the step, the epoch, validation, loaders, the optimizer, the
+run state an exact resume needs, and the run's log (console, metrics.csv, TensorBoard, curves)."""
+from __future__ import annotations
+
+import csv
+import itertools
+import dataclasses
+import signal
+import sys
+import time
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Iterator, Sequence
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+from torch.utils.data import DataLoader, DistributedSampler, Subset
+from torchvision.transforms.v2 import RandomHorizontalFlip
+
+from attention import is_stochastic
+from checkpoints import build_checkpoint
+from config import Config
+from datasets import CaptionDataset, collate_captions
+from decoding import DecodeOptions, decode_split
+from feature_cache import ensure_cache
+from figures import write_curves
+from filesafety import atomic_write_text
+from losses import ConceptHead, compute_loss
+from models import ShowAttendTell
+from progress import progress_bar
+from runtime import DistInfo, StopSignals, UserError, autocast_context, one_line
+from scoring import caption_diversity, score_captions, warn_if_collapsed
+from utils import rng_state
+
+
+VAL_METRICS = ("BLEU-4", "CIDEr")  # decoded on val every epoch; cfg.val_metric drives LR decay, early stop, best.pt
+
+
+DIVERSITY_KEYS = ("distinct_captions", "vocab_used", "mean_length")  # collapse diagnostics, see eval.py
+
+
+EPOCH_LOSSES = ("loss", "ce", "ds", "concept")  # loss parts averaged over an epoch (train_* in metrics.csv)
+CSV_FIELDS = ["epoch", "step", "train_loss", "train_ce", "train_ds", "train_concept", "lr",
+              *(f"val_{key}" for key in VAL_METRICS + DIVERSITY_KEYS), "epoch_seconds"]
+
+
+@dataclasses.dataclass
+class TrainState:
+    """Everything besides weights that an exact resume needs."""
+
+    epoch: int = 0  # epochs completed
+    step: int = 0
+    best_score: float = float("-inf")
+    epochs_since_improvement: int = 0
+    # b of Sec. 4.1, a moving average of log p(y|s,a); a 0-dim tensor while training (no per-step sync)
+    hard_baseline: float | torch.Tensor = 0.0
+    # An interrupted epoch (SIGTERM, Ctrl-C): batches of epoch `epoch + 1` already trained, and the sums of
+    # their loss parts, so that the resumed run trains only the rest and reports the whole epoch's mean.
+    epoch_step: int = 0
+    epoch_sums: dict[str, float] = dataclasses.field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**dataclasses.asdict(self), "hard_baseline": float(self.hard_baseline)}
+
+
+@dataclasses.dataclass
+class Run:
+    """One training run's parts, built once by train.py's setup_run and handed around whole."""
+
+    cfg: Config
+    info: DistInfo
+    device: torch.device
+    out_dir: Path
+    model: ShowAttendTell  # the captioner that checkpoints hold
+    trained: nn.Module  # model, or model + ConceptHead: what the optimizer updates
+    ddp_model: nn.Module  # trained, wrapped in DistributedDataParallel in a multi-process run
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.ReduceLROnPlateau
+    scaler: torch.amp.GradScaler
+    train_loader: DataLoader
+    val_loader: DataLoader
+    sampler: ResumableSampler
+    word_map: dict[str, int]  # the model's
+    pack_word_map: dict[str, int]  # the pack's: differs when fine-tuning (see finetune.py)
+    state: TrainState = dataclasses.field(default_factory=TrainState)
+    stop: StopRequest | None = None
+
+    def record_score(self, score: float) -> bool:
+        """A validation score drives the LR schedule, the best score and early stopping; True if it is the best."""
+        state = self.state
+        self.scheduler.step(score)
+        improved = score > state.best_score
+        state.best_score = max(state.best_score, score)
+        state.epochs_since_improvement = 0 if improved else state.epochs_since_improvement + 1
+        return improved
+
+    def checkpoint(self) -> dict[str, Any]:
+        """last.pt / best.pt: the model as eval and caption need it, plus what an exact resume needs."""
+        extra = {"pack_word_map": self.pack_word_map} if self.word_map != self.pack_word_map else {}  # for eval.py
+        if isinstance(self.trained, ConceptHead):
+            extra["concept_head"] = self.trained.head.state_dict()
+        return build_checkpoint(self.model, self.cfg.model_config(), self.word_map, cfg=self.cfg,
+                                image_size=self.train_loader.dataset.image_size,  # caption.py resizes to it
+                                optimizer=self.optimizer.state_dict(), scheduler=self.scheduler.state_dict(),
+                                scaler=self.scaler.state_dict(), train_state=self.state.to_dict(), rng=rng_state(),
+                                **extra)
+
+
+class RunLogger:
+    """Where a run reports, in one place: console lines, metrics.csv, TensorBoard and curves.png.
+
+    Only rank 0 writes (out_dir given); other ranks hold a silent one, so the loop has no rank tests.
+    """
+
+    def __init__(self, out_dir: Path | None, log_every: int = 1, start_step: int = 0) -> None:
+        self.out_dir, self.log_every, self.writer = out_dir, log_every, None
+        if out_dir is not None:
+            from torch.utils.tensorboard import SummaryWriter  # imported late: it is slow to import
+
+            self.writer = SummaryWriter(log_dir=str(out_dir / "tensorboard"), purge_step=start_step or None)
+
+    def line(self, text: str, error: bool = False) -> None:
+        if self.out_dir is not None:
+            print(text, file=sys.stderr if error else sys.stdout, flush=True)
+
+    def step(self, step: int, parts: dict[str, torch.Tensor]) -> None:
+        if self.writer is not None and step % self.log_every == 0:
+            for key, value in parts.items():
+                self.writer.add_scalar(f"train/{key}", float(value), step)
+
+    def epoch(self, run: Run, losses: dict[str, float], val: dict[str, float], improved: bool,
+              seconds: float) -> None:
+        if self.writer is None:
+            return
+        state, lr = run.state, run.optimizer.param_groups[0]["lr"]
+        row = {"epoch": state.epoch, "step": state.step, "lr": f"{lr:.3g}", "epoch_seconds": f"{seconds:.1f}",
+               **{f"train_{key}": f"{losses[key]:.4f}" for key in EPOCH_LOSSES},
+               **{f"val_{key}": f"{val[key]:.4g}" for key in VAL_METRICS + DIVERSITY_KEYS}}
+        if run.cfg.concept_loss_weight == 0:
+            row["train_concept"] = ""
+        append_metrics_row(self.out_dir / "metrics.csv", row)
+        write_curves(self.out_dir / "metrics.csv", self.out_dir / "curves.png")
+        for key in VAL_METRICS + DIVERSITY_KEYS:
+            self.writer.add_scalar(f"val/{key}", val[key], state.step)
+        self.writer.add_scalar("train/lr", lr, state.step)
+        self.writer.flush()
+        self.line(f"epoch {state.epoch}: loss {losses['loss']:.3f} (ce {losses['ce']:.3f}, ds {losses['ds']:.4f}) "
+                  f"val BLEU-4 {val['BLEU-4']:.4f} CIDEr {val['CIDEr']:.4f}{' (best)' if improved else ''} "
+                  f"distinct {val['distinct_captions']:.0%} words {val['vocab_used']} lr {lr:.2g} {seconds:.0f}s")
+        warn_if_collapsed(val)
+
+    def close(self, last_line: str, error: bool = False) -> None:
+        if self.writer is not None:
+            self.writer.close()
+        self.line(last_line, error)
+
+
+class ResumableSampler(DistributedSampler):
+    """A DistributedSampler whose epoch can start part-way, after `skip` samples: an epoch interrupted
+    mid-way continues with the very batches it had not trained, in the same order."""
+
+    skip = 0
+
+    def __iter__(self) -> Iterator[int]:
+        return itertools.islice(super().__iter__(), self.skip, None)
+
+    def __len__(self) -> int:
+        return super().__len__() - self.skip
+
+
+def _ignore_stop_signals(worker_id: int) -> None:
+    """DataLoader workers leave SIGINT/SIGTERM to the main process, which saves and stops them."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+
+def stop_workers(*loaders: DataLoader) -> None:
+    """End the loaders' persistent workers now. They ignore SIGTERM (_ignore_stop_signals), and SIGTERM is
+    how multiprocessing ends daemonic children at interpreter exit: left to it, the exit would wait on
+    them forever. DataLoader keeps no public handle on them; its iterator does the usual shutdown."""
+    for loader in loaders:
+        iterator = getattr(loader, "_iterator", None)
+        if iterator is not None and hasattr(iterator, "_shutdown_workers"):
+            iterator._shutdown_workers()
+
+
+def prepare_batch(batch: dict[str, Any], cfg: Config, device: torch.device
+                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Images (B, 3, S, S) and captions (B, C, T+1) on the device, cut to the batch's longest caption;
+    caplens (B, C) stay on the CPU, where the decoder reads T without a GPU sync. C = captions_per_step,
+    a fresh random choice among each image's stored captions every step."""
+    captions, caplens = batch["captions"], batch["caplens"]
+    if 0 < cfg.captions_per_step < captions.size(1):
+        keep = torch.randperm(captions.size(1))[: cfg.captions_per_step]
+        captions, caplens = captions[:, keep], caplens[:, keep]
+    captions = captions[..., : int(caplens.max())]
+    return batch["image"].to(device, non_blocking=True), captions.to(device, non_blocking=True), caplens
+
+
+def train_step(
+    model: torch.nn.Module,
+    batch: dict[str, Any],
+    optimizer: torch.optim.Optimizer,
+    scaler: torch.amp.GradScaler,
+    cfg: Config,
+    state: TrainState,
+    device: torch.device,
+) -> dict[str, torch.Tensor]:
+    """One optimisation step around compute_loss: data to the device, the captions and the context mode
+    of this step, the update, and the hard-attention baseline. Returns the loss parts, detached."""
+    images, captions, caplens = prepare_batch(batch, cfg, device)
+    unwrapped = getattr(model, "module", model)  # DistributedDataParallel keeps the module in .module
+    # The concept targets use every stored caption of the image, not only this step's sample.
+    concepts = unwrapped.targets(batch["captions"].to(device)) if isinstance(unwrapped, ConceptHead) else None
+    # Hard attention: with probability hard_expected_prob the mini-batch uses the expected context
+    # (Sec. 4.1's variance-reduction trick); otherwise locations are sampled.
+    sample = is_stochastic(cfg.attention) and torch.rand(()).item() >= cfg.hard_expected_prob
+    with autocast_context(device, cfg.amp):
+        out = model(images, captions, caplens, "sample" if sample else "expected")
+        loss, parts = compute_loss(out, cfg, state.hard_baseline, concepts)
+    optimizer.zero_grad(set_to_none=True)
+    # A NaN/inf loss would put NaN into every weight at this update. Checking costs one sync per step;
+    # in DDP every rank must take the same decision, or the others wait in the gradient all-reduce forever.
+    finite = torch.isfinite(loss.detach()).float()
+    if dist.is_available() and dist.is_initialized():
+        dist.all_reduce(finite, op=dist.ReduceOp.MIN)
+    if not finite.item():
+        where = f"epoch {state.epoch + 1} step {state.step + 1}"
+        if cfg.nonfinite_loss == "stop":
+            kept = f"the last checkpoint (epoch {state.epoch}) is kept" if state.epoch else "nothing was saved"
+            raise UserError(f"non-finite loss ({float(loss.detach()):g}) at {where}: training stopped and {kept}; "
+                            "lower the learning rate, or set nonfinite_loss=skip to skip such batches")
+        print(f"warning: non-finite loss ({float(loss.detach()):g}) at {where}: batch skipped", file=sys.stderr)
+        state.step += 1
+        return {}
+    scaler.scale(loss).backward()
+    if cfg.grad_clip > 0:
+        scaler.unscale_(optimizer)
+        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+    scaler.step(optimizer)
+    scaler.update()
+    if "log_lik" in parts:
+        decay = cfg.hard_baseline_decay
+        state.hard_baseline = decay * state.hard_baseline + (1 - decay) * parts["log_lik"]
+    state.step += 1
+    return parts
+
+
+def train_one_epoch(run: Run, log: RunLogger) -> dict[str, float]:
+    """One epoch (or its rest, after a mid-epoch resume); returns the mean loss parts, or {} when a stop
+    signal ended it early (state.epoch_step and state.epoch_sums then say where)."""
+    cfg, state, info, device = run.cfg, run.state, run.info, run.device
+    run.ddp_model.train()
+    # A resumed, interrupted epoch starts from the sums of the steps it had done (state.epoch_sums).
+    totals = {key: torch.tensor(state.epoch_sums.get(key, 0.0), device=device) for key in EPOCH_LOSSES}
+    num_steps, start = state.epoch_step, time.time()
+    bar = progress_bar(run.train_loader, desc=f"epoch {state.epoch + 1}/{cfg.epochs}", disable=not info.is_main,
+                       initial=state.epoch_step, total=state.epoch_step + len(run.train_loader))
+    with _dead_workers_explained(run.out_dir / "last.pt"):
+        for batch in bar:
+            parts = train_step(run.ddp_model, batch, run.optimizer, run.scaler, cfg, state, device)
+            num_steps += 1
+            state.epoch_step = num_steps
+            for key, value in parts.items():
+                if key in totals:
+                    totals[key] += value
+            if run.stop is not None and run.stop.requested(state.step, info, device):
+                state.epoch_sums = {key: float(value) for key, value in totals.items()}
+                return {}
+            if state.step % 10 == 0 and parts:  # reading the loss syncs with the GPU: do it now and then
+                images_per_s = num_steps * cfg.batch_size * info.world_size / (time.time() - start)
+                bar.set_postfix(loss=f"{float(parts['loss']):.3f}", img_s=f"{images_per_s:.0f}")
+            log.step(state.step, parts)
+    state.epoch_step, state.epoch_sums = 0, {}
+    return {key: float(value) / max(num_steps, 1) for key, value in totals.items()}
+
+
+@contextmanager
+def _dead_workers_explained(last: Path) -> Iterator[None]:
+    """A DataLoader worker killed (most likely by the OOM killer) is one line, not torch's traceback. torch
+    raises it from its SIGCHLD handler, so anywhere in the epoch, not only when a batch is fetched."""
+    try:
+        yield
+    except RuntimeError as e:
+        if not str(e).startswith("DataLoader worker"):
+            raise
+        raise UserError(f"{one_line(e)} (out of memory? lower num_workers= or batch_size=); "
+                        f"{last} holds the last finished epoch") from None
+
+
+class StopRequest(StopSignals):
+    """StopSignals for the training loop: every rank of a DDP run must stop at the same step, so there
+    the flag is all-reduced every 10 steps (a single process checks after every step)."""
+
+    def requested(self, step: int, info: DistInfo, device: torch.device) -> bool:
+        if not info.enabled:
+            return self.received is not None
+        if step % 10:
+            return False
+        flag = torch.tensor(float(self.received is not None), device=device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        if flag.item() and self.received is None:
+            self.received = "SIGTERM"  # another rank got it
+        return bool(flag.item())
+
+
+def val_scores(
+    model: ShowAttendTell, loader: DataLoader, word_map: dict[str, int], cfg: Config, device: torch.device,
+    tokenizer: str = "simple",
+) -> dict[str, float]:
+    """Decode val and score it (BLEU-1..4 and CIDEr; the number that selects the model is a decoded
+    metric), with the collapse diagnostics."""
+    opts = DecodeOptions(beam_size=cfg.val_beam_size, max_len=cfg.max_len, hard_decode=cfg.hard_decode,
+                         batch_size=loader.batch_size or 1)
+    decoded = decode_split(model, loader, word_map, opts, device=device, amp=cfg.amp, progress=False)
+    references = {d["index"]: d["references"] for d in decoded}
+    captions = {d["index"]: d["caption"] for d in decoded}
+    scores = score_captions(captions, references, metrics=("BLEU", "CIDEr"), tokenizer=tokenizer)
+    return {**scores, **caption_diversity(list(captions.values()))}
+
+
+def make_loaders(cfg: Config, info: DistInfo, device: torch.device
+                 ) -> tuple[DataLoader, DataLoader, ResumableSampler]:
+    train_set = CaptionDataset(cfg.data_folder, "train", transform=RandomHorizontalFlip() if cfg.hflip else None)
+    val_set = CaptionDataset(cfg.data_folder, "val")
+    if len(val_set) == 0:  # fail now, not after an epoch: model selection needs a val score
+        raise UserError(f"{val_set.path}: the val split is empty; repack with a val fraction > 0")
+    if cfg.val_max_images:
+        val_set = Subset(val_set, range(min(cfg.val_max_images, len(val_set))))
+    # A DistributedSampler with world size 1 is a seeded shuffle whose order is a function of the epoch,
+    # which is what makes resume exact.
+    sampler = ResumableSampler(train_set, num_replicas=info.world_size, rank=info.rank, shuffle=True, seed=cfg.seed)
+    # Own generators: worker seeds then never draw from the global RNG, which resume restores exactly.
+    # Pinned host memory lets prepare_batch's non_blocking copies overlap the GPU's work.
+    common = {"num_workers": cfg.num_workers, "collate_fn": collate_captions, "persistent_workers": cfg.num_workers > 0,
+              "pin_memory": device.type == "cuda",
+              "worker_init_fn": _ignore_stop_signals if cfg.num_workers > 0 else None}
+    train_loader = DataLoader(train_set, batch_size=cfg.batch_size, sampler=sampler, drop_last=True,
+                              generator=torch.Generator().manual_seed(cfg.seed), **common)
+    if len(train_loader) == 0:  # drop_last would "train" zero steps
+        raise UserError(f"{train_set.path}: {len(train_set)} images give no full batch of batch_size="
+                        f"{cfg.batch_size} per process ({info.world_size} process(es)); lower batch_size")
+    val_loader = DataLoader(val_set, batch_size=max(1, 64 // cfg.val_beam_size), shuffle=False,
+                            generator=torch.Generator().manual_seed(cfg.seed), **common)
+    return train_loader, val_loader, sampler
+
+
+def packed_splits(train_loader: DataLoader, val_loader: DataLoader) -> list[CaptionDataset]:
+    """The packed train and val datasets behind the loaders (val_max_images wraps val in a Subset)."""
+    val = val_loader.dataset
+    return [train_loader.dataset, val.dataset if isinstance(val, Subset) else val]
+
+
+def use_feature_cache(cfg: Config) -> bool:
+    """feature_cache=auto trains from cached annotations whenever the encoder is frozen and images are
+    not augmented (a flipped image has other annotations than the cached ones)."""
+    if cfg.feature_cache == "on":
+        if cfg.fine_tune_encoder:
+            raise UserError("feature_cache=on needs a frozen encoder: set fine_tune_encoder=false or feature_cache=off")
+        if cfg.hflip:
+            raise UserError("feature_cache=on cannot flip images (hflip=true): set one of them off")
+    return cfg.feature_cache == "on" or (cfg.feature_cache == "auto" and not cfg.fine_tune_encoder and not cfg.hflip)
+
+
+def cached_features(model: ShowAttendTell, cfg: Config, split: str, info: DistInfo, device: torch.device) -> Path:
+    """The split's feature cache for this frozen encoder, built by rank 0 on first use."""
+    if info.is_main:
+        path = ensure_cache(model.encoder, cfg.model_config(), cfg.data_folder, split, build=True, device=device,
+                            num_workers=cfg.num_workers)
+    if info.enabled:
+        dist.barrier()
+    if not info.is_main:
+        path = ensure_cache(model.encoder, cfg.model_config(), cfg.data_folder, split, build=False)
+    return path
+
+
+def build_optimizer(trained: ShowAttendTell | ConceptHead, cfg: Config) -> torch.optim.Optimizer:
+    """Adam with the encoder's learning rate for the encoder and the decoder's for the rest (the decoder
+    and any concept head); frozen encoder parameters are left out."""
+    encoder = (trained.model if isinstance(trained, ConceptHead) else trained).encoder
+    in_encoder = {id(p) for p in encoder.parameters()}
+    groups = [{"params": [p for p in trained.parameters() if id(p) not in in_encoder], "lr": cfg.decoder_lr}]
+    encoder_params = [p for p in encoder.parameters() if p.requires_grad]
+    if encoder_params:
+        groups.append({"params": encoder_params, "lr": cfg.encoder_lr})
+    return torch.optim.Adam(groups, weight_decay=cfg.weight_decay)
+
+
+def apply_resume_overrides(optimizer: torch.optim.Optimizer, scheduler: Any, cfg: Config,
+                           overridden: Sequence[str]) -> None:
+    """The restored optimizer and scheduler carry the settings of the run as saved; the config (and so
+    config.yaml) is the truth. Learning rates change only when given, since the scheduler may have
+    decayed them; weight decay and the plateau schedule always follow the config."""
+    groups = optimizer.param_groups
+    if "decoder_lr" in overridden:
+        groups[0]["lr"] = cfg.decoder_lr
+    if "encoder_lr" in overridden and len(groups) > 1:
+        groups[1]["lr"] = cfg.encoder_lr
+    for group in groups:
+        group["weight_decay"] = cfg.weight_decay
+    scheduler.factor, scheduler.patience = cfg.lr_decay_factor, cfg.lr_patience
+
+
+def truncate_metrics(path: Path, epoch: int) -> None:
+    """Drop rows past `epoch`: a run killed after writing an epoch's row but before its checkpoint
+    trains that epoch again on resume, which must not list it twice."""
+    if not path.exists():
+        return
+    with open(path, newline="") as f:
+        lines = f.read().splitlines(keepends=True)
+    # A row cut by a kill mid-append has no line end: drop it too, or the next row would be glued onto it.
+    kept = lines[:1] + [line for line in lines[1:] if line.endswith("\n") and line.split(",", 1)[0].isdigit()
+                        and int(line.split(",", 1)[0]) <= epoch]
+    if kept != lines:
+        atomic_write_text(path, "".join(kept))
+
+
+def append_metrics_row(path: Path, row: dict[str, Any]) -> None:
+    """One row per epoch. A run resumed by newer code keeps the columns its file started with."""
+    fieldnames = CSV_FIELDS
+    if path.exists():
+        with open(path, newline="") as f:
+            fieldnames = next(csv.reader(f), CSV_FIELDS)
+    with open(path, "a", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=fieldnames, extrasaction="ignore")
+        if f.tell() == 0:
+            writer.writeheader()
+        writer.writerow(row)
