@@ -1,43 +1,69 @@
-"""The Python API: `Captioner.from_checkpoint(path)(images)` -> one CaptionResult per image.
+"""Captioning with a trained model: the Python API and the work behind caption.py.
 
     from captioner import Captioner
     cap = Captioner.from_checkpoint("runs/shapes/best.pt")
     result = cap("photo.jpg", beam_size=3)[0]
-    print(result.best.text)"""
+    print(result.best.text)
+
+    Captioner          a loaded model: images (paths or PIL) -> one CaptionResult per image
+    CaptionOptions     image size, n-best and overlay: the bounds the API and caption.py's flags share
+    collect_images     files, folders and glob patterns -> image paths, and the inputs that named nothing
+    caption_files      image files -> figures in a folder, one outcome per file (bad files are skipped)
+    caption_to_folder  caption.py's whole run: collect, caption, print, write --json/--csv
+"""
 from __future__ import annotations
 
+import csv
 import glob
+import io
+import json
 import os
-from dataclasses import dataclass, field
+import sys
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Sequence, Union
+from typing import Any, Iterator, Sequence, Union
 
 import torch
 from PIL import Image
 
 from attention import is_stochastic
-from config import ModelConfig, check_fields
+from config import ModelConfig, check_fields, option
 from datasets import load_image_tensor
 from decoding import DecodeOptions, Hypothesis, decode_images
-from figures import AttentionMaps, gif_writer, png_writer, render_panels
-from filesafety import atomic_write_all
+from figures import OVERLAY_STYLES, AttentionMaps, gif_writer, png_writer, render_panels
+from filesafety import atomic_write_all, atomic_write_text
 from models import ShowAttendTell, load_model
-from runtime import UserError, resolve_device
+from runtime import UserError, one_line, resolve_device
 from text import decode_ids
 
 MAX_IMAGE_SIZE = 2048  # a larger S would only exhaust memory: the packed datasets use 96-256
-
-
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp")
-
-
 DEFAULT_IMAGE_SIZE = 256  # when the checkpoint does not record the packed image size S
-
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp")
+CSV_COLUMNS = ("file", "rank", "caption", "score", "normalized_score", "finished", "attention_png", "attention_gif")
 
 ImageInput = Union[str, os.PathLike, Image.Image]
 
-
 _DEFAULTS = DecodeOptions()
+
+
+@dataclass
+class CaptionOptions:
+    """Captioning choices beside decoding's (decoding.DecodeOptions), each bound declared once for
+    Captioner's arguments and caption.py's flags of the same names."""
+
+    image_size: int | None = option(None, min=1, max=MAX_IMAGE_SIZE)  # S x S the model sees; None: the checkpoint's
+    n_best: int = option(1, min=1)  # captions kept per image, best first; at most the beam size
+    overlay: str = option("highlight", choices=OVERLAY_STYLES)  # the figures' style (figures.render_panels)
+
+    def check(self, beam_size: int | None = None, as_flags: bool = False) -> None:
+        """Raise UserError naming the first bad value, as `config key` or, with as_flags, as `--key`.
+        n_best is held to beam_size when that is given."""
+        # image_size None leaves the size to the checkpoint: Captioner checks it once it is read.
+        check_fields(self if self.image_size is not None else replace(self, image_size=1), as_flags)
+        if beam_size is not None and self.n_best > beam_size:
+            beam = "--beam-size" if as_flags else "beam_size"
+            label = "--n-best" if as_flags else "config n_best"
+            raise UserError(f"{label}={self.n_best} must be in 1..{beam} ({beam_size})")
 
 
 # --------------------------------------------------------------------------------------------
@@ -64,7 +90,7 @@ class CaptionResult:
     source: str  # the path given, or `<image N>` for a PIL image without a file name
     image: Image.Image = field(repr=False)  # RGB, S x S: what the overlays are drawn on
     captions: list[Caption]
-    hard: bool = False  # hard attention: figures outline the argmax cell
+    stochastic: bool = False  # the attention samples one location: the figures outline the argmax cell
 
     @property
     def best(self) -> Caption:
@@ -74,14 +100,13 @@ class CaptionResult:
 class Captioner:
     """A trained model ready to caption images: load once, call as often as needed.
 
-    Every call decodes through `decoding.decode_images` (models.beam_search) with a
-    `decoding.DecodeOptions`, the same path and options as eval.py and validation.
+    Every call decodes through `decoding.decode_images` with a `decoding.DecodeOptions`: the same
+    path and options as eval.py and validation, so the captions cannot differ from theirs.
     """
 
     def __init__(self, model: ShowAttendTell, model_cfg: ModelConfig, word_map: dict[str, int], *,
                  image_size: int = DEFAULT_IMAGE_SIZE, device: str | torch.device = "cpu") -> None:
-        if not 1 <= image_size <= MAX_IMAGE_SIZE:
-            raise UserError(f"image_size={image_size} must be in 1..{MAX_IMAGE_SIZE} (the model sees S x S pixels)")
+        CaptionOptions(image_size=image_size).check()
         self.device = resolve_device(str(device))
         self.model = model.to(self.device).eval()
         self.model_cfg = model_cfg
@@ -91,7 +116,7 @@ class Captioner:
 
     @classmethod
     def from_checkpoint(cls, path: str | os.PathLike, device: str | torch.device = "cpu",
-                        image_size: int | None = None) -> "Captioner":
+                        image_size: int | None = None) -> Captioner:
         """Load a best.pt / last.pt written by train.py. image_size: S (default: the checkpoint's own)."""
         model, model_cfg, ckpt = load_model(path)
         size = image_size if image_size is not None else int(ckpt.get("image_size", DEFAULT_IMAGE_SIZE))
@@ -131,15 +156,15 @@ class Captioner:
 
     def caption_loaded(self, loaded: Sequence[tuple[str, torch.Tensor, Image.Image]], opts: DecodeOptions,
                        n_best: int = 1) -> list[CaptionResult]:
-        """Caption images already read by `load`: (source, tensor, image) each. The CLI uses this to
-        skip bad files one by one; `__call__` is the convenient form."""
-        check_n_best(n_best, opts.beam_size)
+        """Caption images already read by `load`: (source, tensor, image) each. Lets a caller read files
+        itself and skip the bad ones (see `caption_files`); `__call__` is the convenient form."""
+        CaptionOptions(n_best=n_best).check(opts.beam_size)
         if not loaded:
             return []
         tensors = torch.stack([tensor for _, tensor, _ in loaded])  # (b, 3, S, S)
         hypotheses = decode_images(self.model, tensors, self.word_map, opts, device=self.device, n_best=n_best)
-        hard = is_stochastic(self.model_cfg.attention)
-        return [CaptionResult(source, display, [self._caption(h) for h in hyps], hard)
+        stochastic = is_stochastic(self.model_cfg.attention)
+        return [CaptionResult(source, display, [self._caption(h) for h in hyps], stochastic)
                 for (source, _, display), hyps in zip(loaded, hypotheses)]
 
     def _caption(self, hyp: Hypothesis) -> Caption:
@@ -152,8 +177,8 @@ class Captioner:
     def panels(result: CaptionResult, rank: int = 0, overlay: str = "highlight") -> list[Image.Image]:
         """The figure panels of one caption (rank 0 = the best): the image, then one per word."""
         chosen = result.captions[rank]
-        return render_panels(AttentionMaps(result.image, chosen.words, chosen.alphas, chosen.betas, result.hard),
-                             overlay=overlay)
+        maps = AttentionMaps(result.image, chosen.words, chosen.alphas, chosen.betas, result.stochastic)
+        return render_panels(maps, overlay=overlay)
 
     @classmethod
     def save_figures(cls, result: CaptionResult, prefix: str | os.PathLike, rank: int = 0,
@@ -166,15 +191,21 @@ class Captioner:
         return png, gif
 
 
-def check_n_best(n_best: int, beam_size: int) -> None:
-    if not 1 <= n_best <= beam_size:
-        raise UserError(f"n_best={n_best} must be in 1..beam_size ({beam_size}): the beam holds beam_size captions")
-
-
 def _source_name(image: ImageInput, position: int) -> str:
     if isinstance(image, Image.Image):
         return getattr(image, "filename", "") or f"<image {position}>"
     return os.fspath(image)
+
+
+def caption_words(hyp: Hypothesis, rev_word_map: dict[int, str]) -> tuple[list[str], torch.Tensor, torch.Tensor]:
+    """The caption's words with their alpha_t (T, g, g) and beta_t (T,): the words `decode_ids` prints.
+
+    <start>/<pad> tokens (which an untrained model may emit) are dropped together with their maps, so the
+    panels are exactly the printed caption's words.
+    """
+    keep = [t for t, token in enumerate(hyp.tokens) if rev_word_map.get(token, "<unk>") not in ("<start>", "<pad>")]
+    words = [rev_word_map.get(hyp.tokens[t], "<unk>") for t in keep]
+    return words, hyp.alphas[keep], hyp.betas[keep]
 
 
 # --------------------------------------------------------------------------------------------
@@ -214,17 +245,6 @@ def collect_images(patterns: Sequence[str]) -> tuple[list[Path], list[tuple[str,
     return unique, bad
 
 
-def caption_words(hyp: Hypothesis, rev_word_map: dict[int, str]) -> tuple[list[str], torch.Tensor, torch.Tensor]:
-    """The caption's words with their alpha_t (T, g, g) and beta_t (T,): the words `decode_ids` prints.
-
-    <start>/<pad> tokens (which an untrained model may emit) are dropped together with their maps, so the
-    panels are exactly the printed caption's words.
-    """
-    keep = [t for t, token in enumerate(hyp.tokens) if rev_word_map.get(token, "<unk>") not in ("<start>", "<pad>")]
-    words = [rev_word_map.get(hyp.tokens[t], "<unk>") for t in keep]
-    return words, hyp.alphas[keep], hyp.betas[keep]
-
-
 def output_names(paths: Sequence[Path]) -> list[str]:
     """File stems, with `_1`, `_2`, ... appended to repeats (e.g. a/cat.jpg and b/cat.png)."""
     used: set[str] = set()
@@ -237,3 +257,154 @@ def output_names(paths: Sequence[Path]) -> list[str]:
         used.add(name.casefold())
         names.append(name)
     return names
+
+
+# --------------------------------------------------------------------------------------------
+# Files -> figures in a folder, skipping bad files (caption.py's work)
+# --------------------------------------------------------------------------------------------
+@dataclass
+class Captioned:
+    """An image file captioned by `caption_files`, with the figures of its best caption."""
+
+    result: CaptionResult
+    png: Path
+    gif: Path
+
+
+@dataclass
+class Skipped:
+    """An image file `caption_files` could not caption."""
+
+    source: str
+    message: str  # one line naming the file and the reason, e.g. `a.jpg: file not found`
+
+
+def caption_files(captioner: Captioner, paths: Sequence[Path], out_dir: Path, decode: DecodeOptions,
+                  n_best: int = 1, overlay: str = "highlight") -> Iterator[Captioned | Skipped]:
+    """Caption image files into the existing folder out_dir, as NAME_attention.{png,gif} (NAME from
+    `output_names`), yielding one outcome per file as soon as it is known, so a caller can report as it goes.
+
+    Files are read and decoded one batch at a time (a folder of photos need not fit in memory): a file
+    that cannot be read is Skipped when its batch is read, before that batch's captions. One whose
+    figures cannot be written is Skipped too; neither ends the run.
+    """
+    named = list(zip(paths, output_names(paths)))
+    for first in range(0, len(named), decode.batch_size):
+        loaded, names = [], []
+        for path, name in named[first : first + decode.batch_size]:
+            try:
+                loaded.append((str(path), *captioner.load(path)))
+            except UserError as e:
+                yield Skipped(str(path), str(e))
+                continue
+            names.append(name)
+        for result, name in zip(captioner.caption_loaded(loaded, decode, n_best), names):
+            try:
+                png, gif = captioner.save_figures(result, out_dir / name, overlay=overlay)
+            except OSError as e:
+                yield Skipped(result.source, f"{result.source}: cannot write its figures to {out_dir} ({one_line(e)})")
+                continue
+            yield Captioned(result, png, gif)
+
+
+@dataclass
+class CaptionRun:
+    """What `caption_to_folder` did: the images captioned and every input skipped, in order."""
+
+    captioned: list[Captioned]
+    skipped: list[Skipped]
+
+
+def caption_to_folder(inputs: Sequence[str], checkpoint: str | os.PathLike, out_dir: str | os.PathLike,
+                      decode: DecodeOptions, options: CaptionOptions, *, device: str = "auto",
+                      json_path: str | os.PathLike | None = None,
+                      csv_path: str | os.PathLike | None = None) -> CaptionRun:
+    """caption.py's run: caption the images that `inputs` (files, folders, patterns) name into out_dir.
+
+    Prints `path: caption` per image (then, with n_best > 1, the others indented with their
+    log-probabilities) as it goes, and `error: ...` on stderr for each bad input, which is skipped.
+    Writes the --json / --csv records when any image was captioned. UserError when nothing can be tried.
+    """
+    options.check(decode.beam_size)
+    paths, bad = collect_images(inputs)
+    skipped = [Skipped(source, f"{source}: {reason}") for source, reason in bad]
+    for skip in skipped:
+        print(f"error: {skip.message}", file=sys.stderr)
+    if not paths:
+        raise UserError("no images to caption")
+    captioner = Captioner.from_checkpoint(checkpoint, device=device, image_size=options.image_size)
+    out_dir = _make_folder(Path(out_dir))
+    captioned = []
+    for outcome in caption_files(captioner, paths, out_dir, decode, options.n_best, options.overlay):
+        if isinstance(outcome, Skipped):
+            print(f"error: {outcome.message}", file=sys.stderr)
+            skipped.append(outcome)
+        else:
+            print_captions(outcome.result)
+            captioned.append(outcome)
+    if captioned:
+        records = [result_record(c.result, c.png, c.gif) for c in captioned]
+        if json_path:
+            atomic_write_text(json_path, records_json(records, checkpoint, decode, options))
+        if csv_path:
+            atomic_write_text(csv_path, records_csv(records))
+    if skipped:
+        print(f"skipped {len(skipped)} bad image(s)", file=sys.stderr)
+    if captioned:
+        print(f"figures: {out_dir}/")
+    return CaptionRun(captioned, skipped)
+
+
+def _make_folder(folder: Path) -> Path:
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise UserError(f"{folder}: cannot create the output folder ({one_line(e)})") from None
+    return folder
+
+
+def print_captions(result: CaptionResult) -> None:
+    """`path: caption`, then each other kept caption indented with its log-probability (flushed: a pipe
+    such as `| head -1` sees each image as it is done)."""
+    print(f"{result.source}: {result.best.text}", flush=True)
+    for rank, other in enumerate(result.captions[1:], start=2):
+        print(f"    {rank}. {other.text}  (log p = {other.score:.2f})", flush=True)
+
+
+# --------------------------------------------------------------------------------------------
+# Records: --json and --csv
+# --------------------------------------------------------------------------------------------
+def result_record(result: CaptionResult, png: Path, gif: Path) -> dict[str, Any]:
+    """One image's entry in --json: the best caption up front, every kept caption under n_best."""
+    best = result.best
+    return {
+        "file": result.source,
+        "caption": best.text,
+        "score": best.score,
+        "normalized_score": best.normalized_score,
+        "finished": best.finished,
+        "n_best": [{"rank": rank, "caption": c.text, "score": c.score, "normalized_score": c.normalized_score,
+                    "finished": c.finished} for rank, c in enumerate(result.captions, start=1)],
+        "attention_png": str(png),
+        "attention_gif": str(gif),
+    }
+
+
+def records_json(records: Sequence[dict[str, Any]], checkpoint: str | os.PathLike, decode: DecodeOptions,
+                 options: CaptionOptions) -> str:
+    """--json: the run's settings (so the captions can be reproduced), then one record per image."""
+    payload = {"checkpoint": str(checkpoint), "decode": {**asdict(decode), "n_best": options.n_best},
+               "overlay": options.overlay, "images": list(records)}
+    return json.dumps(payload, indent=2) + "\n"
+
+
+def records_csv(records: Sequence[dict[str, Any]]) -> str:
+    """--csv: one row per image and rank (the figures show rank 1)."""
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=CSV_COLUMNS, lineterminator="\n")
+    writer.writeheader()
+    for record in records:
+        for entry in record["n_best"]:
+            writer.writerow({"file": record["file"], "attention_png": record["attention_png"],
+                             "attention_gif": record["attention_gif"], **entry})
+    return buffer.getvalue()

@@ -8,7 +8,7 @@ import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO, Callable, Sequence
+from typing import Any, BinaryIO, Callable, Sequence
 
 import numpy as np
 import torch
@@ -18,22 +18,14 @@ from filesafety import atomic_write
 from runtime import UserError
 
 GIF_FRAME_MS = 800  # slow enough to read each word
-
-
 GRID_COLUMNS = 5
-
-
 PANEL_INCHES, TITLE_INCHES, PANEL_DPI = 2.6, 0.45, 100  # equal panels, so grid and GIF frames agree
-
-
 OVERLAY_STYLES = ("highlight", "colormap")
-
-
 HIGHLIGHT_FLOOR = 0.15  # brightness left where attention is zero: dark, yet the scene stays readable
 
 
 # --------------------------------------------------------------------------------------------
-# Attention figures: one list of panels feeds both the PNG grid and the GIF, so they cannot disagree
+# Attention figures
 # --------------------------------------------------------------------------------------------
 @dataclass
 class AttentionMaps:
@@ -43,7 +35,7 @@ class AttentionMaps:
     words: list[str]  # T words of the caption
     alphas: torch.Tensor  # (T, g, g) alpha_t when emitting each word
     betas: torch.Tensor | None = None  # (T,) gate beta_t, shown in the titles; None without a gate
-    hard: bool = False  # hard attention: outline the argmax cell (the location s_t argmax decoding uses)
+    stochastic: bool = False  # the variant samples one location s_t: outline the argmax cell
 
 
 def smooth_attention(alpha: np.ndarray, size: tuple[int, int]) -> np.ndarray:
@@ -93,7 +85,6 @@ def render_panels(maps: AttentionMaps, overlay: str = "highlight") -> list[Image
     """
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
-    from matplotlib.patches import Rectangle
 
     if overlay not in OVERLAY_STYLES:
         raise UserError(f"overlay={overlay!r} is not one of {', '.join(OVERLAY_STYLES)}")
@@ -119,16 +110,23 @@ def render_panels(maps: AttentionMaps, overlay: str = "highlight") -> list[Image
                 ax.imshow(weights[t - 1], cmap="jet", alpha=0.5, vmin=0.0, vmax=1.0)
             beta = float(maps.betas[t - 1]) if maps.betas is not None else None
             title = step_title(t, maps.words[t - 1], alpha, beta)
-            if maps.hard:
-                grid = alpha.shape[0]
-                row, col = divmod(int(alpha.argmax()), grid)
-                cell_h, cell_w = height / grid, width / grid
-                ax.add_patch(Rectangle((col * cell_w - 0.5, row * cell_h - 0.5), cell_w, cell_h,
-                                       fill=False, edgecolor="white", linewidth=2))
+            if maps.stochastic:
+                ax.add_patch(argmax_cell(alpha, height, width))
         ax.set_title(title, fontsize=9)
         fig.canvas.draw()
         panels.append(Image.fromarray(np.asarray(fig.canvas.buffer_rgba())).convert("RGB"))
     return panels
+
+
+def argmax_cell(alpha: np.ndarray, height: int, width: int) -> Any:
+    """A white outline of alpha_t's (g, g) largest cell on an H x W image (a matplotlib Rectangle)."""
+    from matplotlib.patches import Rectangle
+
+    grid = alpha.shape[0]
+    row, col = divmod(int(alpha.argmax()), grid)
+    cell_h, cell_w = height / grid, width / grid
+    return Rectangle((col * cell_w - 0.5, row * cell_h - 0.5), cell_w, cell_h, fill=False, edgecolor="white",
+                     linewidth=2)
 
 
 def panel_grid(panels: Sequence[Image.Image], columns: int = GRID_COLUMNS) -> Image.Image:
@@ -153,6 +151,7 @@ def save_attention_gif(path: str | Path, panels: Sequence[Image.Image], frame_ms
 
 
 def png_writer(panels: Sequence[Image.Image]) -> Callable[[BinaryIO], None]:
+    """The grid as a writer for filesafety's atomic writers (the grid is drawn now, written later)."""
     grid = panel_grid(panels)
     return lambda f: grid.save(f, format="PNG")
 
@@ -172,6 +171,7 @@ _NON_INTERACTIVE = {"agg", "cairo", "pdf", "pgf", "ps", "svg", "template"}
 
 
 def display_available() -> bool:
+    """Whether a window can open: a display on Linux and an interactive matplotlib backend."""
     if sys.platform.startswith("linux") and not (os.environ.get("DISPLAY") or os.environ.get("WAYLAND_DISPLAY")):
         return False
     import matplotlib

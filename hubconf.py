@@ -1,4 +1,4 @@
-"""torch.hub entry point: load a trained checkpoint as a ready-to-use `caption.Captioner`.
+"""torch.hub entry point: load a trained checkpoint as a ready-to-use `captioner.Captioner`.
 
     import torch
     captioner = torch.hub.load("path/to/this/repo", "show_attend_tell", checkpoint="runs/shapes/best.pt",
@@ -12,14 +12,17 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import urlparse
+
+if TYPE_CHECKING:
+    from captioner import Captioner
 
 # Modules (not pip names) torch.hub checks before calling an entry point: what captioning and its figures import.
 dependencies = ["torch", "torchvision", "numpy", "PIL", "h5py", "yaml", "skimage", "matplotlib"]
 
 
-def show_attend_tell(checkpoint: str, device: str = "cpu", check_hash: bool = False, **kwargs: Any):
+def show_attend_tell(checkpoint: str, device: str = "cpu", check_hash: bool = False, **kwargs: Any) -> Captioner:
     """A Captioner for `checkpoint` (a best.pt / last.pt path, or a URL to one) on `device`.
 
     check_hash: for URLs named `name-<sha256 prefix>.pt`, verify the download against that prefix.

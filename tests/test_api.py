@@ -1,6 +1,7 @@
 """Using a trained model: the Captioner API, torch.hub, caption.py's n-best JSON/CSV, and the overlays."""
 from __future__ import annotations
 
+import ast
 import csv
 import json
 from pathlib import Path
@@ -13,9 +14,9 @@ from test_caption import GRID, SIZE, WORD_MAP, make_checkpoint, shapes_image
 
 import caption
 import figures
-from captioner import Captioner
+from captioner import Captioned, Captioner, Skipped, caption_files
 from datasets import load_image_tensor
-from decoding import beam_search
+from decoding import DecodeOptions, beam_search
 from models import load_model
 from runtime import UserError
 
@@ -90,7 +91,7 @@ def test_captioner_figures(ckpt, photos, tmp_path):
 def test_captioner_rejects_bad_requests(ckpt, tmp_path):
     captioner = Captioner.from_checkpoint(ckpt)
     image = shapes_image()
-    with pytest.raises(UserError, match=r"^n_best=4 must be in 1..beam_size \(3\)"):
+    with pytest.raises(UserError, match=r"^config n_best=4 must be in 1..beam_size \(3\)$"):
         captioner(image, beam_size=3, n_best=4)
     with pytest.raises(UserError, match=r"^config beam_size=0 must be >= 1$"):
         captioner(image, beam_size=0)
@@ -98,9 +99,9 @@ def test_captioner_rejects_bad_requests(ckpt, tmp_path):
         captioner(image, hard_decode="max")
     with pytest.raises(UserError, match=rf"^{tmp_path / 'missing.jpg'}: file not found$"):
         captioner([image, tmp_path / "missing.jpg"])
-    with pytest.raises(UserError, match=r"^image_size=0 must be in 1..2048"):
+    with pytest.raises(UserError, match=r"^config image_size=0 must be >= 1$"):
         Captioner.from_checkpoint(ckpt, image_size=0)
-    with pytest.raises(UserError, match=r"^image_size=5000 must be in 1..2048"):
+    with pytest.raises(UserError, match=r"^config image_size=5000 must be <= 2048$"):
         Captioner.from_checkpoint(ckpt, image_size=5000)
 
 
@@ -188,6 +189,48 @@ def test_n_best_over_beam_size_is_one_error_line(ckpt, photos, tmp_path, capsys)
     err = capsys.readouterr().err
     assert code == 1 and err == "error: --n-best=3 must be in 1..--beam-size (2)\n"
     assert not (tmp_path / "x.json").exists()
+
+
+@pytest.mark.parametrize("flags, line", [
+    (["--image-size", "0"], "--image-size=0 must be >= 1"),
+    (["--image-size", "5000"], "--image-size=5000 must be <= 2048"),
+    (["--n-best", "0"], "--n-best=0 must be >= 1"),
+])
+def test_bad_caption_flags_are_one_error_line_before_any_work(flags, line, photos, tmp_path, capsys):
+    """Checked before the checkpoint is read: a missing one is not what gets reported."""
+    code = caption.main(["--img", str(photos[0]), "--checkpoint", str(tmp_path / "missing.pt"), *flags,
+                         "--out-dir", str(tmp_path / "o")])
+    assert code == 1 and capsys.readouterr().err == f"error: {line}\n"
+    assert not (tmp_path / "o").exists()
+
+
+def test_caption_files_skips_bad_files_in_order(ckpt, photos, tmp_path):
+    """The library behind caption.py: one outcome per file, a batch's unreadable files first."""
+    (tmp_path / "broken.png").write_text("not an image\n")
+    (tmp_path / "figs").mkdir()
+    paths = [photos[0], tmp_path / "broken.png", photos[1]]
+    captioner = Captioner.from_checkpoint(ckpt)
+    opts = DecodeOptions(beam_size=2, max_len=3, batch_size=2)
+    outcomes = list(caption_files(captioner, paths, tmp_path / "figs", opts, n_best=2))
+    assert [type(o) for o in outcomes] == [Skipped, Captioned, Captioned]
+    assert outcomes[0].source == str(tmp_path / "broken.png")
+    assert outcomes[0].message.startswith(f"{tmp_path / 'broken.png'}: ")
+    for outcome, path in zip(outcomes[1:], photos[:2]):
+        assert outcome.result.source == str(path) and len(outcome.result.captions) == 2
+        assert (outcome.png, outcome.gif) == (tmp_path / "figs" / f"{path.stem}_attention.png",
+                                              tmp_path / "figs" / f"{path.stem}_attention.gif")
+        assert outcome.png.is_file() and outcome.gif.is_file()
+    assert len(list((tmp_path / "figs").iterdir())) == 4
+
+
+def test_caption_py_is_a_thin_script():
+    """caption.py imports library modules only, never another script."""
+    tree = ast.parse((ROOT / "caption.py").read_text())
+    imported = {alias.name for node in ast.walk(tree) if isinstance(node, ast.Import) for alias in node.names}
+    imported |= {node.module for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)}
+    assert not imported & {"train", "eval", "create_input_files", "benchmark"}
+    functions = [node.name for node in tree.body if isinstance(node, ast.FunctionDef)]
+    assert functions == ["get_args_parser", "main", "caption"]
 
 
 # --------------------------------------------------------------------------------------------

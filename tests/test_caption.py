@@ -150,13 +150,13 @@ def test_png_and_gif_come_from_the_same_panels(tmp_path):
         assert int(np.argmin(distances)) == i and distances[i] < 15, (i, distances)  # octree palette: ~10
 
 
-def test_hard_attention_outlines_the_argmax_cell():
+def test_stochastic_attention_outlines_the_argmax_cell():
     alphas = torch.full((1, GRID, GRID), 0.1 / (GRID * GRID - 1))
     alphas[0, 0, GRID - 1] = 0.9  # peak in the top-right cell
     image = Image.new("RGB", (SIZE, SIZE), (128, 128, 128))
     soft = figures.render_panels(figures.AttentionMaps(image, ["circle"], alphas))[1]
-    hard = figures.render_panels(figures.AttentionMaps(image, ["circle"], alphas, hard=True))[1]
-    diff = np.abs(np.asarray(soft, dtype=int) - np.asarray(hard, dtype=int)).sum(axis=2) > 30  # (H, W)
+    outlined = figures.render_panels(figures.AttentionMaps(image, ["circle"], alphas, stochastic=True))[1]
+    diff = np.abs(np.asarray(soft, dtype=int) - np.asarray(outlined, dtype=int)).sum(axis=2) > 30  # (H, W)
     ys, xs = np.nonzero(diff)
     assert len(xs) > 20  # an outline was drawn
     h, w = diff.shape
@@ -274,7 +274,7 @@ def test_collect_images(tmp_path):
         (tmp_path / name).write_bytes(b"x")
     (tmp_path / "a" / "sub").mkdir()
     (tmp_path / "a" / "sub" / "deep.png").write_bytes(b"x")
-    paths, bad = caption.collect_images([
+    paths, bad = captioner.collect_images([
         str(tmp_path / "a"), str(tmp_path / "b" / "*.webp"), str(tmp_path / "a" / "y.png"),
         str(tmp_path / "empty"), str(tmp_path / "nothing*.png"), str(tmp_path / "missing.jpg"),
     ])
@@ -282,8 +282,8 @@ def test_collect_images(tmp_path):
     assert paths == [tmp_path / "a" / "y.png", tmp_path / "a" / "z.JPG", tmp_path / "b" / "z.webp"]
     assert [source for source, _ in bad] == [str(tmp_path / "empty"), str(tmp_path / "nothing*.png"),
                                              str(tmp_path / "missing.jpg")]
-    assert caption.output_names(paths) == ["y", "z", "z_1"]
-    assert caption.output_names([Path("x/z_1.png"), Path("z.png"), Path("y/z.png")]) == ["z_1", "z", "z_2"]
+    assert captioner.output_names(paths) == ["y", "z", "z_1"]
+    assert captioner.output_names([Path("x/z_1.png"), Path("z.png"), Path("y/z.png")]) == ["z_1", "z", "z_2"]
 
 
 def test_duplicate_stems_get_distinct_figures(soft_ckpt, tmp_path, capsys):
@@ -441,7 +441,8 @@ def test_a_failed_write_leaves_no_file(soft_ckpt, tmp_path, capsys, monkeypatch)
     def disk_full(f):
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(captioner, "gif_writer", lambda panels, frame_ms=0: disk_full)  # the PNG is staged, the GIF fails
+    # The PNG is staged, the GIF fails.
+    monkeypatch.setattr(captioner, "gif_writer", lambda panels, frame_ms=0: disk_full)
     shapes_image().save(tmp_path / "img.png")
     out_dir = tmp_path / "out"
     code, out, err = run(["--img", str(tmp_path / "img.png"), "--checkpoint", str(soft_ckpt), "--out-dir",
