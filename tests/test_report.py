@@ -16,7 +16,7 @@ import torch
 from conftest import pack_main, write_checkpoint
 from PIL import Image
 
-import eval as evaluation
+import eval as eval_cli
 import figures
 import scoring
 from config import ModelConfig
@@ -43,7 +43,7 @@ def tiny_checkpoint(path: Path, folder: Path, seed: int = 0) -> Path:
 
 
 def run_eval(ckpt: Path, folder: Path, out: Path, *extra: str, split: str = "test") -> int:
-    return evaluation.main(["--checkpoint", str(ckpt), "--data-folder", str(folder), "--split", split,
+    return eval_cli.main(["--checkpoint", str(ckpt), "--data-folder", str(folder), "--split", split,
                             "--beam-size", "2", "--max-len", "6", "--device", "cpu", "--num-workers", "0",
                             "--out", str(out), *extra])
 
@@ -109,7 +109,7 @@ def test_per_image_scores_are_pycocoevalcaps():
                   2: ["a green triangle and a yellow circle", "two shapes"],
                   7: ["a purple diamond", "a purple diamond on a grey background"]}
     per_image: dict[int, dict[str, float]] = {}
-    corpus = evaluation.score_captions(captions, references, metrics=["BLEU", "CIDEr"], tokenizer="simple",
+    corpus = scoring.score_captions(captions, references, metrics=["BLEU", "CIDEr"], words="ascii",
                                        per_image=per_image)
     gts = {i: [" ".join(tokenize(r)) for r in references[i]] for i in captions}
     res = {i: [" ".join(tokenize(captions[i]))] for i in captions}
@@ -215,7 +215,7 @@ def test_report_limit_must_be_non_negative(shapes_folder, tmp_path, capsys):
 # SPICE
 # --------------------------------------------------------------------------------------------
 def test_spice_missing_says_what_in_one_line(shapes_folder, tmp_path, capsys):
-    missing = evaluation.spice_missing()
+    missing = scoring.spice_missing()
     assert missing is not None and "\n" not in missing
     assert missing.startswith("SPICE skipped: missing java") and "stanford-corenlp-3.6.0-models.jar" in missing
     ckpt = tiny_checkpoint(tmp_path / "tiny.pt", shapes_folder)
@@ -236,8 +236,6 @@ def test_spice_runs_when_its_jars_are_there(shapes_folder, tmp_path, capsys, mon
         def compute_score(self, gts, res):
             seen["gts"], seen["res"] = gts, res
             return 0.25, [{"All": {"f": 0.25}}] * len(gts)
-
-    monkeypatch.setattr(evaluation, "spice_missing", lambda: None)
 
     monkeypatch.setattr(scoring, "spice_missing", lambda: None)
     monkeypatch.setattr(spice_module, "Spice", FakeSpice)
