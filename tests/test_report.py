@@ -20,6 +20,7 @@ import eval as eval_cli
 import figures
 import scoring
 from config import ModelConfig
+from datasets import CaptionDataset
 from models import build_model
 from text import tokenize
 
@@ -249,3 +250,45 @@ def test_spice_runs_when_its_jars_are_there(shapes_folder, tmp_path, capsys, mon
     seen.clear()
     assert run_eval(ckpt, shapes_folder, out, "--control", "none") == 0
     assert not seen and "SPICE" not in json.loads(out.with_name("test.metrics.json").read_text())
+
+
+# --------------------------------------------------------------------------------------------
+# A metric registered outside the library: eval scores it, the report and val_metric list it
+# --------------------------------------------------------------------------------------------
+@pytest.fixture
+def length_ratio():
+    """A metric defined here, not in scoring.py: caption length over mean reference length, per image."""
+
+    @scoring.register_metric("LENGTH", keys=["LENGTH-ratio"], per_image=["LENGTH-ratio"])
+    def length(gts: dict[Any, list[str]], res: dict[Any, list[str]]) -> scoring.Scored:
+        ratios = {i: len(res[i][0].split()) / max(np.mean([len(r.split()) for r in gts[i]]), 1) for i in gts}
+        return scoring.Scored({"LENGTH-ratio": float(np.mean(list(ratios.values())))},
+                              {i: {"LENGTH-ratio": r} for i, r in ratios.items()})
+
+    yield length
+    scoring.METRICS.pop("LENGTH")
+    del scoring.SCORE_KEYS["LENGTH-ratio"]
+
+
+def test_a_metric_registered_outside_the_library_reaches_eval_report_and_config(length_ratio, shapes_folder,
+                                                                                  tmp_path, capsys):
+    from config import Config
+
+    Config(val_metric="LENGTH-ratio").check()  # a valid val_metric as soon as it is registered
+    assert scoring.validation_metrics("LENGTH-ratio") == ("BLEU", "CIDEr", "LENGTH")
+    ckpt = tiny_checkpoint(tmp_path / "tiny.pt", shapes_folder)
+    out = tmp_path / "test.json"
+    assert run_eval(ckpt, shapes_folder, out, "--report", str(tmp_path / "report")) == 0, capsys.readouterr().err
+    assert "LENGTH-ratio" in capsys.readouterr().out  # eval's table
+    metrics = json.loads(out.with_name("test.metrics.json").read_text())
+    dataset = CaptionDataset(str(shapes_folder), "test")
+    ratios = [len(tokenize(r["caption"])) / max(np.mean([len(tokenize(t)) for t in dataset.references(r["index"])]), 1)
+              for r in json.loads(out.read_text())]  # no java here: the ascii rule splits the words
+    dataset.close()
+    assert metrics["LENGTH-ratio"] == pytest.approx(np.mean(ratios))
+    assert "shuffled_LENGTH-ratio" in metrics  # a default metric: in the control too
+    page = (tmp_path / "report" / "index.html").read_text()
+    corpus = page[page.index("Corpus metrics"):page.index("Does the model use the image?")]
+    assert f"<td>LENGTH-ratio</td><td class='num'>{metrics['LENGTH-ratio']:.4f}</td>" in corpus
+    assert "<th>CIDEr</th><th>BLEU-4</th><th>LENGTH-ratio</th>" in page  # a per-image column too
+    assert len(re.findall(r"<tr><td class='num'>\d+</td>", page)) == 3
