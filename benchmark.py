@@ -15,7 +15,6 @@ from __future__ import annotations
 import omp_env  # noqa: F401  (first: sets OpenMP's wait policy before torch loads)
 
 import argparse
-import dataclasses
 import json
 import os
 import statistics

@@ -15,6 +15,7 @@ import yaml
 from attention import ATTENTIONS
 from filesafety import atomic_write_text
 from runtime import UserError, one_line
+from scoring import SCORE_KEYS
 
 
 # --------------------------------------------------------------------------------------------
@@ -138,7 +139,7 @@ class TrainConfig:
     # The decoded val metric that selects best.pt and drives LR decay and early stopping: BLEU-4 (the
     # paper's criterion) or CIDEr (on Flickr8k from random init it kept improving with the captions'
     # variety while BLEU-4 stayed flat; see README).
-    val_metric: str = option("BLEU-4", choices=("BLEU-4", "CIDEr"))
+    val_metric: str = option("BLEU-4", choices=SCORE_KEYS)  # any registered metric's score (scoring.py)
     val_beam_size: int = option(1, min=1)  # model selection decodes val with this beam (1 = greedy)
     val_max_images: int = option(0, min=0)  # decode at most this many val images per epoch (0 = all)
     max_len: int = option(50, min=1)  # longest caption decoded

@@ -32,6 +32,7 @@ from finetune import caption_id_map, model_from_init, model_word_map, resolve_in
 from losses import ConceptHead
 from models import build_model
 from runtime import DistInfo, UserError, cleanup_distributed, init_distributed, run_cli
+from scoring import scoring_words
 from trainer import (Run, RunLogger, StopRequest, TrainState, apply_resume_overrides, build_optimizer, cached_features,
                      make_loaders, packed_splits, stop_workers, train_one_epoch, truncate_metrics, use_feature_cache,
                      val_scores)
@@ -236,8 +237,8 @@ def train(run: Run, resumed: bool) -> int:
 
 def validate(run: Run) -> dict[str, float]:
     """Rank 0 decodes and scores val; every rank gets the scores, so LR decay and early stopping agree."""
-    tokenizer = "unicode" if run.train_loader.dataset.tokenizer == "unicode" else "simple"
-    val = [val_scores(run.model, run.val_loader, run.word_map, run.cfg, run.device, tokenizer=tokenizer)
+    words = scoring_words(run.train_loader.dataset.tokenizer, ptb=False)
+    val = [val_scores(run.model, run.val_loader, run.word_map, run.cfg, run.device, words=words)
            if run.info.is_main else {}]
     if run.info.enabled:
         dist.broadcast_object_list(val, src=0)

@@ -30,19 +30,12 @@ from losses import ConceptHead, compute_loss
 from models import ShowAttendTell
 from progress import progress_bar
 from runtime import DistInfo, StopSignals, UserError, autocast_context, one_line
-from scoring import caption_diversity, score_captions, warn_if_collapsed
+from scoring import (DIVERSITY_KEYS, caption_diversity, score_captions, validation_keys, validation_metrics,
+                     warn_if_collapsed)
 from utils import rng_state
 
 
-VAL_METRICS = ("BLEU-4", "CIDEr")  # decoded on val every epoch; cfg.val_metric drives LR decay, early stop, best.pt
-
-
-DIVERSITY_KEYS = ("distinct_captions", "vocab_used", "mean_length")  # collapse diagnostics, see eval.py
-
-
 EPOCH_LOSSES = ("loss", "ce", "ds", "concept")  # loss parts averaged over an epoch (train_* in metrics.csv)
-CSV_FIELDS = ["epoch", "step", "train_loss", "train_ce", "train_ds", "train_concept", "lr",
-              *(f"val_{key}" for key in VAL_METRICS + DIVERSITY_KEYS), "epoch_seconds"]
 
 
 @dataclasses.dataclass
@@ -134,14 +127,15 @@ class RunLogger:
         if self.writer is None:
             return
         state, lr = run.state, run.optimizer.param_groups[0]["lr"]
-        row = {"epoch": state.epoch, "step": state.step, "lr": f"{lr:.3g}", "epoch_seconds": f"{seconds:.1f}",
-               **{f"train_{key}": f"{losses[key]:.4f}" for key in EPOCH_LOSSES},
-               **{f"val_{key}": f"{val[key]:.4g}" for key in VAL_METRICS + DIVERSITY_KEYS}}
+        val_keys = validation_keys(run.cfg.val_metric) + DIVERSITY_KEYS
+        row = {"epoch": state.epoch, "step": state.step, **{f"train_{key}": f"{losses[key]:.4f}" for key in EPOCH_LOSSES},
+               "lr": f"{lr:.3g}", **{f"val_{key}": f"{val[key]:.4g}" for key in val_keys},
+               "epoch_seconds": f"{seconds:.1f}"}
         if run.cfg.concept_loss_weight == 0:
             row["train_concept"] = ""
         append_metrics_row(self.out_dir / "metrics.csv", row)
         write_curves(self.out_dir / "metrics.csv", self.out_dir / "curves.png")
-        for key in VAL_METRICS + DIVERSITY_KEYS:
+        for key in val_keys:
             self.writer.add_scalar(f"val/{key}", val[key], state.step)
         self.writer.add_scalar("train/lr", lr, state.step)
         self.writer.flush()
@@ -307,16 +301,16 @@ class StopRequest(StopSignals):
 
 def val_scores(
     model: ShowAttendTell, loader: DataLoader, word_map: dict[str, int], cfg: Config, device: torch.device,
-    tokenizer: str = "simple",
+    words: str = "ascii",
 ) -> dict[str, float]:
-    """Decode val and score it (BLEU-1..4 and CIDEr; the number that selects the model is a decoded
-    metric), with the collapse diagnostics."""
+    """Decode val and score it (scoring.validation_metrics: BLEU and CIDEr, and whatever gives val_metric;
+    the number that selects the model is a decoded metric), with the collapse diagnostics."""
     opts = DecodeOptions(beam_size=cfg.val_beam_size, max_len=cfg.max_len, hard_decode=cfg.hard_decode,
                          batch_size=loader.batch_size or 1)
     decoded = decode_split(model, loader, word_map, opts, device=device, amp=cfg.amp, progress=False)
     references = {d["index"]: d["references"] for d in decoded}
     captions = {d["index"]: d["caption"] for d in decoded}
-    scores = score_captions(captions, references, metrics=("BLEU", "CIDEr"), tokenizer=tokenizer)
+    scores = score_captions(captions, references, metrics=validation_metrics(cfg.val_metric), words=words)
     return {**scores, **caption_diversity(list(captions.values()))}
 
 
@@ -417,11 +411,12 @@ def truncate_metrics(path: Path, epoch: int) -> None:
 
 
 def append_metrics_row(path: Path, row: dict[str, Any]) -> None:
-    """One row per epoch. A run resumed by newer code keeps the columns its file started with."""
-    fieldnames = CSV_FIELDS
+    """One row per epoch, its keys the columns of a new file. A run resumed by newer code keeps the
+    columns its file started with."""
+    fieldnames = list(row)
     if path.exists():
         with open(path, newline="") as f:
-            fieldnames = next(csv.reader(f), CSV_FIELDS)
+            fieldnames = next(csv.reader(f), fieldnames)
     with open(path, "a", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=fieldnames, extrasaction="ignore")
         if f.tell() == 0:

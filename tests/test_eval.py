@@ -9,7 +9,7 @@ import pytest
 import torch
 from conftest import write_checkpoint
 
-import eval as evaluation
+import eval as eval_cli
 import scoring
 from config import ModelConfig
 from models import build_model
@@ -61,7 +61,7 @@ def test_score_captions_matches_pycocoevalcap(shared_meteor):
     from pycocoevalcap.rouge.rouge import Rouge
     from pycocoevalcap.tokenizer.ptbtokenizer import PTBTokenizer
 
-    ours = evaluation.score_captions(CAPTIONS, REFERENCES)
+    ours = scoring.score_captions(CAPTIONS, REFERENCES)
 
     tokenizer = PTBTokenizer()
     gts = tokenizer.tokenize({i: [{"caption": r} for r in refs] for i, refs in REFERENCES.items()})
@@ -86,18 +86,18 @@ def test_score_captions_matches_pycocoevalcap(shared_meteor):
 def test_bleu_brevity_penalty_can_be_divided_out():
     captions = {1: "a cat on grass", 2: "two red cars"}
     references = {1: ["a dog runs on the green grass", "a brown dog"], 2: ["two red cars parked on a street"]}
-    scores = evaluation.score_captions(captions, references, metrics=("BLEU",), tokenizer="simple")
+    scores = scoring.score_captions(captions, references, metrics=("BLEU",), words="ascii")
     # closest reference lengths: 3 ("a brown dog" is nearer 4 words than 7) and 7; hypotheses 4 + 3
     assert scores["BLEU-brevity-penalty"] == pytest.approx(math.exp(1 - 10 / 7))
     # Without the penalty, BLEU-1 is the clipped unigram precision: 3 of 4 + 3 of 3 words match.
     assert scores["BLEU-1"] / scores["BLEU-brevity-penalty"] == pytest.approx(6 / 7, rel=1e-6)
 
 
-def test_score_captions_simple_tokenizer_and_subset():
+def test_score_captions_ascii_words_and_subset():
     from pycocoevalcap.bleu.bleu import Bleu
     from pycocoevalcap.cider.cider import Cider
 
-    ours = evaluation.score_captions(CAPTIONS, REFERENCES, metrics=["BLEU", "CIDEr"], tokenizer="simple")
+    ours = scoring.score_captions(CAPTIONS, REFERENCES, metrics=["BLEU", "CIDEr"], words="ascii")
     def tok(text: str) -> str:
         return " ".join(tokenize(text))
 
@@ -113,7 +113,7 @@ def test_score_captions_simple_tokenizer_and_subset():
 @NEEDS_JAVA
 def test_score_captions_empty_caption_scores_zero(shared_meteor):
     """An untrained model can emit <end> first: an empty caption must score, not crash."""
-    scores = evaluation.score_captions({1: "", 2: "a red circle"}, {1: ["a blue square"], 2: ["a red circle"]})
+    scores = scoring.score_captions({1: "", 2: "a red circle"}, {1: ["a blue square"], 2: ["a red circle"]})
     assert set(scores) == {"BLEU-1", "BLEU-2", "BLEU-3", "BLEU-4", "BLEU-brevity-penalty", "METEOR", "ROUGE-L", "CIDEr"}
     assert 0 < scores["BLEU-1"] < 1 and 0 <= scores["METEOR"] < 1
 
@@ -122,7 +122,7 @@ def test_score_captions_without_java_skips_meteor(monkeypatch, capsys):
     from pycocoevalcap.bleu.bleu import Bleu
 
     monkeypatch.setattr(scoring, "java_available", lambda: False)
-    scores = evaluation.score_captions(CAPTIONS, REFERENCES)
+    scores = scoring.score_captions(CAPTIONS, REFERENCES)
     assert set(scores) == {"BLEU-1", "BLEU-2", "BLEU-3", "BLEU-4", "BLEU-brevity-penalty", "ROUGE-L", "CIDEr"}
     assert "java not found" in capsys.readouterr().err
     def tok(text: str) -> str:  # the Python tokenizer stands in for PTB
@@ -135,25 +135,86 @@ def test_score_captions_without_java_skips_meteor(monkeypatch, capsys):
 
 def test_score_captions_rejects_bad_input():
     with pytest.raises(ValueError, match="same image ids"):
-        evaluation.score_captions({1: "a"}, {2: ["a"]})
+        scoring.score_captions({1: "a"}, {2: ["a"]})
     with pytest.raises(ValueError, match="unknown metric"):
-        evaluation.score_captions({1: "a"}, {1: ["a"]}, metrics=["BLEU", "WER"], tokenizer="simple")
+        scoring.score_captions({1: "a"}, {1: ["a"]}, metrics=["BLEU", "WER"], words="ascii")
     with pytest.raises(ValueError, match="nothing to score"):
-        evaluation.score_captions({}, {})
+        scoring.score_captions({}, {})
 
 
-def test_nltk_corpus_bleu():
+def test_nltk_bleu():
     from nltk.translate.bleu_score import corpus_bleu
 
-    perfect = evaluation.nltk_corpus_bleu({1: "A red circle, left."}, {1: ["a red circle left", "a circle"]})
+    perfect = scoring.score_captions({1: "A red circle, left."}, {1: ["a red circle left", "a circle"]},
+                                     metrics=["NLTK-BLEU"], words="ascii")
     assert perfect == {f"NLTK-BLEU-{n}": pytest.approx(1.0) for n in range(1, 5)}
-    scores = evaluation.nltk_corpus_bleu(CAPTIONS, REFERENCES)
+    scores = scoring.score_captions(CAPTIONS, REFERENCES, metrics=["NLTK-BLEU"], words="ascii")
     ids = sorted(CAPTIONS)
     refs = [[tokenize(r) for r in REFERENCES[i]] for i in ids]
     hyps = [tokenize(CAPTIONS[i]) for i in ids]
     assert scores["NLTK-BLEU-1"] == pytest.approx(corpus_bleu(refs, hyps, weights=(1.0,)), abs=1e-12)
     assert scores["NLTK-BLEU-4"] == pytest.approx(corpus_bleu(refs, hyps), abs=1e-12)
     assert 0 < scores["NLTK-BLEU-4"] < scores["NLTK-BLEU-1"] < 1
+
+
+# --------------------------------------------------------------------------------------------
+# The metric registry
+# --------------------------------------------------------------------------------------------
+def test_registry_declares_what_each_metric_gives():
+    assert scoring.default_metrics() == ("BLEU", "METEOR", "ROUGE-L", "CIDEr")
+    assert {n for n, m in scoring.METRICS.items() if not m.default} >= {"SPICE", "NLTK-BLEU"}
+    assert scoring.METRICS["BLEU"].keys == ("BLEU-1", "BLEU-2", "BLEU-3", "BLEU-4")
+    assert scoring.METRICS["BLEU"].extra_keys == ("BLEU-brevity-penalty",)
+    assert "BLEU-brevity-penalty" not in scoring.SCORE_KEYS  # reported, but it cannot select a model
+    assert scoring.SCORE_KEYS["ROUGE-L"] == "ROUGE-L" and "ROUGE_L" not in scoring.SCORE_KEYS
+    assert [n for n, m in scoring.METRICS.items() if m.needs_java] == ["METEOR", "SPICE"]
+    assert [n for n, m in scoring.METRICS.items() if m.english_only] == ["METEOR", "SPICE"]
+    assert scoring.per_image_keys() == ("BLEU-4", "CIDEr")
+    # Every metric requested is returned under the keys it declares: ROUGE-L as ROUGE-L.
+    scores = scoring.score_captions(CAPTIONS, REFERENCES, metrics=["ROUGE-L"], words="ascii")
+    assert set(scores) == {"ROUGE-L"}
+    with pytest.raises(ValueError, match="unknown metric"):
+        scoring.score_captions(CAPTIONS, REFERENCES, metrics=["ROUGE_L"], words="ascii")
+    with pytest.raises(ValueError, match="already registered"):
+        scoring.register_metric("BLEU2", keys=["BLEU-4"])(lambda gts, res: {})
+
+
+def test_validation_metrics_follow_val_metric():
+    assert scoring.validation_metrics("BLEU-4") == ("BLEU", "CIDEr")
+    assert scoring.validation_keys("CIDEr") == ("BLEU-4", "CIDEr")
+    assert scoring.validation_metrics("ROUGE-L") == ("BLEU", "CIDEr", "ROUGE-L")
+    assert scoring.validation_keys("ROUGE-L") == ("BLEU-4", "CIDEr", "ROUGE-L")
+    assert scoring.validation_metrics("NLTK-BLEU-2") == ("BLEU", "CIDEr", "NLTK-BLEU")
+
+
+def test_scoring_words_maps_the_packs_tokenizer(monkeypatch):
+    monkeypatch.setattr(scoring, "java_available", lambda: True)
+    assert scoring.scoring_words("ascii") == "ptb"  # eval: coco-caption's tokenizer, as published numbers
+    assert scoring.scoring_words("ascii", ptb=False) == "ascii"  # train's validation: no JVM every epoch
+    assert scoring.scoring_words("unicode") == scoring.scoring_words("unicode", ptb=False) == "unicode"
+    monkeypatch.setattr(scoring, "java_available", lambda: False)
+    assert scoring.scoring_words("ascii") == "ascii"
+    with pytest.raises(ValueError, match="words='simple'"):
+        scoring.score_captions(CAPTIONS, REFERENCES, words="simple")
+
+
+def test_a_metric_must_return_its_declared_keys():
+    @scoring.register_metric("BAD-KEYS", keys=["BAD-1"], default=False)
+    def bad(gts, res):
+        return {"BAD-2": 0.0}
+
+    try:
+        with pytest.raises(ValueError, match="'BAD-KEYS' returned \\['BAD-2'\\]"):
+            scoring.score_captions(CAPTIONS, REFERENCES, metrics=["BAD-KEYS"], words="ascii")
+    finally:
+        unregister("BAD-KEYS")
+
+
+def unregister(name: str) -> None:
+    """Undo a test's register_metric (the registry is module state shared by every test)."""
+    metric = scoring.METRICS.pop(name)
+    for key in metric.keys:
+        del scoring.SCORE_KEYS[key]
 
 
 # --------------------------------------------------------------------------------------------
@@ -189,7 +250,7 @@ def test_attention_fidelity_hits_and_chance():
         {"index": 1, "words": ["a", "red", "circle", "a", "blue", "square", "green", "circle", "red", "square"],
          "alphas": peaked([(0, 0), (0, 1), (3, 3), (0, 0), (0, 0), (2, 3), (0, 0), (0, 0), (0, 0), (0, 0)])},
     ]
-    result = evaluation.attention_fidelity(decoded, objects)
+    result = scoring.attention_fidelity(decoded, objects)
     assert set(result) == {"all", "1_objects", "2_objects"}
     assert result["1_objects"] == {"mentions": 1, "hit_noun": 1.0, "hit_noun_or_colour": 1.0, "chance": 0.25}
     assert result["2_objects"] == {"mentions": 2, "hit_noun": 0.5, "hit_noun_or_colour": 1.0,
@@ -203,10 +264,10 @@ def test_attention_fidelity_hits_and_chance():
 def test_attention_fidelity_miss_and_no_mentions():
     objects = {0: [{"color": "red", "shape": "circle", "box": TOP_LEFT}]}
     miss = [{"index": 0, "words": ["red", "circle"], "alphas": peaked([(2, 2), (3, 1)])}]
-    result = evaluation.attention_fidelity(miss, objects)
+    result = scoring.attention_fidelity(miss, objects)
     assert result["all"] == {"mentions": 1, "hit_noun": 0.0, "hit_noun_or_colour": 0.0, "chance": 0.25}
     nothing = [{"index": 0, "words": ["a", "circle", "red"], "alphas": peaked([(0, 0)] * 3)}]
-    assert evaluation.attention_fidelity(nothing, objects) == {}
+    assert scoring.attention_fidelity(nothing, objects) == {}
 
 
 @pytest.mark.parametrize("box,chance", [([0.0, 0.0, 1.0, 1.0], 1.0), ([0.0, 0.0, 0.3, 0.3], 1 / 16),
@@ -214,7 +275,7 @@ def test_attention_fidelity_miss_and_no_mentions():
 def test_attention_fidelity_chance_is_the_fraction_of_cell_centres_in_the_box(box, chance):
     objects = {0: [{"color": "red", "shape": "circle", "box": box}]}
     decoded = [{"index": 0, "words": ["red", "circle"], "alphas": peaked([(0, 0), (0, 0)])}]
-    assert evaluation.attention_fidelity(decoded, objects)["all"]["chance"] == pytest.approx(chance)
+    assert scoring.attention_fidelity(decoded, objects)["all"]["chance"] == pytest.approx(chance)
 
 
 # --------------------------------------------------------------------------------------------
@@ -270,7 +331,7 @@ def chain_checkpoint(path: Path, folder: Path) -> tuple[Path, str]:
 def test_eval_main_end_to_end(packed, tmp_path, capsys, shared_meteor):
     ckpt, sentence = chain_checkpoint(tmp_path / "chain.pt", packed)
     out = tmp_path / "results" / "test.json"
-    code = evaluation.main(["--checkpoint", str(ckpt), "--data-folder", str(packed), "--split", "test",
+    code = eval_cli.main(["--checkpoint", str(ckpt), "--data-folder", str(packed), "--split", "test",
                             "--beam-size", "2", "--batch-size", "2", "--max-len", "8", "--device", "cpu",
                             "--num-workers", "0", "--bleu", "nltk", "--out", str(out)])
     captured = capsys.readouterr()
@@ -306,7 +367,7 @@ def test_eval_main_end_to_end(packed, tmp_path, capsys, shared_meteor):
 @NEEDS_JAVA
 def test_eval_main_default_output_and_coco_only(packed, tmp_path, capsys, shared_meteor):
     ckpt, _ = chain_checkpoint(tmp_path / "run" / "best.pt", packed)
-    code = evaluation.main(["--checkpoint", str(ckpt), "--data-folder", str(packed), "--split", "val",
+    code = eval_cli.main(["--checkpoint", str(ckpt), "--data-folder", str(packed), "--split", "val",
                             "--beam-size", "1", "--max-len", "8", "--device", "cpu", "--num-workers", "1"])
     assert code == 0, capsys.readouterr().err
     results = json.loads((tmp_path / "run" / "val_beam1.json").read_text())
@@ -321,7 +382,7 @@ def test_eval_main_on_the_train_split(packed, tmp_path, capsys):
     """Train items carry no references for training; eval asks for them, so any split can be scored."""
     ckpt, _ = chain_checkpoint(tmp_path / "run" / "best.pt", packed)
     out = tmp_path / "train.json"
-    code = evaluation.main(["--checkpoint", str(ckpt), "--data-folder", str(packed), "--split", "train",
+    code = eval_cli.main(["--checkpoint", str(ckpt), "--data-folder", str(packed), "--split", "train",
                             "--beam-size", "1", "--max-len", "8", "--num-workers", "0", "--out", str(out)])
     assert code == 0, capsys.readouterr().err
     assert len(json.loads(out.read_text())) == 50
@@ -343,7 +404,7 @@ def test_eval_main_bad_checkpoint(kind, packed, tmp_path, capsys):
         ckpt.write_text("checkpoint: best\nepoch: 3\n")
     elif kind == "not ours":
         torch.save({"state_dict": {"w": torch.zeros(2)}}, ckpt)
-    code = evaluation.main(["--checkpoint", str(ckpt), "--data-folder", str(packed), "--device", "cpu",
+    code = eval_cli.main(["--checkpoint", str(ckpt), "--data-folder", str(packed), "--device", "cpu",
                             "--num-workers", "0"])
     captured = capsys.readouterr()
     assert code == 1
@@ -358,7 +419,7 @@ def test_eval_main_word_map_mismatch(packed, tmp_path, capsys):
     cfg = ModelConfig(encoder="resnet18", encoder_stages=2, enc_size=GRID, attention_dim=16, embed_dim=16,
                       decoder_dim=32, vocab_size=len(word_map))
     ckpt = write_checkpoint(tmp_path / "other.pt", build_model(cfg), cfg, word_map)
-    code = evaluation.main(["--checkpoint", str(ckpt), "--data-folder", str(packed), "--device", "cpu",
+    code = eval_cli.main(["--checkpoint", str(ckpt), "--data-folder", str(packed), "--device", "cpu",
                             "--num-workers", "0"])
     err = capsys.readouterr().err
     assert code == 1
@@ -367,21 +428,21 @@ def test_eval_main_word_map_mismatch(packed, tmp_path, capsys):
 
 def test_shuffled_references_are_a_fixed_derangement():
     references = {i: [f"caption of image {i}"] for i in range(10, 30)}
-    shuffled = evaluation.shuffled_references(references)
+    shuffled = scoring.shuffled_references(references)
     assert set(shuffled) == set(references)
     assert all(shuffled[i] != references[i] for i in references)  # no image keeps its own references
     assert sorted(map(tuple, shuffled.values())) == sorted(map(tuple, references.values()))  # a permutation
-    assert shuffled == evaluation.shuffled_references(references)  # fixed: the same every run
+    assert shuffled == scoring.shuffled_references(references)  # fixed: the same every run
     with pytest.raises(ValueError, match="at least 2"):
-        evaluation.shuffled_references({1: ["a"]})
+        scoring.shuffled_references({1: ["a"]})
 
 
 def test_caption_diversity_and_collapse_warning(capsys):
-    diversity = evaluation.caption_diversity(["a dog runs", "a dog runs", "a cat sits on a mat", "a dog runs"])
+    diversity = scoring.caption_diversity(["a dog runs", "a dog runs", "a cat sits on a mat", "a dog runs"])
     assert diversity == {"distinct_captions": 0.5, "vocab_used": 7, "mean_length": 3.75}
-    evaluation.warn_if_collapsed(diversity)
+    scoring.warn_if_collapsed(diversity)
     assert capsys.readouterr().err == ""
-    evaluation.warn_if_collapsed(evaluation.caption_diversity(["a man"] * 8 + ["a dog", "a cat"]))
+    scoring.warn_if_collapsed(scoring.caption_diversity(["a man"] * 8 + ["a dog", "a cat"]))
     assert capsys.readouterr().err == ""  # 30% distinct: no warning
-    evaluation.warn_if_collapsed(evaluation.caption_diversity(["a man"] * 19 + ["a dog"]))
+    scoring.warn_if_collapsed(scoring.caption_diversity(["a man"] * 19 + ["a dog"]))
     assert "warning: only 10% of the captions are distinct" in capsys.readouterr().err

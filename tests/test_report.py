@@ -16,10 +16,11 @@ import torch
 from conftest import pack_main, write_checkpoint
 from PIL import Image
 
-import eval as evaluation
+import eval as eval_cli
 import figures
 import scoring
 from config import ModelConfig
+from datasets import CaptionDataset
 from models import build_model
 from text import tokenize
 
@@ -43,7 +44,7 @@ def tiny_checkpoint(path: Path, folder: Path, seed: int = 0) -> Path:
 
 
 def run_eval(ckpt: Path, folder: Path, out: Path, *extra: str, split: str = "test") -> int:
-    return evaluation.main(["--checkpoint", str(ckpt), "--data-folder", str(folder), "--split", split,
+    return eval_cli.main(["--checkpoint", str(ckpt), "--data-folder", str(folder), "--split", split,
                             "--beam-size", "2", "--max-len", "6", "--device", "cpu", "--num-workers", "0",
                             "--out", str(out), *extra])
 
@@ -109,7 +110,7 @@ def test_per_image_scores_are_pycocoevalcaps():
                   2: ["a green triangle and a yellow circle", "two shapes"],
                   7: ["a purple diamond", "a purple diamond on a grey background"]}
     per_image: dict[int, dict[str, float]] = {}
-    corpus = evaluation.score_captions(captions, references, metrics=["BLEU", "CIDEr"], tokenizer="simple",
+    corpus = scoring.score_captions(captions, references, metrics=["BLEU", "CIDEr"], words="ascii",
                                        per_image=per_image)
     gts = {i: [" ".join(tokenize(r)) for r in references[i]] for i in captions}
     res = {i: [" ".join(tokenize(captions[i]))] for i in captions}
@@ -215,7 +216,7 @@ def test_report_limit_must_be_non_negative(shapes_folder, tmp_path, capsys):
 # SPICE
 # --------------------------------------------------------------------------------------------
 def test_spice_missing_says_what_in_one_line(shapes_folder, tmp_path, capsys):
-    missing = evaluation.spice_missing()
+    missing = scoring.spice_missing()
     assert missing is not None and "\n" not in missing
     assert missing.startswith("SPICE skipped: missing java") and "stanford-corenlp-3.6.0-models.jar" in missing
     ckpt = tiny_checkpoint(tmp_path / "tiny.pt", shapes_folder)
@@ -237,8 +238,6 @@ def test_spice_runs_when_its_jars_are_there(shapes_folder, tmp_path, capsys, mon
             seen["gts"], seen["res"] = gts, res
             return 0.25, [{"All": {"f": 0.25}}] * len(gts)
 
-    monkeypatch.setattr(evaluation, "spice_missing", lambda: None)
-
     monkeypatch.setattr(scoring, "spice_missing", lambda: None)
     monkeypatch.setattr(spice_module, "Spice", FakeSpice)
     ckpt = tiny_checkpoint(tmp_path / "tiny.pt", shapes_folder)
@@ -251,3 +250,45 @@ def test_spice_runs_when_its_jars_are_there(shapes_folder, tmp_path, capsys, mon
     seen.clear()
     assert run_eval(ckpt, shapes_folder, out, "--control", "none") == 0
     assert not seen and "SPICE" not in json.loads(out.with_name("test.metrics.json").read_text())
+
+
+# --------------------------------------------------------------------------------------------
+# A metric registered outside the library: eval scores it, the report and val_metric list it
+# --------------------------------------------------------------------------------------------
+@pytest.fixture
+def length_ratio():
+    """A metric defined here, not in scoring.py: caption length over mean reference length, per image."""
+
+    @scoring.register_metric("LENGTH", keys=["LENGTH-ratio"], per_image=["LENGTH-ratio"])
+    def length(gts: dict[Any, list[str]], res: dict[Any, list[str]]) -> scoring.Scored:
+        ratios = {i: len(res[i][0].split()) / max(np.mean([len(r.split()) for r in gts[i]]), 1) for i in gts}
+        return scoring.Scored({"LENGTH-ratio": float(np.mean(list(ratios.values())))},
+                              {i: {"LENGTH-ratio": r} for i, r in ratios.items()})
+
+    yield length
+    scoring.METRICS.pop("LENGTH")
+    del scoring.SCORE_KEYS["LENGTH-ratio"]
+
+
+def test_a_metric_registered_outside_the_library_reaches_eval_report_and_config(length_ratio, shapes_folder,
+                                                                                  tmp_path, capsys):
+    from config import Config
+
+    Config(val_metric="LENGTH-ratio").check()  # a valid val_metric as soon as it is registered
+    assert scoring.validation_metrics("LENGTH-ratio") == ("BLEU", "CIDEr", "LENGTH")
+    ckpt = tiny_checkpoint(tmp_path / "tiny.pt", shapes_folder)
+    out = tmp_path / "test.json"
+    assert run_eval(ckpt, shapes_folder, out, "--report", str(tmp_path / "report")) == 0, capsys.readouterr().err
+    assert "LENGTH-ratio" in capsys.readouterr().out  # eval's table
+    metrics = json.loads(out.with_name("test.metrics.json").read_text())
+    dataset = CaptionDataset(str(shapes_folder), "test")
+    ratios = [len(tokenize(r["caption"])) / max(np.mean([len(tokenize(t)) for t in dataset.references(r["index"])]), 1)
+              for r in json.loads(out.read_text())]  # no java here: the ascii rule splits the words
+    dataset.close()
+    assert metrics["LENGTH-ratio"] == pytest.approx(np.mean(ratios))
+    assert "shuffled_LENGTH-ratio" in metrics  # a default metric: in the control too
+    page = (tmp_path / "report" / "index.html").read_text()
+    corpus = page[page.index("Corpus metrics"):page.index("Does the model use the image?")]
+    assert f"<td>LENGTH-ratio</td><td class='num'>{metrics['LENGTH-ratio']:.4f}</td>" in corpus
+    assert "<th>CIDEr</th><th>BLEU-4</th><th>LENGTH-ratio</th>" in page  # a per-image column too
+    assert len(re.findall(r"<tr><td class='num'>\d+</td>", page)) == 3

@@ -10,7 +10,8 @@ from conftest import pack_main
 from PIL import Image
 
 import create_input_files
-import eval as evaluation
+import eval as eval_cli
+import scoring
 import trainer
 from datasets import CaptionDataset
 from text import tokenize
@@ -73,7 +74,7 @@ def test_pack_and_score_greek(greek, tmp_path, capsys):
 
     hyps = {1: "Ένα ΚΟΚΚΙΝΟ τετράγωνο.", 2: "ένα μπλε τετράγωνο", 3: "Το τετράγωνο είναι πράσινο"}
     refs = {i: [t.format(c=c) for t in TEMPLATES] for i, c in zip(hyps, ["κόκκινο", "πράσινο", "πράσινο"])}
-    scores = evaluation.score_captions(hyps, refs, tokenizer="unicode")
+    scores = scoring.score_captions(hyps, refs, words="unicode")
     assert "METEOR" not in scores
     assert "skipping METEOR" in capsys.readouterr().err
     gts = {i: [" ".join(tokenize(r, "unicode")) for r in refs[i]] for i in hyps}
@@ -88,7 +89,7 @@ def test_pack_and_score_greek(greek, tmp_path, capsys):
     torch.manual_seed(0)
     ckpt = write_checkpoint(tmp_path / "tiny.pt", build_model(cfg), cfg, word_map)
     out = tmp_path / "test.json"
-    code = evaluation.main(["--checkpoint", str(ckpt), "--data-folder", str(folder), "--beam-size", "1",
+    code = eval_cli.main(["--checkpoint", str(ckpt), "--data-folder", str(folder), "--beam-size", "1",
                             "--max-len", "5", "--num-workers", "0", "--out", str(out)])
     assert code == 0, capsys.readouterr().err
     metrics = json.loads(out.with_name("test.metrics.json").read_text())
@@ -105,8 +106,8 @@ def test_train_validates_with_the_packs_tokenizer(greek, tmp_path, monkeypatch):
                "--image-size", "32", "--min-word-freq", "1", "--workers", "1", "--tokenizer", "unicode",
                "--val-fraction", "0.25", "--test-fraction", "0.25", "--output-folder", str(folder)])
     used = []
-    score = evaluation.score_captions
-    monkeypatch.setattr(trainer, "score_captions", lambda *a, **k: used.append(k["tokenizer"]) or score(*a, **k))
+    score = scoring.score_captions
+    monkeypatch.setattr(trainer, "score_captions", lambda *a, **k: used.append(k["words"]) or score(*a, **k))
     assert train.main(["--config", "configs/shapes.yaml", f"data_folder={folder}", f"out_dir={tmp_path / 'run'}",
                        "epochs=1", "batch_size=2", "num_workers=0", "encoder_stages=1", "enc_size=2",
                        "attention_dim=8", "embed_dim=8", "decoder_dim=16", "max_len=6"]) == 0
