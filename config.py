@@ -24,9 +24,10 @@ from runtime import UserError, one_line
 # GPTConfig apart from its training globals). Each choice and bound is written once, in the field's
 # metadata and read by every `check`; choice lists that argparse also offers are named constants.
 # --------------------------------------------------------------------------------------------
-def option(default: Any, *, choices: Sequence[Any] | None = None, min: float | None = None,
+def option(default: Any = dataclasses.MISSING, *, choices: Sequence[Any] | None = None, min: float | None = None,
            max: float | None = None, above: float | None = None, below: float | None = None) -> Any:
-    """A config field with its valid values: choices, or bounds min <= x <= max, above < x < below."""
+    """A dataclass field with its valid values: choices, or bounds min <= x <= max, above < x < below.
+    Without a default the field is required (a command's required flag)."""
     # A registry (a dict) is kept as it is, so that names registered later are valid choices too.
     meta = {"choices": choices if isinstance(choices, dict) else tuple(choices) if choices else None,
             "min": min, "max": max, "above": above, "below": below}
@@ -35,9 +36,12 @@ def option(default: Any, *, choices: Sequence[Any] | None = None, min: float | N
 
 def check_fields(obj: Any, as_flags: bool = False) -> None:
     """Raise UserError naming the first field of dataclass `obj` outside its declared choices or bounds,
-    as `config key` or, with as_flags, as the command-line flag `--key`."""
+    as `config key` or, with as_flags, as the command-line flag `--key`. None (unset, the owner fills in
+    its default later) is not checked."""
     for f in fields(obj):
         value, meta = getattr(obj, f.name), f.metadata
+        if value is None:
+            continue
         label = f"--{f.name.replace('_', '-')}" if as_flags else f"config {f.name}"
         if "choices" in meta and value not in meta["choices"]:
             raise UserError(f"{label}={value!r} is not one of {', '.join(map(str, meta['choices']))}")

@@ -39,8 +39,10 @@ import numpy as np
 
 from datasets import SPLITS, load_image
 from filesafety import check_writable
+from config import check_fields, option
 from progress import progress_bar
 from runtime import UserError, one_line, run_cli
+from shapes import DEFAULT_IMAGE_SIZE as DEFAULT_SHAPES_IMAGE_SIZE
 from shapes import MIN_IMAGE_SIZE as MIN_SHAPES_IMAGE_SIZE
 from shapes import generate_image, shape_filename
 from text import SPECIAL_TOKENS, TOKENIZERS, tokenize
@@ -49,7 +51,6 @@ KARPATHY_DATASETS = ("flickr8k", "flickr30k", "coco")
 DATASETS = KARPATHY_DATASETS + ("custom", "shapes")
 FINAL_FILES = tuple(f"{s}.h5" for s in SPLITS) + ("word_map.json", "dataset.json")
 DEFAULT_IMAGE_SIZE = 256
-DEFAULT_SHAPES_IMAGE_SIZE = 96
 DEFAULT_SHAPES_NUM_IMAGES = 6000
 SOURCE_INPUTS = {  # what each dataset is read from; it must not be given the others
     **{name: ("karpathy_json", "image_folder") for name in KARPATHY_DATASETS},
@@ -62,39 +63,53 @@ _SKIP_HINT = " (use --skip-bad-images to skip such images)"
 
 @dataclass
 class PackOptions:
-    """What to pack and how. main() builds it once from the command line; Python callers build it
-    directly. None means the dataset's default, filled in by `resolved`."""
+    """What to pack and how: one field per command-line flag, with its default, choices and bounds.
+    main() builds it from the command line; Python callers build it directly. None means the
+    dataset's default, filled in by `resolved`."""
 
-    dataset: str  # flickr8k | flickr30k | coco (Karpathy JSON) | custom (captions file) | shapes (generated)
-    output_folder: str  # gets {train,val,test}.h5, word_map.json and dataset.json
+    dataset: str = option(choices=DATASETS)  # Karpathy JSON, custom captions file, or generated shapes
+    output_folder: str = option()  # gets {train,val,test}.h5, word_map.json and dataset.json
     karpathy_json: str | None = None  # flickr8k, flickr30k, coco: the Karpathy split JSON
     captions_file: str | None = None  # custom: CSV with an image,caption header, or Flickr token.txt
     image_folder: str | None = None  # the folder image file names are relative to (all but shapes)
-    image_size: int | None = None  # stored side S; None: 256, or 96 for shapes (drawn natively at S)
-    captions_per_image: int = 5  # captions stored per image: a seeded sample, or all plus seeded repeats
-    min_word_freq: int = 5  # train-split count for a word to enter the vocabulary
-    max_len: int = 50  # longer captions are truncated to this many words
-    num_images: int | None = None  # shapes only; None: 6000
-    val_fraction: float | None = None  # custom, shapes: share of images in val; None: 0.1, shapes 1/12
-    test_fraction: float | None = None  # custom, shapes: share in test; None: 0.1, shapes 1/12 (500 of 6000)
-    seed: int = 0  # seeds caption sampling, the custom split and the shapes images
-    tokenizer: str = "ascii"  # ascii (English) | unicode (letters of any script); eval scores with the same
-    num_workers: int | None = None  # image decoding processes; None: the CPUs this process may use
+    image_size: int | None = option(None, min=1)  # stored side S; None: 256, or 96 for shapes (drawn natively at S)
+    captions_per_image: int = option(5, min=1)  # stored per image: a seeded sample, or all plus seeded repeats
+    min_word_freq: int = option(5, min=1)  # train-split count for a word to enter the vocabulary
+    max_len: int = option(50, min=1)  # longer captions are truncated to this many words
+    num_images: int | None = option(None, min=1)  # shapes only; None: 6000
+    val_fraction: float | None = option(None, min=0.0, below=1.0)  # custom, shapes: share of images in val
+    test_fraction: float | None = option(None, min=0.0, below=1.0)  # custom, shapes: share in test
+    seed: int = option(0, min=0)  # seeds caption sampling, the custom split and the shapes images
+    tokenizer: str = option("ascii", choices=TOKENIZERS)  # eval scores with the pack's tokenizer
+    num_workers: int | None = option(None, min=1)  # image decoding processes; None: the CPUs this process may use
     skip_bad_images: bool = False  # skip (and count) unreadable or caption-less images instead of stopping
     allow_split_overlap: bool = False  # Karpathy JSON: allow one image in two splits (refused by default)
     force: bool = False  # overwrite an existing packed dataset
 
     def resolved(self) -> PackOptions:
-        """A copy with the dataset's defaults in place of None; raises UserError naming a bad value.
+        """A copy with the dataset's defaults in place of None; raises UserError naming a bad flag.
 
-        The one place where the choices and bounds of packing are checked, for the command line and
-        Python callers alike.
+        The one place where packing options are checked, for the command line and Python callers alike.
         """
-        if self.dataset not in DATASETS:
-            raise UserError(f"dataset {self.dataset!r} is not one of {', '.join(DATASETS)}")
-        if self.tokenizer not in TOKENIZERS:
-            raise UserError(f"tokenizer {self.tokenizer!r} is not one of {', '.join(TOKENIZERS)}")
+        if self.dataset == "shapes" and self.image_size is not None and self.image_size < MIN_SHAPES_IMAGE_SIZE:
+            raise UserError(f"--image-size={self.image_size} must be >= {MIN_SHAPES_IMAGE_SIZE} for --dataset shapes")
+        check_fields(self, as_flags=True)
+        self._check_sources()
         shapes = self.dataset == "shapes"
+        fraction = {"shapes": 1 / 12, "custom": 0.1}.get(self.dataset)  # None: the Karpathy JSON splits
+        defaults = {"image_size": DEFAULT_SHAPES_IMAGE_SIZE if shapes else DEFAULT_IMAGE_SIZE,
+                    "num_images": DEFAULT_SHAPES_NUM_IMAGES if shapes else None,
+                    "val_fraction": fraction, "test_fraction": fraction, "num_workers": _available_cpus()}
+        options = dataclasses.replace(self, **{k: v for k, v in defaults.items() if getattr(self, k) is None})
+        if fraction is not None and not options.val_fraction + options.test_fraction < 1:
+            raise UserError(f"--val-fraction={options.val_fraction} and --test-fraction={options.test_fraction} "
+                            "must sum to < 1")
+        if options.image_folder and not os.path.isdir(options.image_folder):
+            raise UserError(f"{options.image_folder}: image folder not found")
+        return options
+
+    def _check_sources(self) -> None:
+        """Each dataset is read from its own inputs (SOURCE_INPUTS) and refuses the others' flags."""
         for name in ("karpathy_json", "captions_file", "image_folder"):
             flag, needed = "--" + name.replace("_", "-"), name in SOURCE_INPUTS[self.dataset]
             if needed and not getattr(self, name):
@@ -104,26 +119,8 @@ class PackOptions:
         if self.dataset in KARPATHY_DATASETS and (self.val_fraction is not None or self.test_fraction is not None):
             raise UserError(f"--dataset {self.dataset} takes its split from the Karpathy JSON; "
                             "drop --val/--test-fraction")
-        if not shapes and self.num_images is not None:
+        if self.dataset != "shapes" and self.num_images is not None:
             raise UserError("--num-images applies to --dataset shapes only")
-        fraction = {"shapes": 1 / 12, "custom": 0.1}.get(self.dataset)  # None: the Karpathy JSON splits
-        defaults = {"image_size": DEFAULT_SHAPES_IMAGE_SIZE if shapes else DEFAULT_IMAGE_SIZE,
-                    "num_images": DEFAULT_SHAPES_NUM_IMAGES if shapes else None,
-                    "val_fraction": fraction, "test_fraction": fraction, "num_workers": _available_cpus()}
-        options = dataclasses.replace(self, **{k: v for k, v in defaults.items() if getattr(self, k) is None})
-        for name, value, low in (("captions per image", options.captions_per_image, 1),
-                                 ("max len", options.max_len, 1), ("min word freq", options.min_word_freq, 1),
-                                 ("image size", options.image_size, MIN_SHAPES_IMAGE_SIZE if shapes else 1),
-                                 ("num images", options.num_images, 1), ("num workers", options.num_workers, 1),
-                                 ("seed", options.seed, 0)):
-            if value is not None and value < low:
-                raise UserError(f"{name} must be >= {low}, got {value}")
-        val, test = options.val_fraction, options.test_fraction
-        if fraction is not None and not (0 <= val < 1 and 0 <= test < 1 and val + test < 1):
-            raise UserError(f"val fraction {val} and test fraction {test} must be >= 0 and sum to < 1")
-        if options.image_folder and not os.path.isdir(options.image_folder):
-            raise UserError(f"{options.image_folder}: image folder not found")
-        return options
 
 
 def _available_cpus() -> int:
@@ -250,7 +247,7 @@ def read_karpathy(json_path: str, image_folder: str, tokenizer: str = "ascii", a
         split = {"restval": "train"}.get(split, split) if isinstance(split, str) else None
         if split not in SPLITS:
             raise UserError(f"{json_path}: images[{n}] ({entry['filename']}) has split {entry.get('split')!r}, "
-                            "expected train, restval, val or test")
+                            f"expected restval or one of {', '.join(SPLITS)}")
         sentences = entry.get("sentences", [])
         if not isinstance(sentences, list) or not all(
             isinstance(sentence, dict) and isinstance(sentence.get("tokens", []), list) for sentence in sentences

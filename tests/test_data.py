@@ -267,12 +267,14 @@ def test_python_entry_point_and_options(tmp_path: Path) -> None:
     custom = PackOptions(dataset="custom", output_folder="x", captions_file="c.csv", image_folder=str(tmp_path))
     assert (custom.resolved().image_size, custom.resolved().val_fraction) == (256, 0.1)
     assert custom.resolved().num_workers >= 1
-    bad = {"dataset": ("mnist", "dataset 'mnist' is not one of flickr8k, flickr30k, coco, custom, shapes"),
-           "captions_per_image": (0, "captions per image must be >= 1, got 0"),
-           "image_size": (31, "image size must be >= 32, got 31"),  # the shapes generator's own bound
-           "seed": (-1, "seed must be >= 0, got -1"),
-           "num_workers": (0, "num workers must be >= 1, got 0"),
-           "val_fraction": (float("nan"), "must be >= 0 and sum to < 1"),
+    bad = {"dataset": ("mnist", "--dataset='mnist' is not one of flickr8k, flickr30k, coco, custom, shapes"),
+           "tokenizer": ("nltk", "--tokenizer='nltk' is not one of ascii, unicode"),
+           "captions_per_image": (0, "--captions-per-image=0 must be >= 1"),
+           "image_size": (31, "--image-size=31 must be >= 32 for --dataset shapes"),  # the generator's own bound
+           "seed": (-1, "--seed=-1 must be >= 0"),
+           "num_workers": (0, "--num-workers=0 must be >= 1"),
+           "val_fraction": (float("nan"), "--val-fraction=nan must be a finite number"),
+           "test_fraction": (1.0, "--test-fraction=1.0 must be < 1.0"),
            "karpathy_json": ("k.json", "--dataset shapes does not use --karpathy-json")}
     for name, (value, message) in bad.items():
         with pytest.raises(UserError, match=re.escape(message)):
@@ -290,8 +292,8 @@ def test_cli_flags_map_onto_pack_options() -> None:
 
 def test_debug_flag_shows_the_traceback(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     argv = ["--dataset", "shapes", "--output-folder", str(tmp_path / "o"), "--max-len", "0"]
-    assert packer.main(argv) == 1 and "error: max len must be >= 1, got 0" in capsys.readouterr().err
-    with pytest.raises(UserError, match="max len must be >= 1"):
+    assert packer.main(argv) == 1 and "error: --max-len=0 must be >= 1" in capsys.readouterr().err
+    with pytest.raises(UserError, match="--max-len=0 must be >= 1"):
         packer.main(argv + ["--debug"])
 
 
