@@ -75,7 +75,7 @@ class PackOptions:
     image_size: int | None = option(None, min=1)  # stored side S; None: 256, or 96 for shapes (drawn natively at S)
     captions_per_image: int = option(5, min=1)  # stored per image: a seeded sample, or all plus seeded repeats
     min_word_freq: int = option(5, min=1)  # train-split count for a word to enter the vocabulary
-    max_len: int = option(50, min=1)  # longer captions are truncated to this many words
+    max_caption_words: int = option(50, min=1)  # longer captions are truncated to this many words
     num_images: int | None = option(None, min=1)  # shapes only; None: 6000
     val_fraction: float | None = option(None, min=0.0, below=1.0)  # custom, shapes: share of images in val
     test_fraction: float | None = option(None, min=0.0, below=1.0)  # custom, shapes: share in test
@@ -402,10 +402,10 @@ def choose_captions(num_captions: int, captions_per_image: int, seed: int, key: 
     return list(range(num_captions)) + [int(i) for i in repeats]
 
 
-def encode_caption(tokens: Sequence[str], word_map: dict[str, int], max_len: int) -> tuple[list[int], int]:
-    """<start> w1..wn <end> <pad>... (length max_len + 2) and n + 2; callers truncate to max_len first."""
+def encode_caption(tokens: Sequence[str], word_map: dict[str, int], max_words: int) -> tuple[list[int], int]:
+    """<start> w1..wn <end> <pad>... (length max_words + 2) and n + 2; callers truncate to max_words first."""
     ids = [word_map["<start>"]] + [word_map.get(w, word_map["<unk>"]) for w in tokens] + [word_map["<end>"]]
-    return ids + [word_map["<pad>"]] * (max_len + 2 - len(ids)), len(ids)
+    return ids + [word_map["<pad>"]] * (max_words + 2 - len(ids)), len(ids)
 
 
 # --------------------------------------------------------------------------------------------
@@ -457,8 +457,8 @@ def _write_images(tmp_path: str, split: str, records: list[Record], options: Pac
 def _write_captions(tmp_path: str, split: str, records: list[Record], word_map: dict[str, int],
                     options: PackOptions) -> None:
     """Add captions, caplens, references, filenames, attrs (and the shapes extras) to a split file."""
-    captions_per_image, max_len = options.captions_per_image, options.max_len
-    num_rows, width = len(records) * captions_per_image, max_len + 2
+    captions_per_image, max_words = options.captions_per_image, options.max_caption_words
+    num_rows, width = len(records) * captions_per_image, max_words + 2
     captions = np.zeros((num_rows, width), dtype=np.int32)
     caplens = np.zeros(num_rows, dtype=np.int32)
     shapes = options.dataset == "shapes"
@@ -467,9 +467,9 @@ def _write_captions(tmp_path: str, split: str, records: list[Record], word_map: 
         chosen = choose_captions(len(record.tokens), captions_per_image, options.seed, record.filename)
         for j, c in enumerate(chosen):
             row = i * captions_per_image + j
-            captions[row], caplens[row] = encode_caption(record.tokens[c][:max_len], word_map, max_len)
+            captions[row], caplens[row] = encode_caption(record.tokens[c][:max_words], word_map, max_words)
             if shapes:
-                named = record.word_objects[c][:max_len]
+                named = record.word_objects[c][:max_words]
                 word_objects[row, 1:1 + len(named)] = named  # column 0 is <start>
     text = h5py.string_dtype("utf-8")
     num_images = len(records)
@@ -485,7 +485,7 @@ def _write_captions(tmp_path: str, split: str, records: list[Record], word_map: 
             h5.create_dataset("objects", data=[json.dumps(r.objects) for r in records], dtype=text,
                               shape=(num_images,))
             h5.create_dataset("word_objects", data=word_objects)
-        h5.attrs.update({"captions_per_image": captions_per_image, "max_len": max_len,
+        h5.attrs.update({"captions_per_image": captions_per_image, "max_caption_words": max_words,
                          "image_size": options.image_size, "dataset": options.dataset, "split": split,
                          "tokenizer": options.tokenizer})
 
@@ -494,7 +494,7 @@ def pack(records: dict[str, list[Record]], options: PackOptions) -> dict[str, An
     """Write {train,val,test}.h5, word_map.json and dataset.json for `records`; return the summary.
 
     `options` must be resolved (`PackOptions.resolved`; create_input_files does it). Captions longer
-    than max_len tokens are truncated to max_len (Karpathy-style code drops them instead, which can
+    than max_caption_words tokens are truncated to that many (Karpathy-style code drops them instead, which can
     leave an image with no caption). The vocabulary counts the train split only. A bad image
     (missing, empty, truncated, not an image, too large) or an image without captions raises
     UserError naming it before any final file is written, unless skip_bad_images.
@@ -526,13 +526,13 @@ def pack(records: dict[str, list[Record]], options: PackOptions) -> dict[str, An
             records[split] = _write_images(tmp[split], split, records[split], options, skipped)
         if not records["train"]:
             raise UserError("no training images left to pack")
-        word_map = build_word_map((t[:options.max_len] for r in records["train"] for t in r.tokens),
+        word_map = build_word_map((t[:options.max_caption_words] for r in records["train"] for t in r.tokens),
                                   options.min_word_freq)
         for split in SPLITS:
             _write_captions(tmp[split], split, records[split], word_map, options)
         summary = {"dataset": options.dataset, "splits": {s: len(records[s]) for s in SPLITS},
                    "vocab_size": len(word_map), "captions_per_image": options.captions_per_image,
-                   "max_len": options.max_len, "image_size": options.image_size,
+                   "max_caption_words": options.max_caption_words, "image_size": options.image_size,
                    "min_word_freq": options.min_word_freq, "seed": options.seed, "tokenizer": options.tokenizer,
                    "skipped_images": len(skipped),
                    "skipped": skipped}
@@ -603,7 +603,7 @@ def get_args_parser() -> argparse.ArgumentParser:
         help=f"stored image side ({DEFAULT_IMAGE_SIZE}; {DEFAULT_SHAPES_IMAGE_SIZE} for shapes)")
     add("--captions-per-image", type=int, help="captions stored per image (sampled)")
     add("--min-word-freq", type=int, help="train-split count for a word to enter the vocabulary")
-    add("--max-len", type=int, help="longer captions are truncated to this many words")
+    add("--max-caption-words", type=int, help="longer captions are truncated to this many words")
     add("--num-images", type=int, help=f"shapes: number of images ({DEFAULT_SHAPES_NUM_IMAGES})")
     add("--val-fraction", type=float, help="custom/shapes: share of images in val (0.1; shapes 1/12)")
     add("--test-fraction", type=float, help="custom/shapes: share of images in test (0.1; shapes 1/12)")

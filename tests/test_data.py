@@ -78,7 +78,7 @@ def tiny_karpathy(tmp_path: Path, write_image: Callable[..., Path]) -> dict[str,
         karpathy_entry("t1.jpg", "train", ["a dog runs", "a black dog"], "train2014"),  # 2 captions: topped up
         karpathy_entry("t2.png", "train", COMMON + ["a dog", "the grass"], "train2014"),  # 7: sampled down
         karpathy_entry("t3.jpg", "train", ["A dog runs on the grass , and the dog runs far away ."] + COMMON[:4],
-                       "train2014"),  # 12 words: truncated with --max-len 8
+                       "train2014"),  # 12 words: truncated with --max-caption-words 8
         karpathy_entry("r0.jpg", "restval", COMMON, "val2014"),
         karpathy_entry("v0.jpg", "val", ["a zebra on the grass", "a zebra runs", "zebra", "a zebra", "the zebra"],
                        "val2014"),
@@ -194,7 +194,7 @@ def test_pack_shapes_layout_and_round_trip(shapes_folder: Path) -> None:
         num_images, captions_per_image = summary["splits"][split], 5
         assert set(packed) == {"images", "captions", "caplens", "references", "filenames", "objects", "word_objects",
                                "attrs"}
-        assert packed["attrs"] == {"captions_per_image": 5, "max_len": 50, "image_size": 48, "dataset": "shapes",
+        assert packed["attrs"] == {"captions_per_image": 5, "max_caption_words": 50, "image_size": 48, "dataset": "shapes",
                                    "split": split, "tokenizer": "ascii"}
         assert packed["images"].shape == (num_images, 3, 48, 48) and packed["images"].dtype == np.uint8
         assert packed["captions"].shape == (num_images * captions_per_image, 52)
@@ -291,9 +291,9 @@ def test_cli_flags_map_onto_pack_options() -> None:
 
 
 def test_debug_flag_shows_the_traceback(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    argv = ["--dataset", "shapes", "--output-folder", str(tmp_path / "o"), "--max-len", "0"]
-    assert packer.main(argv) == 1 and "error: --max-len=0 must be >= 1" in capsys.readouterr().err
-    with pytest.raises(UserError, match="--max-len=0 must be >= 1"):
+    argv = ["--dataset", "shapes", "--output-folder", str(tmp_path / "o"), "--max-caption-words", "0"]
+    assert packer.main(argv) == 1 and "error: --max-caption-words=0 must be >= 1" in capsys.readouterr().err
+    with pytest.raises(UserError, match="--max-caption-words=0 must be >= 1"):
         packer.main(argv + ["--debug"])
 
 
@@ -302,13 +302,13 @@ def test_debug_flag_shows_the_traceback(tmp_path: Path, capsys: pytest.CaptureFi
 # --------------------------------------------------------------------------------------------
 def test_karpathy_json_subfolders_restval_vocab_and_sampling(tiny_karpathy: dict[str, Any], pack) -> None:
     source = tiny_karpathy
-    pack(karpathy_args(source, "--min-word-freq", "1", "--max-len", "8", "--seed", "5"))
+    pack(karpathy_args(source, "--min-word-freq", "1", "--max-caption-words", "8", "--seed", "5"))
     out = source["out"]
     word_map = load_word_map(out / "word_map.json")
     rev = {i: w for w, i in word_map.items()}
     assert "zebra" not in word_map and "giraffe" not in word_map and "sofa" not in word_map  # val/test-only words
     assert {"dog", "grass", "runs", "and"} <= set(word_map)  # "and" only in the first 8 words of t3's long caption
-    assert "far" not in word_map and "away" not in word_map  # only past max_len
+    assert "far" not in word_map and "away" not in word_map  # only past --max-caption-words
     train, val, test = (read_h5(out / f"{s}.h5") for s in SPLITS)
     assert train["filenames"] == ["train2014/t0.jpg", "train2014/t1.jpg", "train2014/t2.png", "train2014/t3.jpg",
                                   "val2014/r0.jpg"]  # restval counts as train
@@ -332,7 +332,7 @@ def test_karpathy_json_subfolders_restval_vocab_and_sampling(tiny_karpathy: dict
     t3 = train["filenames"].index("train2014/t3.jpg")
     assert 10 in train["caplens"][5 * t3:5 * t3 + 5]  # the 12-word caption is truncated to 8 (+2)
     # the same inputs and seed give the same bytes; another seed samples differently
-    pack(karpathy_args(source, "--min-word-freq", "1", "--max-len", "8", "--seed", "5", "--output-folder",
+    pack(karpathy_args(source, "--min-word-freq", "1", "--max-caption-words", "8", "--seed", "5", "--output-folder",
                        str(out.parent / "again")))
     assert np.array_equal(read_h5(out.parent / "again" / "train.h5")["captions"], train["captions"])
 
@@ -563,8 +563,8 @@ def test_choose_captions() -> None:
 # --------------------------------------------------------------------------------------------
 def test_caption_dataset_items(shapes_folder: Path) -> None:
     dataset = CaptionDataset(str(shapes_folder), "val")
-    sizes = (len(dataset), dataset.num_images, dataset.captions_per_image, dataset.max_len, dataset.image_size)
-    assert sizes == (3, 3, 5, 50, 48)
+    sizes = (len(dataset), dataset.num_images, dataset.captions_per_image, dataset.image_size)
+    assert sizes == (3, 3, 5, 48)
     raw = read_h5(shapes_folder / "val.h5")
     item = dataset[1]
     assert item["image"].dtype == torch.float32 and item["image"].shape == (3, 48, 48)
@@ -594,6 +594,18 @@ def test_caption_dataset_errors(shapes_folder: Path, tmp_path: Path, tiny_karpat
         del h5["references"]
     with pytest.raises(ValueError, match="val.h5: lacks references"):
         CaptionDataset(str(out), "val")
+
+
+def test_packs_with_the_old_max_len_attribute_still_load(shapes_folder: Path, tmp_path: Path) -> None:
+    """Packs written before --max-caption-words store the same value as the attribute "max_len"."""
+    old = tmp_path / "old"
+    old.mkdir()
+    for path in shapes_folder.iterdir():
+        (old / path.name).write_bytes(path.read_bytes())
+    with h5py.File(old / "val.h5", "a") as h5:
+        h5.attrs["max_len"] = h5.attrs.pop("max_caption_words")
+    assert datasets.check_packed(str(old), "val")["max_caption_words"] == 50
+    assert CaptionDataset(str(old), "val")[0]["captions"].shape == (5, 52)
 
 
 def check_loader(dataset: CaptionDataset, **kwargs: Any) -> None:
