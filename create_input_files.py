@@ -8,8 +8,8 @@ datasets.CaptionDataset reads what this writes. Sources:
     --dataset custom --captions-file FILE --image-folder DIR   (CSV `image,caption` or Flickr token.txt)
     --dataset shapes [--num-images N]                           (built-in synthetic data, see shapes.py)
 
-Every image is decoded and validated (in parallel, streamed into temporary `*.h5.tmp` files) before
-any final file is written; the final names appear by rename at the very end, dataset.json last.
+Every image is decoded and validated (in parallel, streamed into temp files named as filesafety names
+them) before any final file is written; the final names appear by rename at the very end, dataset.json last.
 From Python: `create_input_files(PackOptions(dataset="shapes", output_folder="data/shapes"))`.
 """
 from __future__ import annotations
@@ -32,13 +32,14 @@ from concurrent.futures.process import BrokenProcessPool
 from contextlib import closing
 from dataclasses import dataclass, field, fields
 from itertools import islice
+from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import h5py
 import numpy as np
 
 from datasets import SPLITS, load_image
-from filesafety import check_writable
+from filesafety import _temporary_beside, check_writable, remove_stale_temporaries
 from config import check_fields, option
 from progress import progress_bar
 from runtime import UserError, one_line, run_cli
@@ -49,7 +50,7 @@ from text import SPECIAL_TOKENS, TOKENIZERS, tokenize
 
 KARPATHY_DATASETS = ("flickr8k", "flickr30k", "coco")
 DATASETS = KARPATHY_DATASETS + ("custom", "shapes")
-FINAL_FILES = tuple(f"{s}.h5" for s in SPLITS) + ("word_map.json", "dataset.json")
+FINAL_FILES = tuple(f"{s}.h5" for s in SPLITS) + ("word_map.json", "dataset.json")  # renamed in this order
 DEFAULT_IMAGE_SIZE = 256
 DEFAULT_SHAPES_NUM_IMAGES = 6000
 SOURCE_INPUTS = {  # what each dataset is read from; it must not be given the others
@@ -138,7 +139,6 @@ class Record:
     index: int = -1  # shapes: image index
     image_id: int | None = None  # the dataset's own image id (COCO's `cocoid`), stored as image_ids when all have one
     objects: list[dict[str, Any]] | None = None  # shapes only
-    word_objects: list[list[int]] | None = None  # shapes only, aligned with `tokens`
 
     def add_caption(self, text: str, tokens: list[str]) -> None:
         """Keep a caption only if it has a word: an empty or punctuation-only one is dropped."""
@@ -163,9 +163,8 @@ def _decode_job(job: tuple[str, int]) -> Result:
 
 def _shapes_job(job: tuple[int, int, int]) -> Result:
     seed, index, image_size = job
-    image, objects, tokens, word_objects = generate_image(seed, index, image_size)
-    extra = {"objects": objects, "tokens": tokens, "references": [" ".join(t) for t in tokens],
-             "word_objects": word_objects}
+    image, objects, tokens, _ = generate_image(seed, index, image_size)
+    extra = {"objects": objects, "tokens": tokens, "references": [" ".join(t) for t in tokens]}
     return np.asarray(image, dtype=np.uint8).transpose(2, 0, 1).copy(), None, extra  # (3, S, S)
 
 
@@ -418,7 +417,7 @@ def _skip_or_raise(problem: str, options: PackOptions, skipped: list[str]) -> No
     skipped.append(problem)
 
 
-def _write_images(tmp_path: str, split: str, records: list[Record], options: PackOptions,
+def _write_images(tmp_path: Path, split: str, records: list[Record], options: PackOptions,
                   skipped: list[str]) -> list[Record]:
     """Decode (in parallel, in order) and stream images into tmp_path; return the records kept."""
     size = options.image_size
@@ -454,23 +453,18 @@ def _write_images(tmp_path: str, split: str, records: list[Record], options: Pac
     return kept
 
 
-def _write_captions(tmp_path: str, split: str, records: list[Record], word_map: dict[str, int],
+def _write_captions(tmp_path: Path, split: str, records: list[Record], word_map: dict[str, int],
                     options: PackOptions) -> None:
-    """Add captions, caplens, references, filenames, attrs (and the shapes extras) to a split file."""
+    """Add captions, caplens, references, filenames, attrs (and the shapes objects) to a split file."""
     captions_per_image, max_words = options.captions_per_image, options.max_caption_words
-    num_rows, width = len(records) * captions_per_image, max_words + 2
-    captions = np.zeros((num_rows, width), dtype=np.int32)
+    num_rows = len(records) * captions_per_image
+    captions = np.zeros((num_rows, max_words + 2), dtype=np.int32)
     caplens = np.zeros(num_rows, dtype=np.int32)
-    shapes = options.dataset == "shapes"
-    word_objects = np.full((num_rows, width), -1, dtype=np.int8)  # written for shapes only
     for i, record in enumerate(records):
         chosen = choose_captions(len(record.tokens), captions_per_image, options.seed, record.filename)
         for j, c in enumerate(chosen):
             row = i * captions_per_image + j
             captions[row], caplens[row] = encode_caption(record.tokens[c][:max_words], word_map, max_words)
-            if shapes:
-                named = record.word_objects[c][:max_words]
-                word_objects[row, 1:1 + len(named)] = named  # column 0 is <start>
     text = h5py.string_dtype("utf-8")
     num_images = len(records)
     with h5py.File(tmp_path, "a") as h5:
@@ -481,10 +475,9 @@ def _write_captions(tmp_path: str, split: str, records: list[Record], word_map: 
         h5.create_dataset("filenames", data=[r.filename for r in records], dtype=text, shape=(num_images,))
         if records and all(r.image_id is not None for r in records):  # else eval keys results by file name
             h5.create_dataset("image_ids", data=np.array([r.image_id for r in records], dtype=np.int64))
-        if shapes:
+        if options.dataset == "shapes":  # the boxes eval scores attention against
             h5.create_dataset("objects", data=[json.dumps(r.objects) for r in records], dtype=text,
                               shape=(num_images,))
-            h5.create_dataset("word_objects", data=word_objects)
         h5.attrs.update({"captions_per_image": captions_per_image, "max_caption_words": max_words,
                          "image_size": options.image_size, "dataset": options.dataset, "split": split,
                          "tokenizer": options.tokenizer})
@@ -494,77 +487,72 @@ def pack(records: dict[str, list[Record]], options: PackOptions) -> dict[str, An
     """Write {train,val,test}.h5, word_map.json and dataset.json for `records`; return the summary.
 
     `options` must be resolved (`PackOptions.resolved`; create_input_files does it). Captions longer
-    than max_caption_words tokens are truncated to that many (Karpathy-style code drops them instead, which can
-    leave an image with no caption). The vocabulary counts the train split only. A bad image
+    than max_caption_words tokens are truncated to that many (Karpathy-style code drops them instead,
+    which can leave an image with no caption). The vocabulary counts the train split only. A bad image
     (missing, empty, truncated, not an image, too large) or an image without captions raises
     UserError naming it before any final file is written, unless skip_bad_images.
-    """
-    output_folder = options.output_folder
-    check_writable(output_folder, "the packed dataset")
-    existing = [f for f in FINAL_FILES if os.path.exists(os.path.join(output_folder, f))]
-    # No dataset.json but temp files of ours: what a killed pack left, nothing to protect.
-    unfinished = "dataset.json" not in existing and any(
-        os.path.exists(os.path.join(output_folder, f"{name}.tmp")) for name in FINAL_FILES)
-    if existing and not (options.force or unfinished):
-        raise UserError(f"{output_folder}: already has {', '.join(existing)}; use --force to overwrite")
-    skipped: list[str] = []
 
+    All or nothing: every file is staged under filesafety's temp name beside its final name, and the
+    set is renamed into place only once all of it is written (`_rename_into_place`).
+    """
+    folder = Path(options.output_folder)
+    _claim_output_folder(folder, options.force)
+    skipped: list[str] = []
+    records = _prechecked(records, options, skipped)
+    created = not folder.is_dir()
+    staged: dict[str, Path] = {}  # final file name -> its temp file
+    try:
+        for split in SPLITS:
+            staged[f"{split}.h5"] = _temporary_beside(folder / f"{split}.h5")
+            records[split] = _write_images(staged[f"{split}.h5"], split, records[split], options, skipped)
+        if not records["train"]:
+            raise UserError("no training images left to pack")
+        word_map = build_word_map((t[:options.max_caption_words] for r in records["train"] for t in r.tokens),
+                                  options.min_word_freq)
+        for split in SPLITS:
+            _write_captions(staged[f"{split}.h5"], split, records[split], word_map, options)
+        summary = _summary(records, word_map, options, skipped)
+        for name, content in (("word_map.json", word_map), ("dataset.json", summary)):
+            staged[name] = _temporary_beside(folder / name)
+            with open(staged[name], "x", encoding="utf-8") as f:
+                f.write(json.dumps(content, indent=1) + "\n")
+        _rename_into_place(folder, staged)
+    except OSError as e:  # images are read by load_image, which names its file: this is the output side
+        _remove_staged(staged, folder, created)
+        raise UserError(f"{folder}: cannot write ({e.strerror or one_line(e)})") from e
+    except BaseException:
+        _remove_staged(staged, folder, created)
+        raise
+    return summary
+
+
+def _claim_output_folder(folder: Path, force: bool) -> None:
+    """Refuse to overwrite a pack without --force, before any work. A folder without dataset.json but
+    with temp files of a pack is what a killed pack left: nothing to protect, so it is redone and its
+    temp files removed. (Packs have no folder lock: two packs into one folder would clash anyway.)"""
+    check_writable(folder, "the packed dataset")
+    existing = [name for name in FINAL_FILES if (folder / name).exists()]
+    leftovers = [p for name in FINAL_FILES for p in (*folder.glob(f".{name}.*.tmp"), folder / f"{name}.tmp")
+                 if p.is_file()]  # NAME.tmp: the temp name of packs written before filesafety's
+    if existing and not (force or ("dataset.json" not in existing and leftovers)):
+        raise UserError(f"{folder}: already has {', '.join(existing)}; use --force to overwrite")
+    if folder.is_dir():
+        remove_stale_temporaries(folder)
+        for path in leftovers:
+            path.unlink(missing_ok=True)
+
+
+def _prechecked(records: dict[str, list[Record]], options: PackOptions,
+                skipped: list[str]) -> dict[str, list[Record]]:
+    """The records that pass the checks needing no decoding, so that a missing file in test.h5 is
+    reported before hours of decoding (or skipped, with skip_bad_images)."""
     def keep(record: Record) -> bool:
         problem = _precheck(record)
         if problem is not None:
             _skip_or_raise(problem, options, skipped)
         return problem is None
 
-    # Cheap checks first, so that a missing file in test.h5 is reported before hours of decoding.
-    records = {split: [r for r in records[split] if keep(r)] for split in SPLITS}
-
-    created = not os.path.isdir(output_folder)
-    tmp = {s: os.path.join(output_folder, f"{s}.h5.tmp") for s in SPLITS}
-    try:
-        os.makedirs(output_folder, exist_ok=True)
-        for split in SPLITS:
-            records[split] = _write_images(tmp[split], split, records[split], options, skipped)
-        if not records["train"]:
-            raise UserError("no training images left to pack")
-        word_map = build_word_map((t[:options.max_caption_words] for r in records["train"] for t in r.tokens),
-                                  options.min_word_freq)
-        for split in SPLITS:
-            _write_captions(tmp[split], split, records[split], word_map, options)
-        summary = {"dataset": options.dataset, "splits": {s: len(records[s]) for s in SPLITS},
-                   "vocab_size": len(word_map), "captions_per_image": options.captions_per_image,
-                   "max_caption_words": options.max_caption_words, "image_size": options.image_size,
-                   "min_word_freq": options.min_word_freq, "seed": options.seed, "tokenizer": options.tokenizer,
-                   "skipped_images": len(skipped),
-                   "skipped": skipped}
-        # Every new file is complete (in its temp) before the old pack is touched: a full disk fails here,
-        # with an older pack intact. Then dataset.json, which marks a complete folder, goes first and
-        # comes back last; renames need no space.
-        for name, content in (("word_map.json", word_map), ("dataset.json", summary)):
-            tmp[name] = os.path.join(output_folder, f"{name}.tmp")
-            with open(tmp[name], "w", encoding="utf-8") as f:
-                f.write(json.dumps(content, indent=1) + "\n")
-        if os.path.exists(os.path.join(output_folder, "dataset.json")):
-            os.remove(os.path.join(output_folder, "dataset.json"))
-        for split in SPLITS:
-            os.replace(tmp[split], os.path.join(output_folder, f"{split}.h5"))
-        os.replace(tmp["word_map.json"], os.path.join(output_folder, "word_map.json"))
-        os.replace(tmp["dataset.json"], os.path.join(output_folder, "dataset.json"))
-    except OSError as e:  # images are read by load_image, which names its file: this is the output side
-        _remove_temporary(tmp, output_folder, created)
-        raise UserError(f"{output_folder}: cannot write ({e.strerror or one_line(e)})") from e
-    except BaseException:
-        _remove_temporary(tmp, output_folder, created)
-        raise
-    return summary
-
-
-def _remove_temporary(tmp: dict[str, str], output_folder: str, created: bool) -> None:
-    """Leave the output folder as it was: no *.h5.tmp, and no folder if this run created it."""
-    for path in tmp.values():
-        if os.path.exists(path):
-            os.remove(path)
-    if created and os.path.isdir(output_folder) and not os.listdir(output_folder):
-        os.rmdir(output_folder)
+    return {split: [r for r in records[split] if keep(r)] for split in SPLITS}
 
 
 def _precheck(record: Record) -> str | None:
@@ -578,6 +566,33 @@ def _precheck(record: Record) -> str | None:
     if os.path.getsize(record.path) == 0:
         return f"{record.path}: empty file"
     return None
+
+
+def _summary(records: dict[str, list[Record]], word_map: dict[str, int], options: PackOptions,
+             skipped: list[str]) -> dict[str, Any]:
+    """dataset.json: what was packed and how (written last, it marks a finished pack)."""
+    return {"dataset": options.dataset, "splits": {s: len(records[s]) for s in SPLITS},
+            "vocab_size": len(word_map), "captions_per_image": options.captions_per_image,
+            "max_caption_words": options.max_caption_words, "image_size": options.image_size,
+            "min_word_freq": options.min_word_freq, "seed": options.seed, "tokenizer": options.tokenizer,
+            "skipped_images": len(skipped), "skipped": skipped}
+
+
+def _rename_into_place(folder: Path, staged: dict[str, Path]) -> None:
+    """Rename the staged set over the old pack. Every new file is complete before the old pack is
+    touched, so a full disk fails earlier with the older pack intact; renames need no space. dataset.json,
+    which marks a complete folder, goes first and comes back last (FINAL_FILES ends with it)."""
+    (folder / "dataset.json").unlink(missing_ok=True)
+    for name in FINAL_FILES:
+        os.replace(staged[name], folder / name)
+
+
+def _remove_staged(staged: dict[str, Path], folder: Path, created: bool) -> None:
+    """Leave the output folder as it was: no temp files, and no folder if this run created it."""
+    for path in staged.values():
+        path.unlink(missing_ok=True)
+    if created and folder.is_dir() and not any(folder.iterdir()):
+        folder.rmdir()
 
 
 def create_input_files(options: PackOptions) -> dict[str, Any]:

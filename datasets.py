@@ -221,7 +221,7 @@ class CaptionDataset(Dataset):
         return state
 
     def _caption_rows(self, i: int) -> slice:
-        """Rows of image i in the per-caption datasets (captions, caplens, word_objects)."""
+        """Rows of image i in the per-caption datasets (captions, caplens)."""
         return slice(i * self.captions_per_image, (i + 1) * self.captions_per_image)
 
     def __len__(self) -> int:
@@ -272,13 +272,6 @@ class CaptionDataset(Dataset):
     def objects(self, i: int) -> list[dict[str, Any]] | None:
         """Shapes only: [{"color", "shape", "box": [x0, y0, x1, y1] as fractions}] of image i; else None."""
         return json.loads(self._file()["objects"].asstr()[i]) if self.has_objects else None
-
-    def word_objects(self, i: int) -> torch.Tensor | None:
-        """Shapes only: (captions_per_image, T) index of the object each caption token names (-1: none),
-        for image i; else None."""
-        if not self.has_objects:
-            return None
-        return torch.from_numpy(self._file()["word_objects"][self._caption_rows(i)].astype(np.int64))
 
     def close(self) -> None:
         if self._h5 is not None and self._pid == os.getpid():
