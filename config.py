@@ -281,6 +281,7 @@ def parse_overrides(overrides: Sequence[str]) -> dict[str, str]:
 
 
 def apply_overrides(cfg: Config, overrides: Sequence[str]) -> Config:
+    """`cfg` with `key=value` strings applied, each converted to its field's type."""
     parsed = {key: _parse_value(key, text, getattr(cfg, key)) for key, text in parse_overrides(overrides).items()}
     return config_from_dict(parsed, cfg, source="overrides")
 

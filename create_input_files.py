@@ -38,9 +38,9 @@ from typing import Any, Callable, Iterable, Iterator, Sequence
 import h5py
 import numpy as np
 
+from config import check_fields, option
 from datasets import SPLITS, load_image
 from filesafety import _temporary_beside, check_writable, remove_stale_temporaries
-from config import check_fields, option
 from progress import progress_bar
 from runtime import UserError, one_line, run_cli
 from shapes import DEFAULT_IMAGE_SIZE as DEFAULT_SHAPES_IMAGE_SIZE
@@ -154,6 +154,7 @@ Result = tuple[np.ndarray | None, str | None, dict[str, Any] | None]  # (image, 
 
 
 def _decode_job(job: tuple[str, int]) -> Result:
+    """Decode one image file; a bad file is returned as its one-line problem, for skip or stop."""
     path, image_size = job
     try:
         return load_image(path, image_size), None, None
@@ -162,6 +163,7 @@ def _decode_job(job: tuple[str, int]) -> Result:
 
 
 def _shapes_job(job: tuple[int, int, int]) -> Result:
+    """Draw one shapes image; its captions and objects come back with it."""
     seed, index, image_size = job
     image, objects, tokens, _ = generate_image(seed, index, image_size)
     extra = {"objects": objects, "tokens": tokens, "references": [" ".join(t) for t in tokens]}
@@ -218,14 +220,23 @@ def _inside_image_folder(name: str, source: str) -> str:
 
 def read_karpathy(json_path: str, image_folder: str, tokenizer: str = "ascii", allow_split_overlap: bool = False
                   ) -> dict[str, list[Record]]:
-    """Records per split from a Karpathy-split JSON; `restval` counts as train. Captions use the JSON's
-    `tokens` with the ascii tokenizer, and are tokenised from `raw` with the unicode one. An integer
-    `cocoid` becomes the record's image_id (what COCO results files are keyed by).
+    """Records per split from a Karpathy-split JSON; `restval` counts as train. An image listed in two
+    splits is refused unless allow_split_overlap: a model would be scored on an image it trained on."""
+    splits: dict[str, list[Record]] = {s: [] for s in SPLITS}
+    split_of: dict[str, str] = {}  # image -> the split it was first seen in
+    for n, entry in enumerate(_read_karpathy_images(json_path)):
+        where = f"{json_path}: images[{n}]"
+        split, record = _karpathy_record(entry, where, image_folder, tokenizer)
+        seen = split_of.setdefault(os.path.normpath(record.filename), split)
+        if seen != split and not allow_split_overlap:
+            raise UserError(f"{where} ({record.filename}) is in both {seen} and {split}: a model would be "
+                            "scored on an image it trained on; use --allow-split-overlap to pack it anyway")
+        splits[split].append(record)
+    return splits
 
-    The image is image_folder/filepath/filename when `filepath` is given (COCO: train2014/...),
-    falling back to image_folder/filename when that file does not exist (for JSON files whose
-    filepath names the image folder itself, e.g. "images").
-    """
+
+def _read_karpathy_images(json_path: str) -> list[Any]:
+    """The 'images' list of a Karpathy-split JSON, or UserError naming the file."""
     try:
         with open(json_path, encoding="utf-8-sig") as f:
             data = json.load(f)
@@ -237,43 +248,46 @@ def read_karpathy(json_path: str, image_folder: str, tokenizer: str = "ascii", a
         raise UserError(f"{json_path}: cannot read ({e.strerror or e})") from None
     if not isinstance(data, dict) or not isinstance(data.get("images"), list):
         raise UserError(f"{json_path}: expected a Karpathy-split JSON object with an 'images' list")
-    splits: dict[str, list[Record]] = {s: [] for s in SPLITS}
-    split_of: dict[str, str] = {}  # image -> the split it was first seen in
-    for n, entry in enumerate(data["images"]):
-        if not isinstance(entry, dict) or not isinstance(entry.get("filename"), str):
-            raise UserError(f"{json_path}: images[{n}] lacks a 'filename'")
-        split = entry.get("split")
-        split = {"restval": "train"}.get(split, split) if isinstance(split, str) else None
-        if split not in SPLITS:
-            raise UserError(f"{json_path}: images[{n}] ({entry['filename']}) has split {entry.get('split')!r}, "
-                            f"expected restval or one of {', '.join(SPLITS)}")
-        sentences = entry.get("sentences", [])
-        if not isinstance(sentences, list) or not all(
-            isinstance(sentence, dict) and isinstance(sentence.get("tokens", []), list) for sentence in sentences
-        ):
-            raise UserError(f"{json_path}: images[{n}] ({entry['filename']}) has no valid 'sentences' list "
-                            "(each a dict with 'raw' text and/or a 'tokens' list)")
-        if not isinstance(entry.get("filepath") or "", str):
-            raise UserError(f"{json_path}: images[{n}] ({entry['filename']}) has a non-text 'filepath'")
-        filename = _inside_image_folder(os.path.join(entry.get("filepath") or "", entry["filename"]),
-                                        f"{json_path}: images[{n}]")
-        if not os.path.isfile(os.path.join(image_folder, filename)) and \
-                os.path.isfile(os.path.join(image_folder, entry["filename"])):
-            filename = entry["filename"]
-        cocoid = entry.get("cocoid")
-        record = Record(filename=filename, path=os.path.join(image_folder, filename),
-                        image_id=cocoid if isinstance(cocoid, int) and not isinstance(cocoid, bool) else None)
-        for sentence in sentences:  # "tokens", when present, is a list (checked above)
-            words = [str(t) for t in sentence.get("tokens", [])]
-            text = str(sentence.get("raw", " ".join(words))).strip()
-            use_json_tokens = "tokens" in sentence and tokenizer == "ascii"
-            record.add_caption(text, [w.lower() for w in words] if use_json_tokens else tokenize(text, tokenizer))
-        seen = split_of.setdefault(os.path.normpath(filename), split)
-        if seen != split and not allow_split_overlap:
-            raise UserError(f"{json_path}: images[{n}] ({filename}) is in both {seen} and {split}: a model would be "
-                            "scored on an image it trained on; use --allow-split-overlap to pack it anyway")
-        splits[split].append(record)
-    return splits
+    return data["images"]
+
+
+def _karpathy_record(entry: Any, where: str, image_folder: str, tokenizer: str) -> tuple[str, Record]:
+    """(split, record) of one Karpathy JSON entry, checked field by field.
+
+    Captions use the JSON's `tokens` with the ascii tokenizer, and are tokenised from `raw` with the
+    unicode one. An integer `cocoid` becomes the image_id (what COCO results files are keyed by). The
+    image is image_folder/filepath/filename when `filepath` is given (COCO: train2014/...), falling
+    back to image_folder/filename when that file does not exist (for JSON files whose filepath names
+    the image folder itself, e.g. "images").
+    """
+    if not isinstance(entry, dict) or not isinstance(entry.get("filename"), str):
+        raise UserError(f"{where} lacks a 'filename'")
+    split = entry.get("split")
+    split = {"restval": "train"}.get(split, split) if isinstance(split, str) else None
+    if split not in SPLITS:
+        raise UserError(f"{where} ({entry['filename']}) has split {entry.get('split')!r}, "
+                        f"expected restval or one of {', '.join(SPLITS)}")
+    sentences = entry.get("sentences", [])
+    if not isinstance(sentences, list) or not all(
+        isinstance(sentence, dict) and isinstance(sentence.get("tokens", []), list) for sentence in sentences
+    ):
+        raise UserError(f"{where} ({entry['filename']}) has no valid 'sentences' list "
+                        "(each a dict with 'raw' text and/or a 'tokens' list)")
+    if not isinstance(entry.get("filepath") or "", str):
+        raise UserError(f"{where} ({entry['filename']}) has a non-text 'filepath'")
+    filename = _inside_image_folder(os.path.join(entry.get("filepath") or "", entry["filename"]), where)
+    if not os.path.isfile(os.path.join(image_folder, filename)) and \
+            os.path.isfile(os.path.join(image_folder, entry["filename"])):
+        filename = entry["filename"]
+    cocoid = entry.get("cocoid")
+    record = Record(filename=filename, path=os.path.join(image_folder, filename),
+                    image_id=cocoid if isinstance(cocoid, int) and not isinstance(cocoid, bool) else None)
+    for sentence in sentences:  # "tokens", when present, is a list (checked above)
+        words = [str(t) for t in sentence.get("tokens", [])]
+        text = str(sentence.get("raw", " ".join(words))).strip()
+        use_json_tokens = "tokens" in sentence and tokenizer == "ascii"
+        record.add_caption(text, [w.lower() for w in words] if use_json_tokens else tokenize(text, tokenizer))
+    return split, record
 
 
 def read_captions_file(path: str) -> dict[str, list[str]]:
@@ -341,6 +355,7 @@ def split_names(names: Sequence[str], val_fraction: float, test_fraction: float,
 
 def read_custom(captions_file: str, image_folder: str, val_fraction: float, test_fraction: float,
                 seed: int, tokenizer: str = "ascii") -> dict[str, list[Record]]:
+    """Records per split from a captions file: the split is a seeded draw over the image names."""
     captions = read_captions_file(captions_file)
     if not captions:
         raise UserError(f"{captions_file}: no captions found")
@@ -606,6 +621,7 @@ def create_input_files(options: PackOptions) -> dict[str, Any]:
 
 
 def get_args_parser() -> argparse.ArgumentParser:
+    """One flag per PackOptions field, with the field's default and choices."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     add = parser.add_argument
@@ -639,6 +655,7 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """The command line: pack, then print one summary line; errors are one `error:` line (exit 1)."""
     args = get_args_parser().parse_args(argv)
     options = PackOptions(**{f.name: getattr(args, f.name) for f in fields(PackOptions)})
 

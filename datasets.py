@@ -187,7 +187,7 @@ class CaptionDataset(Dataset):
     """
 
     def __init__(self, data_folder: str, split: str, transform: Callable[[torch.Tensor], torch.Tensor] | None = None,
-                 with_references: bool | None = None, features: str | os.PathLike[str] | None = None):
+                 with_references: bool | None = None, features: str | os.PathLike[str] | None = None) -> None:
         info = check_packed(data_folder, split)
         self.path = os.path.join(data_folder, f"{split}.h5")
         self.split = split

@@ -133,7 +133,7 @@ def _captions(objects: list[dict[str, Any]], pixel_boxes: list[tuple[int, int, i
         listing + [("on", -1), ("a", -1), ("grey", -1), ("background", -1)],
     ]
     if num_objects == 1:
-        return out + [[("a", -1), ("single", -1), (objects[0]["color"], 0), (objects[0]["shape"], 0)]]  # a single
+        return out + [[("a", -1), ("single", -1), (objects[0]["color"], 0), (objects[0]["shape"], 0)]]
 
     def left_of(a: int, b: int) -> bool:
         return pixel_boxes[a][2] + gap <= pixel_boxes[b][0]
