@@ -25,9 +25,10 @@ from scoring import SCORE_KEYS
 # GPTConfig apart from its training globals). Each choice and bound is written once, in the field's
 # metadata and read by every `check`; choice lists that argparse also offers are named constants.
 # --------------------------------------------------------------------------------------------
-def option(default: Any, *, choices: Sequence[Any] | None = None, min: float | None = None,
+def option(default: Any = dataclasses.MISSING, *, choices: Sequence[Any] | None = None, min: float | None = None,
            max: float | None = None, above: float | None = None, below: float | None = None) -> Any:
-    """A config field with its valid values: choices, or bounds min <= x <= max, above < x < below."""
+    """A dataclass field with its valid values: choices, or bounds min <= x <= max, above < x < below.
+    Without a default the field is required (a command's required flag)."""
     # A registry (a dict) is kept as it is, so that names registered later are valid choices too.
     meta = {"choices": choices if isinstance(choices, dict) else tuple(choices) if choices else None,
             "min": min, "max": max, "above": above, "below": below}
@@ -36,9 +37,12 @@ def option(default: Any, *, choices: Sequence[Any] | None = None, min: float | N
 
 def check_fields(obj: Any, as_flags: bool = False) -> None:
     """Raise UserError naming the first field of dataclass `obj` outside its declared choices or bounds,
-    as `config key` or, with as_flags, as the command-line flag `--key`."""
+    as `config key` or, with as_flags, as the command-line flag `--key`. None (unset, the owner fills in
+    its default later) is not checked."""
     for f in fields(obj):
         value, meta = getattr(obj, f.name), f.metadata
+        if value is None:
+            continue
         label = f"--{f.name.replace('_', '-')}" if as_flags else f"config {f.name}"
         if "choices" in meta and value not in meta["choices"]:
             raise UserError(f"{label}={value!r} is not one of {', '.join(map(str, meta['choices']))}")
@@ -110,7 +114,7 @@ class TrainConfig:
     ds_reduction: str = option("mean", choices=("sum", "mean"))  # sum: paper's formula | mean: sum / L
     # Not in the paper (off by default): weight of an auxiliary loss that trains the encoder to tell which
     # words an image's captions use, from its mean annotation vector; a stand-in for the ImageNet
-    # pretraining a random-init encoder lacks (see train.ConceptHead and configs/flickr8k_cpu.yaml).
+    # pretraining a random-init encoder lacks (see losses.ConceptHead and configs/flickr8k_cpu.yaml).
     concept_loss_weight: float = option(0.0, min=0.0)
 
     # --- hard attention (Sec. 4.1; defaults follow the paper and the original Theano code) ---
@@ -216,22 +220,48 @@ def config_from_dict(values: dict[str, Any], base: Config | None = None, source:
     return cfg
 
 
+def _read_yaml(path: Path) -> dict[str, Any]:
+    """One config file's own mapping, or UserError naming the file."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            values = yaml.safe_load(f) or {}
+    except FileNotFoundError:
+        raise UserError(f"{path}: config file not found") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise UserError(f"{path}: cannot read the config file ({one_line(e)})") from None
+    except yaml.YAMLError as e:
+        raise UserError(f"{path}: not valid YAML ({one_line(e)})") from None
+    if not isinstance(values, dict):
+        raise UserError(f"{path}: expected a mapping of key: value")
+    return values
+
+
+def _config_files(path: Path, including: tuple[Path, ...] = ()) -> list[tuple[Path, dict[str, Any]]]:
+    """(file, its own values) for `path` and its `base:` chain, the deepest base first.
+
+    Why `base:`: a variant (coco_hard.yaml) states only what differs from the config it varies, so a
+    change to the shared settings is made once. The base's path is relative to the including file.
+    """
+    values = _read_yaml(path)
+    if "base" not in values:
+        return [(path, values)]
+    base = values.pop("base")
+    if not isinstance(base, str) or not base:
+        raise UserError(f"{path}: base must be a file name, got {base!r}")
+    base_path = path.parent / base
+    chain = (*including, path)
+    if any(base_path.resolve() == p.resolve() for p in chain):
+        raise UserError(f"{path}: base files form a cycle: {' -> '.join(map(str, (*chain, base_path)))}")
+    if not base_path.is_file():
+        raise UserError(f"{path}: base {base_path} not found")
+    return [*_config_files(base_path, chain), (path, values)]
+
+
 def load_config(path: str | None, overrides: Sequence[str] = ()) -> Config:
-    """Defaults <- YAML file <- `key=value` overrides, then checked."""
+    """Defaults <- YAML file (after its `base:` files, recursively) <- `key=value` overrides, then checked."""
     cfg = Config()
-    if path:
-        try:
-            with open(path, encoding="utf-8") as f:
-                values = yaml.safe_load(f) or {}
-        except FileNotFoundError:
-            raise UserError(f"{path}: config file not found") from None
-        except (OSError, UnicodeDecodeError) as e:
-            raise UserError(f"{path}: cannot read the config file ({one_line(e)})") from None
-        except yaml.YAMLError as e:
-            raise UserError(f"{path}: not valid YAML ({one_line(e)})") from None
-        if not isinstance(values, dict):
-            raise UserError(f"{path}: expected a mapping of key: value")
-        cfg = config_from_dict(values, cfg, source=path)
+    for file, values in _config_files(Path(path)) if path else ():
+        cfg = config_from_dict(values, cfg, source=str(file))
     cfg = apply_overrides(cfg, overrides)
     cfg.check()
     return cfg
@@ -246,17 +276,19 @@ def parse_overrides(overrides: Sequence[str]) -> dict[str, str]:
             raise UserError(f"override {item!r}: expected key=value")
         key = key.lstrip("-").replace("-", "_")
         if key not in USER_KEYS:
-            raise UserError(f"override {item!r}: unknown key {key!r} (see utils.Config for the valid keys)")
+            raise UserError(f"override {item!r}: unknown key {key!r} (see config.py for the valid keys)")
         parsed[key] = text
     return parsed
 
 
 def apply_overrides(cfg: Config, overrides: Sequence[str]) -> Config:
+    """`cfg` with `key=value` strings applied, each converted to its field's type."""
     parsed = {key: _parse_value(key, text, getattr(cfg, key)) for key, text in parse_overrides(overrides).items()}
     return config_from_dict(parsed, cfg, source="overrides")
 
 
 def save_config(cfg: Config, path: str | Path) -> None:
-    """The resolved config as YAML that `--config` reads back (derived keys such as vocab_size left out)."""
+    """The resolved config as YAML that `--config` reads back: every key, no `base:`, so a run's
+    config.yaml says all it was trained with (derived keys such as vocab_size left out)."""
     values = {key: getattr(cfg, key) for key in USER_KEYS}
     atomic_write_text(path, yaml.safe_dump(values, sort_keys=False))

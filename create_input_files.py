@@ -8,8 +8,8 @@ datasets.CaptionDataset reads what this writes. Sources:
     --dataset custom --captions-file FILE --image-folder DIR   (CSV `image,caption` or Flickr token.txt)
     --dataset shapes [--num-images N]                           (built-in synthetic data, see shapes.py)
 
-Every image is decoded and validated (in parallel, streamed into temporary `*.h5.tmp` files) before
-any final file is written; the final names appear by rename at the very end, dataset.json last.
+Every image is decoded and validated (in parallel, streamed into temp files named as filesafety names
+them) before any final file is written; the final names appear by rename at the very end, dataset.json last.
 From Python: `create_input_files(PackOptions(dataset="shapes", output_folder="data/shapes"))`.
 """
 from __future__ import annotations
@@ -32,24 +32,26 @@ from concurrent.futures.process import BrokenProcessPool
 from contextlib import closing
 from dataclasses import dataclass, field, fields
 from itertools import islice
+from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import h5py
 import numpy as np
 
+from config import check_fields, option
 from datasets import SPLITS, load_image
-from filesafety import check_writable
+from filesafety import _temporary_beside, check_writable, remove_stale_temporaries
 from progress import progress_bar
 from runtime import UserError, one_line, run_cli
+from shapes import DEFAULT_IMAGE_SIZE as DEFAULT_SHAPES_IMAGE_SIZE
 from shapes import MIN_IMAGE_SIZE as MIN_SHAPES_IMAGE_SIZE
 from shapes import generate_image, shape_filename
 from text import SPECIAL_TOKENS, TOKENIZERS, tokenize
 
 KARPATHY_DATASETS = ("flickr8k", "flickr30k", "coco")
 DATASETS = KARPATHY_DATASETS + ("custom", "shapes")
-FINAL_FILES = tuple(f"{s}.h5" for s in SPLITS) + ("word_map.json", "dataset.json")
+FINAL_FILES = tuple(f"{s}.h5" for s in SPLITS) + ("word_map.json", "dataset.json")  # renamed in this order
 DEFAULT_IMAGE_SIZE = 256
-DEFAULT_SHAPES_IMAGE_SIZE = 96
 DEFAULT_SHAPES_NUM_IMAGES = 6000
 SOURCE_INPUTS = {  # what each dataset is read from; it must not be given the others
     **{name: ("karpathy_json", "image_folder") for name in KARPATHY_DATASETS},
@@ -62,39 +64,53 @@ _SKIP_HINT = " (use --skip-bad-images to skip such images)"
 
 @dataclass
 class PackOptions:
-    """What to pack and how. main() builds it once from the command line; Python callers build it
-    directly. None means the dataset's default, filled in by `resolved`."""
+    """What to pack and how: one field per command-line flag, with its default, choices and bounds.
+    main() builds it from the command line; Python callers build it directly. None means the
+    dataset's default, filled in by `resolved`."""
 
-    dataset: str  # flickr8k | flickr30k | coco (Karpathy JSON) | custom (captions file) | shapes (generated)
-    output_folder: str  # gets {train,val,test}.h5, word_map.json and dataset.json
+    dataset: str = option(choices=DATASETS)  # Karpathy JSON, custom captions file, or generated shapes
+    output_folder: str = option()  # gets {train,val,test}.h5, word_map.json and dataset.json
     karpathy_json: str | None = None  # flickr8k, flickr30k, coco: the Karpathy split JSON
     captions_file: str | None = None  # custom: CSV with an image,caption header, or Flickr token.txt
     image_folder: str | None = None  # the folder image file names are relative to (all but shapes)
-    image_size: int | None = None  # stored side S; None: 256, or 96 for shapes (drawn natively at S)
-    captions_per_image: int = 5  # captions stored per image: a seeded sample, or all plus seeded repeats
-    min_word_freq: int = 5  # train-split count for a word to enter the vocabulary
-    max_len: int = 50  # longer captions are truncated to this many words
-    num_images: int | None = None  # shapes only; None: 6000
-    val_fraction: float | None = None  # custom, shapes: share of images in val; None: 0.1, shapes 1/12
-    test_fraction: float | None = None  # custom, shapes: share in test; None: 0.1, shapes 1/12 (500 of 6000)
-    seed: int = 0  # seeds caption sampling, the custom split and the shapes images
-    tokenizer: str = "ascii"  # ascii (English) | unicode (letters of any script); eval scores with the same
-    num_workers: int | None = None  # image decoding processes; None: the CPUs this process may use
+    image_size: int | None = option(None, min=1)  # stored side S; None: 256, or 96 for shapes (drawn natively at S)
+    captions_per_image: int = option(5, min=1)  # stored per image: a seeded sample, or all plus seeded repeats
+    min_word_freq: int = option(5, min=1)  # train-split count for a word to enter the vocabulary
+    max_caption_words: int = option(50, min=1)  # longer captions are truncated to this many words
+    num_images: int | None = option(None, min=1)  # shapes only; None: 6000
+    val_fraction: float | None = option(None, min=0.0, below=1.0)  # custom, shapes: share of images in val
+    test_fraction: float | None = option(None, min=0.0, below=1.0)  # custom, shapes: share in test
+    seed: int = option(0, min=0)  # seeds caption sampling, the custom split and the shapes images
+    tokenizer: str = option("ascii", choices=TOKENIZERS)  # eval scores with the pack's tokenizer
+    num_workers: int | None = option(None, min=1)  # image decoding processes; None: the CPUs this process may use
     skip_bad_images: bool = False  # skip (and count) unreadable or caption-less images instead of stopping
     allow_split_overlap: bool = False  # Karpathy JSON: allow one image in two splits (refused by default)
     force: bool = False  # overwrite an existing packed dataset
 
     def resolved(self) -> PackOptions:
-        """A copy with the dataset's defaults in place of None; raises UserError naming a bad value.
+        """A copy with the dataset's defaults in place of None; raises UserError naming a bad flag.
 
-        The one place where the choices and bounds of packing are checked, for the command line and
-        Python callers alike.
+        The one place where packing options are checked, for the command line and Python callers alike.
         """
-        if self.dataset not in DATASETS:
-            raise UserError(f"dataset {self.dataset!r} is not one of {', '.join(DATASETS)}")
-        if self.tokenizer not in TOKENIZERS:
-            raise UserError(f"tokenizer {self.tokenizer!r} is not one of {', '.join(TOKENIZERS)}")
+        if self.dataset == "shapes" and self.image_size is not None and self.image_size < MIN_SHAPES_IMAGE_SIZE:
+            raise UserError(f"--image-size={self.image_size} must be >= {MIN_SHAPES_IMAGE_SIZE} for --dataset shapes")
+        check_fields(self, as_flags=True)
+        self._check_sources()
         shapes = self.dataset == "shapes"
+        fraction = {"shapes": 1 / 12, "custom": 0.1}.get(self.dataset)  # None: the Karpathy JSON splits
+        defaults = {"image_size": DEFAULT_SHAPES_IMAGE_SIZE if shapes else DEFAULT_IMAGE_SIZE,
+                    "num_images": DEFAULT_SHAPES_NUM_IMAGES if shapes else None,
+                    "val_fraction": fraction, "test_fraction": fraction, "num_workers": _available_cpus()}
+        options = dataclasses.replace(self, **{k: v for k, v in defaults.items() if getattr(self, k) is None})
+        if fraction is not None and not options.val_fraction + options.test_fraction < 1:
+            raise UserError(f"--val-fraction={options.val_fraction} and --test-fraction={options.test_fraction} "
+                            "must sum to < 1")
+        if options.image_folder and not os.path.isdir(options.image_folder):
+            raise UserError(f"{options.image_folder}: image folder not found")
+        return options
+
+    def _check_sources(self) -> None:
+        """Each dataset is read from its own inputs (SOURCE_INPUTS) and refuses the others' flags."""
         for name in ("karpathy_json", "captions_file", "image_folder"):
             flag, needed = "--" + name.replace("_", "-"), name in SOURCE_INPUTS[self.dataset]
             if needed and not getattr(self, name):
@@ -104,26 +120,8 @@ class PackOptions:
         if self.dataset in KARPATHY_DATASETS and (self.val_fraction is not None or self.test_fraction is not None):
             raise UserError(f"--dataset {self.dataset} takes its split from the Karpathy JSON; "
                             "drop --val/--test-fraction")
-        if not shapes and self.num_images is not None:
+        if self.dataset != "shapes" and self.num_images is not None:
             raise UserError("--num-images applies to --dataset shapes only")
-        fraction = {"shapes": 1 / 12, "custom": 0.1}.get(self.dataset)  # None: the Karpathy JSON splits
-        defaults = {"image_size": DEFAULT_SHAPES_IMAGE_SIZE if shapes else DEFAULT_IMAGE_SIZE,
-                    "num_images": DEFAULT_SHAPES_NUM_IMAGES if shapes else None,
-                    "val_fraction": fraction, "test_fraction": fraction, "num_workers": _available_cpus()}
-        options = dataclasses.replace(self, **{k: v for k, v in defaults.items() if getattr(self, k) is None})
-        for name, value, low in (("captions per image", options.captions_per_image, 1),
-                                 ("max len", options.max_len, 1), ("min word freq", options.min_word_freq, 1),
-                                 ("image size", options.image_size, MIN_SHAPES_IMAGE_SIZE if shapes else 1),
-                                 ("num images", options.num_images, 1), ("num workers", options.num_workers, 1),
-                                 ("seed", options.seed, 0)):
-            if value is not None and value < low:
-                raise UserError(f"{name} must be >= {low}, got {value}")
-        val, test = options.val_fraction, options.test_fraction
-        if fraction is not None and not (0 <= val < 1 and 0 <= test < 1 and val + test < 1):
-            raise UserError(f"val fraction {val} and test fraction {test} must be >= 0 and sum to < 1")
-        if options.image_folder and not os.path.isdir(options.image_folder):
-            raise UserError(f"{options.image_folder}: image folder not found")
-        return options
 
 
 def _available_cpus() -> int:
@@ -141,7 +139,6 @@ class Record:
     index: int = -1  # shapes: image index
     image_id: int | None = None  # the dataset's own image id (COCO's `cocoid`), stored as image_ids when all have one
     objects: list[dict[str, Any]] | None = None  # shapes only
-    word_objects: list[list[int]] | None = None  # shapes only, aligned with `tokens`
 
     def add_caption(self, text: str, tokens: list[str]) -> None:
         """Keep a caption only if it has a word: an empty or punctuation-only one is dropped."""
@@ -157,6 +154,7 @@ Result = tuple[np.ndarray | None, str | None, dict[str, Any] | None]  # (image, 
 
 
 def _decode_job(job: tuple[str, int]) -> Result:
+    """Decode one image file; a bad file is returned as its one-line problem, for skip or stop."""
     path, image_size = job
     try:
         return load_image(path, image_size), None, None
@@ -165,10 +163,10 @@ def _decode_job(job: tuple[str, int]) -> Result:
 
 
 def _shapes_job(job: tuple[int, int, int]) -> Result:
+    """Draw one shapes image; its captions and objects come back with it."""
     seed, index, image_size = job
-    image, objects, tokens, word_objects = generate_image(seed, index, image_size)
-    extra = {"objects": objects, "tokens": tokens, "references": [" ".join(t) for t in tokens],
-             "word_objects": word_objects}
+    image, objects, tokens, _ = generate_image(seed, index, image_size)
+    extra = {"objects": objects, "tokens": tokens, "references": [" ".join(t) for t in tokens]}
     return np.asarray(image, dtype=np.uint8).transpose(2, 0, 1).copy(), None, extra  # (3, S, S)
 
 
@@ -222,14 +220,23 @@ def _inside_image_folder(name: str, source: str) -> str:
 
 def read_karpathy(json_path: str, image_folder: str, tokenizer: str = "ascii", allow_split_overlap: bool = False
                   ) -> dict[str, list[Record]]:
-    """Records per split from a Karpathy-split JSON; `restval` counts as train. Captions use the JSON's
-    `tokens` with the ascii tokenizer, and are tokenised from `raw` with the unicode one. An integer
-    `cocoid` becomes the record's image_id (what COCO results files are keyed by).
+    """Records per split from a Karpathy-split JSON; `restval` counts as train. An image listed in two
+    splits is refused unless allow_split_overlap: a model would be scored on an image it trained on."""
+    splits: dict[str, list[Record]] = {s: [] for s in SPLITS}
+    split_of: dict[str, str] = {}  # image -> the split it was first seen in
+    for n, entry in enumerate(_read_karpathy_images(json_path)):
+        where = f"{json_path}: images[{n}]"
+        split, record = _karpathy_record(entry, where, image_folder, tokenizer)
+        seen = split_of.setdefault(os.path.normpath(record.filename), split)
+        if seen != split and not allow_split_overlap:
+            raise UserError(f"{where} ({record.filename}) is in both {seen} and {split}: a model would be "
+                            "scored on an image it trained on; use --allow-split-overlap to pack it anyway")
+        splits[split].append(record)
+    return splits
 
-    The image is image_folder/filepath/filename when `filepath` is given (COCO: train2014/...),
-    falling back to image_folder/filename when that file does not exist (for JSON files whose
-    filepath names the image folder itself, e.g. "images").
-    """
+
+def _read_karpathy_images(json_path: str) -> list[Any]:
+    """The 'images' list of a Karpathy-split JSON, or UserError naming the file."""
     try:
         with open(json_path, encoding="utf-8-sig") as f:
             data = json.load(f)
@@ -241,43 +248,46 @@ def read_karpathy(json_path: str, image_folder: str, tokenizer: str = "ascii", a
         raise UserError(f"{json_path}: cannot read ({e.strerror or e})") from None
     if not isinstance(data, dict) or not isinstance(data.get("images"), list):
         raise UserError(f"{json_path}: expected a Karpathy-split JSON object with an 'images' list")
-    splits: dict[str, list[Record]] = {s: [] for s in SPLITS}
-    split_of: dict[str, str] = {}  # image -> the split it was first seen in
-    for n, entry in enumerate(data["images"]):
-        if not isinstance(entry, dict) or not isinstance(entry.get("filename"), str):
-            raise UserError(f"{json_path}: images[{n}] lacks a 'filename'")
-        split = entry.get("split")
-        split = {"restval": "train"}.get(split, split) if isinstance(split, str) else None
-        if split not in SPLITS:
-            raise UserError(f"{json_path}: images[{n}] ({entry['filename']}) has split {entry.get('split')!r}, "
-                            "expected train, restval, val or test")
-        sentences = entry.get("sentences", [])
-        if not isinstance(sentences, list) or not all(
-            isinstance(sentence, dict) and isinstance(sentence.get("tokens", []), list) for sentence in sentences
-        ):
-            raise UserError(f"{json_path}: images[{n}] ({entry['filename']}) has no valid 'sentences' list "
-                            "(each a dict with 'raw' text and/or a 'tokens' list)")
-        if not isinstance(entry.get("filepath") or "", str):
-            raise UserError(f"{json_path}: images[{n}] ({entry['filename']}) has a non-text 'filepath'")
-        filename = _inside_image_folder(os.path.join(entry.get("filepath") or "", entry["filename"]),
-                                        f"{json_path}: images[{n}]")
-        if not os.path.isfile(os.path.join(image_folder, filename)) and \
-                os.path.isfile(os.path.join(image_folder, entry["filename"])):
-            filename = entry["filename"]
-        cocoid = entry.get("cocoid")
-        record = Record(filename=filename, path=os.path.join(image_folder, filename),
-                        image_id=cocoid if isinstance(cocoid, int) and not isinstance(cocoid, bool) else None)
-        for sentence in sentences:  # "tokens", when present, is a list (checked above)
-            words = [str(t) for t in sentence.get("tokens", [])]
-            text = str(sentence.get("raw", " ".join(words))).strip()
-            use_json_tokens = "tokens" in sentence and tokenizer == "ascii"
-            record.add_caption(text, [w.lower() for w in words] if use_json_tokens else tokenize(text, tokenizer))
-        seen = split_of.setdefault(os.path.normpath(filename), split)
-        if seen != split and not allow_split_overlap:
-            raise UserError(f"{json_path}: images[{n}] ({filename}) is in both {seen} and {split}: a model would be "
-                            "scored on an image it trained on; use --allow-split-overlap to pack it anyway")
-        splits[split].append(record)
-    return splits
+    return data["images"]
+
+
+def _karpathy_record(entry: Any, where: str, image_folder: str, tokenizer: str) -> tuple[str, Record]:
+    """(split, record) of one Karpathy JSON entry, checked field by field.
+
+    Captions use the JSON's `tokens` with the ascii tokenizer, and are tokenised from `raw` with the
+    unicode one. An integer `cocoid` becomes the image_id (what COCO results files are keyed by). The
+    image is image_folder/filepath/filename when `filepath` is given (COCO: train2014/...), falling
+    back to image_folder/filename when that file does not exist (for JSON files whose filepath names
+    the image folder itself, e.g. "images").
+    """
+    if not isinstance(entry, dict) or not isinstance(entry.get("filename"), str):
+        raise UserError(f"{where} lacks a 'filename'")
+    split = entry.get("split")
+    split = {"restval": "train"}.get(split, split) if isinstance(split, str) else None
+    if split not in SPLITS:
+        raise UserError(f"{where} ({entry['filename']}) has split {entry.get('split')!r}, "
+                        f"expected restval or one of {', '.join(SPLITS)}")
+    sentences = entry.get("sentences", [])
+    if not isinstance(sentences, list) or not all(
+        isinstance(sentence, dict) and isinstance(sentence.get("tokens", []), list) for sentence in sentences
+    ):
+        raise UserError(f"{where} ({entry['filename']}) has no valid 'sentences' list "
+                        "(each a dict with 'raw' text and/or a 'tokens' list)")
+    if not isinstance(entry.get("filepath") or "", str):
+        raise UserError(f"{where} ({entry['filename']}) has a non-text 'filepath'")
+    filename = _inside_image_folder(os.path.join(entry.get("filepath") or "", entry["filename"]), where)
+    if not os.path.isfile(os.path.join(image_folder, filename)) and \
+            os.path.isfile(os.path.join(image_folder, entry["filename"])):
+        filename = entry["filename"]
+    cocoid = entry.get("cocoid")
+    record = Record(filename=filename, path=os.path.join(image_folder, filename),
+                    image_id=cocoid if isinstance(cocoid, int) and not isinstance(cocoid, bool) else None)
+    for sentence in sentences:  # "tokens", when present, is a list (checked above)
+        words = [str(t) for t in sentence.get("tokens", [])]
+        text = str(sentence.get("raw", " ".join(words))).strip()
+        use_json_tokens = "tokens" in sentence and tokenizer == "ascii"
+        record.add_caption(text, [w.lower() for w in words] if use_json_tokens else tokenize(text, tokenizer))
+    return split, record
 
 
 def read_captions_file(path: str) -> dict[str, list[str]]:
@@ -345,6 +355,7 @@ def split_names(names: Sequence[str], val_fraction: float, test_fraction: float,
 
 def read_custom(captions_file: str, image_folder: str, val_fraction: float, test_fraction: float,
                 seed: int, tokenizer: str = "ascii") -> dict[str, list[Record]]:
+    """Records per split from a captions file: the split is a seeded draw over the image names."""
     captions = read_captions_file(captions_file)
     if not captions:
         raise UserError(f"{captions_file}: no captions found")
@@ -405,10 +416,10 @@ def choose_captions(num_captions: int, captions_per_image: int, seed: int, key: 
     return list(range(num_captions)) + [int(i) for i in repeats]
 
 
-def encode_caption(tokens: Sequence[str], word_map: dict[str, int], max_len: int) -> tuple[list[int], int]:
-    """<start> w1..wn <end> <pad>... (length max_len + 2) and n + 2; callers truncate to max_len first."""
+def encode_caption(tokens: Sequence[str], word_map: dict[str, int], max_words: int) -> tuple[list[int], int]:
+    """<start> w1..wn <end> <pad>... (length max_words + 2) and n + 2; callers truncate to max_words first."""
     ids = [word_map["<start>"]] + [word_map.get(w, word_map["<unk>"]) for w in tokens] + [word_map["<end>"]]
-    return ids + [word_map["<pad>"]] * (max_len + 2 - len(ids)), len(ids)
+    return ids + [word_map["<pad>"]] * (max_words + 2 - len(ids)), len(ids)
 
 
 # --------------------------------------------------------------------------------------------
@@ -421,7 +432,7 @@ def _skip_or_raise(problem: str, options: PackOptions, skipped: list[str]) -> No
     skipped.append(problem)
 
 
-def _write_images(tmp_path: str, split: str, records: list[Record], options: PackOptions,
+def _write_images(tmp_path: Path, split: str, records: list[Record], options: PackOptions,
                   skipped: list[str]) -> list[Record]:
     """Decode (in parallel, in order) and stream images into tmp_path; return the records kept."""
     size = options.image_size
@@ -457,23 +468,18 @@ def _write_images(tmp_path: str, split: str, records: list[Record], options: Pac
     return kept
 
 
-def _write_captions(tmp_path: str, split: str, records: list[Record], word_map: dict[str, int],
+def _write_captions(tmp_path: Path, split: str, records: list[Record], word_map: dict[str, int],
                     options: PackOptions) -> None:
-    """Add captions, caplens, references, filenames, attrs (and the shapes extras) to a split file."""
-    captions_per_image, max_len = options.captions_per_image, options.max_len
-    num_rows, width = len(records) * captions_per_image, max_len + 2
-    captions = np.zeros((num_rows, width), dtype=np.int32)
+    """Add captions, caplens, references, filenames, attrs (and the shapes objects) to a split file."""
+    captions_per_image, max_words = options.captions_per_image, options.max_caption_words
+    num_rows = len(records) * captions_per_image
+    captions = np.zeros((num_rows, max_words + 2), dtype=np.int32)
     caplens = np.zeros(num_rows, dtype=np.int32)
-    shapes = options.dataset == "shapes"
-    word_objects = np.full((num_rows, width), -1, dtype=np.int8)  # written for shapes only
     for i, record in enumerate(records):
         chosen = choose_captions(len(record.tokens), captions_per_image, options.seed, record.filename)
         for j, c in enumerate(chosen):
             row = i * captions_per_image + j
-            captions[row], caplens[row] = encode_caption(record.tokens[c][:max_len], word_map, max_len)
-            if shapes:
-                named = record.word_objects[c][:max_len]
-                word_objects[row, 1:1 + len(named)] = named  # column 0 is <start>
+            captions[row], caplens[row] = encode_caption(record.tokens[c][:max_words], word_map, max_words)
     text = h5py.string_dtype("utf-8")
     num_images = len(records)
     with h5py.File(tmp_path, "a") as h5:
@@ -484,11 +490,10 @@ def _write_captions(tmp_path: str, split: str, records: list[Record], word_map: 
         h5.create_dataset("filenames", data=[r.filename for r in records], dtype=text, shape=(num_images,))
         if records and all(r.image_id is not None for r in records):  # else eval keys results by file name
             h5.create_dataset("image_ids", data=np.array([r.image_id for r in records], dtype=np.int64))
-        if shapes:
+        if options.dataset == "shapes":  # the boxes eval scores attention against
             h5.create_dataset("objects", data=[json.dumps(r.objects) for r in records], dtype=text,
                               shape=(num_images,))
-            h5.create_dataset("word_objects", data=word_objects)
-        h5.attrs.update({"captions_per_image": captions_per_image, "max_len": max_len,
+        h5.attrs.update({"captions_per_image": captions_per_image, "max_caption_words": max_words,
                          "image_size": options.image_size, "dataset": options.dataset, "split": split,
                          "tokenizer": options.tokenizer})
 
@@ -497,77 +502,72 @@ def pack(records: dict[str, list[Record]], options: PackOptions) -> dict[str, An
     """Write {train,val,test}.h5, word_map.json and dataset.json for `records`; return the summary.
 
     `options` must be resolved (`PackOptions.resolved`; create_input_files does it). Captions longer
-    than max_len tokens are truncated to max_len (Karpathy-style code drops them instead, which can
-    leave an image with no caption). The vocabulary counts the train split only. A bad image
+    than max_caption_words tokens are truncated to that many (Karpathy-style code drops them instead,
+    which can leave an image with no caption). The vocabulary counts the train split only. A bad image
     (missing, empty, truncated, not an image, too large) or an image without captions raises
     UserError naming it before any final file is written, unless skip_bad_images.
-    """
-    output_folder = options.output_folder
-    check_writable(output_folder, "the packed dataset")
-    existing = [f for f in FINAL_FILES if os.path.exists(os.path.join(output_folder, f))]
-    # No dataset.json but temp files of ours: what a killed pack left, nothing to protect.
-    unfinished = "dataset.json" not in existing and any(
-        os.path.exists(os.path.join(output_folder, f"{name}.tmp")) for name in FINAL_FILES)
-    if existing and not (options.force or unfinished):
-        raise UserError(f"{output_folder}: already has {', '.join(existing)}; use --force to overwrite")
-    skipped: list[str] = []
 
+    All or nothing: every file is staged under filesafety's temp name beside its final name, and the
+    set is renamed into place only once all of it is written (`_rename_into_place`).
+    """
+    folder = Path(options.output_folder)
+    _claim_output_folder(folder, options.force)
+    skipped: list[str] = []
+    records = _prechecked(records, options, skipped)
+    created = not folder.is_dir()
+    staged: dict[str, Path] = {}  # final file name -> its temp file
+    try:
+        for split in SPLITS:
+            staged[f"{split}.h5"] = _temporary_beside(folder / f"{split}.h5")
+            records[split] = _write_images(staged[f"{split}.h5"], split, records[split], options, skipped)
+        if not records["train"]:
+            raise UserError("no training images left to pack")
+        word_map = build_word_map((t[:options.max_caption_words] for r in records["train"] for t in r.tokens),
+                                  options.min_word_freq)
+        for split in SPLITS:
+            _write_captions(staged[f"{split}.h5"], split, records[split], word_map, options)
+        summary = _summary(records, word_map, options, skipped)
+        for name, content in (("word_map.json", word_map), ("dataset.json", summary)):
+            staged[name] = _temporary_beside(folder / name)
+            with open(staged[name], "x", encoding="utf-8") as f:
+                f.write(json.dumps(content, indent=1) + "\n")
+        _rename_into_place(folder, staged)
+    except OSError as e:  # images are read by load_image, which names its file: this is the output side
+        _remove_staged(staged, folder, created)
+        raise UserError(f"{folder}: cannot write ({e.strerror or one_line(e)})") from e
+    except BaseException:
+        _remove_staged(staged, folder, created)
+        raise
+    return summary
+
+
+def _claim_output_folder(folder: Path, force: bool) -> None:
+    """Refuse to overwrite a pack without --force, before any work. A folder without dataset.json but
+    with temp files of a pack is what a killed pack left: nothing to protect, so it is redone and its
+    temp files removed. (Packs have no folder lock: two packs into one folder would clash anyway.)"""
+    check_writable(folder, "the packed dataset")
+    existing = [name for name in FINAL_FILES if (folder / name).exists()]
+    leftovers = [p for name in FINAL_FILES for p in (*folder.glob(f".{name}.*.tmp"), folder / f"{name}.tmp")
+                 if p.is_file()]  # NAME.tmp: the temp name of packs written before filesafety's
+    if existing and not (force or ("dataset.json" not in existing and leftovers)):
+        raise UserError(f"{folder}: already has {', '.join(existing)}; use --force to overwrite")
+    if folder.is_dir():
+        remove_stale_temporaries(folder)
+        for path in leftovers:
+            path.unlink(missing_ok=True)
+
+
+def _prechecked(records: dict[str, list[Record]], options: PackOptions,
+                skipped: list[str]) -> dict[str, list[Record]]:
+    """The records that pass the checks needing no decoding, so that a missing file in test.h5 is
+    reported before hours of decoding (or skipped, with skip_bad_images)."""
     def keep(record: Record) -> bool:
         problem = _precheck(record)
         if problem is not None:
             _skip_or_raise(problem, options, skipped)
         return problem is None
 
-    # Cheap checks first, so that a missing file in test.h5 is reported before hours of decoding.
-    records = {split: [r for r in records[split] if keep(r)] for split in SPLITS}
-
-    created = not os.path.isdir(output_folder)
-    tmp = {s: os.path.join(output_folder, f"{s}.h5.tmp") for s in SPLITS}
-    try:
-        os.makedirs(output_folder, exist_ok=True)
-        for split in SPLITS:
-            records[split] = _write_images(tmp[split], split, records[split], options, skipped)
-        if not records["train"]:
-            raise UserError("no training images left to pack")
-        word_map = build_word_map((t[:options.max_len] for r in records["train"] for t in r.tokens),
-                                  options.min_word_freq)
-        for split in SPLITS:
-            _write_captions(tmp[split], split, records[split], word_map, options)
-        summary = {"dataset": options.dataset, "splits": {s: len(records[s]) for s in SPLITS},
-                   "vocab_size": len(word_map), "captions_per_image": options.captions_per_image,
-                   "max_len": options.max_len, "image_size": options.image_size,
-                   "min_word_freq": options.min_word_freq, "seed": options.seed, "tokenizer": options.tokenizer,
-                   "skipped_images": len(skipped),
-                   "skipped": skipped}
-        # Every new file is complete (in its temp) before the old pack is touched: a full disk fails here,
-        # with an older pack intact. Then dataset.json, which marks a complete folder, goes first and
-        # comes back last; renames need no space.
-        for name, content in (("word_map.json", word_map), ("dataset.json", summary)):
-            tmp[name] = os.path.join(output_folder, f"{name}.tmp")
-            with open(tmp[name], "w", encoding="utf-8") as f:
-                f.write(json.dumps(content, indent=1) + "\n")
-        if os.path.exists(os.path.join(output_folder, "dataset.json")):
-            os.remove(os.path.join(output_folder, "dataset.json"))
-        for split in SPLITS:
-            os.replace(tmp[split], os.path.join(output_folder, f"{split}.h5"))
-        os.replace(tmp["word_map.json"], os.path.join(output_folder, "word_map.json"))
-        os.replace(tmp["dataset.json"], os.path.join(output_folder, "dataset.json"))
-    except OSError as e:  # images are read by load_image, which names its file: this is the output side
-        _remove_temporary(tmp, output_folder, created)
-        raise UserError(f"{output_folder}: cannot write ({e.strerror or one_line(e)})") from e
-    except BaseException:
-        _remove_temporary(tmp, output_folder, created)
-        raise
-    return summary
-
-
-def _remove_temporary(tmp: dict[str, str], output_folder: str, created: bool) -> None:
-    """Leave the output folder as it was: no *.h5.tmp, and no folder if this run created it."""
-    for path in tmp.values():
-        if os.path.exists(path):
-            os.remove(path)
-    if created and os.path.isdir(output_folder) and not os.listdir(output_folder):
-        os.rmdir(output_folder)
+    return {split: [r for r in records[split] if keep(r)] for split in SPLITS}
 
 
 def _precheck(record: Record) -> str | None:
@@ -583,6 +583,33 @@ def _precheck(record: Record) -> str | None:
     return None
 
 
+def _summary(records: dict[str, list[Record]], word_map: dict[str, int], options: PackOptions,
+             skipped: list[str]) -> dict[str, Any]:
+    """dataset.json: what was packed and how (written last, it marks a finished pack)."""
+    return {"dataset": options.dataset, "splits": {s: len(records[s]) for s in SPLITS},
+            "vocab_size": len(word_map), "captions_per_image": options.captions_per_image,
+            "max_caption_words": options.max_caption_words, "image_size": options.image_size,
+            "min_word_freq": options.min_word_freq, "seed": options.seed, "tokenizer": options.tokenizer,
+            "skipped_images": len(skipped), "skipped": skipped}
+
+
+def _rename_into_place(folder: Path, staged: dict[str, Path]) -> None:
+    """Rename the staged set over the old pack. Every new file is complete before the old pack is
+    touched, so a full disk fails earlier with the older pack intact; renames need no space. dataset.json,
+    which marks a complete folder, goes first and comes back last (FINAL_FILES ends with it)."""
+    (folder / "dataset.json").unlink(missing_ok=True)
+    for name in FINAL_FILES:
+        os.replace(staged[name], folder / name)
+
+
+def _remove_staged(staged: dict[str, Path], folder: Path, created: bool) -> None:
+    """Leave the output folder as it was: no temp files, and no folder if this run created it."""
+    for path in staged.values():
+        path.unlink(missing_ok=True)
+    if created and folder.is_dir() and not any(folder.iterdir()):
+        folder.rmdir()
+
+
 def create_input_files(options: PackOptions) -> dict[str, Any]:
     """Check `options`, read the source it names, then `pack` it into options.output_folder.
 
@@ -594,6 +621,7 @@ def create_input_files(options: PackOptions) -> dict[str, Any]:
 
 
 def get_args_parser() -> argparse.ArgumentParser:
+    """One flag per PackOptions field, with the field's default and choices."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     add = parser.add_argument
@@ -606,7 +634,7 @@ def get_args_parser() -> argparse.ArgumentParser:
         help=f"stored image side ({DEFAULT_IMAGE_SIZE}; {DEFAULT_SHAPES_IMAGE_SIZE} for shapes)")
     add("--captions-per-image", type=int, help="captions stored per image (sampled)")
     add("--min-word-freq", type=int, help="train-split count for a word to enter the vocabulary")
-    add("--max-len", type=int, help="longer captions are truncated to this many words")
+    add("--max-caption-words", type=int, help="longer captions are truncated to this many words")
     add("--num-images", type=int, help=f"shapes: number of images ({DEFAULT_SHAPES_NUM_IMAGES})")
     add("--val-fraction", type=float, help="custom/shapes: share of images in val (0.1; shapes 1/12)")
     add("--test-fraction", type=float, help="custom/shapes: share of images in test (0.1; shapes 1/12)")
@@ -627,6 +655,7 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """The command line: pack, then print one summary line; errors are one `error:` line (exit 1)."""
     args = get_args_parser().parse_args(argv)
     options = PackOptions(**{f.name: getattr(args, f.name) for f in fields(PackOptions)})
 

@@ -109,7 +109,9 @@ def load_image_tensor(
 
 
 REQUIRED_KEYS = ("images", "captions", "caplens", "references", "filenames")
-REQUIRED_ATTRS = ("captions_per_image", "max_len", "image_size")
+REQUIRED_ATTRS = ("captions_per_image", "max_caption_words", "image_size")
+# Attributes that packs written before a rename store under their old name: new name -> old name.
+ATTR_OLD_NAMES = {"max_caption_words": "max_len"}
 _CHECK_ROWS = 65536  # caption rows read at a time by check_packed
 
 
@@ -135,12 +137,13 @@ def check_packed(data_folder: str, split: str, word_map: dict[str, int] | None =
                         "re-run create_input_files.py")
     try:
         with h5py.File(path, "r") as h5:
-            missing = [k for k in REQUIRED_KEYS if k not in h5] + [a for a in REQUIRED_ATTRS if a not in h5.attrs]
+            attrs = {a: h5.attrs.get(a, h5.attrs.get(ATTR_OLD_NAMES.get(a, a))) for a in REQUIRED_ATTRS}
+            missing = [k for k in REQUIRED_KEYS if k not in h5] + [a for a, v in attrs.items() if v is None]
             if missing:
                 raise UserError(f"{path}: lacks {', '.join(missing)}; re-run create_input_files.py")
             tokenizer = h5.attrs.get("tokenizer", "ascii")  # packs from before the option: ascii
             info = {"num_images": h5["images"].shape[0], "num_captions": h5["captions"].shape[0],
-                    "has_objects": "objects" in h5, **{a: int(h5.attrs[a]) for a in REQUIRED_ATTRS},
+                    "has_objects": "objects" in h5, **{a: int(v) for a, v in attrs.items()},
                     "has_image_ids": "image_ids" in h5,
                     "tokenizer": tokenizer.decode() if isinstance(tokenizer, bytes) else str(tokenizer)}
             # Caption ids and lengths in bounded chunks: memory stays flat in the dataset's size.
@@ -160,8 +163,9 @@ def check_packed(data_folder: str, split: str, word_map: dict[str, int] | None =
     if id_range[1] >= 0 and (id_range[0] < 0 or id_range[1] >= len(word_map)):
         raise UserError(f"{path}: caption ids up to {id_range[1]} (lowest {id_range[0]}) but {source} has "
                         f"{len(word_map)} words: the word map does not belong to this pack, or the file is corrupt")
-    if length_range[1] >= 0 and (length_range[0] < 2 or length_range[1] > info["max_len"] + 2):
-        raise UserError(f"{path}: caption lengths outside 2..{info['max_len'] + 2}: the file is corrupt; repack it")
+    longest = info["max_caption_words"] + 2  # <start> ... <end>
+    if length_range[1] >= 0 and (length_range[0] < 2 or length_range[1] > longest):
+        raise UserError(f"{path}: caption lengths outside 2..{longest}: the file is corrupt; repack it")
     return info
 
 
@@ -183,7 +187,7 @@ class CaptionDataset(Dataset):
     """
 
     def __init__(self, data_folder: str, split: str, transform: Callable[[torch.Tensor], torch.Tensor] | None = None,
-                 with_references: bool | None = None, features: str | os.PathLike[str] | None = None):
+                 with_references: bool | None = None, features: str | os.PathLike[str] | None = None) -> None:
         info = check_packed(data_folder, split)
         self.path = os.path.join(data_folder, f"{split}.h5")
         self.split = split
@@ -192,7 +196,6 @@ class CaptionDataset(Dataset):
         self.word_map = load_word_map(os.path.join(data_folder, "word_map.json"))
         self.num_images = info["num_images"]
         self.captions_per_image = info["captions_per_image"]
-        self.max_len = info["max_len"]
         self.image_size = info["image_size"]
         self.has_objects = info["has_objects"]
         self.has_image_ids = info["has_image_ids"]  # packs from before image ids fall back to file names
@@ -218,7 +221,7 @@ class CaptionDataset(Dataset):
         return state
 
     def _caption_rows(self, i: int) -> slice:
-        """Rows of image i in the per-caption datasets (captions, caplens, word_objects)."""
+        """Rows of image i in the per-caption datasets (captions, caplens)."""
         return slice(i * self.captions_per_image, (i + 1) * self.captions_per_image)
 
     def __len__(self) -> int:
@@ -269,13 +272,6 @@ class CaptionDataset(Dataset):
     def objects(self, i: int) -> list[dict[str, Any]] | None:
         """Shapes only: [{"color", "shape", "box": [x0, y0, x1, y1] as fractions}] of image i; else None."""
         return json.loads(self._file()["objects"].asstr()[i]) if self.has_objects else None
-
-    def word_objects(self, i: int) -> torch.Tensor | None:
-        """Shapes only: (captions_per_image, T) index of the object each caption token names (-1: none),
-        for image i; else None."""
-        if not self.has_objects:
-            return None
-        return torch.from_numpy(self._file()["word_objects"][self._caption_rows(i)].astype(np.int64))
 
     def close(self) -> None:
         if self._h5 is not None and self._pid == os.getpid():

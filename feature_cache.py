@@ -32,6 +32,7 @@ CACHE_FORMAT = 1
 
 
 def cache_path(data_folder: str | os.PathLike[str], split: str, cfg: ModelConfig) -> Path:
+    """Where the cache of `split` for this encoder lives: one file per encoder, depth and grid."""
     return Path(data_folder) / CACHE_DIR / f"{split}_{cfg.encoder}_l{cfg.encoder_stages}_g{cfg.enc_size}.h5"
 
 

@@ -14,15 +14,17 @@ import argparse
 import math
 import os
 import sys
+from dataclasses import MISSING, dataclass, fields
 from typing import Any, Sequence
 
 import numpy as np
 from PIL import Image, ImageDraw
 
-from runtime import UserError, run_cli
+from config import check_fields, option
+from runtime import run_cli
 
-__all__ = ["COLORS", "SHAPES", "COUNT_WORDS", "MAX_OBJECTS", "MIN_GAP", "MIN_IMAGE_SIZE", "generate_image",
-           "shape_filename"]
+__all__ = ["COLORS", "SHAPES", "COUNT_WORDS", "MAX_OBJECTS", "MIN_GAP", "MIN_IMAGE_SIZE", "DEFAULT_IMAGE_SIZE",
+           "generate_image", "shape_filename"]
 
 # Colours are far apart in RGB from each other and from the grey background (every colour has a
 # channel <= 60 while the background's channels stay >= 124), so a pixel's colour names its object.
@@ -41,6 +43,7 @@ MIN_SIZE, MAX_SIZE = 0.16, 0.30  # object side as a fraction of the image side
 MIN_GAP = 0.06  # boxes are placed at least this far apart (fraction of the side) on x or on y
 NOISE = 18  # per-pixel noise, uniform in [-NOISE, NOISE] per channel
 MIN_IMAGE_SIZE = 32  # smallest image side in pixels (the smallest objects are then 5 px across)
+DEFAULT_IMAGE_SIZE = 96  # the side create_input_files.py packs shapes at by default
 
 Word = tuple[str, int]  # (token, index of the object it names or -1)
 
@@ -130,7 +133,7 @@ def _captions(objects: list[dict[str, Any]], pixel_boxes: list[tuple[int, int, i
         listing + [("on", -1), ("a", -1), ("grey", -1), ("background", -1)],
     ]
     if num_objects == 1:
-        return out + [[("a", -1), ("single", -1), (objects[0]["color"], 0), (objects[0]["shape"], 0)]]  # a single
+        return out + [[("a", -1), ("single", -1), (objects[0]["color"], 0), (objects[0]["shape"], 0)]]
 
     def left_of(a: int, b: int) -> bool:
         return pixel_boxes[a][2] + gap <= pixel_boxes[b][0]
@@ -157,7 +160,7 @@ def _captions(objects: list[dict[str, Any]], pixel_boxes: list[tuple[int, int, i
 
 
 def generate_image(
-    seed: int, index: int, image_size: int = 96
+    seed: int, index: int, image_size: int = DEFAULT_IMAGE_SIZE
 ) -> tuple[Image.Image, list[dict[str, Any]], list[list[str]], list[list[int]]]:
     """Draw shapes image `index` of the dataset with this `seed`, natively at `image_size` pixels.
 
@@ -199,25 +202,35 @@ def generate_image(
     return Image.fromarray(pixels), objects, tokens, word_objects
 
 
+@dataclass
+class DrawOptions:
+    """The command line of `python shapes.py`: one field per flag, with its default and bounds."""
+
+    out_dir: str = option()  # folder for shapes_NNNNNN.png
+    count: int = option(4, min=1, max=100_000)  # number of images
+    seed: int = option(12345, min=0, max=2**63 - 1)  # differs from the packed data's 0: fresh images
+    image_size: int = option(DEFAULT_IMAGE_SIZE, min=MIN_IMAGE_SIZE, max=2048)  # side in pixels
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Write a few fresh shapes images as PNG files (not in any packed split), e.g. to try caption.py."""
-    parser = argparse.ArgumentParser(description="Write fresh shapes images as PNG files, with their captions.")
+    parser = argparse.ArgumentParser(description="Write fresh shapes images as PNG files, with their captions.",
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--out-dir", required=True, help="folder for shapes_NNNNNN.png")
-    parser.add_argument("--count", type=int, default=4, help="number of images (default: 4)")
-    parser.add_argument("--seed", type=int, default=12345, help="default 12345: differs from the packed data's 0")
-    parser.add_argument("--image-size", type=int, default=96, help="side in pixels (default: 96)")
+    parser.add_argument("--count", type=int, help="number of images")
+    parser.add_argument("--seed", type=int, help="differs from the packed data's 0: images not in any split")
+    parser.add_argument("--image-size", type=int, help="side in pixels")
     parser.add_argument("--debug", action="store_true", help="show the traceback of an error, not one line")
+    parser.set_defaults(**{f.name: f.default for f in fields(DrawOptions) if f.default is not MISSING})
     args = parser.parse_args(argv)
+    options = DrawOptions(**{f.name: getattr(args, f.name) for f in fields(DrawOptions)})
 
     def body() -> int:
-        for flag, value, low, high in (("count", args.count, 1, 100_000), ("seed", args.seed, 0, 2**63 - 1),
-                                       ("image-size", args.image_size, MIN_IMAGE_SIZE, 2048)):
-            if not low <= value <= high:
-                raise UserError(f"--{flag}={value} must be in {low}..{high}")
-        os.makedirs(args.out_dir, exist_ok=True)
-        for index in range(args.count):
-            image, _, captions, _ = generate_image(args.seed, index, args.image_size)
-            path = os.path.join(args.out_dir, shape_filename(index))
+        check_fields(options, as_flags=True)
+        os.makedirs(options.out_dir, exist_ok=True)
+        for index in range(options.count):
+            image, _, captions, _ = generate_image(options.seed, index, options.image_size)
+            path = os.path.join(options.out_dir, shape_filename(index))
             image.save(path)
             print(f"{path}: {' '.join(captions[0])}")
         return 0

@@ -114,9 +114,9 @@ def test_pack_into_a_file_or_with_size_zero(tmp_path, capsys):
     assert "cannot write" in one_error_line(capsys)
     assert create_input_files.main(["--dataset", "shapes", "--image-size", "0",
                                     "--output-folder", str(tmp_path / "zero")]) == 1
-    assert "image size must be >= 32, got 0" in one_error_line(capsys)  # shapes are drawn at >= 32 px
+    assert "--image-size=0 must be >= 32 for --dataset shapes" in one_error_line(capsys)
     assert create_input_files.main(["--dataset", "shapes", "--seed", "-1", "--output-folder", str(tmp_path / "s")]) == 1
-    assert "seed must be >= 0, got -1" in one_error_line(capsys)  # was a numpy traceback
+    assert "--seed=-1 must be >= 0" in one_error_line(capsys)  # was a numpy traceback
     assert not (tmp_path / "zero").exists() and not (tmp_path / "s").exists()
 
 
@@ -129,8 +129,10 @@ def test_csv_caption_swallowed_by_an_unclosed_quote(tmp_path, write_image, capsy
     assert code == 1 and "c.csv:2: caption spans several lines" in one_error_line(capsys)
 
 
-@pytest.mark.parametrize("args", [["--count", "0"], ["--seed", "-1"], ["--image-size", "100000"]])
-def test_shapes_cli_bounds(args, tmp_path, capsys):
+@pytest.mark.parametrize("args,expected", [(["--count", "0"], "--count=0 must be >= 1"),
+                                           (["--seed", "-1"], "--seed=-1 must be >= 0"),
+                                           (["--image-size", "100000"], "--image-size=100000 must be <= 2048")])
+def test_shapes_cli_bounds(args, expected, tmp_path, capsys):
     assert shapes.main(["--out-dir", str(tmp_path / "s"), *args]) == 1
-    assert "must be in" in one_error_line(capsys)
+    assert expected in one_error_line(capsys)
     assert not (tmp_path / "s").exists()

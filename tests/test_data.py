@@ -78,7 +78,7 @@ def tiny_karpathy(tmp_path: Path, write_image: Callable[..., Path]) -> dict[str,
         karpathy_entry("t1.jpg", "train", ["a dog runs", "a black dog"], "train2014"),  # 2 captions: topped up
         karpathy_entry("t2.png", "train", COMMON + ["a dog", "the grass"], "train2014"),  # 7: sampled down
         karpathy_entry("t3.jpg", "train", ["A dog runs on the grass , and the dog runs far away ."] + COMMON[:4],
-                       "train2014"),  # 12 words: truncated with --max-len 8
+                       "train2014"),  # 12 words: truncated with --max-caption-words 8
         karpathy_entry("r0.jpg", "restval", COMMON, "val2014"),
         karpathy_entry("v0.jpg", "val", ["a zebra on the grass", "a zebra runs", "zebra", "a zebra", "the zebra"],
                        "val2014"),
@@ -192,18 +192,16 @@ def test_pack_shapes_layout_and_round_trip(shapes_folder: Path) -> None:
     for split in SPLITS:
         packed = read_h5(shapes_folder / f"{split}.h5")
         num_images, captions_per_image = summary["splits"][split], 5
-        assert set(packed) == {"images", "captions", "caplens", "references", "filenames", "objects", "word_objects",
-                               "attrs"}
-        assert packed["attrs"] == {"captions_per_image": 5, "max_len": 50, "image_size": 48, "dataset": "shapes",
+        assert set(packed) == {"images", "captions", "caplens", "references", "filenames", "objects", "attrs"}
+        assert packed["attrs"] == {"captions_per_image": 5, "max_caption_words": 50, "image_size": 48, "dataset": "shapes",
                                    "split": split, "tokenizer": "ascii"}
         assert packed["images"].shape == (num_images, 3, 48, 48) and packed["images"].dtype == np.uint8
         assert packed["captions"].shape == (num_images * captions_per_image, 52)
         assert packed["captions"].dtype == packed["caplens"].dtype == np.int32
-        assert packed["word_objects"].dtype == np.int8
         with h5py.File(shapes_folder / f"{split}.h5") as h5:
             assert h5["images"].chunks == (1, 3, 48, 48) and h5["images"].compression is None
         for i in range(num_images):
-            image, objects, captions, word_objects = shapes.generate_image(3, index, 48)
+            image, objects, captions, _ = shapes.generate_image(3, index, 48)
             assert packed["filenames"][i] == shapes.shape_filename(index)
             assert np.array_equal(packed["images"][i], np.asarray(image).transpose(2, 0, 1))
             assert json.loads(packed["objects"][i]) == objects
@@ -216,7 +214,6 @@ def test_pack_shapes_layout_and_round_trip(shapes_folder: Path) -> None:
                 length = packed["caplens"][row]
                 assert ids[0] == word_map["<start>"] and ids[length - 1] == word_map["<end>"] and not ids[length:].any()
                 assert length == len(captions[j]) + 2
-                assert packed["word_objects"][row].tolist() == [-1] + word_objects[j] + [-1] * (51 - len(captions[j]))
             index += 1
 
 
@@ -267,12 +264,14 @@ def test_python_entry_point_and_options(tmp_path: Path) -> None:
     custom = PackOptions(dataset="custom", output_folder="x", captions_file="c.csv", image_folder=str(tmp_path))
     assert (custom.resolved().image_size, custom.resolved().val_fraction) == (256, 0.1)
     assert custom.resolved().num_workers >= 1
-    bad = {"dataset": ("mnist", "dataset 'mnist' is not one of flickr8k, flickr30k, coco, custom, shapes"),
-           "captions_per_image": (0, "captions per image must be >= 1, got 0"),
-           "image_size": (31, "image size must be >= 32, got 31"),  # the shapes generator's own bound
-           "seed": (-1, "seed must be >= 0, got -1"),
-           "num_workers": (0, "num workers must be >= 1, got 0"),
-           "val_fraction": (float("nan"), "must be >= 0 and sum to < 1"),
+    bad = {"dataset": ("mnist", "--dataset='mnist' is not one of flickr8k, flickr30k, coco, custom, shapes"),
+           "tokenizer": ("nltk", "--tokenizer='nltk' is not one of ascii, unicode"),
+           "captions_per_image": (0, "--captions-per-image=0 must be >= 1"),
+           "image_size": (31, "--image-size=31 must be >= 32 for --dataset shapes"),  # the generator's own bound
+           "seed": (-1, "--seed=-1 must be >= 0"),
+           "num_workers": (0, "--num-workers=0 must be >= 1"),
+           "val_fraction": (float("nan"), "--val-fraction=nan must be a finite number"),
+           "test_fraction": (1.0, "--test-fraction=1.0 must be < 1.0"),
            "karpathy_json": ("k.json", "--dataset shapes does not use --karpathy-json")}
     for name, (value, message) in bad.items():
         with pytest.raises(UserError, match=re.escape(message)):
@@ -289,9 +288,9 @@ def test_cli_flags_map_onto_pack_options() -> None:
 
 
 def test_debug_flag_shows_the_traceback(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    argv = ["--dataset", "shapes", "--output-folder", str(tmp_path / "o"), "--max-len", "0"]
-    assert packer.main(argv) == 1 and "error: max len must be >= 1, got 0" in capsys.readouterr().err
-    with pytest.raises(UserError, match="max len must be >= 1"):
+    argv = ["--dataset", "shapes", "--output-folder", str(tmp_path / "o"), "--max-caption-words", "0"]
+    assert packer.main(argv) == 1 and "error: --max-caption-words=0 must be >= 1" in capsys.readouterr().err
+    with pytest.raises(UserError, match="--max-caption-words=0 must be >= 1"):
         packer.main(argv + ["--debug"])
 
 
@@ -300,13 +299,13 @@ def test_debug_flag_shows_the_traceback(tmp_path: Path, capsys: pytest.CaptureFi
 # --------------------------------------------------------------------------------------------
 def test_karpathy_json_subfolders_restval_vocab_and_sampling(tiny_karpathy: dict[str, Any], pack) -> None:
     source = tiny_karpathy
-    pack(karpathy_args(source, "--min-word-freq", "1", "--max-len", "8", "--seed", "5"))
+    pack(karpathy_args(source, "--min-word-freq", "1", "--max-caption-words", "8", "--seed", "5"))
     out = source["out"]
     word_map = load_word_map(out / "word_map.json")
     rev = {i: w for w, i in word_map.items()}
     assert "zebra" not in word_map and "giraffe" not in word_map and "sofa" not in word_map  # val/test-only words
     assert {"dog", "grass", "runs", "and"} <= set(word_map)  # "and" only in the first 8 words of t3's long caption
-    assert "far" not in word_map and "away" not in word_map  # only past max_len
+    assert "far" not in word_map and "away" not in word_map  # only past --max-caption-words
     train, val, test = (read_h5(out / f"{s}.h5") for s in SPLITS)
     assert train["filenames"] == ["train2014/t0.jpg", "train2014/t1.jpg", "train2014/t2.png", "train2014/t3.jpg",
                                   "val2014/r0.jpg"]  # restval counts as train
@@ -330,7 +329,7 @@ def test_karpathy_json_subfolders_restval_vocab_and_sampling(tiny_karpathy: dict
     t3 = train["filenames"].index("train2014/t3.jpg")
     assert 10 in train["caplens"][5 * t3:5 * t3 + 5]  # the 12-word caption is truncated to 8 (+2)
     # the same inputs and seed give the same bytes; another seed samples differently
-    pack(karpathy_args(source, "--min-word-freq", "1", "--max-len", "8", "--seed", "5", "--output-folder",
+    pack(karpathy_args(source, "--min-word-freq", "1", "--max-caption-words", "8", "--seed", "5", "--output-folder",
                        str(out.parent / "again")))
     assert np.array_equal(read_h5(out.parent / "again" / "train.h5")["captions"], train["captions"])
 
@@ -547,6 +546,27 @@ def test_existing_output_needs_force(tiny_karpathy: dict[str, Any], capsys: pyte
     assert sorted(os.listdir(source["out"])) == sorted(packer.FINAL_FILES)
 
 
+def test_pack_stages_under_filesafety_temp_names(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, pack) -> None:
+    """Split files are staged as `.NAME.PID.HEX.tmp`, the one temp name of filesafety; a pack killed
+    before its dataset.json leaves such files, and the next pack redoes the folder without --force."""
+    out, staged = tmp_path / "packed", []
+    write_captions = packer._write_captions
+
+    def spy(tmp: Path, split: str, *args: Any) -> None:
+        staged.append(tmp.name)
+        write_captions(tmp, split, *args)
+
+    monkeypatch.setattr(packer, "_write_captions", spy)
+    args = ["--dataset", "shapes", "--num-images", "12", "--image-size", "32", "--workers", "1",
+            "--output-folder", str(out)]
+    pack(args)
+    assert [re.fullmatch(rf"\.(\w+)\.h5\.{os.getpid()}\.[0-9a-f]{{8}}\.tmp", name)[1] for name in staged] == list(SPLITS)
+    (out / "dataset.json").unlink()
+    (out / ".val.h5.1.0123abcd.tmp").write_bytes(b"")
+    pack(args)
+    assert sorted(os.listdir(out)) == sorted(packer.FINAL_FILES)
+
+
 def test_choose_captions() -> None:
     assert packer.choose_captions(5, 5, 0, "a") == [0, 1, 2, 3, 4]
     up = packer.choose_captions(2, 5, 0, "a")
@@ -561,8 +581,8 @@ def test_choose_captions() -> None:
 # --------------------------------------------------------------------------------------------
 def test_caption_dataset_items(shapes_folder: Path) -> None:
     dataset = CaptionDataset(str(shapes_folder), "val")
-    sizes = (len(dataset), dataset.num_images, dataset.captions_per_image, dataset.max_len, dataset.image_size)
-    assert sizes == (3, 3, 5, 50, 48)
+    sizes = (len(dataset), dataset.num_images, dataset.captions_per_image, dataset.image_size)
+    assert sizes == (3, 3, 5, 48)
     raw = read_h5(shapes_folder / "val.h5")
     item = dataset[1]
     assert item["image"].dtype == torch.float32 and item["image"].shape == (3, 48, 48)
@@ -572,7 +592,6 @@ def test_caption_dataset_items(shapes_folder: Path) -> None:
     assert item["caplens"].tolist() == raw["caplens"][5:10].tolist() and item["index"] == 1
     assert item["references"] == json.loads(raw["references"][1]) == dataset.references(1)
     assert dataset.objects(1) == json.loads(raw["objects"][1]) and dataset.filename(1) == raw["filenames"][1]
-    assert dataset.word_objects(1).tolist() == raw["word_objects"][5:10].tolist()
     assert "references" not in CaptionDataset(str(shapes_folder), "train")[0]
     flipped = CaptionDataset(str(shapes_folder), "val", transform=lambda im: im.flip(-1))[1]["image"]
     assert torch.equal(flipped, item["image"].flip(-1))
@@ -592,6 +611,18 @@ def test_caption_dataset_errors(shapes_folder: Path, tmp_path: Path, tiny_karpat
         del h5["references"]
     with pytest.raises(ValueError, match="val.h5: lacks references"):
         CaptionDataset(str(out), "val")
+
+
+def test_packs_with_the_old_max_len_attribute_still_load(shapes_folder: Path, tmp_path: Path) -> None:
+    """Packs written before --max-caption-words store the same value as the attribute "max_len"."""
+    old = tmp_path / "old"
+    old.mkdir()
+    for path in shapes_folder.iterdir():
+        (old / path.name).write_bytes(path.read_bytes())
+    with h5py.File(old / "val.h5", "a") as h5:
+        h5.attrs["max_len"] = h5.attrs.pop("max_caption_words")
+    assert datasets.check_packed(str(old), "val")["max_caption_words"] == 50
+    assert CaptionDataset(str(old), "val")[0]["captions"].shape == (5, 52)
 
 
 def check_loader(dataset: CaptionDataset, **kwargs: Any) -> None:
