@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from config import HARD_DECODE_MODES, check_fields, option
-from models import ShowAttendTell
+from models import ShowAttendTell, StepOutput
 from progress import progress_bar
 from runtime import autocast_context
 from text import decode_ids
@@ -47,6 +47,9 @@ class _Step(NamedTuple):
     kept: torch.Tensor | None  # (R,) rows of the previous step's output that this step's input kept
 
 
+# Speed: an image's k beams share its annotations and their projection (computed once, not per beam); each
+# step keeps only the chosen words, back-pointers and attention, and the captions are read back by following
+# the back-pointers once at the end (no per-step copy of the growing hypotheses).
 @torch.no_grad()
 def beam_search(
     model: ShowAttendTell,
@@ -66,10 +69,6 @@ def beam_search(
     when no image is left or max_len is reached. When no beam of an image reaches <end>, its best
     unfinished hypothesis is returned rather than nothing.
 
-    Speed: an image's k beams share its annotations and their projection (computed once, not per beam);
-    each step keeps only the chosen words, back-pointers and attention, and the captions are read back
-    by following the back-pointers once at the end (no per-step copy of the growing hypotheses).
-
     Args:
         images: (B, 3, S, S) normalised, or their annotations (B, L, D) from a feature cache.
         length_penalty: rank finished hypotheses by score / length**length_penalty (0 = raw log-prob).
@@ -82,99 +81,133 @@ def beam_search(
     if not 1 <= n_best <= beam_size:
         raise ValueError(f"n_best={n_best} must be in 1..beam_size={beam_size}")
     model.eval()
-    decoder = model.decoder
-    start, end, pad = word_map["<start>"], word_map["<end>"], word_map["<pad>"]
-    k, vocab = beam_size, decoder.vocab_size
+    decoder, k = model.decoder, beam_size
     features = model.encode(images)  # (B, L, D)
     batch, num_locations, _ = features.shape
-    device = features.device
     features_proj = decoder.attention.project(features)  # (B, L, A)
-    state = decoder.init_state(features, k)  # (B*k, n) each
-    image_ids = torch.arange(batch, device=device)  # (A,) the images still decoding, A <= B
-    word_ids = torch.full((batch * k,), start, dtype=torch.long, device=device)  # (A*k,)
-    # Only beam 0 is live at t=0, so the first top-k picks k distinct words rather than k copies.
-    scores = torch.full((batch, k), float("-inf"), device=device)
-    scores[:, 0] = 0.0
-    scores = scores.flatten()  # (A*k,)
-    finished = torch.zeros(batch * k, dtype=torch.bool, device=device)
-    lengths = torch.zeros(batch * k, dtype=torch.long, device=device)  # tokens incl. <end>
+    beams = _Beams.start(batch, k, word_map["<start>"], decoder.init_state(features, k))
+    results = _Results(batch, n_best, length_penalty, features.device)
     steps: list[_Step] = []
-    # Results have n_best slots per image (slot = image * n_best + rank), filled when the image ends.
-    ended: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # step -> (slots, their rows) ending there
-    slot_score = torch.empty(batch * n_best, device=device)
-    slot_normalized = torch.empty(batch * n_best, device=device)
-    slot_length = torch.empty(batch * n_best, dtype=torch.long, device=device)
-    slot_finished = torch.empty(batch * n_best, dtype=torch.bool, device=device)
-    ranks = torch.arange(n_best, device=device)
     kept = None
-    # Retiring finished images needs a host sync; on a GPU, do it every few steps only.
-    check_every = 1 if device.type == "cpu" else 8
-
+    check_every = 1 if features.device.type == "cpu" else 8  # retiring images syncs: on a GPU, now and then
     for t in range(max_len):
-        out = decoder.step(word_ids, state, features, features_proj, context_mode)
-        log_probs = F.log_softmax(out.logits.float(), dim=1)  # (A*k, V)
-        log_probs[:, [pad, start]] = float("-inf")  # never emitted (an untrained model may prefer them)
-        # A finished beam may only continue with <pad>, at log-prob 0: its score is frozen.
-        log_probs.masked_fill_(finished[:, None], float("-inf"))
-        log_probs[:, pad] = torch.where(finished, 0.0, log_probs[:, pad])
-        active = image_ids.numel()
-        candidates = (scores[:, None] + log_probs).view(active, k * vocab)  # (A, k*V)
-        top_scores, top_ids = candidates.topk(k, dim=1)  # (A, k)
-        parent = (top_ids // vocab + torch.arange(active, device=device)[:, None] * k).flatten()  # (A*k,)
-        word_ids = (top_ids % vocab).flatten()  # (A*k,)
-        scores = top_scores.flatten()
-        was_finished = finished[parent]
-        lengths = lengths[parent] + (~was_finished).long()
-        finished = was_finished | (word_ids == end)
-        steps.append(_Step(word_ids, parent, out.alpha, out.beta.float().mean(dim=1), kept))
-        state = (out.state[0][parent], out.state[1][parent])
+        out = decoder.step(beams.word_ids, beams.state, features, features_proj, context_mode)
+        parent = beams.extend(out, k, word_map)
+        steps.append(_Step(beams.word_ids, parent, out.alpha, out.beta.float().mean(dim=1), kept))
         kept = None
         last = t == max_len - 1
         if not last and (t + 1) % check_every:
             continue
-        done = torch.ones(active, dtype=torch.bool, device=device) if last else finished.view(active, k).all(dim=1)
+        active = beams.image_ids.numel()
+        done = (torch.ones(active, dtype=torch.bool, device=features.device) if last
+                else beams.finished.view(active, k).all(dim=1))  # (A,)
         if not bool(done.any()):
             continue
-        # Rank the done images' beams: finished hypotheses first, each group by normalized score (two
-        # stable sorts: an offset such as -1e9 for unfinished ones would erase their differences in
-        # float32); unfinished ones are the fallback for images with none finished.
-        rows = torch.arange(active * k, device=device).view(active, k)[done]  # (E, k)
-        normalized = scores[rows] / lengths[rows].clamp_min(1).float() ** length_penalty if length_penalty \
-            else scores[rows]  # (E, k)
-        by_score = normalized.argsort(dim=1, descending=True, stable=True)
-        by_finished = finished[rows].gather(1, by_score).int().argsort(dim=1, descending=True, stable=True)
-        order = by_score.gather(1, by_finished)[:, :n_best]  # (E, n)
-        chosen = rows.gather(1, order).flatten()  # (E*n,)
-        slots = (image_ids[done][:, None] * n_best + ranks).flatten()  # (E*n,)
-        ended[t] = (slots, chosen)
-        slot_score[slots] = scores[chosen]
-        slot_normalized[slots] = normalized.gather(1, order).flatten()
-        slot_length[slots] = lengths[chosen]
-        slot_finished[slots] = finished[chosen]
+        results.record(t, beams, done, k)
         if bool(done.all()):
             break
-        # The done images leave the batch: keep the rows (and annotations) of the others.
-        image_ids = image_ids[~done]
-        kept = torch.arange(active * k, device=device).view(active, k)[~done].flatten()  # (A'*k,)
+        kept = beams.keep(~done, k)  # the done images leave the batch, with their annotations
         features, features_proj = features[~done], features_proj[~done]
-        word_ids, scores, finished, lengths = word_ids[kept], scores[kept], finished[kept], lengths[kept]
-        state = (state[0][kept], state[1][kept])
+    tokens, alphas, betas = _follow_back_pointers(steps, results.ended, batch * n_best, num_locations,
+                                                  word_map["<pad>"])
+    return results.hypotheses(tokens, alphas, betas, model.encoder.enc_size)
 
-    tokens, alphas, betas = _follow_back_pointers(steps, ended, batch * n_best, num_locations, pad)
-    enc = model.encoder.enc_size
 
-    def hypothesis(slot: int) -> Hypothesis:
-        n_words = int(slot_length[slot]) - int(slot_finished[slot])  # drop <end>
-        return Hypothesis(
-            tokens=tokens[slot, :n_words].tolist(),
-            score=float(slot_score[slot]),
-            normalized_score=float(slot_normalized[slot]),
-            finished=bool(slot_finished[slot]),
-            alphas=alphas[slot, :n_words].view(n_words, enc, enc).cpu(),
-            betas=betas[slot, :n_words].cpu(),
-        )
+@dataclass
+class _Beams:
+    """The rows beam search is extending: k per image still decoding (A images, R = A*k rows)."""
 
-    return [[hypothesis(i * n_best + rank) for rank in range(n_best)] for i in range(batch)]
+    image_ids: torch.Tensor  # (A,) which of the batch's images are still decoding
+    word_ids: torch.Tensor  # (R,) each row's last word
+    scores: torch.Tensor  # (R,) summed log-probabilities
+    finished: torch.Tensor  # (R,) the row has emitted <end>
+    lengths: torch.Tensor  # (R,) tokens emitted, <end> included
+    state: tuple[torch.Tensor, torch.Tensor]  # (h, c), each (R, n)
+
+    @classmethod
+    def start(cls, batch: int, k: int, start: int, state: tuple[torch.Tensor, torch.Tensor]) -> "_Beams":
+        device = state[0].device
+        # Only beam 0 is live at t=0, so the first top-k picks k distinct words rather than k copies.
+        scores = torch.full((batch, k), float("-inf"), device=device)
+        scores[:, 0] = 0.0
+        return cls(torch.arange(batch, device=device), torch.full((batch * k,), start, dtype=torch.long, device=device),
+                   scores.flatten(), torch.zeros(batch * k, dtype=torch.bool, device=device),
+                   torch.zeros(batch * k, dtype=torch.long, device=device), state)
+
+    def extend(self, out: StepOutput, k: int, word_map: dict[str, int]) -> torch.Tensor:
+        """Keep each image's k best one-word extensions; returns each new row's parent row (R,)."""
+        pad, start, end = word_map["<pad>"], word_map["<start>"], word_map["<end>"]
+        log_probs = F.log_softmax(out.logits.float(), dim=1)  # (R, V)
+        log_probs[:, [pad, start]] = float("-inf")  # never emitted (an untrained model may prefer them)
+        # A finished beam may only continue with <pad>, at log-prob 0: its score is frozen.
+        log_probs.masked_fill_(self.finished[:, None], float("-inf"))
+        log_probs[:, pad] = torch.where(self.finished, 0.0, log_probs[:, pad])
+        active, vocab = self.image_ids.numel(), log_probs.size(1)
+        candidates = (self.scores[:, None] + log_probs).view(active, k * vocab)  # (A, k*V)
+        top_scores, top_ids = candidates.topk(k, dim=1)  # (A, k)
+        parent = (top_ids // vocab + torch.arange(active, device=top_ids.device)[:, None] * k).flatten()  # (R,)
+        self.word_ids, self.scores = (top_ids % vocab).flatten(), top_scores.flatten()
+        was_finished = self.finished[parent]
+        self.lengths = self.lengths[parent] + (~was_finished).long()
+        self.finished = was_finished | (self.word_ids == end)
+        self.state = (out.state[0][parent], out.state[1][parent])
+        return parent
+
+    def keep(self, images: torch.Tensor, k: int) -> torch.Tensor:
+        """Keep the rows of the images marked in `images` (A,); returns the kept rows (R',)."""
+        active = self.image_ids.numel()
+        kept = torch.arange(active * k, device=images.device).view(active, k)[images].flatten()
+        self.image_ids = self.image_ids[images]
+        self.word_ids, self.scores = self.word_ids[kept], self.scores[kept]
+        self.finished, self.lengths = self.finished[kept], self.lengths[kept]
+        self.state = (self.state[0][kept], self.state[1][kept])
+        return kept
+
+
+class _Results:
+    """n_best slots per image (slot = image * n_best + rank), filled at the step its image ends."""
+
+    def __init__(self, batch: int, n_best: int, length_penalty: float, device: torch.device) -> None:
+        self.n_best, self.length_penalty = n_best, length_penalty
+        self.ended: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # step -> (slots, their rows)
+        self.score = torch.empty(batch * n_best, device=device)
+        self.normalized = torch.empty(batch * n_best, device=device)
+        self.length = torch.empty(batch * n_best, dtype=torch.long, device=device)
+        self.finished = torch.empty(batch * n_best, dtype=torch.bool, device=device)
+
+    def record(self, t: int, beams: _Beams, done: torch.Tensor, k: int) -> None:
+        """Rank the beams of the images that are done (A,): finished hypotheses first, each group by
+        normalized score (two stable sorts: an offset such as -1e9 for unfinished ones would erase their
+        differences in float32); unfinished ones are the fallback for images with none finished."""
+        rows = torch.arange(done.numel() * k, device=done.device).view(-1, k)[done]  # (E, k)
+        normalized = beams.scores[rows]  # (E, k)
+        if self.length_penalty:
+            normalized = normalized / beams.lengths[rows].clamp_min(1).float() ** self.length_penalty
+        by_score = normalized.argsort(dim=1, descending=True, stable=True)
+        by_finished = beams.finished[rows].gather(1, by_score).int().argsort(dim=1, descending=True, stable=True)
+        order = by_score.gather(1, by_finished)[:, : self.n_best]  # (E, n)
+        chosen = rows.gather(1, order).flatten()  # (E*n,)
+        ranks = torch.arange(self.n_best, device=done.device)
+        slots = (beams.image_ids[done][:, None] * self.n_best + ranks).flatten()  # (E*n,)
+        self.ended[t] = (slots, chosen)
+        self.score[slots] = beams.scores[chosen]
+        self.normalized[slots] = normalized.gather(1, order).flatten()
+        self.length[slots] = beams.lengths[chosen]
+        self.finished[slots] = beams.finished[chosen]
+
+    def hypotheses(self, tokens: torch.Tensor, alphas: torch.Tensor, betas: torch.Tensor,
+                   enc_size: int) -> list[list[Hypothesis]]:
+        """Per image its n_best Hypotheses, from the words, alphas (S, T, L) and betas read back per slot."""
+
+        def hypothesis(slot: int) -> Hypothesis:
+            n_words = int(self.length[slot]) - int(self.finished[slot])  # drop <end>
+            return Hypothesis(tokens=tokens[slot, :n_words].tolist(), score=float(self.score[slot]),
+                              normalized_score=float(self.normalized[slot]), finished=bool(self.finished[slot]),
+                              alphas=alphas[slot, :n_words].view(n_words, enc_size, enc_size).cpu(),
+                              betas=betas[slot, :n_words].cpu())
+
+        return [[hypothesis(image * self.n_best + rank) for rank in range(self.n_best)]
+                for image in range(self.length.numel() // self.n_best)]
 
 
 def _follow_back_pointers(

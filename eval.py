@@ -37,9 +37,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--spice", action="store_true",
                         help="also SPICE (= --metric SPICE; needs java and Stanford CoreNLP's jars, says what is "
                              "missing otherwise)")
-    parser.add_argument("--control", choices=CONTROLS, default=defaults.control,
-                        help="shuffled (default): also score the same captions against the references of a fixed "
-                             "random permutation of the images, to show the model uses the image")
+    control_help = ("shuffled (default): also score the same captions against the references of a fixed random "
+                    "permutation of the images, to show the model uses the image")
+    parser.add_argument("--control", choices=CONTROLS, default=defaults.control, help=control_help)
     parser.add_argument("--out", help="results JSON (COCO format); metrics go to OUT with .metrics.json")
     parser.add_argument("--report", metavar="DIR",
                         help="write a static HTML page DIR/index.html: per image its caption, references, CIDEr, "

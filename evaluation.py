@@ -173,7 +173,7 @@ def evaluate(checkpoint: str | Path, data_folder: str | Path, opts: EvalOptions,
     write_results(results_path, metrics_path, decoded, dataset, metrics)
     if report:
         index_html = write_report(report, decoded, dataset, metrics, per_image,
-                                  hard=is_stochastic(model_cfg.attention), gif_limit=opts.report_limit,
+                                  stochastic=is_stochastic(model_cfg.attention), gif_limit=opts.report_limit,
                                   source=f"{checkpoint} on {data_folder}")
     print_table(metrics)
     warn_if_collapsed(metrics)

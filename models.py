@@ -1,7 +1,9 @@
-"""Show, Attend and Tell (Xu et al. 2015): ResNet encoder, attention LSTM decoder, decoding.
+"""Show, Attend and Tell (Xu et al. 2015): ResNet encoder and attention LSTM decoder (attention variants in
+attention.py, beam search in decoding.py, the losses in losses.py).
 
-Symbols follow the paper: a (B, L, D) annotation vectors, L = enc_size**2 locations, D encoder channels;
-alpha_t (B, L) attention weights; beta_t the gate; z_t (B, D) context; h_t, c_t (B, n) LSTM state;
+Symbols follow the paper: a (B, L, D) annotation vectors of B images, L = enc_size**2 locations, D encoder
+channels; per decoded row (N = B*r rows: an image's r captions or beams) alpha_t (N, L) attention weights,
+beta_t the gate, z_t (N, D) context, h_t, c_t (N, n) LSTM state;
 E the m-dim word embedding; V the vocabulary size; T decoding steps.
 
 One function, `Decoder.step`, advances the decoder by one word. Teacher-forced training, greedy decoding,
@@ -149,11 +151,11 @@ def _first_detail(error: Exception) -> str:
 # Decoder
 # --------------------------------------------------------------------------------------------
 class StepOutput(NamedTuple):
-    logits: torch.Tensor  # (B, V) unnormalised log p(y_t | a, y_<t)
-    state: tuple[torch.Tensor, torch.Tensor]  # (h_t, c_t), each (B, n)
-    alpha: torch.Tensor  # (B, L)
-    beta: torch.Tensor  # (B, 1) scalar gate, (B, D) vector gate, or ones (B, 1) without a gate
-    location: torch.Tensor | None  # (B,) sampled/argmax location s_t, None for the expected context
+    logits: torch.Tensor  # (N, V) unnormalised log p(y_t | a, y_<t)
+    state: tuple[torch.Tensor, torch.Tensor]  # (h_t, c_t), each (N, n)
+    alpha: torch.Tensor  # (N, L)
+    beta: torch.Tensor  # (N, 1) scalar gate, (N, D) vector gate, or ones (N, 1) without a gate
+    location: torch.Tensor | None  # (N,) sampled/argmax location s_t, None for the expected context
 
 
 class Decoder(nn.Module):
@@ -206,9 +208,9 @@ class Decoder(nn.Module):
         self._compiled_step = torch.compile(self.step, **compile_options)
 
     def init_state(self, features: torch.Tensor, rows_per_image: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
-        """(h_0, c_0), each (G*r, n), for r rows (captions or beams) of each of G images."""
-        mean_a = features.mean(dim=1)  # (G, D)
-        h, c = self.init_h(mean_a), self.init_c(mean_a)  # (G, n) each
+        """(h_0, c_0), each (B*r, n), for r rows (captions or beams) of each of B images."""
+        mean_a = features.mean(dim=1)  # (B, D)
+        h, c = self.init_h(mean_a), self.init_c(mean_a)  # (B, n) each
         return h.repeat_interleave(rows_per_image, dim=0), c.repeat_interleave(rows_per_image, dim=0)
 
     def step(
@@ -219,27 +221,27 @@ class Decoder(nn.Module):
         features_proj: torch.Tensor,
         context_mode: str = "expected",
     ) -> StepOutput:
-        """Advance one word: y_{t-1} (N,), (h_{t-1}, c_{t-1}), a (G, L, D) -> logits for y_t and more.
+        """Advance one word: y_{t-1} (N,), (h_{t-1}, c_{t-1}), a (B, L, D) -> logits for y_t and more.
 
-        The N = G*r rows are r consecutive rows per image (an image's captions, or its beams): they share
-        the image's annotations a and their projection `features_proj` (G, L, A), which are neither
+        The N = B*r rows are r consecutive rows per image (an image's captions, or its beams): they share
+        the image's annotations a and their projection `features_proj` (B, L, A), which are neither
         copied nor recomputed per row. `context_mode` is only read by hard attention: "sample",
         "expected" or "argmax".
         """
         h, c = state
-        alpha = self.attention.weights(features_proj, h)  # (B, L)
-        z, location = self.attention.context(features, alpha, context_mode)  # (B, D), (B,) or None
+        alpha = self.attention.weights(features_proj, h)  # (N, L)
+        z, location = self.attention.context(features, alpha, context_mode)  # (N, D), (N,) or None
         if self.f_beta is not None:
-            beta = torch.sigmoid(self.f_beta(h))  # (B, 1) or (B, D)
+            beta = torch.sigmoid(self.f_beta(h))  # (N, 1) or (N, D)
             z = beta * z
         else:
             beta = h.new_ones(h.size(0), 1)
-        emb = self.embedding(y_prev)  # (B, m) E y_{t-1}
-        h, c = self.lstm(torch.cat([emb, z], dim=1), (h, c))  # (B, n) each
+        emb = self.embedding(y_prev)  # (N, m) E y_{t-1}
+        h, c = self.lstm(torch.cat([emb, z], dim=1), (h, c))  # (N, n) each
         if self.deep_output:
-            logits = self.L_o(self.dropout(emb + self.L_h(h) + self.L_z(z)))  # (B, V)
+            logits = self.L_o(self.dropout(emb + self.L_h(h) + self.L_z(z)))  # (N, V)
         else:
-            logits = self.fc(self.dropout(h))  # (B, V)
+            logits = self.fc(self.dropout(h))  # (N, V)
         return StepOutput(logits, (h, c), alpha, beta, location)
 
     def forward(
@@ -248,7 +250,7 @@ class Decoder(nn.Module):
         """Teacher forcing over padded captions, in input order (masks, no sort-and-slice).
 
         Args:
-            features: a, (G, L, D), shared by N/G consecutive captions each.
+            features: a, (B, L, D), shared by N/B consecutive captions each.
             captions: (N, T+1) `<start> w_1 .. w_n <end> <pad>..`.
             caplens: (N,) n + 2, counting <start> and <end>; best kept on the CPU (T is read from them).
         Returns a dict with logits (N, T, V) for targets captions[:, 1:T+1], alphas (N, T, L),
@@ -257,7 +259,7 @@ class Decoder(nn.Module):
         steps = int(caplens.max()) - 1  # T: predict w_1 .. <end> (caplens on the CPU: no GPU sync)
         lengths = caplens.to(captions.device, non_blocking=True)
         mask = torch.arange(steps, device=captions.device)[None, :] < (lengths[:, None] - 1)  # (N, T)
-        features_proj = self.attention.project(features)  # (G, L, A), once per image
+        features_proj = self.attention.project(features)  # (B, L, A), once per image
         state = self.init_state(features, captions.size(0) // features.size(0))  # (N, n) each
         logits, alphas, log_p_s, entropy = [], [], [], []
         for t in range(steps):

@@ -76,7 +76,7 @@ def write_report(
     metrics: dict[str, Any],
     per_image: dict[int, dict[str, float]],
     *,
-    hard: bool = False,
+    stochastic: bool = False,
     gif_limit: int = 50,
     source: str = "",
 ) -> Path:
@@ -96,7 +96,7 @@ def write_report(
 
     ordered = sorted(decoded, key=worst_first)
     rows = [_image_row(report_dir, rank, d, dataset, [per_image.get(d["index"], {}).get(k, "") for k in columns],
-                       draw=rank <= gif_limit, hard=hard) for rank, d in enumerate(ordered, 1)]
+                       draw=rank <= gif_limit, stochastic=stochastic) for rank, d in enumerate(ordered, 1)]
     title = f"{metrics.get('split', '')} split, beam {metrics.get('beam_size', '')}, {len(decoded)} images"
     headers = "".join(f"<th>{html.escape(key)}</th>" for key in columns)
     table = f"""<h2>Per image{', worst ' + html.escape(columns[0]) + ' first' if columns else ''}</h2>
@@ -110,7 +110,7 @@ def write_report(
 
 
 def _image_row(report_dir: Path, rank: int, d: dict[str, Any], dataset: Any, scores: list[Any], *, draw: bool,
-               hard: bool) -> str:
+               stochastic: bool) -> str:
     """One image's table row; writes its thumbnail and, when `draw`, its attention GIF."""
     # figures loads matplotlib: only when a row is drawn, and looked up here so tests can replace its writers.
     from figures import AttentionMaps, render_panels, save_attention_gif
@@ -124,7 +124,8 @@ def _image_row(report_dir: Path, rank: int, d: dict[str, Any], dataset: Any, sco
     thumb_cell = (f"<img src='images/{i}.jpg' alt='image {i}' width='{thumbnail.width}' "
                   f"height='{thumbnail.height}'{lazy}>")
     if draw and d["words"]:
-        maps = AttentionMaps(image=image, words=list(d["words"]), alphas=d["alphas"], betas=d["betas"], hard=hard)
+        maps = AttentionMaps(image=image, words=list(d["words"]), alphas=d["alphas"], betas=d["betas"],
+                             stochastic=stochastic)
         save_attention_gif(report_dir / "attention" / f"{i}.gif", render_panels(maps))
         attention_cell = f"<img src='attention/{i}.gif' alt='attention for image {i}' class='gif'>"
     else:

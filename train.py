@@ -44,7 +44,7 @@ FIXED_ON_RESUME = ("fine_tune_encoder", "fine_tune_stages")
 
 def get_args_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", help="YAML file in configs/ (overrides of utils.Config defaults)")
+    parser.add_argument("--config", help="YAML file in configs/ (overrides of config.Config defaults; may name a base:)")
     parser.add_argument("--debug", action="store_true", help="show a traceback for every error")
     parser.add_argument("overrides", nargs="*", help="key=value overrides, e.g. epochs=5 data_folder=DIR")
     return parser

@@ -1,8 +1,4 @@
-"""Shared pieces: the one config system, checkpoints, seeding, devices and distributed helpers.
-
-Everything here is imported by train.py, eval.py and caption.py so that they cannot drift apart.
-Nothing runs at import time.
-"""
+"""Reproducibility: seeding every RNG, and RNG states a checkpoint can hold (so resume is exact)."""
 from __future__ import annotations
 
 import random

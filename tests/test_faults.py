@@ -30,6 +30,7 @@ import create_input_files as packer
 import eval as evaluation
 import scoring
 import train
+import evaluation as evaluation_lib
 import trainer
 from checkpoints import load_checkpoint
 
@@ -549,7 +550,7 @@ def test_read_only_output_locations_are_refused_before_work(tiny_ckpt, shapes_fo
     def no_work(*args, **kwargs):
         raise AssertionError("work started before the output location was checked")
 
-    for module, name in ((train, "make_loaders"), (packer, "_write_images"), (evaluation, "decode_split")):
+    for module, name in ((train, "make_loaders"), (packer, "_write_images"), (evaluation_lib, "decode_split")):
         monkeypatch.setattr(module, name, no_work)
     with small_disk(tmp_path / "disk", "1m") as disk:
         make_read_only(disk)
@@ -594,8 +595,8 @@ def test_ctrl_c_in_eval_stops_meteor_and_prints_no_traceback(tiny_ckpt, shapes_f
 @pytest.mark.slow
 def test_eval_killed_mid_run_leaves_no_results(tiny_ckpt, shapes_folder, tmp_path):
     out = tmp_path / "test.json"
-    code = ("import os, signal, sys, eval, decoding\n"
-            "eval.decode_split = lambda *a, **k: os.kill(os.getpid(), signal.SIGKILL)\n"
+    code = ("import os, signal, sys, eval, evaluation\n"
+            "evaluation.decode_split = lambda *a, **k: os.kill(os.getpid(), signal.SIGKILL)\n"
             "sys.exit(eval.main(sys.argv[1:]))")
     args = ["--checkpoint", str(tiny_ckpt), "--data-folder", str(shapes_folder), "--num-workers", "0",
             "--out", str(out)]
@@ -651,7 +652,7 @@ def test_kill_during_packing_then_the_same_command_finishes(where, tmp_path):
                             env={**ENV, "FAULT_AT": where}, capture_output=True)
     assert killed.returncode == -signal.SIGKILL
     if where == "captions":  # the older pack is whole
-        assert (out / "dataset.json").is_file() and {p.name for p in out.glob("*.h5.tmp")} >= {"train.h5.tmp"}
+        assert (out / "dataset.json").is_file() and any(out.glob(".train.h5.*.tmp"))
     else:  # half old, half new: not marked complete, so no reader takes it
         assert not (out / "dataset.json").exists()
         assert train.main(train_args(out, tmp_path / "run")) == 1

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 import torchvision
 
 from attention import HardAttention
-from checkpoints import checkpoint_configs, load_checkpoint, save_checkpoint
+from checkpoints import build_checkpoint, load_checkpoint, save_checkpoint
 from config import Config, load_config
 from losses import doubly_stochastic_penalty, reinforce_surrogate
 from models import Encoder, WeightsDownloadError, build_model, model_from_checkpoint
@@ -174,7 +174,7 @@ def test_tiny_model_overfits_a_batch(attention):
     images, captions, lengths = tiny_batch(batch=4, per_image=2)
     optimizer = torch.optim.Adam(model.parameters(), lr=5e-3)
     scaler = torch.amp.GradScaler("cpu", enabled=False)
-    from train import TrainState, train_step
+    from trainer import TrainState, train_step
 
     state = TrainState()
     batch = {"image": images, "captions": captions, "caplens": lengths}
@@ -195,7 +195,7 @@ def test_checkpoint_round_trip_weights_only(tmp_path):
     cfg = tiny_config(attention="hard", gate="vector")
     model = make_model(cfg).eval()
     path = tmp_path / "ckpt.pt"
-    save_checkpoint(path, {"model": model.state_dict(), **checkpoint_configs(cfg), "word_map": WORD_MAP})
+    save_checkpoint(path, build_checkpoint(model, cfg.model_config(), WORD_MAP, cfg=cfg))
     assert not list(tmp_path.glob("*.tmp")), "the temp file was renamed away"
     raw = torch.load(path, weights_only=True)  # plain data only
     assert raw["model_config"]["attention"] == "hard"
