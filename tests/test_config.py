@@ -27,7 +27,7 @@ RESOLVED = {
                           "data_folder": "data/flickr8k_128", "num_workers": 1, "captions_per_step": 2, "hflip": True,
                           "encoder_weights": "none", "fine_tune_encoder": True, "fine_tune_stages": 0,
                           "concept_loss_weight": 1.0, "decoder_lr": 0.001, "encoder_lr": 0.001,
-                          "lr_decay_factor": 0.5, "early_stop_patience": 0, "max_len": 30},
+                          "lr_decay_factor": 0.5, "early_stop_patience": 0, "max_len": 30, "val_metric": "CIDEr"},
     "flickr8k_hard.yaml": {"attention": "hard", "name": "flickr8k_hard", "data_folder": "data/flickr8k",
                            "num_workers": 4, "epochs": 30},
     "shapes.yaml": {"encoder": "resnet18", "encoder_stages": 2, "enc_size": 6, "attention_dim": 128, "embed_dim": 64,
