@@ -1,7 +1,8 @@
 """One decode path: validation in train.py, eval.py and caption.py decode with the same options, flags,
 defaults and code, so they cannot drift apart.
 
-    DecodeOptions       beam size, longest caption, length penalty, hard attention's context, batch size
+    DecodeOptions       beam size, longest caption, length penalty, hard attention's context, batch size,
+                        sampling (temperature, top-k, top-p) and trigram blocking
     decode_args_parser  the argparse parent both scripts share (--beam-size, --max-len, ...)
     decode_images       a tensor of images -> the n best Hypotheses per image (best first)
     decode_split        a DataLoader of a packed split -> per image: caption, words, references, attention
@@ -9,7 +10,7 @@ defaults and code, so they cannot drift apart.
 from __future__ import annotations
 
 import argparse
-from dataclasses import dataclass, fields
+from dataclasses import asdict, dataclass, fields
 from typing import Any, Iterable, NamedTuple
 
 import torch
@@ -47,6 +48,16 @@ class _Step(NamedTuple):
     kept: torch.Tensor | None  # (R,) rows of the previous step's output that this step's input kept
 
 
+class _Policy(NamedTuple):
+    """How beam_search extends its rows each step (see beam_search's arguments)."""
+
+    sample: bool = False
+    temperature: float = 1.0
+    top_k: int = 0
+    top_p: float = 1.0
+    block_trigrams: bool = False
+
+
 # Speed: an image's k beams share its annotations and their projection (computed once, not per beam); each
 # step keeps only the chosen words, back-pointers and attention, and the captions are read back by following
 # the back-pointers once at the end (no per-step copy of the growing hypotheses).
@@ -61,6 +72,7 @@ def beam_search(
     length_penalty: float = 0.0,
     context_mode: str = "expected",
     n_best: int = 1,
+    sample: bool = False, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0, block_trigrams: bool = False,
 ) -> list[list[Hypothesis]]:
     """The n_best best captions per image (best first), decoding all images and all their beams as one batch.
 
@@ -75,32 +87,31 @@ def beam_search(
         context_mode: hard attention's context at decoding (expected, argmax, sample); soft ignores it.
         n_best: hypotheses returned per image, 1..beam_size: the final beam, finished ones first, each
             group by normalized score. Always a list per image, so callers never branch on n_best.
+        sample: draw beam_size captions per image, one per row, retired and ranked as beams are; a score is the
+            model's log-probability, as a beam's: temperature, top_k (0 = off), top_p (1 = off) shape only the
+            draws. Reproducible under torch.manual_seed; not batch-size invariant (one stream for all rows).
+        block_trigrams: no row may emit a word that repeats a trigram already in its own caption.
     """
-    if beam_size < 1:
-        raise ValueError(f"beam_size={beam_size} must be >= 1")
-    if not 1 <= n_best <= beam_size:
-        raise ValueError(f"n_best={n_best} must be in 1..beam_size={beam_size}")
+    policy = _checked_policy(beam_size, n_best, _Policy(sample, temperature, top_k, top_p, block_trigrams))
     model.eval()
     decoder, k = model.decoder, beam_size
     features = model.encode(images)  # (B, L, D)
     batch, num_locations, _ = features.shape
     features_proj = decoder.attention.project(features)  # (B, L, A)
-    beams = _Beams.start(batch, k, word_map["<start>"], decoder.init_state(features, k))
+    beams = _Beams.start(batch, k, word_map["<start>"], decoder.init_state(features, k), policy)
     results = _Results(batch, n_best, length_penalty, features.device)
     steps: list[_Step] = []
     kept = None
     check_every = 1 if features.device.type == "cpu" else 8  # retiring images syncs: on a GPU, now and then
     for t in range(max_len):
         out = decoder.step(beams.word_ids, beams.state, features, features_proj, context_mode)
-        parent = beams.extend(out, k, word_map)
+        parent = beams.extend(out, k, word_map, policy)
         steps.append(_Step(beams.word_ids, parent, out.alpha, out.beta.float().mean(dim=1), kept))
         kept = None
         last = t == max_len - 1
         if not last and (t + 1) % check_every:
             continue
-        active = beams.image_ids.numel()
-        done = (torch.ones(active, dtype=torch.bool, device=features.device) if last
-                else beams.finished.view(active, k).all(dim=1))  # (A,)
+        done = beams.done_images(k, last)  # (A,)
         if not bool(done.any()):
             continue
         results.record(t, beams, done, k)
@@ -113,6 +124,20 @@ def beam_search(
     return results.hypotheses(tokens, alphas, betas, model.encoder.enc_size)
 
 
+def _checked_policy(beam_size: int, n_best: int, policy: _Policy) -> _Policy:
+    if beam_size < 1:
+        raise ValueError(f"beam_size={beam_size} must be >= 1")
+    if not 1 <= n_best <= beam_size:
+        raise ValueError(f"n_best={n_best} must be in 1..beam_size={beam_size}")
+    if not policy.temperature > 0:
+        raise ValueError(f"temperature={policy.temperature} must be > 0")
+    if policy.top_k < 0:
+        raise ValueError(f"top_k={policy.top_k} must be >= 0 (0 = off)")
+    if not 0 < policy.top_p <= 1:
+        raise ValueError(f"top_p={policy.top_p} must be in (0, 1] (1 = off)")
+    return policy
+
+
 @dataclass
 class _Beams:
     """The rows beam search is extending: k per image still decoding (A images, R = A*k rows)."""
@@ -123,35 +148,61 @@ class _Beams:
     finished: torch.Tensor  # (R,) the row has emitted <end>
     lengths: torch.Tensor  # (R,) tokens emitted, <end> included
     state: tuple[torch.Tensor, torch.Tensor]  # (h, c), each (R, n)
+    history: torch.Tensor | None = None  # (R, t) each row's words so far; kept only to block trigrams
 
     @classmethod
-    def start(cls, batch: int, k: int, start: int, state: tuple[torch.Tensor, torch.Tensor]) -> "_Beams":
+    def start(cls, batch: int, k: int, start: int, state: tuple[torch.Tensor, torch.Tensor],
+              policy: _Policy = _Policy()) -> "_Beams":
         device = state[0].device
-        # Only beam 0 is live at t=0, so the first top-k picks k distinct words rather than k copies.
-        scores = torch.full((batch, k), float("-inf"), device=device)
+        # Only beam 0 is live at t=0, so the first top-k picks k distinct words rather than k copies;
+        # samples are drawn independently, so all k rows are live.
+        scores = torch.full((batch, k), 0.0 if policy.sample else float("-inf"), device=device)
         scores[:, 0] = 0.0
+        history = torch.empty(batch * k, 0, dtype=torch.long, device=device) if policy.block_trigrams else None
         return cls(torch.arange(batch, device=device), torch.full((batch * k,), start, dtype=torch.long, device=device),
                    scores.flatten(), torch.zeros(batch * k, dtype=torch.bool, device=device),
-                   torch.zeros(batch * k, dtype=torch.long, device=device), state)
+                   torch.zeros(batch * k, dtype=torch.long, device=device), state, history)
 
-    def extend(self, out: StepOutput, k: int, word_map: dict[str, int]) -> torch.Tensor:
-        """Keep each image's k best one-word extensions; returns each new row's parent row (R,)."""
-        pad, start, end = word_map["<pad>"], word_map["<start>"], word_map["<end>"]
+    def extend(self, out: StepOutput, k: int, word_map: dict[str, int], policy: _Policy = _Policy()) -> torch.Tensor:
+        """Keep each image's k best one-word extensions, or draw one word per row when sampling; returns
+        each new row's parent row (R,)."""
+        log_probs = self._log_probs(out, word_map)  # (R, V)
+        if policy.sample:
+            word_ids = _draw(log_probs, policy)  # (R,)
+            parent = torch.arange(word_ids.numel(), device=word_ids.device)  # each row extends itself
+            scores = self.scores + log_probs.gather(1, word_ids[:, None]).squeeze(1)  # unreshaped log-probs
+        else:
+            active, vocab = self.image_ids.numel(), log_probs.size(1)
+            candidates = (self.scores[:, None] + log_probs).view(active, k * vocab)  # (A, k*V)
+            top_scores, top_ids = candidates.topk(k, dim=1)  # (A, k)
+            parent = (top_ids // vocab + torch.arange(active, device=top_ids.device)[:, None] * k).flatten()  # (R,)
+            word_ids, scores = (top_ids % vocab).flatten(), top_scores.flatten()
+        self.word_ids, self.scores = word_ids, scores
+        was_finished = self.finished[parent]
+        self.lengths = self.lengths[parent] + (~was_finished).long()
+        self.finished = was_finished | (self.word_ids == word_map["<end>"])
+        self.state = (out.state[0][parent], out.state[1][parent])
+        if self.history is not None:
+            self.history = torch.cat([self.history[parent], self.word_ids[:, None]], dim=1)
+        return parent
+
+    def _log_probs(self, out: StepOutput, word_map: dict[str, int]) -> torch.Tensor:
+        """Each row's next-word log-probabilities (R, V), -inf where the row may not go."""
+        pad, start = word_map["<pad>"], word_map["<start>"]
         log_probs = F.log_softmax(out.logits.float(), dim=1)  # (R, V)
         log_probs[:, [pad, start]] = float("-inf")  # never emitted (an untrained model may prefer them)
+        if self.history is not None:
+            log_probs.masked_fill_(_repeated_trigram_words(self.history, log_probs.size(1)), float("-inf"))
         # A finished beam may only continue with <pad>, at log-prob 0: its score is frozen.
         log_probs.masked_fill_(self.finished[:, None], float("-inf"))
         log_probs[:, pad] = torch.where(self.finished, 0.0, log_probs[:, pad])
-        active, vocab = self.image_ids.numel(), log_probs.size(1)
-        candidates = (self.scores[:, None] + log_probs).view(active, k * vocab)  # (A, k*V)
-        top_scores, top_ids = candidates.topk(k, dim=1)  # (A, k)
-        parent = (top_ids // vocab + torch.arange(active, device=top_ids.device)[:, None] * k).flatten()  # (R,)
-        self.word_ids, self.scores = (top_ids % vocab).flatten(), top_scores.flatten()
-        was_finished = self.finished[parent]
-        self.lengths = self.lengths[parent] + (~was_finished).long()
-        self.finished = was_finished | (self.word_ids == end)
-        self.state = (out.state[0][parent], out.state[1][parent])
-        return parent
+        return log_probs
+
+    def done_images(self, k: int, last: bool) -> torch.Tensor:
+        """(A,) the images whose k rows have all finished; every image at the last step."""
+        if last:
+            return torch.ones(self.image_ids.numel(), dtype=torch.bool, device=self.finished.device)
+        return self.finished.view(-1, k).all(dim=1)
 
     def keep(self, images: torch.Tensor, k: int) -> torch.Tensor:
         """Keep the rows of the images marked in `images` (A,); returns the kept rows (R',)."""
@@ -161,7 +212,35 @@ class _Beams:
         self.word_ids, self.scores = self.word_ids[kept], self.scores[kept]
         self.finished, self.lengths = self.finished[kept], self.lengths[kept]
         self.state = (self.state[0][kept], self.state[1][kept])
+        if self.history is not None:
+            self.history = self.history[kept]
         return kept
+
+
+def _repeated_trigram_words(history: torch.Tensor, vocab: int) -> torch.Tensor:
+    """(R, V) True for the words that would close, after a row's last two words, a trigram already in
+    its history (R, T): all rows at once, no loop over them."""
+    banned = torch.zeros(history.size(0), vocab, device=history.device)  # (R, V) counts
+    if history.size(1) >= 3:
+        # Trigram i is (h_i, h_i+1, h_i+2); it is repeated by w when (h_i, h_i+1) == the last two words.
+        same = (history[:, :-2] == history[:, -2:-1]) & (history[:, 1:-1] == history[:, -1:])  # (R, T-2)
+        banned.scatter_add_(1, history[:, 2:], same.float())  # add, not scatter: repeated words collide
+    return banned > 0
+
+
+def _draw(log_probs: torch.Tensor, policy: _Policy) -> torch.Tensor:
+    """One word per row (R,) from log_probs (R, V), sharpened by temperature and cut to top_k / top_p."""
+    logits = log_probs / policy.temperature
+    if policy.top_k:
+        # Exactly k words (ties included or not by index), so top_k=1 is greedy's argmax.
+        top = logits.topk(min(policy.top_k, logits.size(1)), dim=1)
+        logits = torch.full_like(logits, float("-inf")).scatter(1, top.indices, top.values)
+    if policy.top_p < 1:
+        ordered, order = logits.sort(dim=1, descending=True)  # (R, V)
+        probs = ordered.softmax(dim=1)
+        beyond = probs.cumsum(dim=1) - probs >= policy.top_p  # the likelier words already hold top_p
+        logits = logits.scatter(1, order, ordered.masked_fill(beyond, float("-inf")))
+    return torch.multinomial(logits.softmax(dim=1), 1).squeeze(1)
 
 
 class _Results:
@@ -241,6 +320,23 @@ class DecodeOptions:
     length_penalty: float = option(0.0)  # rank finished captions by score / length**p (0 = raw log-prob)
     hard_decode: str = option("expected", choices=HARD_DECODE_MODES)  # hard models' context; soft ignores it
     batch_size: int = option(32, min=1)  # images decoded at once (each with beam_size rows)
+    # Off by default, so validation (trainer.val_scores sets only the fields above) decodes as before.
+    sample: bool = False  # draw beam_size captions per image from the model instead of searching
+    temperature: float = option(1.0, above=0.0)  # sampling only: < 1 sharper, > 1 flatter
+    top_k: int = option(0, min=0)  # sampling only: draw among the k likeliest words (0 = all)
+    top_p: float = option(1.0, above=0.0, max=1.0)  # sampling only: among the fewest words holding p (1 = all)
+    block_trigrams: bool = False  # no caption repeats one of its own trigrams (beam search and sampling)
+
+    def record(self) -> dict[str, Any]:
+        """The options for a results file: sampling's knobs only when sampling, block_trigrams only when on,
+        so a beam-search record reads exactly as before these options existed."""
+        record = asdict(self)
+        if not self.sample:
+            for name in ("sample", "temperature", "top_k", "top_p"):
+                del record[name]
+        if not self.block_trigrams:
+            del record["block_trigrams"]
+        return record
 
 
 def decode_args_parser() -> argparse.ArgumentParser:
@@ -257,6 +353,16 @@ def decode_args_parser() -> argparse.ArgumentParser:
                        help="hard-attention models: context at decoding (default: %(default)s, as the original code)")
     group.add_argument("--batch-size", type=int, default=defaults.batch_size,
                        help="images decoded at once (default: %(default)s)")
+    group.add_argument("--sample", action="store_true",
+                       help="draw --beam-size captions per image from the model instead of beam search")
+    group.add_argument("--temperature", type=float, default=defaults.temperature,
+                       help="with --sample: < 1 sharper, > 1 flatter (default: %(default)s)")
+    group.add_argument("--top-k", type=int, default=defaults.top_k,
+                       help="with --sample: draw among the K likeliest words (default: %(default)s = all)")
+    group.add_argument("--top-p", type=float, default=defaults.top_p,
+                       help="with --sample: among the fewest words holding probability P (default: %(default)s = all)")
+    group.add_argument("--block-trigrams", action="store_true",
+                       help="no caption repeats one of its own trigrams (beam search and --sample)")
     group.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N (default: auto)")
     parser.add_argument("--debug", action="store_true", help="show a traceback for every error")
     return parser
@@ -279,8 +385,8 @@ def decode_images(
     amp: str = "off",
     n_best: int = 1,
 ) -> list[list[Hypothesis]]:
-    """Beam-search images (N, 3, S, S) in batches of opts.batch_size; per image a list of its n_best
-    Hypotheses, best first (n_best <= opts.beam_size).
+    """Beam-search (or, with opts.sample, sample) images (N, 3, S, S) in batches of opts.batch_size; per
+    image a list of its n_best Hypotheses, best first (n_best <= opts.beam_size).
 
     Each batch is one `models.beam_search` call: all its images and all their beams decoded together.
     """
@@ -292,7 +398,9 @@ def decode_images(
         batch = images[first : first + opts.batch_size].to(device, non_blocking=True)  # (b, 3, S, S)
         with autocast_context(device, amp):
             hypotheses += beam_search(model, batch, word_map, beam_size=opts.beam_size, max_len=opts.max_len,
-                                      length_penalty=opts.length_penalty, context_mode=context_mode, n_best=n_best)
+                                      length_penalty=opts.length_penalty, context_mode=context_mode, n_best=n_best,
+                                      sample=opts.sample, temperature=opts.temperature, top_k=opts.top_k,
+                                      top_p=opts.top_p, block_trigrams=opts.block_trigrams)
     return hypotheses
 
 
