@@ -14,6 +14,7 @@ From the shell:
     python caption.py --img photo.jpg --checkpoint runs/shapes/best.pt
     python caption.py --img photos/ "more/*.png" --checkpoint best.pt --beam-size 5 --out-dir captions --show
     python caption.py --img photos/ --checkpoint best.pt --n-best 3 --json captions.json --csv captions.csv
+    python caption.py --img photo.jpg --checkpoint best.pt --sample --beam-size 5 --n-best 5 --top-p 0.9
 
 PATH may be an image file (anything PIL opens, any size or mode), a folder (its image files, sorted, not
 recursive) or a glob pattern. For each image this prints `path: caption` (with --n-best K, the other
@@ -61,7 +62,8 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     parser.add_argument("--image-size", type=int, default=None,
                         help=f"resize to S x S (default: the checkpoint's image_size, else {DEFAULT_IMAGE_SIZE})")
     parser.add_argument("--n-best", type=int, default=1, metavar="K",
-                        help="keep the K best captions of the beam per image, 1..--beam-size (default: 1)")
+                        help="keep the K best captions of the beam (or samples) per image, 1..--beam-size "
+                             "(default: 1)")
     parser.add_argument("--overlay", choices=OVERLAY_STYLES, default="highlight",
                         help="highlight: the image's colours where attention is high, the rest dimmed (the "
                              "paper's style); colormap: a jet tint (default: %(default)s)")

@@ -19,7 +19,7 @@ import io
 import json
 import os
 import sys
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Iterator, Sequence, Union
 
@@ -135,9 +135,15 @@ class Captioner:
         length_penalty: float = _DEFAULTS.length_penalty,
         hard_decode: str = _DEFAULTS.hard_decode,
         batch_size: int = _DEFAULTS.batch_size,
+        sample: bool = _DEFAULTS.sample,
+        temperature: float = _DEFAULTS.temperature,
+        top_k: int = _DEFAULTS.top_k,
+        top_p: float = _DEFAULTS.top_p,
+        block_trigrams: bool = _DEFAULTS.block_trigrams,
     ) -> list[CaptionResult]:
         """Caption image files and/or PIL images (one, or a list mixing both): one CaptionResult each,
-        in order, with its n_best (1..beam_size) captions best first.
+        in order, with its n_best (1..beam_size) captions best first. With sample=True the captions are
+        beam_size draws from the model (temperature, top_k, top_p shape the draws; see decoding.beam_search).
 
         Images are read one batch at a time, so a long list need not fit in memory. An unreadable
         file raises UserError naming it.
@@ -145,7 +151,8 @@ class Captioner:
         if isinstance(images, (str, os.PathLike, Image.Image)):
             images = [images]
         opts = DecodeOptions(beam_size=beam_size, max_len=max_len, length_penalty=length_penalty,
-                             hard_decode=hard_decode, batch_size=batch_size)
+                             hard_decode=hard_decode, batch_size=batch_size, sample=sample, temperature=temperature,
+                             top_k=top_k, top_p=top_p, block_trigrams=block_trigrams)
         check_fields(opts)
         results = []
         for first in range(0, len(images), batch_size):
@@ -393,7 +400,7 @@ def result_record(result: CaptionResult, png: Path, gif: Path) -> dict[str, Any]
 def records_json(records: Sequence[dict[str, Any]], checkpoint: str | os.PathLike, decode: DecodeOptions,
                  options: CaptionOptions) -> str:
     """--json: the run's settings (so the captions can be reproduced), then one record per image."""
-    payload = {"checkpoint": str(checkpoint), "decode": {**asdict(decode), "n_best": options.n_best},
+    payload = {"checkpoint": str(checkpoint), "decode": {**decode.record(), "n_best": options.n_best},
                "overlay": options.overlay, "images": list(records)}
     return json.dumps(payload, indent=2) + "\n"
 
