@@ -125,6 +125,7 @@ def beam_search(
 
 
 def _checked_policy(beam_size: int, n_best: int, policy: _Policy) -> _Policy:
+    """The policy, once its values are sane: ValueError naming the first that is not (a library call)."""
     if beam_size < 1:
         raise ValueError(f"beam_size={beam_size} must be >= 1")
     if not 1 <= n_best <= beam_size:
@@ -232,7 +233,7 @@ def _draw(log_probs: torch.Tensor, policy: _Policy) -> torch.Tensor:
     """One word per row (R,) from log_probs (R, V), sharpened by temperature and cut to top_k / top_p."""
     logits = log_probs / policy.temperature
     if policy.top_k:
-        # Exactly k words (ties included or not by index), so top_k=1 is greedy's argmax.
+        # Exactly k words (a tie at the k-th broken as topk breaks it), so top_k=1 draws greedy's argmax.
         top = logits.topk(min(policy.top_k, logits.size(1)), dim=1)
         logits = torch.full_like(logits, float("-inf")).scatter(1, top.indices, top.values)
     if policy.top_p < 1:
