@@ -346,16 +346,22 @@ def nltk_bleu(gts: Tokenized, res: Tokenized) -> dict[str, float]:
 # Does the model use the image? Collapse diagnostics and the shuffled-references control
 # --------------------------------------------------------------------------------------------
 COLLAPSE_DISTINCT = 0.2  # below this share of distinct captions, warn: "the same caption for every image"
-DIVERSITY_KEYS = ("distinct_captions", "vocab_used", "mean_length")  # what caption_diversity returns
+DIVERSITY_KEYS = ("distinct_captions", "vocab_used", "mean_length", "bad_endings")  # what caption_diversity returns
+# Words no finished English caption ends on. A caption ending on one was cut mid-phrase ("a man riding a"):
+# the failure mode of self-critical training when a missing <end> costs no reward.
+FUNCTION_WORDS = frozenset({"a", "an", "the", "of", "with", "and", "in", "on", "at", "to", "for", "from", "by", "is",
+                            "are", "its", "his", "her", "their"})
 
 
 def caption_diversity(captions: list[str]) -> dict[str, float]:
-    """Share of distinct captions among images, vocabulary words used, mean caption length in words."""
+    """Share of distinct captions among images, vocabulary words used, mean caption length in words, and
+    the share of captions whose last word is one of FUNCTION_WORDS (bad_endings: cut mid-phrase)."""
     words = [caption.split() for caption in captions]
     return {
         "distinct_captions": len(set(captions)) / max(len(captions), 1),
         "vocab_used": len({w for caption in words for w in caption}),
         "mean_length": sum(map(len, words)) / max(len(words), 1),
+        "bad_endings": sum(1 for caption in words if caption and caption[-1] in FUNCTION_WORDS) / max(len(words), 1),
     }
 
 

@@ -359,6 +359,7 @@ def test_eval_main_end_to_end(packed, tmp_path, capsys, shared_meteor):
     # since a caption that ignores the image fits any image's references equally well.
     assert metrics["distinct_captions"] == pytest.approx(0.2) and metrics["vocab_used"] == 3
     assert metrics["mean_length"] == 3.0 and metrics["control"] == "shuffled"
+    assert metrics["bad_endings"] == float(sentence.split()[-1] in scoring.FUNCTION_WORDS)  # one caption for all
     assert metrics["shuffled_CIDEr"] == pytest.approx(metrics["CIDEr"])
     assert metrics["shuffled_BLEU-4"] == pytest.approx(metrics["BLEU-4"])
     assert metrics["CIDEr_over_shuffled"] == pytest.approx(1.0)
@@ -439,10 +440,19 @@ def test_shuffled_references_are_a_fixed_derangement():
 
 def test_caption_diversity_and_collapse_warning(capsys):
     diversity = scoring.caption_diversity(["a dog runs", "a dog runs", "a cat sits on a mat", "a dog runs"])
-    assert diversity == {"distinct_captions": 0.5, "vocab_used": 7, "mean_length": 3.75}
+    assert diversity == {"distinct_captions": 0.5, "vocab_used": 7, "mean_length": 3.75, "bad_endings": 0.0}
     scoring.warn_if_collapsed(diversity)
     assert capsys.readouterr().err == ""
     scoring.warn_if_collapsed(scoring.caption_diversity(["a man"] * 8 + ["a dog", "a cat"]))
     assert capsys.readouterr().err == ""  # 30% distinct: no warning
     scoring.warn_if_collapsed(scoring.caption_diversity(["a man"] * 19 + ["a dog"]))
     assert "warning: only 10% of the captions are distinct" in capsys.readouterr().err
+
+
+def test_bad_endings_counts_captions_cut_mid_phrase():
+    """The SCST failure mode: captions that stop on a function word ("a man riding a")."""
+    captions = ["a man riding a", "a dog on the", "a dog runs", "two dogs play in the snow", "", "the"]
+    assert scoring.caption_diversity(captions)["bad_endings"] == pytest.approx(3 / 6)  # the empty one is not
+    assert scoring.caption_diversity([])["bad_endings"] == 0.0
+    assert scoring.caption_diversity(["a man with his", "a cat is"])["bad_endings"] == 1.0
+    assert "bad_endings" in scoring.DIVERSITY_KEYS and {"a", "the", "of", "their"} <= scoring.FUNCTION_WORDS

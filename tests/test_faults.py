@@ -435,6 +435,64 @@ def test_eval_checks_packed_data_before_decoding(lie, packed_copy, tiny_ckpt, tm
 
 
 # --------------------------------------------------------------------------------------------
+# The CIDEr-D document-frequency file beside the pack (rewards.py): damaged or foreign is refused in
+# one line naming it; missing is built
+# --------------------------------------------------------------------------------------------
+def rewrite_json(path: Path, **changes: object) -> None:
+    path.write_text(json.dumps({**json.loads(path.read_text()), **changes}))
+
+
+def add_a_word(folder: Path) -> None:
+    word_map = json.loads((folder / "word_map.json").read_text())
+    (folder / "word_map.json").write_text(json.dumps({**word_map, "zebra": len(word_map)}))
+
+
+def replace_with_folder(path: Path) -> None:
+    path.unlink()
+    path.mkdir()
+
+
+DF_LIES = {
+    "truncated": (truncate, "not valid JSON, truncated or damaged"),
+    "empty": (lambda p: p.write_bytes(b""), "empty file"),
+    "binary-garbage": (lambda p: p.write_bytes(b"\xff\xfe\x00garbage" * 50), "cannot read the CIDEr-D document"),
+    "unreadable": (replace_with_folder, "cannot read the CIDEr-D document"),
+    "not-a-df-file": (lambda p: p.write_text('{"format": 1, "what": "something else"}'), "not a CIDEr-D"),
+    "newer-format": (lambda p: rewrite_json(p, format=2), "not a CIDEr-D document-frequency file of format 1"),
+    "cut-arrays": (lambda p: rewrite_json(p, ngram_keys=json.loads(p.read_text())["ngram_keys"][:40]), "damaged"),
+    "rotted-arrays": (lambda p: rewrite_json(p, document_counts="!!" * 8), "damaged"),
+    "another-pack": (lambda p: rewrite_json(p.parent / "dataset.json", seed=99), "made from another pack"),
+    "another-word-map": (lambda p: add_a_word(p.parent), "word_map_sha1"),
+}
+
+
+@pytest.mark.parametrize("lie", sorted(DF_LIES))
+def test_a_bad_cider_df_file_is_refused_in_one_line(lie, packed_copy):
+    import rewards
+
+    path = packed_copy / "cider_df.json"
+    rewards.load_document_frequencies(packed_copy)  # built
+    damage, message = DF_LIES[lie]
+    damage(path)
+    with pytest.raises(rewards.UserError) as error:
+        rewards.load_document_frequencies(packed_copy)
+    line = str(error.value)
+    assert "\n" not in line and line.startswith(str(path)) and message in line, line
+    assert "delete it to rebuild" in line
+
+
+def test_a_missing_cider_df_file_is_built(packed_copy):
+    import rewards
+
+    df = rewards.load_document_frequencies(packed_copy)
+    assert (packed_copy / "cider_df.json").is_file() and df.num_sets == 30
+    assert not list(packed_copy.glob(".*.tmp"))  # written atomically
+    (packed_copy / "cider_df.json").unlink()
+    again = rewards.load_document_frequencies(packed_copy)  # deleted, as the refusals say: rebuilt
+    assert (again.keys == df.keys).all() and (again.counts == df.counts).all()
+
+
+# --------------------------------------------------------------------------------------------
 # Full and read-only disks (a small tmpfs)
 # --------------------------------------------------------------------------------------------
 @contextmanager

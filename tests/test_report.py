@@ -150,6 +150,7 @@ def test_report_files_and_order(report):
     ciders = [float(x) for x in re.findall(r"</ol></td><td class='num'>([0-9.]+)</td>", page)]
     assert len(ciders) == 3 and ciders == sorted(ciders)  # worst first
     assert f"{metrics['CIDEr']:.4f}" in page and "distinct_captions" in page and "shuffled_CIDEr" in page
+    assert "bad_endings" in page  # the diagnostics block lists every caption_diversity key
     for gif in gifs:  # the GIFs go with the worst rows
         assert page.index(f"attention/{gif.name}") < page.index("beyond --report-limit")
     assert "http://" not in page and "https://" not in page  # nothing to fetch: it opens offline

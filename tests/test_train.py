@@ -38,6 +38,7 @@ def test_run_folder_contents_and_checkpoint(shapes_folder, tmp_path):
     assert 0.0 <= float(rows[-1]["val_BLEU-4"]) <= 1.0
     assert 0.0 < float(rows[-1]["val_distinct_captions"]) <= 1.0  # collapse diagnostics, every epoch
     assert int(rows[-1]["val_vocab_used"]) >= 1 and float(rows[-1]["val_mean_length"]) > 0
+    assert 0.0 <= float(rows[-1]["val_bad_endings"]) <= 1.0
     ckpt = torch.load(out / "last.pt", weights_only=True)
     assert ckpt["format_version"] == 2
     assert ckpt["train_state"]["epoch"] == 2 and ckpt["train_config"]["batch_size"] == 8
