@@ -30,10 +30,11 @@ import torch
 from torch.utils.data import DataLoader
 
 from checkpoints import build_checkpoint, save_checkpoint
-from config import ModelConfig
+from config import Config, ModelConfig
 from datasets import CaptionDataset, collate_captions
 from decoding import beam_search
-from losses import target_log_probs
+from losses import SelfCritical, target_log_probs
+from rewards import DocumentFrequencies, reference_ids
 from models import build_model
 from runtime import resolve_device
 from text import load_word_map
@@ -57,19 +58,20 @@ class Sizes:
     caption_len: int
     repeats: int
     pack_images: tuple[int, int]  # the two dataset sizes of the memory rows
+    flags: tuple[str, ...] = ()  # this mode's command-line flag, for child processes
 
 
 def sizes(mode: str) -> Sizes:
     if mode == "tiny":
         small = ModelConfig(encoder="resnet18", encoder_stages=2, enc_size=4, attention_dim=32, embed_dim=16,
                             decoder_dim=32, dropout=0.0)
-        return Sizes(small, small, 64, 64, 50, 4, 4, 6, 2, 6, 1, (12, 24))
+        return Sizes(small, small, 64, 64, 50, 4, 4, 6, 2, 6, 1, (12, 24), ("--tiny",))
     paper = ModelConfig(encoder="resnet101", encoder_stages=4, enc_size=14, attention_dim=512, embed_dim=512,
                         decoder_dim=512, dropout=0.5)
     flickr8k_cpu = ModelConfig(encoder="resnet18", encoder_stages=3, enc_size=8, attention_dim=256, embed_dim=256,
                                decoder_dim=256, dropout=0.5)  # configs/flickr8k_cpu.yaml
     if mode == "quick":
-        return Sizes(paper, flickr8k_cpu, 256, 128, 2600, 32, 32, 50, 4, 15, 3, (100, 400))
+        return Sizes(paper, flickr8k_cpu, 256, 128, 2600, 32, 32, 50, 4, 15, 3, (100, 400), ("--quick",))
     return Sizes(paper, flickr8k_cpu, 256, 128, 2600, 64, 32, 50, 8, 15, 5, (200, 800))
 
 
@@ -327,6 +329,59 @@ def memory_rows(s: Sizes, workdir: Path) -> list[Row]:
                 f"{small} images", rss_eval[small], "flat (~1x)")]
 
 
+def scst_child(s: Sizes, samples: int) -> None:
+    """--scst-child K: a few SCST steps with K samples per image (K=0: cross-entropy steps on 5 captions per
+    image) on the Flickr8k CPU config from cached annotations; run under peak_rss_mb for the memory row."""
+    step = scst_step_fn(s, samples) if samples else xe_step_fn(s)
+    for _ in range(s.repeats):
+        step()
+
+
+def scst_inputs(s: Sizes) -> tuple[torch.nn.Module, torch.Tensor, dict, dict[str, int]]:
+    """A random Flickr8k-config model, cached annotations of 32 images and their 5 random references."""
+    model = random_model(s.trainable, s.vocab, torch.device("cpu"))
+    images = 32 if s.vocab > 100 else 4
+    with torch.no_grad():
+        features = model.encoder.eval()(torch.randn(images, 3, s.trainable_image_size, s.trainable_image_size))
+    captions, caplens = random_captions(images, 5, s.caption_len, s.vocab, torch.device("cpu"))
+    return model, features, {"image": features, "captions": captions, "caplens": caplens}, word_map_of(s.vocab)
+
+
+def xe_step_fn(s: Sizes) -> Callable[[], None]:
+    model, features, batch, _ = scst_inputs(s)
+    return train_step_fn(model, features, batch["captions"], batch["caplens"], torch.device("cpu"))
+
+
+def scst_step_fn(s: Sizes, samples: int) -> Callable[[], None]:
+    """One SCST step (sample K, reward, greedy baseline, re-read with a graph, Adam) on fixed inputs."""
+    model, _, batch, word_map = scst_inputs(s)
+    cfg = Config(objective="scst", scst_samples=samples, scst_baseline="greedy", max_len=s.max_len // 2 or 1)
+    df = DocumentFrequencies.from_references(reference_ids(batch["captions"], batch["caplens"]))
+    objective = SelfCritical(model, word_map, df, cfg)
+    optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=1e-5)
+
+    def step() -> None:
+        loss, _ = objective(model, batch, torch.device("cpu"))
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+
+    return step
+
+
+def scst_rows(s: Sizes) -> list[Row]:
+    """SCST step against a cross-entropy step, both from cached annotations (the SCST recipe's frozen encoder)."""
+    rows = []
+    for samples in (1, 5, 10):
+        t_scst, t_xe = side_by_side(scst_step_fn(s, samples), xe_step_fn(s), max(1, s.repeats - 2))
+        rss_scst, rss_xe = (peak_rss_mb([sys.executable, str(ROOT / "benchmark.py"), *s.flags, "--scst-child", str(k)])
+                            for k in (samples, 0))
+        name = f"SCST step, K={samples} samples, vs cross-entropy step (5 captions), {s.trainable.encoder} config"
+        rows += [Row(name, "s/step", f"SCST K={samples}", t_scst, "cross-entropy", t_xe, "the cost"),
+                 Row(f"peak RSS, {name}", "MB", f"SCST K={samples}", rss_scst, "cross-entropy", rss_xe, "the cost")]
+    return rows
+
+
 def cuda_rows(s: Sizes, device: torch.device) -> list[Row]:
     model = random_model(s.decoder, s.vocab, device)
     with torch.no_grad():
@@ -366,6 +421,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     mode.add_argument("--tiny", action="store_true", help="tiny models: checks that every row runs")
     mode.add_argument("--full", action="store_true", help=argparse.SUPPRESS)  # the default
     parser.add_argument("--shared-child", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--scst-child", type=int, default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--only", choices=("scst",), help="only these rows (scst: the SCST step's cost)")
     parser.add_argument("--device", default="cpu", help="cpu | cuda (default: cpu)")
     parser.add_argument("--num-workers", type=int, default=1, help="DataLoader workers of the data row (default: 1)")
     args = parser.parse_args(argv)
@@ -374,18 +431,25 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.shared_child:
         shared_child(s)
         return 0
+    if args.scst_child is not None:
+        scst_child(s, args.scst_child)
+        return 0
     device = resolve_device(args.device)
     header = (f"benchmark.py ({mode}) on {device}: torch "
               f"{torch.__version__}, {torch.get_num_threads()} thread(s), {os.cpu_count()} CPU(s)")
     rows: list[Row] = []
     with tempfile.TemporaryDirectory(prefix="benchmark_") as tmp:
         workdir = Path(tmp)
-        for measure in (lambda: [decode_row(s, device)], lambda: [frozen_encoder_row(s, device)],
-                        lambda: [trainable_encoder_row(s, device)],
-                        lambda: [data_row(s, device, workdir, args.num_workers)],
-                        lambda: shared_machine_rows(s, mode) if device.type == "cpu" else [],
-                        lambda: cuda_rows(s, device) if device.type == "cuda" else [],
-                        lambda: memory_rows(s, workdir)):
+        measures = {"decode": lambda: [decode_row(s, device)], "frozen": lambda: [frozen_encoder_row(s, device)],
+                    "trainable": lambda: [trainable_encoder_row(s, device)],
+                    "data": lambda: [data_row(s, device, workdir, args.num_workers)],
+                    "shared": lambda: shared_machine_rows(s, mode) if device.type == "cpu" else [],
+                    "cuda": lambda: cuda_rows(s, device) if device.type == "cuda" else [],
+                    "memory": lambda: memory_rows(s, workdir),
+                    "scst": lambda: scst_rows(s) if device.type == "cpu" else []}
+        for name, measure in measures.items():
+            if args.only and name != args.only:
+                continue
             new = measure()
             rows += new
             for r in new:

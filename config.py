@@ -117,6 +117,13 @@ class TrainConfig:
     # pretraining a random-init encoder lacks (see losses.ConceptHead and configs/flickr8k_cpu.yaml).
     concept_loss_weight: float = option(0.0, min=0.0)
 
+    # --- objective: the paper's cross-entropy, or self-critical sequence training (Rennie et al. 2017):
+    # REINFORCE on the CIDEr-D of captions the model samples itself, usually started with init_from= ---
+    objective: str = option("xe", choices=("xe", "scst"))
+    scst_samples: int = option(5, min=1)  # K captions sampled per image and step
+    scst_baseline: str = option("greedy", choices=("greedy", "mean"))  # greedy caption's reward | other samples'
+    scst_bleu_weight: float = option(0.0, min=0.0)  # reward = CIDEr-D + this x BLEU-4
+
     # --- hard attention (Sec. 4.1; defaults follow the paper and the original Theano code) ---
     hard_reinforce_weight: float = option(0.1, min=0.0)  # lambda_r: scales the REINFORCE term
     hard_entropy_weight: float = option(0.002, min=0.0)  # lambda_e: entropy bonus
@@ -147,6 +154,7 @@ class TrainConfig:
     val_beam_size: int = option(1, min=1)  # model selection decodes val with this beam (1 = greedy)
     val_max_images: int = option(0, min=0)  # decode at most this many val images per epoch (0 = all)
     max_len: int = option(50, min=1)  # longest caption decoded
+    block_trigrams: bool = False  # validation decodes without repeating a trigram (decoding.DecodeOptions)
     hard_decode: str = option("expected", choices=HARD_DECODE_MODES)  # hard models' context at decoding
 
 
@@ -161,10 +169,15 @@ class Config(TrainConfig, ModelConfig):
         return ModelConfig(**{f.name: getattr(self, f.name) for f in fields(ModelConfig)})
 
     def check(self) -> None:
-        """Every field within its declared choices/bounds, and the one rule that spans two fields."""
+        """Every field within its declared choices/bounds, and the rules that span two fields."""
         check_fields(self)
         if self.fine_tune_encoder and not self.fine_tune_stages <= self.encoder_stages:
             raise UserError(f"config fine_tune_stages={self.fine_tune_stages} must be in 0..{self.encoder_stages}")
+        if self.objective == "scst" and self.scst_baseline == "mean" and self.scst_samples < 2:
+            raise UserError(f"config scst_baseline=mean needs scst_samples >= 2 (the mean of the other samples); "
+                            f"got {self.scst_samples}")
+        if self.objective == "scst" and self.concept_loss_weight > 0:
+            raise UserError("config objective=scst trains on the captions' reward alone: set concept_loss_weight=0")
 
 
 USER_KEYS = tuple(f.name for f in fields(Config) if not f.metadata.get("derived"))

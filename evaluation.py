@@ -60,9 +60,12 @@ class EvalOptions:
                 raise UserError(f"--metric={name!r} is not one of {', '.join(METRICS)}")
 
 
-def output_paths(checkpoint: str | Path, split: str, beam_size: int, out: str | Path | None) -> tuple[Path, Path]:
-    """(results JSON, metrics JSON): `out` or CHECKPOINT_DIR/SPLIT_beamN.json, and the same with .metrics.json."""
-    results = Path(out) if out else Path(checkpoint).with_name(f"{split}_beam{beam_size}.json")
+def output_paths(checkpoint: str | Path, split: str, decode: DecodeOptions, out: str | Path | None
+                 ) -> tuple[Path, Path]:
+    """(results JSON, metrics JSON): `out` or CHECKPOINT_DIR/SPLIT_beamN.json (SPLIT_sampleN.json when
+    sampling: never over a beam search's results), and the same with .metrics.json."""
+    how = "sample" if decode.sample else "beam"
+    results = Path(out) if out else Path(checkpoint).with_name(f"{split}_{how}{decode.beam_size}.json")
     return results, results.with_name(results.name.removesuffix(".json") + ".metrics.json")
 
 
@@ -151,7 +154,7 @@ def evaluate(checkpoint: str | Path, data_folder: str | Path, opts: EvalOptions,
     """Decode `opts.split` of the pack in `data_folder` with `checkpoint`, score it, write the results and
     metrics JSON (and the report to the folder `report`); return the metrics."""
     opts.check()
-    results_path, metrics_path = output_paths(checkpoint, opts.split, decode.beam_size, out)
+    results_path, metrics_path = output_paths(checkpoint, opts.split, decode, out)
     prepare_output_folders(results_path, report)
     model, model_cfg, ckpt = load_model(checkpoint)
     torch_device = resolve_device(device)
@@ -167,7 +170,8 @@ def evaluate(checkpoint: str | Path, data_folder: str | Path, opts: EvalOptions,
     decoded = decode_split(model, loader, ckpt["word_map"], decode, device=torch_device)
     metrics, per_image = score_decoded(decoded, names, words, opts.control)
     metrics.update({"images": len(decoded), "unfinished": sum(not d["finished"] for d in decoded),
-                    "beam_size": decode.beam_size, "split": opts.split, "attention": model_cfg.attention,
+                    "beam_size": decode.beam_size, "decode": decode.record(), "split": opts.split,
+                    "attention": model_cfg.attention,
                     "control": opts.control, "tokenizer": dataset.tokenizer, "scoring_words": words})
     metrics.update(fidelity_metrics(decoded, dataset))
     write_results(results_path, metrics_path, decoded, dataset, metrics)

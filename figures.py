@@ -195,11 +195,10 @@ def show_grids(grids: Sequence[tuple[str, Path]]) -> None:
 
 
 def write_curves(metrics_csv: Path, out_png: Path) -> None:
-    """Loss, val BLEU-4, distinct captions and learning rate against epoch, redrawn after every epoch."""
-    import matplotlib
-
-    matplotlib.use("Agg")  # headless
-    import matplotlib.pyplot as plt
+    """Loss (or SCST's reward), val BLEU-4 and CIDEr, distinct captions and learning rate against epoch,
+    redrawn after every epoch; matplotlib's Agg canvas directly, so no global backend is switched."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
 
     with open(metrics_csv, newline="") as f:
         rows = list(csv.DictReader(f))
@@ -208,10 +207,13 @@ def write_curves(metrics_csv: Path, out_png: Path) -> None:
     def column(name: str) -> list[float]:
         return [float(r[name]) if r.get(name) else float("nan") for r in rows]
 
-    panels = [("train loss", ["train_loss", "train_ce", "train_concept"]),
-              ("val BLEU-4", ["val_BLEU-4"]), ("val CIDEr", ["val_CIDEr"]),
+    train = [("SCST reward", ["train_reward", "train_baseline"])] if rows and "train_reward" in rows[0] else \
+        [("train loss", ["train_loss", "train_ce", "train_concept"])]
+    panels = [*train, ("val BLEU-4", ["val_BLEU-4"]), ("val CIDEr", ["val_CIDEr"]),
               ("val distinct captions", ["val_distinct_captions"]), ("learning rate", ["lr"])]
-    fig, axes = plt.subplots(1, len(panels), figsize=(4 * len(panels), 3.2), constrained_layout=True)
+    fig = Figure(figsize=(4 * len(panels), 3.2), constrained_layout=True)
+    FigureCanvasAgg(fig)
+    axes = fig.subplots(1, len(panels))
     for ax, (title, names) in zip(axes, panels):
         for name in names:
             ax.plot(epochs, column(name), marker="o", markersize=3, label=name)
@@ -222,4 +224,3 @@ def write_curves(metrics_csv: Path, out_png: Path) -> None:
             ax.legend()
     axes[-1].set_yscale("log")
     atomic_write(out_png, lambda f: fig.savefig(f, format="png", dpi=90))
-    plt.close(fig)

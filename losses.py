@@ -1,6 +1,9 @@
 """Training objectives in one place: cross-entropy, the doubly stochastic regulariser (Sec. 4.2.1),
-REINFORCE for hard attention (Sec. 4.1) and the concept loss. The next objective goes here."""
+REINFORCE for hard attention (Sec. 4.1), the concept loss, and self-critical sequence training (SCST,
+Rennie et al. 2017). The next objective goes here."""
 from __future__ import annotations
+
+from typing import Any
 
 import torch
 import torch.nn as nn
@@ -8,7 +11,9 @@ import torch.nn.functional as F
 
 from attention import is_stochastic
 from config import Config
+from decoding import Hypothesis, beam_search
 from models import ShowAttendTell
+from rewards import reference_ids, scst_rewards
 from text import SPECIAL_TOKENS
 
 
@@ -111,3 +116,99 @@ def compute_loss(out: dict[str, torch.Tensor], cfg: Config, hard_baseline: float
     # Detached tensors, not floats: converting would force a GPU sync every step.
     parts["loss"] = loss.detach()
     return loss, parts
+
+
+# --------------------------------------------------------------------------------------------
+# Self-critical sequence training (objective=scst)
+# --------------------------------------------------------------------------------------------
+SCST_PARTS = ("loss", "reward", "baseline", "advantage_std", "entropy", "ds")  # logged per epoch
+
+
+def scst_baseline(rewards: torch.Tensor, kind: str, greedy_rewards: torch.Tensor | None = None) -> torch.Tensor:
+    """b for each of K samples of B images, rewards (B, K): the reward of the image's greedy caption
+    (Rennie et al.), or the mean reward of its other K-1 samples ("new self-critical"), whose advantages
+    then sum to zero per image."""
+    if kind == "greedy":
+        return greedy_rewards[:, None].expand_as(rewards)
+    if kind == "mean":
+        return (rewards.sum(dim=1, keepdim=True) - rewards) / (rewards.size(1) - 1)
+    raise ValueError(f"scst_baseline={kind!r} is not one of greedy, mean")
+
+
+def self_critical_loss(out: dict[str, torch.Tensor], rewards: torch.Tensor, baseline: torch.Tensor,
+                       cfg: Config) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """REINFORCE with a baseline: the gradient of -(r - b) log p(w_1..T | I) per sampled caption, averaged
+    over captions (+ the doubly stochastic term on the same captions' attention).
+
+    `out` is the model's teacher-forced output on the sampled captions (N rows); rewards and baseline (N,).
+    """
+    mask = out["mask"]  # (N, T)
+    log_probs = target_log_probs(out["logits"], out["targets"])  # (N, T)
+    advantage = (rewards - baseline).to(log_probs.dtype)  # (N,)
+    policy = -(advantage * (log_probs * mask).sum(dim=1)).mean()
+    ds = doubly_stochastic_penalty(out["alphas"], mask, cfg.ds_reduction)
+    with torch.no_grad():  # the policy's entropy per word: falling fast means the samples stop exploring
+        log_p = F.log_softmax(out["logits"].float(), dim=2)  # (N, T, V)
+        entropy = -(log_p.exp() * log_p).sum(dim=2)[mask].mean()
+    loss = policy + cfg.alpha_c * ds
+    parts = {"loss": loss.detach(), "reward": rewards.mean(), "baseline": baseline.float().mean(),
+             "advantage_std": advantage.std() if advantage.numel() > 1 else advantage.new_zeros(()),
+             "entropy": entropy, "ds": ds.detach()}
+    return loss, parts
+
+
+class SelfCritical:
+    """objective=scst, one step: K captions per image sampled with the decode path (no autograd graph),
+    their rewards (CIDEr-D, + BLEU-4) against the image's references, the baseline (a greedy decode, also
+    without a graph, or the other samples), then the samples re-read with teacher forcing through the
+    one Decoder.step to get log p(w | I) with a graph.
+
+    The policy is the model as it decodes: sampling and re-reading run in eval mode (no dropout), so the
+    re-read log-probabilities are those the samples were drawn from. Hard attention takes the expected
+    context here (as its decoding does): its location REINFORCE terms are not used in this phase, the
+    caption reward trains attention through the expectation, as for soft attention.
+    """
+
+    def __init__(self, model: ShowAttendTell, word_map: dict[str, int], document_frequencies: Any,
+                 cfg: Config) -> None:
+        self.model, self.word_map, self.df, self.cfg = model, word_map, document_frequencies, cfg
+        self.end = word_map["<end>"]
+
+    def __call__(self, ddp_model: nn.Module, batch: dict[str, Any], device: torch.device
+                 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        cfg, k = self.cfg, self.cfg.scst_samples
+        self.model.eval()
+        images = batch["image"].to(device, non_blocking=True)  # (B, 3, S, S), or cached annotations (B, L, D)
+        references = reference_ids(batch["captions"], batch["caplens"])
+        with torch.no_grad():
+            features = self.model.encode(images)  # (B, L, D)
+            samples = beam_search(self.model, features, self.word_map, beam_size=k, n_best=k, sample=True,
+                                  max_len=cfg.max_len)
+            rewards = self.rewards([h for hyps in samples for h in hyps], [r for r in references for _ in range(k)])
+            greedy = None
+            if cfg.scst_baseline == "greedy":
+                best = beam_search(self.model, features, self.word_map, beam_size=1, max_len=cfg.max_len)
+                greedy = self.rewards([hyps[0] for hyps in best], references)
+        rewards = rewards.view(-1, k)  # (B, K)
+        baseline = scst_baseline(rewards, cfg.scst_baseline, greedy)
+        captions, caplens = sample_batch(samples, self.word_map)  # (B, K, T+1), (B, K)
+        out = ddp_model(images, captions.to(device), caplens, "expected")
+        return self_critical_loss(out, rewards.flatten().to(device), baseline.flatten().to(device), cfg)
+
+    def rewards(self, hypotheses: list[Hypothesis], references: list[list[list[int]]]) -> torch.Tensor:
+        """(N,) CIDEr-D (+ BLEU-4) of each hypothesis; <end> counts as a word (see rewards.py)."""
+        candidates = [h.tokens + [self.end] if h.finished else list(h.tokens) for h in hypotheses]
+        return torch.from_numpy(scst_rewards(candidates, references, self.df, self.cfg.scst_bleu_weight)).float()
+
+
+def sample_batch(samples: list[list[Hypothesis]], word_map: dict[str, int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sampled hypotheses (B lists of K) as a teacher-forcing batch: captions (B, K, T+1) `<start> w.. <end>
+    <pad>..` (no <end> for a sample cut at max_len) and caplens (B, K) counting <start> and <end>."""
+    rows = [[word_map["<start>"], *h.tokens, *([word_map["<end>"]] if h.finished else [])]
+            for hyps in samples for h in hyps]
+    captions = torch.full((len(rows), max(map(len, rows))), word_map["<pad>"], dtype=torch.long)
+    for i, row in enumerate(rows):
+        captions[i, : len(row)] = torch.tensor(row)
+    caplens = torch.tensor([len(row) for row in rows])
+    k = len(samples[0])
+    return captions.view(len(samples), k, -1), caplens.view(len(samples), k)

@@ -33,11 +33,7 @@ __all__ = [
     "build_model",
     "model_from_checkpoint",
     "load_model",
-    "doubly_stochastic_penalty",
-    "reinforce_surrogate",
-    "target_log_probs",
-    "Hypothesis",
-    "beam_search",
+    "StepOutput",
 ]
 
 # Output channels of layer1; each later stage doubles them, so D = this * 2**(stages - 1).

@@ -41,7 +41,7 @@ from progress import progress_bar
 from runtime import UserError, one_line
 from text import load_word_map
 
-__all__ = ["DocumentFrequencies", "cider_d", "bleu4", "scst_rewards", "candidate_ids", "reference_ids",
+__all__ = ["DocumentFrequencies", "cider_d", "bleu4", "scst_rewards", "reference_ids",
            "load_document_frequencies", "build_document_frequencies", "read_document_frequencies",
            "write_document_frequencies", "df_path", "df_identity", "END_CONVENTION"]
 
@@ -293,16 +293,6 @@ def scst_rewards(candidates: Sequence[Ids], references: Sequence[Sequence[Ids]],
     """The SCST reward of each candidate: CIDEr-D + bleu_weight * BLEU-4 (both end counted), (C,)."""
     reward = cider_d(candidates, references, df)
     return reward + bleu_weight * bleu4(candidates, references) if bleu_weight else reward
-
-
-def candidate_ids(samples: Any, end_id: int) -> list[list[int]]:
-    """Sampled ids (N, T) (numpy, or a CPU tensor) -> each row up to and including its first <end>; a row
-    without <end> (unfinished) is kept whole: the candidates of the END COUNTED convention."""
-    rows = np.asarray(samples)
-    out = []
-    for row in rows.tolist():
-        out.append(row[: row.index(end_id) + 1] if end_id in row else row)
-    return out
 
 
 def reference_ids(captions: Any, caplens: Any) -> list[list[list[int]]]:

@@ -34,8 +34,8 @@ from models import build_model
 from runtime import DistInfo, UserError, cleanup_distributed, init_distributed, run_cli
 from scoring import scoring_words
 from trainer import (Run, RunLogger, StopRequest, TrainState, apply_resume_overrides, build_optimizer, cached_features,
-                     make_loaders, packed_splits, stop_workers, train_one_epoch, truncate_metrics, use_feature_cache,
-                     val_scores)
+                     make_loaders, packed_splits, self_critical, stop_workers, train_one_epoch, truncate_metrics,
+                     use_feature_cache, val_scores)
 from utils import seed_everything, set_rng_state
 
 # Fixed by the saved weights and optimizer state: a resume may not change them (ModelConfig keys neither).
@@ -141,6 +141,8 @@ def setup_run(cfg: Config, ckpt: dict[str, Any] | None, init: dict[str, Any] | N
               train_loader, val_loader, sampler, word_map, pack_word_map, stop=stop)
     if ckpt is not None:
         restore(run, ckpt, overridden)
+    if cfg.objective == "scst":
+        run.objective = self_critical(cfg, model, word_map, pack_word_map, info)
     if feature_cache:  # the frozen encoder's annotations, once per image (after the checks on out_dir)
         for dataset in packed:
             dataset.features_path = cached_features(model, cfg, dataset.split, info, device)

@@ -10,7 +10,7 @@ import sys
 import time
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any, Callable, Iterator, Sequence, TypeVar
 
 import torch
 import torch.distributed as dist
@@ -26,16 +26,23 @@ from decoding import DecodeOptions, decode_split
 from feature_cache import ensure_cache
 from figures import write_curves
 from filesafety import atomic_write_text
-from losses import ConceptHead, compute_loss
+from losses import SCST_PARTS, ConceptHead, SelfCritical, compute_loss
 from models import ShowAttendTell
 from progress import progress_bar
 from runtime import DistInfo, StopSignals, UserError, autocast_context, one_line
+from rewards import load_document_frequencies
 from scoring import (DIVERSITY_KEYS, caption_diversity, score_captions, validation_keys, validation_metrics,
                      warn_if_collapsed)
 from utils import rng_state
 
 
-EPOCH_LOSSES = ("loss", "ce", "ds", "concept")  # loss parts averaged over an epoch (train_* in metrics.csv)
+T = TypeVar("T")
+XE_PARTS = ("loss", "ce", "ds", "concept")  # loss parts averaged over an epoch (train_* in metrics.csv)
+
+
+def epoch_parts(cfg: Config) -> tuple[str, ...]:
+    """The loss parts an epoch averages and metrics.csv records (train_*), by objective."""
+    return SCST_PARTS if cfg.objective == "scst" else XE_PARTS
 
 
 @dataclasses.dataclass
@@ -78,6 +85,7 @@ class Run:
     pack_word_map: dict[str, int]  # the pack's: differs when fine-tuning (see finetune.py)
     state: TrainState = dataclasses.field(default_factory=TrainState)
     stop: StopRequest | None = None
+    objective: SelfCritical | None = None  # objective=scst; None: teacher-forced cross-entropy
 
     def record_score(self, score: float) -> bool:
         """A validation score drives the LR schedule, the best score and early stopping; True if it is the best."""
@@ -128,10 +136,11 @@ class RunLogger:
             return
         state, lr = run.state, run.optimizer.param_groups[0]["lr"]
         val_keys = validation_keys(run.cfg.val_metric) + DIVERSITY_KEYS
-        row = {"epoch": state.epoch, "step": state.step, **{f"train_{key}": f"{losses[key]:.4f}" for key in EPOCH_LOSSES},
+        row = {"epoch": state.epoch, "step": state.step,
+               **{f"train_{key}": f"{losses[key]:.4f}" for key in epoch_parts(run.cfg)},
                "lr": f"{lr:.3g}", **{f"val_{key}": f"{val[key]:.4g}" for key in val_keys},
                "epoch_seconds": f"{seconds:.1f}"}
-        if run.cfg.concept_loss_weight == 0:
+        if "train_concept" in row and run.cfg.concept_loss_weight == 0:
             row["train_concept"] = ""
         append_metrics_row(self.out_dir / "metrics.csv", row)
         write_curves(self.out_dir / "metrics.csv", self.out_dir / "curves.png")
@@ -139,7 +148,9 @@ class RunLogger:
             self.writer.add_scalar(f"val/{key}", val[key], state.step)
         self.writer.add_scalar("train/lr", lr, state.step)
         self.writer.flush()
-        self.line(f"epoch {state.epoch}: loss {losses['loss']:.3f} (ce {losses['ce']:.3f}, ds {losses['ds']:.4f}) "
+        detail = (f"reward {losses['reward']:.3f}, baseline {losses['baseline']:.3f}, entropy {losses['entropy']:.2f}"
+                  if "reward" in losses else f"ce {losses['ce']:.3f}, ds {losses['ds']:.4f}")
+        self.line(f"epoch {state.epoch}: loss {losses['loss']:.3f} ({detail}) "
                   f"val BLEU-4 {val['BLEU-4']:.4f} CIDEr {val['CIDEr']:.4f}{' (best)' if improved else ''} "
                   f"distinct {val['distinct_captions']:.0%} words {val['vocab_used']} lr {lr:.2g} {seconds:.0f}s")
         warn_if_collapsed(val)
@@ -192,6 +203,20 @@ def prepare_batch(batch: dict[str, Any], cfg: Config, device: torch.device
     return batch["image"].to(device, non_blocking=True), captions.to(device, non_blocking=True), caplens
 
 
+def teacher_forced_loss(model: torch.nn.Module, batch: dict[str, Any], cfg: Config, state: TrainState,
+                        device: torch.device) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """objective=xe: the paper's loss on the batch's captions, with the context mode of this step."""
+    images, captions, caplens = prepare_batch(batch, cfg, device)
+    unwrapped = getattr(model, "module", model)  # DistributedDataParallel keeps the module in .module
+    # The concept targets use every stored caption of the image, not only this step's sample.
+    concepts = unwrapped.targets(batch["captions"].to(device)) if isinstance(unwrapped, ConceptHead) else None
+    # Hard attention: with probability hard_expected_prob the mini-batch uses the expected context
+    # (Sec. 4.1's variance-reduction trick); otherwise locations are sampled.
+    sample = is_stochastic(cfg.attention) and torch.rand(()).item() >= cfg.hard_expected_prob
+    out = model(images, captions, caplens, "sample" if sample else "expected")
+    return compute_loss(out, cfg, state.hard_baseline, concepts)
+
+
 def train_step(
     model: torch.nn.Module,
     batch: dict[str, Any],
@@ -200,19 +225,13 @@ def train_step(
     cfg: Config,
     state: TrainState,
     device: torch.device,
+    objective: SelfCritical | None = None,
 ) -> dict[str, torch.Tensor]:
-    """One optimisation step around compute_loss: data to the device, the captions and the context mode
-    of this step, the update, and the hard-attention baseline. Returns the loss parts, detached."""
-    images, captions, caplens = prepare_batch(batch, cfg, device)
-    unwrapped = getattr(model, "module", model)  # DistributedDataParallel keeps the module in .module
-    # The concept targets use every stored caption of the image, not only this step's sample.
-    concepts = unwrapped.targets(batch["captions"].to(device)) if isinstance(unwrapped, ConceptHead) else None
-    # Hard attention: with probability hard_expected_prob the mini-batch uses the expected context
-    # (Sec. 4.1's variance-reduction trick); otherwise locations are sampled.
-    sample = is_stochastic(cfg.attention) and torch.rand(()).item() >= cfg.hard_expected_prob
+    """One optimisation step: the loss (teacher-forced cross-entropy, or `objective`'s), the update, and
+    the hard-attention baseline. Returns the loss parts, detached."""
     with autocast_context(device, cfg.amp):
-        out = model(images, captions, caplens, "sample" if sample else "expected")
-        loss, parts = compute_loss(out, cfg, state.hard_baseline, concepts)
+        loss, parts = objective(model, batch, device) if objective else teacher_forced_loss(model, batch, cfg, state,
+                                                                                             device)
     optimizer.zero_grad(set_to_none=True)
     # A NaN/inf loss would put NaN into every weight at this update. Checking costs one sync per step;
     # in DDP every rank must take the same decision, or the others wait in the gradient all-reduce forever.
@@ -247,13 +266,13 @@ def train_one_epoch(run: Run, log: RunLogger) -> dict[str, float]:
     cfg, state, info, device = run.cfg, run.state, run.info, run.device
     run.ddp_model.train()
     # A resumed, interrupted epoch starts from the sums of the steps it had done (state.epoch_sums).
-    totals = {key: torch.tensor(state.epoch_sums.get(key, 0.0), device=device) for key in EPOCH_LOSSES}
+    totals = {key: torch.tensor(state.epoch_sums.get(key, 0.0), device=device) for key in epoch_parts(cfg)}
     num_steps, start = state.epoch_step, time.time()
     bar = progress_bar(run.train_loader, desc=f"epoch {state.epoch + 1}/{cfg.epochs}", disable=not info.is_main,
                        initial=state.epoch_step, total=state.epoch_step + len(run.train_loader))
     with _dead_workers_explained(run.out_dir / "last.pt"):
         for batch in bar:
-            parts = train_step(run.ddp_model, batch, run.optimizer, run.scaler, cfg, state, device)
+            parts = train_step(run.ddp_model, batch, run.optimizer, run.scaler, cfg, state, device, run.objective)
             num_steps += 1
             state.epoch_step = num_steps
             for key, value in parts.items():
@@ -306,7 +325,7 @@ def val_scores(
     """Decode val and score it (scoring.validation_metrics: BLEU and CIDEr, and whatever gives val_metric;
     the number that selects the model is a decoded metric), with the collapse diagnostics."""
     opts = DecodeOptions(beam_size=cfg.val_beam_size, max_len=cfg.max_len, hard_decode=cfg.hard_decode,
-                         batch_size=loader.batch_size or 1)
+                         block_trigrams=cfg.block_trigrams, batch_size=loader.batch_size or 1)
     decoded = decode_split(model, loader, word_map, opts, device=device, amp=cfg.amp, progress=False)
     references = {d["index"]: d["references"] for d in decoded}
     captions = {d["index"]: d["caption"] for d in decoded}
@@ -357,16 +376,32 @@ def use_feature_cache(cfg: Config) -> bool:
     return cfg.feature_cache == "on" or (cfg.feature_cache == "auto" and not cfg.fine_tune_encoder and not cfg.hflip)
 
 
-def cached_features(model: ShowAttendTell, cfg: Config, split: str, info: DistInfo, device: torch.device) -> Path:
-    """The split's feature cache for this frozen encoder, built by rank 0 on first use."""
+def built_by_rank_0(info: DistInfo, make: Callable[[bool], T]) -> T:
+    """`make(build)` on every rank, rank 0 first with build=True while the others wait at a barrier, then
+    reading what it built: a file beside the pack is written once, never by two processes."""
     if info.is_main:
-        path = ensure_cache(model.encoder, cfg.model_config(), cfg.data_folder, split, build=True, device=device,
-                            num_workers=cfg.num_workers)
+        made = make(True)
     if info.enabled:
         dist.barrier()
-    if not info.is_main:
-        path = ensure_cache(model.encoder, cfg.model_config(), cfg.data_folder, split, build=False)
-    return path
+    return made if info.is_main else make(False)
+
+
+def cached_features(model: ShowAttendTell, cfg: Config, split: str, info: DistInfo, device: torch.device) -> Path:
+    """The split's feature cache for this frozen encoder, built on first use."""
+    return built_by_rank_0(info, lambda build: ensure_cache(model.encoder, cfg.model_config(), cfg.data_folder, split,
+                                                            build=build, device=device, num_workers=cfg.num_workers))
+
+
+def self_critical(cfg: Config, run_model: ShowAttendTell, word_map: dict[str, int], pack_word_map: dict[str, int],
+                  info: DistInfo) -> SelfCritical:
+    """objective=scst, with CIDEr-D's document frequencies from the pack's training references (built once,
+    stored beside the pack: rewards.load_document_frequencies)."""
+    if word_map != pack_word_map:
+        raise UserError(f"objective=scst scores captions with the word map of {cfg.data_folder}, but the model has "
+                        "another (init_from a model of another pack, or extend_vocab): train with objective=xe "
+                        "on this pack first")
+    df = built_by_rank_0(info, lambda build: load_document_frequencies(cfg.data_folder, build=build))
+    return SelfCritical(run_model, word_map, df, cfg)
 
 
 def build_optimizer(trained: ShowAttendTell | ConceptHead, cfg: Config) -> torch.optim.Optimizer:

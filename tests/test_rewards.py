@@ -135,9 +135,7 @@ def test_end_token_counts_as_a_word():
     assert scores[0] > scores[1] and scores[0] > scores[2]  # "a <end>" ends no reference
 
 
-def test_candidate_and_reference_ids_from_tensors():
-    samples = np.array([[4, 5, END, 0, 0], [4, 5, 6, 7, 4], [END, 0, 0, 0, 0]])
-    assert rewards.candidate_ids(samples, END) == [[4, 5, END], [4, 5, 6, 7, 4], [END]]  # unfinished: whole
+def test_reference_ids_from_packed_captions():
     captions = np.array([[[2, 4, 5, END, 0], [2, 6, END, 0, 0]]])  # (B=1, cpi=2, T): <start> w.. <end> <pad>
     assert rewards.reference_ids(captions, np.array([[4, 3]])) == [[[4, 5, END], [6, END]]]
 
