@@ -97,7 +97,10 @@ def build_cache(
                       enc_size=identity["enc_size"])
     path = cache_path(data_folder, split, cfg)
     dataset = CaptionDataset(str(data_folder), split, with_references=False)
-    loader = DataLoader(dataset, batch_size=batch_size, num_workers=num_workers, collate_fn=collate_captions)
+    # Its own generator: iterating a loader draws a seed from the global RNG otherwise, and a run would then
+    # train differently depending on whether the cache was already there (resume would not be exact).
+    loader = DataLoader(dataset, batch_size=batch_size, num_workers=num_workers, collate_fn=collate_captions,
+                        generator=torch.Generator())
     was_training = encoder.training
     encoder.eval()
     try:
