@@ -356,12 +356,11 @@ def decode_args_parser() -> argparse.ArgumentParser:
                        help="images decoded at once (default: %(default)s)")
     group.add_argument("--sample", action="store_true",
                        help="draw --beam-size captions per image from the model instead of beam search")
-    group.add_argument("--temperature", type=float, default=defaults.temperature,
-                       help="with --sample: < 1 sharper, > 1 flatter (default: %(default)s)")
-    group.add_argument("--top-k", type=int, default=defaults.top_k,
-                       help="with --sample: draw among the K likeliest words (default: %(default)s = all)")
-    group.add_argument("--top-p", type=float, default=defaults.top_p,
-                       help="with --sample: among the fewest words holding probability P (default: %(default)s = all)")
+    for flag, kind, what in (("--temperature", float, "< 1 sharper, > 1 flatter"),
+                             ("--top-k", int, "draw among the K likeliest words (0 = all)"),
+                             ("--top-p", float, "draw among the fewest words holding probability P (1 = all)")):
+        group.add_argument(flag, type=kind, default=getattr(defaults, flag[2:].replace("-", "_")),
+                           help=f"with --sample: {what} (default: %(default)s)")
     group.add_argument("--block-trigrams", action="store_true",
                        help="no caption repeats one of its own trigrams (beam search and --sample)")
     group.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N (default: auto)")

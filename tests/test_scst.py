@@ -72,19 +72,14 @@ def run_scst(folder, out, *extra):
     return train.main(["--config", "configs/shapes.yaml", f"data_folder={folder}", f"out_dir={out}", *TINY, *extra])
 
 
-def test_scst_run_logs_its_reward_and_resumes_exactly(shapes_folder, tmp_path):
-    straight, split = tmp_path / "straight", tmp_path / "split"
-    assert run_scst(shapes_folder, straight, "epochs=2") == 0
-    assert run_scst(shapes_folder, split, "epochs=1") == 0
-    assert train.main([f"resume={split / 'last.pt'}", "epochs=2"]) == 0
-    a = torch.load(straight / "last.pt", weights_only=True)
-    b = torch.load(split / "last.pt", weights_only=True)
-    assert a["train_state"] == b["train_state"]
-    for key, value in a["model"].items():
-        torch.testing.assert_close(b["model"][key], value, rtol=1e-5, atol=1e-6, msg=key)
-    rows = list(csv.DictReader(open(straight / "metrics.csv")))
-    assert {"train_reward", "train_baseline", "train_advantage_std", "train_entropy"} <= set(rows[0])
-    assert all(0.0 <= float(row["train_reward"]) for row in rows) and float(rows[0]["train_entropy"]) > 0
+def test_scst_run_logs_its_reward(shapes_folder, tmp_path):
+    """metrics.csv carries the reward, baseline, advantage spread and entropy (exact resume in the SCST
+    phase: tests/test_train.py::test_resume_is_exact[scst])."""
+    assert run_scst(shapes_folder, tmp_path / "run", "epochs=1") == 0
+    rows = list(csv.DictReader(open(tmp_path / "run" / "metrics.csv")))
+    assert {"train_reward", "train_baseline", "train_advantage_std", "train_entropy", "val_bad_endings"} <= set(rows[0])
+    assert float(rows[0]["train_reward"]) >= 0.0 and float(rows[0]["train_entropy"]) > 0.0
+    assert (tmp_path / "run" / "curves.png").is_file()
 
 
 @pytest.mark.parametrize("override,message", [

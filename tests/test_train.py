@@ -49,11 +49,14 @@ def test_run_folder_contents_and_checkpoint(shapes_folder, tmp_path):
     assert "batch_size: 8" in (out / "config.yaml").read_text()
 
 
-@pytest.mark.parametrize("extra", ["dropout=0.3", "concept_loss_weight=0.5"])
+@pytest.mark.parametrize("extra", [("dropout=0.3",), ("concept_loss_weight=0.5",),
+                                   ("objective=scst", "scst_samples=3", "fine_tune_encoder=false")],
+                         ids=["xe", "concept", "scst"])
 def test_resume_is_exact(extra, shapes_folder, tmp_path):
+    """Also in the SCST phase (sampling draws from the restored RNG) and from a feature cache."""
     straight, split = tmp_path / "straight", tmp_path / "split"
-    assert run_train(shapes_folder, straight, "epochs=2", extra) == 0
-    assert run_train(shapes_folder, split, "epochs=1", extra) == 0
+    assert run_train(shapes_folder, straight, "epochs=2", *extra) == 0
+    assert run_train(shapes_folder, split, "epochs=1", *extra) == 0
     # The resumed run takes its config from the checkpoint; only epochs is extended here.
     assert train.main([f"resume={split / 'last.pt'}", "epochs=2"]) == 0
     a = torch.load(straight / "last.pt", weights_only=True)
@@ -61,7 +64,7 @@ def test_resume_is_exact(extra, shapes_folder, tmp_path):
     assert a["train_state"] == b["train_state"]
     for key, value in a["model"].items():
         torch.testing.assert_close(b["model"][key], value, rtol=1e-5, atol=1e-6, msg=key)
-    if "concept" in extra:  # the auxiliary head resumes too, and stays out of the model's weights
+    if "concept_loss_weight=0.5" in extra:  # the auxiliary head resumes too, and stays out of the model's weights
         torch.testing.assert_close(b["concept_head"]["weight"], a["concept_head"]["weight"], rtol=1e-5, atol=1e-6)
         assert not any(key.startswith("head") for key in a["model"])
     assert len(list(csv.DictReader(open(split / "metrics.csv")))) == 2
