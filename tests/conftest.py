@@ -28,6 +28,16 @@ def pack_main(args: list[str]) -> None:
     assert rc == 0, f"create_input_files {' '.join(args)} returned {rc}"
 
 
+@pytest.fixture(autouse=True)
+def _jvm_only_where_marked(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Scoring in-process without Java (Python tokenisation, no METEOR) unless a test is marked `java`:
+    each JVM start costs seconds, and most tests that score are not about coco-caption's Java parts."""
+    if request.node.get_closest_marker("java") is None:
+        import scoring
+
+        monkeypatch.setattr(scoring, "java_available", lambda: False)
+
+
 @pytest.fixture
 def pack() -> Callable[[list[str]], None]:
     """pack(args): create_input_files.main(args) in-process, asserting success."""

@@ -15,6 +15,17 @@ from runtime import UserError
 # from the configs before they were rewritten with `base:` and without restated defaults, so a rewrite
 # that changes what any of them trains fails here.
 RESOLVED = {
+    "shapes_scst.yaml": {"encoder": "resnet18", "encoder_stages": 2, "enc_size": 6, "attention_dim": 128,
+                         "embed_dim": 64, "decoder_dim": 256, "dropout": 0.2, "name": "shapes_scst", "num_workers": 1,
+                         "encoder_weights": "none", "fine_tune_stages": 0, "ds_reduction": "sum", "objective": "scst",
+                         "scst_baseline": "mean", "epochs": 2, "decoder_lr": 5e-05, "encoder_lr": 0.001,
+                         "early_stop_patience": 3, "max_len": 30},
+    "flickr8k_cpu_scst.yaml": {"encoder": "resnet18", "encoder_stages": 3, "enc_size": 8, "attention_dim": 256,
+                               "embed_dim": 256, "decoder_dim": 256, "name": "flickr8k_cpu_scst",
+                               "data_folder": "data/flickr8k_128", "num_workers": 1, "captions_per_step": 2,
+                               "encoder_weights": "none", "fine_tune_stages": 0, "objective": "scst",
+                               "scst_baseline": "mean", "epochs": 8, "decoder_lr": 5e-05, "encoder_lr": 0.001,
+                               "lr_decay_factor": 0.5, "early_stop_patience": 0, "val_metric": "CIDEr", "max_len": 30},
     "coco.yaml": {"name": "coco", "data_folder": "data/coco", "num_workers": 4, "batch_size": 64},
     "coco_hard.yaml": {"attention": "hard", "name": "coco_hard", "data_folder": "data/coco", "num_workers": 4,
                        "batch_size": 64},

@@ -15,6 +15,7 @@ from config import ModelConfig
 from models import build_model
 from text import tokenize
 
+pytestmark = pytest.mark.java  # coco-caption's Java parts (PTB tokenizer, METEOR) are what this file checks
 NEEDS_JAVA = pytest.mark.skipif(not scoring.java_available(), reason="coco-caption's PTB tokenizer/METEOR need Java")
 
 # Fixed results/references (raw text, punctuation and case included: the PTB tokenizer must see them).

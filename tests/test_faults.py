@@ -624,6 +624,7 @@ def test_read_only_output_locations_are_refused_before_work(tiny_ckpt, shapes_fo
 # --------------------------------------------------------------------------------------------
 # eval.py and caption.py: interrupts and pipes
 # --------------------------------------------------------------------------------------------
+@pytest.mark.java
 def test_ctrl_c_in_eval_stops_meteor_and_prints_no_traceback(tiny_ckpt, shapes_folder, tmp_path, capsys,
                                                              monkeypatch):
     if shutil.which("java") is None:

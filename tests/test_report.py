@@ -28,12 +28,6 @@ CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 NEEDS_CHROMIUM = pytest.mark.skipif(CHROMIUM is None, reason="needs Debian's chromium (apt-get install chromium)")
 
 
-@pytest.fixture(autouse=True)
-def no_java(monkeypatch):
-    """Python tokenisation and no METEOR: each JVM start costs seconds, and none of these tests is about them."""
-    monkeypatch.setattr(scoring, "java_available", lambda: False)
-
-
 def tiny_checkpoint(path: Path, folder: Path, seed: int = 0) -> Path:
     """A random tiny model for the pack in `folder` (its captions are noise, but real decoder output)."""
     word_map = json.loads((folder / "word_map.json").read_text())
@@ -130,7 +124,7 @@ def report(tmp_path_factory, shapes_folder) -> tuple[Path, dict[str, Any]]:
     root = tmp_path_factory.mktemp("report")
     ckpt = tiny_checkpoint(root / "tiny.pt", shapes_folder)
     out = root / "test.json"
-    # val has 3 images, as test: GIFs for the 2 worst only.
+    # val has 3 images, as test: GIFs for the 2 worst only. No JVM (module scope: conftest's fixture is per test).
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(scoring, "java_available", lambda: False)
         assert run_eval(ckpt, shapes_folder, out, "--report", str(root / "report"), "--report-limit", "2",
