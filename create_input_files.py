@@ -40,7 +40,7 @@ import numpy as np
 
 from config import check_fields, option
 from datasets import SPLITS, load_image
-from filesafety import _temporary_beside, check_writable, remove_stale_temporaries
+from filesafety import _temporary_beside, check_writable, fsync_file, fsync_folder, remove_stale_temporaries
 from progress import progress_bar
 from runtime import UserError, one_line, run_cli
 from shapes import DEFAULT_IMAGE_SIZE as DEFAULT_SHAPES_IMAGE_SIZE
@@ -596,10 +596,16 @@ def _summary(records: dict[str, list[Record]], word_map: dict[str, int], options
 def _rename_into_place(folder: Path, staged: dict[str, Path]) -> None:
     """Rename the staged set over the old pack. Every new file is complete before the old pack is
     touched, so a full disk fails earlier with the older pack intact; renames need no space. dataset.json,
-    which marks a complete folder, goes first and comes back last (FINAL_FILES ends with it)."""
+    which marks a complete folder, goes first and comes back last (FINAL_FILES ends with it).
+
+    Durable too: every file is fsynced before the first rename and the folder after the last, so a power
+    loss leaves the old pack, a set without its marker, or the new pack; never a marked pack of empty files."""
+    for name in FINAL_FILES:
+        fsync_file(staged[name])
     (folder / "dataset.json").unlink(missing_ok=True)
     for name in FINAL_FILES:
         os.replace(staged[name], folder / name)
+    fsync_folder(folder)
 
 
 def _remove_staged(staged: dict[str, Path], folder: Path, created: bool) -> None:

@@ -26,6 +26,7 @@ import torch
 from conftest import ROOT
 
 import caption
+import filesafety
 import create_input_files as packer
 import eval as evaluation
 import scoring
@@ -432,6 +433,69 @@ def test_eval_checks_packed_data_before_decoding(lie, packed_copy, tiny_ckpt, tm
     line = one_error_line(capsys.readouterr().err)
     assert message in line and str(packed_copy) in line
     assert not out.exists()
+
+
+# --------------------------------------------------------------------------------------------
+# Power loss: every atomic writer fsyncs the file before the rename and the folder after it
+# --------------------------------------------------------------------------------------------
+def record_syncs(monkeypatch) -> list[tuple[str, ...]]:
+    """Record os.fsync (with the path its descriptor names) and os.replace calls, in order; both still run."""
+    calls: list[tuple[str, ...]] = []
+    real_fsync, real_replace = os.fsync, os.replace
+
+    def fsync(fd):
+        calls.append(("fsync", os.readlink(f"/proc/self/fd/{fd}")))
+        return real_fsync(fd)
+
+    def replace(src, dst):
+        calls.append(("replace", str(src), str(dst)))
+        return real_replace(src, dst)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    monkeypatch.setattr(os, "replace", replace)
+    return calls
+
+
+def test_atomic_writers_fsync_each_file_before_its_rename_and_the_folder_after(tmp_path, monkeypatch):
+    folder = tmp_path.resolve()
+    calls = record_syncs(monkeypatch)
+    filesafety.atomic_write_all([(folder / "a.json", lambda f: f.write(b"a")),
+                                 (folder / "b.json", lambda f: f.write(b"b"))])
+    (_, tmp_a, _), (_, tmp_b, _) = calls[2], calls[3]
+    assert calls == [("fsync", tmp_a), ("fsync", tmp_b), ("replace", tmp_a, str(folder / "a.json")),
+                     ("replace", tmp_b, str(folder / "b.json")), ("fsync", str(folder))]
+    calls.clear()
+    filesafety.atomic_write(folder / "c.pt", lambda f: f.write(b"c"))
+    tmp_c = calls[1][1]
+    assert calls == [("fsync", tmp_c), ("replace", tmp_c, str(folder / "c.pt")), ("fsync", str(folder))]
+    calls.clear()
+    with filesafety.atomic_path(folder / "d.h5") as tmp_d:
+        with h5py.File(tmp_d, "w") as h5:
+            h5["x"] = [1, 2, 3]
+    assert calls == [("fsync", str(tmp_d)), ("replace", str(tmp_d), str(folder / "d.h5")), ("fsync", str(folder))]
+    assert (folder / "a.json").read_bytes() == b"a" and not list(folder.glob(".*.tmp"))
+
+
+def test_a_failed_write_renames_and_syncs_nothing(tmp_path, monkeypatch):
+    calls = record_syncs(monkeypatch)
+
+    def fail(f):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    with pytest.raises(OSError):
+        filesafety.atomic_write_all([(tmp_path / "a.json", lambda f: f.write(b"a")), (tmp_path / "b.json", fail)])
+    assert [c[0] for c in calls] == ["fsync"] and not list(tmp_path.iterdir())
+
+
+def test_packing_fsyncs_every_file_before_the_renames_and_the_folder_after(tmp_path, monkeypatch):
+    out = tmp_path.resolve() / "packed"
+    calls = record_syncs(monkeypatch)
+    assert packer.main([*PACK_ARGS, "--output-folder", str(out)]) == 0
+    renames = [c for c in calls if c[0] == "replace"]
+    assert [Path(dst) for _, _, dst in renames] == [out / name for name in packer.FINAL_FILES]
+    first = calls.index(renames[0])
+    assert sorted(calls[:first]) == sorted(("fsync", src) for _, src, _ in renames)  # every file, before any rename
+    assert calls[first:] == [*renames, ("fsync", str(out))]
 
 
 # --------------------------------------------------------------------------------------------
