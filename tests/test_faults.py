@@ -193,6 +193,33 @@ def test_a_killed_dataloader_worker_is_reported(shapes_folder, tmp_path):
     assert "DataLoader worker" in line and "num_workers=" in line
 
 
+EVAL_WORKER_KILLER = r"""
+import multiprocessing, os, signal, sys
+import decoding, eval
+original = decoding.decode_images
+def decode_images(*args, **kwargs):  # as the OOM killer picks a DataLoader worker in the middle of decoding
+    for child in multiprocessing.active_children():
+        os.kill(child.pid, signal.SIGKILL)
+    return original(*args, **kwargs)
+decoding.decode_images = decode_images
+sys.exit(eval.main(sys.argv[1:]))
+"""
+
+
+@pytest.mark.slow
+def test_a_killed_dataloader_worker_in_eval_is_reported(tiny_ckpt, shapes_folder, tmp_path):
+    out = tmp_path / "test.json"
+    args = ["--checkpoint", str(tiny_ckpt), "--data-folder", str(shapes_folder), "--num-workers", "1",
+            "--batch-size", "1", "--beam-size", "1", "--max-len", "5", "--feature-cache", "off", "--out", str(out)]
+    result = subprocess.run([sys.executable, "-c", EVAL_WORKER_KILLER, *args], cwd=ROOT, env=ENV, capture_output=True,
+                            text=True, timeout=120)
+    assert result.returncode == 1, result.stderr[-2000:]
+    assert "Traceback" not in result.stderr, result.stderr[-2000:]
+    line = one_error_line(result.stderr.strip().splitlines()[-1])
+    assert "DataLoader worker" in line and "out of memory? lower --num-workers or --batch-size" in line
+    assert not out.exists()
+
+
 def test_resume_drops_metrics_rows_past_the_checkpoint_and_a_cut_row(tmp_path):
     path = tmp_path / "metrics.csv"
     path.write_bytes(b"epoch,step\r\n1,3\r\n2,6\r\n3,9\r\n1")  # killed while appending epoch 11's row
