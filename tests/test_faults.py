@@ -622,18 +622,50 @@ def test_a_failed_figure_write_keeps_the_previous_figures(tiny_ckpt, tmp_path, c
 PACK_ARGS = ["--dataset", "shapes", "--num-images", "24", "--image-size", "48", "--workers", "1"]
 
 
-def test_disk_full_while_packing_keeps_the_older_pack(tmp_path):
-    """In a subprocess: h5py once segfaulted after ENOSPC; an older pack replaced with --force survives."""
+# Packing in a subprocess, as from the shell: ENOSPC inside h5py once ended in a segfault at interpreter exit
+# (exit 139 in a shell, -11 here) after the right error line. FAULT_AT=captions fills the disk once the images
+# are written, so that the error comes while the split files are reopened for their captions.
+PACK_FILLER = r"""
+import os, sys
+import create_input_files as packer
+if os.environ.get("FAULT_AT") == "captions":
+    original = packer._write_captions
+    def write_captions(tmp_path, split, *args):
+        if split == "train":
+            with open(os.path.join(os.environ["FAULT_DISK"], "ballast"), "wb") as f:
+                try:
+                    while True:
+                        f.write(b"\0" * 65536)
+                        f.flush()
+                except OSError:
+                    pass
+        return original(tmp_path, split, *args)
+    packer._write_captions = write_captions
+sys.exit(packer.main(sys.argv[1:]))
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("where", ["fresh", "force", "captions"])
+def test_disk_full_while_packing_exits_1_and_keeps_the_older_pack(where, tmp_path):
+    """fresh: into a new folder, which is not left behind; force: --force over an older pack; captions: the
+    disk fills after the images. Exit code exactly 1 (no crash at exit), and an older pack byte-identical."""
     with small_disk(tmp_path / "disk", "3m") as disk:
         out = disk / "packed"
-        cmd = [sys.executable, "create_input_files.py", *PACK_ARGS, "--output-folder", str(out)]
-        assert subprocess.run(cmd, cwd=ROOT, env=ENV, capture_output=True).returncode == 0
-        earlier = {p.name: p.read_bytes() for p in out.iterdir()}
-        bigger = [c if c != "24" else "400" for c in cmd] + ["--force"]
-        result = subprocess.run(bigger, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=120)
-        assert result.returncode == 1, result.stderr[-2000:]
+        cmd = [sys.executable, "-c", PACK_FILLER, *PACK_ARGS, "--output-folder", str(out)]
+        earlier = {}
+        if where != "fresh":
+            assert subprocess.run(cmd, cwd=ROOT, env=ENV, capture_output=True).returncode == 0
+            earlier = {p.name: p.read_bytes() for p in out.iterdir()}
+        failing = cmd if where == "captions" else [c if c != "24" else "1000" for c in cmd]  # 1000: ~7 MB
+        result = subprocess.run(failing + (["--force"] if earlier else []), cwd=ROOT, capture_output=True, text=True,
+                                env={**ENV, "FAULT_AT": where, "FAULT_DISK": str(disk)}, timeout=120)
+        assert result.returncode == 1, (result.returncode, result.stderr[-2000:])
         assert "No space left on device" in one_error_line(result.stderr.splitlines()[-1])
-        assert {p.name: p.read_bytes() for p in out.iterdir()} == earlier
+        if earlier:
+            assert {p.name: p.read_bytes() for p in out.iterdir()} == earlier
+        else:
+            assert not out.exists()
 
 
 def test_read_only_output_locations_are_refused_before_work(tiny_ckpt, shapes_folder, tmp_path, capsys,
