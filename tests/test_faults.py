@@ -26,6 +26,7 @@ import torch
 from conftest import ROOT
 
 import caption
+import datasets
 import filesafety
 import create_input_files as packer
 import eval as evaluation
@@ -34,6 +35,7 @@ import train
 import evaluation as evaluation_lib
 import trainer
 from checkpoints import load_checkpoint
+from runtime import UserError
 
 pytestmark = pytest.mark.faults
 
@@ -409,6 +411,23 @@ def rot_caption_ids(path: Path) -> None:
     path.write_bytes(bytes(data))
 
 
+def rot_pixel(path: Path, index: int) -> None:
+    """Flip one bit of image `index`'s stored pixels in the file's bytes, as a failing disk would."""
+    with h5py.File(path, "r") as h5:
+        offset = h5["images"].id.get_chunk_info_by_coord((index, 0, 0, 0)).byte_offset + 1000
+    with open(path, "r+b") as f:
+        f.seek(offset)
+        byte = f.read(1)[0]
+        f.seek(offset)
+        f.write(bytes([byte ^ 0x10]))
+
+
+def rot_every_image(path: Path) -> None:
+    """Every pixel of every image changed (a bad copy, a disk gone bad): any sample of images sees it."""
+    with h5py.File(path, "r+") as h5:
+        h5["images"][...] = h5["images"][...] ^ 0x55
+
+
 def shrink_word_map(folder: Path) -> None:
     word_map = json.loads((folder / "word_map.json").read_text())
     keep = {w: i for w, i in word_map.items() if i < 8 or w in ("<unk>", "<start>", "<end>")}
@@ -424,6 +443,7 @@ LIES = {
     "missing-split": ("val.h5", lambda p: p.unlink(), "val.h5 not found"),
     "no-marker": ("dataset.json", lambda p: p.unlink(), "packing never finished"),
     "small-word-map": ("word_map.json", lambda p: shrink_word_map(p.parent), "caption ids up to"),
+    "rotted-pixels": ("train.h5", rot_every_image, "does not match its checksum from packing"),
 }
 
 
@@ -460,6 +480,33 @@ def test_eval_checks_packed_data_before_decoding(lie, packed_copy, tiny_ckpt, tm
     line = one_error_line(capsys.readouterr().err)
     assert message in line and str(packed_copy) in line
     assert not out.exists()
+
+
+def test_verify_names_the_one_image_whose_pixels_rotted(packed_copy, capsys):
+    assert packer.main(["--verify", str(packed_copy)]) == 0
+    assert capsys.readouterr().out.strip() == f"{packed_copy}: all 36 images intact"
+    rot_pixel(packed_copy / "val.h5", 1)
+    with h5py.File(packed_copy / "val.h5", "r") as h5:
+        name = h5["filenames"].asstr()[1]
+    assert packer.main(["--verify", str(packed_copy)]) == 1
+    out, err = capsys.readouterr()
+    assert out.strip().splitlines() == [f"val.h5 image 1 ({name}): changed since packing"]
+    line = one_error_line(err)
+    assert f"1 of 36 images in {packed_copy} changed since packing" in line
+    # One rotted image among many may escape check_packed's sample; a whole split cannot.
+    rot_every_image(packed_copy / "test.h5")
+    with pytest.raises(UserError, match=r"test.h5: image \d+ .* does not match its checksum .* --verify"):
+        datasets.check_packed(str(packed_copy), "test")
+
+
+def test_packs_from_before_checksums_load_and_verify_says_they_have_none(packed_copy, capsys):
+    for split in datasets.SPLITS:
+        with h5py.File(packed_copy / f"{split}.h5", "a") as h5:
+            del h5["checksums"]
+    assert datasets.check_packed(str(packed_copy), "train")["has_checksums"] is False
+    assert len(datasets.CaptionDataset(str(packed_copy), "val")) == 3
+    assert packer.main(["--verify", str(packed_copy)]) == 1
+    assert "packed without image checksums" in one_error_line(capsys.readouterr().err)
 
 
 # --------------------------------------------------------------------------------------------
