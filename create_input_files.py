@@ -11,6 +11,9 @@ datasets.CaptionDataset reads what this writes. Sources:
 Every image is decoded and validated (in parallel, streamed into temp files named as filesafety names
 them) before any final file is written; the final names appear by rename at the very end, dataset.json last.
 From Python: `create_input_files(PackOptions(dataset="shapes", output_folder="data/shapes"))`.
+
+Each image's CRC32 is stored beside it (`checksums`): `--verify DATA` recomputes them all and names the
+images that changed since packing (a failing disk, a bad copy); training and eval check a sample.
 """
 from __future__ import annotations
 
@@ -29,7 +32,7 @@ import zlib
 from collections import Counter, deque
 from concurrent.futures import Future, ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
-from contextlib import closing
+from contextlib import closing, contextmanager
 from dataclasses import dataclass, field, fields
 from itertools import islice
 from pathlib import Path
@@ -39,8 +42,8 @@ import h5py
 import numpy as np
 
 from config import check_fields, option
-from datasets import SPLITS, load_image
-from filesafety import _temporary_beside, check_writable, remove_stale_temporaries
+from datasets import SPLITS, image_checksum, load_image, verify_pack
+from filesafety import _temporary_beside, check_writable, fsync_file, fsync_folder, remove_stale_temporaries
 from progress import progress_bar
 from runtime import UserError, one_line, run_cli
 from shapes import DEFAULT_IMAGE_SIZE as DEFAULT_SHAPES_IMAGE_SIZE
@@ -432,6 +435,51 @@ def _skip_or_raise(problem: str, options: PackOptions, skipped: list[str]) -> No
     skipped.append(problem)
 
 
+class _StagedFile(io.FileIO):
+    """A staged split file as HDF5 writes it (through h5py's file-object driver), which never lets HDF5
+    see a failed write. HDF5 does not survive one: after ENOSPC its flush and close fail too, it keeps a
+    half-closed file, and it crashed at interpreter exit (SIGSEGV after the right error line; h5py issue
+    914), whatever we closed. So a failed write is kept in `error` and reported to HDF5 as done; `check`
+    raises it, between writes or after HDF5 has closed the file cleanly. The file is deleted anyway."""
+
+    error: OSError | None = None
+
+    def write(self, data: Any) -> int:
+        view = memoryview(data).cast("B")
+        try:
+            done = 0
+            while self.error is None and done < len(view):
+                done += super().write(view[done:])
+        except OSError as e:
+            self.error = e
+        return len(view)
+
+    def truncate(self, size: int | None = None) -> int:
+        try:
+            return super().truncate(size)
+        except OSError as e:
+            self.error = self.error or e
+            return size or 0
+
+    def check(self) -> None:
+        if self.error is not None:
+            raise self.error
+
+
+@contextmanager
+def _staged_h5(path: Path, mode: str) -> Iterator[tuple[h5py.File, Callable[[], None]]]:
+    """(h5py.File, check) on a staged split file (mode "w" or "a"); `check()` raises a write that failed
+    (a full disk), and so does the end of the block, once HDF5 has closed the file cleanly. No raw-data
+    chunk cache (rdcc_nbytes=0): images are written at once, so a full disk is seen where it happens."""
+    raw = _StagedFile(path, "r+" if mode == "a" else "w+")
+    try:
+        with h5py.File(raw, mode, rdcc_nbytes=0) as h5:
+            yield h5, raw.check
+        raw.check()
+    finally:
+        raw.close()
+
+
 def _write_images(tmp_path: Path, split: str, records: list[Record], options: PackOptions,
                   skipped: list[str]) -> list[Record]:
     """Decode (in parallel, in order) and stream images into tmp_path; return the records kept."""
@@ -441,7 +489,8 @@ def _write_images(tmp_path: Path, split: str, records: list[Record], options: Pa
     else:
         jobs, fn = [(r.path, size) for r in records], _decode_job
     kept: list[Record] = []
-    with h5py.File(tmp_path, "w") as h5:
+    checksums: list[int] = []  # per image kept, for check_packed and --verify (datasets.image_checksum)
+    with _staged_h5(tmp_path, "w") as (h5, check_written):
         shape = (len(records), 3, size, size)
         images = h5.create_dataset("images", shape=shape, maxshape=(None,) + shape[1:], dtype=np.uint8,
                                    chunks=(1,) + shape[1:])
@@ -459,12 +508,15 @@ def _write_images(tmp_path: Path, split: str, records: list[Record], options: Pa
                     setattr(record, key, value)
                 kept.append(record)
                 buffer.append(image)
+                checksums.append(image_checksum(image))
                 if len(buffer) == _WRITE_BATCH:
                     images[len(kept) - len(buffer):len(kept)] = np.stack(buffer)
+                    check_written()  # a full disk stops the packing here, not after every image is decoded
                     buffer = []
         if buffer:
             images[len(kept) - len(buffer):len(kept)] = np.stack(buffer)
         images.resize(len(kept), axis=0)
+        h5.create_dataset("checksums", data=np.array(checksums, dtype=np.uint32))
     return kept
 
 
@@ -482,7 +534,7 @@ def _write_captions(tmp_path: Path, split: str, records: list[Record], word_map:
             captions[row], caplens[row] = encode_caption(record.tokens[c][:max_words], word_map, max_words)
     text = h5py.string_dtype("utf-8")
     num_images = len(records)
-    with h5py.File(tmp_path, "a") as h5:
+    with _staged_h5(tmp_path, "a") as (h5, _):
         h5.create_dataset("captions", data=captions)
         h5.create_dataset("caplens", data=caplens)
         h5.create_dataset("references", data=[json.dumps(r.references) for r in records], dtype=text,
@@ -596,10 +648,16 @@ def _summary(records: dict[str, list[Record]], word_map: dict[str, int], options
 def _rename_into_place(folder: Path, staged: dict[str, Path]) -> None:
     """Rename the staged set over the old pack. Every new file is complete before the old pack is
     touched, so a full disk fails earlier with the older pack intact; renames need no space. dataset.json,
-    which marks a complete folder, goes first and comes back last (FINAL_FILES ends with it)."""
+    which marks a complete folder, goes first and comes back last (FINAL_FILES ends with it).
+
+    Durable too: every file is fsynced before the first rename and the folder after the last, so a power
+    loss leaves the old pack, a set without its marker, or the new pack; never a marked pack of empty files."""
+    for name in FINAL_FILES:
+        fsync_file(staged[name])
     (folder / "dataset.json").unlink(missing_ok=True)
     for name in FINAL_FILES:
         os.replace(staged[name], folder / name)
+    fsync_folder(folder)
 
 
 def _remove_staged(staged: dict[str, Path], folder: Path, created: bool) -> None:
@@ -625,8 +683,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     add = parser.add_argument
-    add("--dataset", required=True, choices=DATASETS, help="source format")
-    add("--output-folder", required=True, help="folder for {train,val,test}.h5, word_map.json, dataset.json")
+    add("--dataset", choices=DATASETS, help="source format (required unless --verify)")
+    add("--output-folder", help="folder for {train,val,test}.h5, word_map.json, dataset.json (unless --verify)")
     add("--karpathy-json", help="Karpathy split JSON (flickr8k, flickr30k, coco)")
     add("--captions-file", help="custom: CSV with image,caption header, or Flickr token.txt")
     add("--image-folder", help="folder the image file names are relative to")
@@ -648,15 +706,44 @@ def get_args_parser() -> argparse.ArgumentParser:
     add("--allow-split-overlap", action="store_true",
         help="Karpathy JSON: pack an image listed in two splits (refused by default: it leaks test images)")
     add("--force", action="store_true", help="overwrite an existing packed dataset")
+    add("--verify", metavar="DATA", help="check every image of the pack in DATA against its checksum from packing "
+        "(names the changed ones) instead of packing")
     add("--debug", action="store_true", help="show the traceback of an error, not one line")
     # The defaults are PackOptions' own (written once there); None means "the dataset's default".
     parser.set_defaults(**{f.name: f.default for f in fields(PackOptions) if f.default is not dataclasses.MISSING})
     return parser
 
 
+def verify(data_folder: str) -> int:
+    """--verify DATA: recompute every image's checksum; one line per changed image (split, index, file
+    name) and a summary. Exit 0 only when every split could be checked and every image is intact."""
+    checked, changed, without = verify_pack(data_folder)
+    if without and not checked:
+        raise UserError(f"{data_folder}: packed without image checksums (before they were stored), so there is "
+                        "nothing to verify; repack it with --force to add them")
+    for split, index, filename in changed:
+        print(f"{split}.h5 image {index} ({filename}): changed since packing")
+    unchecked = (f"; {', '.join(without)} packed without checksums, not checked" if without else "")
+    if changed:
+        raise UserError(f"{len(changed)} of {checked} images in {data_folder} changed since packing (rotted or "
+                        f"edited); repack it, or restore it from a copy{unchecked}")
+    if without:
+        raise UserError(f"{data_folder}: {checked} images intact{unchecked}")
+    print(f"{data_folder}: all {checked} images intact")
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    """The command line: pack, then print one summary line; errors are one `error:` line (exit 1)."""
-    args = get_args_parser().parse_args(argv)
+    """The command line: pack, then print one summary line; errors are one `error:` line (exit 1).
+    With --verify DATA: check an existing pack's images against their checksums instead."""
+    parser = get_args_parser()
+    args = parser.parse_args(argv)
+    if args.verify is not None:
+        if args.dataset or args.output_folder:
+            parser.error("--verify DATA checks an existing pack: drop --dataset and --output-folder")
+        return run_cli(lambda: verify(args.verify), args.debug)
+    if not args.dataset or not args.output_folder:
+        parser.error("the following arguments are required: --dataset, --output-folder (or --verify DATA)")
     options = PackOptions(**{f.name: getattr(args, f.name) for f in fields(PackOptions)})
 
     def body() -> int:

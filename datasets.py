@@ -10,7 +10,8 @@ from __future__ import annotations
 import json
 import os
 import warnings
-from typing import Any, Callable
+import zlib
+from typing import Any, Callable, Sequence
 
 import h5py
 import numpy as np
@@ -22,8 +23,9 @@ from torchvision.transforms.v2 import functional as TF
 from runtime import UserError, one_line
 from text import load_word_map
 
-__all__ = ["CaptionDataset", "check_packed", "collate_captions", "image_array", "load_image", "load_image_tensor",
-           "normalize_image", "IMAGENET_MEAN", "IMAGENET_STD", "SPLITS"]
+__all__ = ["CaptionDataset", "changed_images", "check_packed", "collate_captions", "image_array", "image_checksum",
+           "load_image", "load_image_tensor", "normalize_image", "verify_pack", "IMAGENET_MEAN", "IMAGENET_STD",
+           "SPLITS"]
 
 SPLITS = ("train", "val", "test")  # the packed files {split}.h5
 
@@ -113,14 +115,18 @@ REQUIRED_ATTRS = ("captions_per_image", "max_caption_words", "image_size")
 # Attributes that packs written before a rename store under their old name: new name -> old name.
 ATTR_OLD_NAMES = {"max_caption_words": "max_len"}
 _CHECK_ROWS = 65536  # caption rows read at a time by check_packed
+CHECKSUM_SAMPLE = 16  # images per split that check_packed compares with their checksums from packing
 
 
-def check_packed(data_folder: str, split: str, word_map: dict[str, int] | None = None) -> dict[str, Any]:
+def check_packed(data_folder: str, split: str, word_map: dict[str, int] | None = None,
+                 sample_images: int = CHECKSUM_SAMPLE) -> dict[str, Any]:
     """Check a packed split before any work starts, so nothing fails mid-epoch: the split file, the
-    word map, the dataset.json marker of a finished pack, the HDF5 structure, and that every stored
-    caption id is a word of `word_map` (default: the folder's word_map.json). A truncated or bit-rotted
-    file shows up here as unreadable HDF5 or as ids out of range; rot inside image pixels cannot (no
-    checksums are stored). Raises UserError naming the file; returns the split's sizes and attributes.
+    word map, the dataset.json marker of a finished pack, the HDF5 structure, that every stored
+    caption id is a word of `word_map` (default: the folder's word_map.json), and `sample_images` random
+    images against the checksums stored at packing. A truncated or bit-rotted file shows up here as
+    unreadable HDF5, ids out of range or changed pixels (rot in a few images may escape the sample:
+    `create_input_files.py --verify` checks them all). Raises UserError naming the file; returns the
+    split's sizes and attributes.
     """
     if split not in SPLITS:
         raise UserError(f"split {split!r} is not one of {', '.join(SPLITS)}")
@@ -155,6 +161,7 @@ def check_packed(data_folder: str, split: str, word_map: dict[str, int] | None =
                         bounds[0], bounds[1] = min(bounds[0], int(chunk.min())), max(bounds[1], int(chunk.max()))
             if info["num_images"]:  # the last image is the one a truncated copy loses first
                 h5["images"][info["num_images"] - 1]
+            info["has_checksums"] = _check_image_sample(h5, path, data_folder, sample_images)
     except OSError as e:
         raise UserError(f"{path}: not a readable HDF5 file ({one_line(e)})") from None
     if info["num_captions"] != info["num_images"] * info["captions_per_image"]:
@@ -167,6 +174,67 @@ def check_packed(data_folder: str, split: str, word_map: dict[str, int] | None =
     if length_range[1] >= 0 and (length_range[0] < 2 or length_range[1] > longest):
         raise UserError(f"{path}: caption lengths outside 2..{longest}: the file is corrupt; repack it")
     return info
+
+
+def image_checksum(pixels: np.ndarray) -> int:
+    """CRC32 of one image's stored pixels (uint8 (3, S, S)): stored per image at packing and compared by
+    check_packed and `create_input_files.py --verify`. CRC32 (zlib): cheap, and any flipped bit changes it."""
+    return zlib.crc32(np.ascontiguousarray(pixels, dtype=np.uint8).tobytes())
+
+
+def changed_images(h5: h5py.File, indices: Sequence[int] | None = None, block: int = 64) -> list[int]:
+    """The images (all, or `indices`) of an open split file whose pixels no longer match the checksums
+    stored at packing; all are read `block` images at a time, so memory stays flat in the split's size."""
+    images, checksums = h5["images"], h5["checksums"][()]
+    if indices is not None:
+        return [i for i in indices if image_checksum(images[i]) != checksums[i]]
+    changed = []
+    for first in range(0, images.shape[0], block):
+        pixels = images[first : first + block]
+        changed += [first + j for j in range(len(pixels)) if image_checksum(pixels[j]) != checksums[first + j]]
+    return changed
+
+
+def _check_image_sample(h5: h5py.File, path: str, data_folder: str, count: int) -> bool:
+    """Compare `count` random images with their checksums from packing: cheap enough for every start, and a
+    pack that rotted as a whole (a failing disk, a bad copy) is refused before hours of training on noise.
+    A new sample each time, so repeated starts cover more of the pack. False: packed before checksums."""
+    if "checksums" not in h5:
+        return False
+    num_images = h5["images"].shape[0]
+    if h5["checksums"].shape != (num_images,):
+        raise UserError(f"{path}: {h5['checksums'].shape[0]} checksums for {num_images} images: the file is corrupt; "
+                        "repack it")
+    if count and num_images:
+        sample = np.random.default_rng().choice(num_images, size=min(count, num_images), replace=False)
+        changed = changed_images(h5, sorted(int(i) for i in sample))
+        if changed:
+            i = changed[0]
+            raise UserError(f"{path}: image {i} ({h5['filenames'].asstr()[i]}) does not match its checksum from "
+                            f"packing: the file has rotted or was changed; run create_input_files.py --verify "
+                            f"{data_folder} to list every changed image")
+    return True
+
+
+def verify_pack(data_folder: str) -> tuple[int, list[tuple[str, int, str]], list[str]]:
+    """Recompute the checksum of every image of a pack (`create_input_files.py --verify`). Returns the number
+    of images checked, the changed ones as (split, index, file name), and the splits packed without
+    checksums (before they were stored: nothing to compare with). Raises UserError as check_packed does."""
+    checked, changed, without = 0, [], []
+    for split in SPLITS:
+        check_packed(data_folder, split, sample_images=0)
+        path = os.path.join(data_folder, f"{split}.h5")
+        try:
+            with h5py.File(path, "r") as h5:
+                if "checksums" not in h5:
+                    without.append(split)
+                    continue
+                names = h5["filenames"].asstr()
+                changed += [(split, i, names[i]) for i in changed_images(h5)]
+                checked += h5["images"].shape[0]
+        except OSError as e:
+            raise UserError(f"{path}: not a readable HDF5 file ({one_line(e)})") from None
+    return checked, changed, without
 
 
 class CaptionDataset(Dataset):

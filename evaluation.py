@@ -21,7 +21,7 @@ from feature_cache import ensure_cache
 from filesafety import atomic_write_all, check_writable
 from models import ShowAttendTell, load_model
 from report import write_report
-from runtime import UserError, resolve_device
+from runtime import UserError, dead_workers_explained, resolve_device
 from scoring import (
     METRICS,
     attention_fidelity,
@@ -149,6 +149,20 @@ def write_results(results_path: Path, metrics_path: Path, decoded: list[dict[str
                       (results_path, lambda f: f.write(json.dumps(results, indent=1).encode("utf-8")))])
 
 
+def decode_dataset(model: ShowAttendTell, model_cfg: ModelConfig, dataset: CaptionDataset, data_folder: str | Path,
+                   word_map: dict[str, int], opts: EvalOptions, decode: DecodeOptions, device: torch.device
+                   ) -> list[dict[str, Any]]:
+    """Decode every image of `dataset` (from its feature cache when there is one). A DataLoader worker that
+    dies meanwhile (the OOM killer) is one line naming the flags to lower, as in training."""
+    with dead_workers_explained("--num-workers or --batch-size"):
+        if opts.feature_cache != "off":
+            dataset.features_path = eval_feature_cache(model, model_cfg, data_folder, opts.split, opts.feature_cache,
+                                                       device, opts.num_workers)
+        loader = DataLoader(dataset, batch_size=decode.batch_size, shuffle=False, num_workers=opts.num_workers,
+                            collate_fn=collate_captions)
+        return decode_split(model, loader, word_map, decode, device=device)
+
+
 def evaluate(checkpoint: str | Path, data_folder: str | Path, opts: EvalOptions, decode: DecodeOptions, *,
              out: str | Path | None = None, report: str | Path | None = None, device: str = "auto") -> dict[str, Any]:
     """Decode `opts.split` of the pack in `data_folder` with `checkpoint`, score it, write the results and
@@ -162,12 +176,7 @@ def evaluate(checkpoint: str | Path, data_folder: str | Path, opts: EvalOptions,
     dataset = load_split(checkpoint, data_folder, opts.split, ckpt)
     words = scoring_words(dataset.tokenizer)
     names = runnable_metrics(opts.metrics or default_metrics(), words)  # said before decoding
-    if opts.feature_cache != "off":
-        dataset.features_path = eval_feature_cache(model, model_cfg, data_folder, opts.split, opts.feature_cache,
-                                                   torch_device, opts.num_workers)
-    loader = DataLoader(dataset, batch_size=decode.batch_size, shuffle=False, num_workers=opts.num_workers,
-                        collate_fn=collate_captions)
-    decoded = decode_split(model, loader, ckpt["word_map"], decode, device=torch_device)
+    decoded = decode_dataset(model, model_cfg, dataset, data_folder, ckpt["word_map"], opts, decode, torch_device)
     metrics, per_image = score_decoded(decoded, names, words, opts.control)
     metrics.update({"images": len(decoded), "unfinished": sum(not d["finished"] for d in decoded),
                     "beam_size": decode.beam_size, "decode": decode.record(), "split": opts.split,

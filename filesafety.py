@@ -2,6 +2,7 @@
 locks, and checks that an output location is writable before work starts."""
 from __future__ import annotations
 
+import errno
 import fcntl
 import os
 import re
@@ -21,14 +22,19 @@ def atomic_write(path: str | Path, write: Callable[[BinaryIO], None]) -> None:
 
     The one atomic writer (checkpoints, JSON, figures). The temp file is created with mode "xb" rather
     than mkstemp, so it gets the usual umask permissions rather than 0600. A process killed mid-write
-    leaves only a `.NAME.PID.HEX.tmp` file (see remove_stale_temporaries), never a damaged NAME.
+    leaves only a `.NAME.PID.HEX.tmp` file (see remove_stale_temporaries), never a damaged NAME; the
+    fsyncs make that hold across a power loss too (see atomic_write_all).
     """
     atomic_write_all([(path, write)])
 
 
 def atomic_write_all(writes: Sequence[tuple[str | Path, Callable[[BinaryIO], None]]]) -> None:
     """atomic_write for files that belong together (eval's results and metrics): every temp file is
-    written before any is renamed, so a full disk or a crash leaves the previous set, not a mix."""
+    written before any is renamed, so a full disk or a crash leaves the previous set, not a mix.
+
+    Durable as well as atomic: each temp file is fsynced before any rename (else a power loss can leave
+    the new name pointing at an empty or half file, as ext4 and XFS may order the rename first), and each
+    folder once after the renames (else the rename itself may be lost, leaving the previous file)."""
     staged: list[tuple[Path, Path]] = []
     try:
         for path, write in writes:
@@ -37,25 +43,56 @@ def atomic_write_all(writes: Sequence[tuple[str | Path, Callable[[BinaryIO], Non
             staged.append((tmp, path))
             with open(tmp, "xb") as f:
                 write(f)
+                f.flush()
+                os.fsync(f.fileno())
         for tmp, path in staged:
             os.replace(tmp, path)
     except BaseException:
         for tmp, _ in staged:
             tmp.unlink(missing_ok=True)
         raise
+    for folder in dict.fromkeys(path.parent for _, path in staged):
+        fsync_folder(folder)
 
 
 @contextmanager
 def atomic_path(path: str | Path) -> Iterator[Path]:
-    """A temp path beside `path` for writers that want a file name (h5py); renamed to `path` on success."""
+    """A temp path beside `path` for writers that want a file name (h5py); renamed to `path` on success.
+
+    The writer must have closed the file when the block ends; it is then fsynced, renamed and its folder
+    fsynced, as atomic_write_all does."""
     path = Path(path)
     tmp = _temporary_beside(path)
     try:
         yield tmp
+        fsync_file(tmp)
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+    fsync_folder(path.parent)
+
+
+def fsync_file(path: str | Path) -> None:
+    """Push a closed file's data to the disk, before the rename that gives it its final name."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def fsync_folder(folder: str | Path) -> None:
+    """Make the renames in `folder` durable (its entries are data of their own). A file system that cannot
+    sync a folder (EINVAL: some network and FUSE mounts) is let be: the renames are done, only less durable."""
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    except OSError as e:
+        if e.errno != errno.EINVAL:
+            raise
+    finally:
+        os.close(fd)
 
 
 def _temporary_beside(path: Path) -> Path:

@@ -6,9 +6,9 @@ import os
 import signal
 import sys
 import threading
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
-from typing import Any, Callable, ContextManager
+from typing import Any, Callable, ContextManager, Iterator
 
 import torch
 import torch.distributed as dist
@@ -79,6 +79,19 @@ def one_line(error: BaseException) -> str:
     """An exception's message folded onto one line (YAML and h5py errors span several)."""
     text = " ".join(str(error).split())
     return text[:300] if text else type(error).__name__
+
+
+@contextmanager
+def dead_workers_explained(lower: str, note: str = "") -> Iterator[None]:
+    """A DataLoader worker killed (most likely by the OOM killer) is one UserError line naming what to
+    lower (`lower`, e.g. "num_workers= or batch_size="), not torch's traceback. torch raises it from its
+    SIGCHLD handler, so anywhere while a loader is being iterated: wrap the whole loop, not the fetch."""
+    try:
+        yield
+    except RuntimeError as e:
+        if not str(e).startswith("DataLoader worker"):
+            raise
+        raise UserError(f"{one_line(e)} (out of memory? lower {lower})" + (f"; {note}" if note else "")) from None
 
 
 # --------------------------------------------------------------------------------------------

@@ -8,7 +8,6 @@ import dataclasses
 import signal
 import sys
 import time
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence, TypeVar
 
@@ -29,8 +28,8 @@ from filesafety import atomic_write_text
 from losses import SCST_PARTS, ConceptHead, SelfCritical, compute_loss
 from models import ShowAttendTell
 from progress import progress_bar
-from runtime import DistInfo, StopSignals, UserError, autocast_context, one_line
 from rewards import load_document_frequencies
+from runtime import DistInfo, StopSignals, UserError, autocast_context, dead_workers_explained
 from scoring import (DIVERSITY_KEYS, caption_diversity, score_captions, validation_keys, validation_metrics,
                      warn_if_collapsed)
 from utils import rng_state
@@ -270,7 +269,8 @@ def train_one_epoch(run: Run, log: RunLogger) -> dict[str, float]:
     num_steps, start = state.epoch_step, time.time()
     bar = progress_bar(run.train_loader, desc=f"epoch {state.epoch + 1}/{cfg.epochs}", disable=not info.is_main,
                        initial=state.epoch_step, total=state.epoch_step + len(run.train_loader))
-    with _dead_workers_explained(run.out_dir / "last.pt"):
+    last = run.out_dir / "last.pt"
+    with dead_workers_explained("num_workers= or batch_size=", f"{last} holds the last finished epoch"):
         for batch in bar:
             parts = train_step(run.ddp_model, batch, run.optimizer, run.scaler, cfg, state, device, run.objective)
             num_steps += 1
@@ -287,19 +287,6 @@ def train_one_epoch(run: Run, log: RunLogger) -> dict[str, float]:
             log.step(state.step, parts)
     state.epoch_step, state.epoch_sums = 0, {}
     return {key: float(value) / max(num_steps, 1) for key, value in totals.items()}
-
-
-@contextmanager
-def _dead_workers_explained(last: Path) -> Iterator[None]:
-    """A DataLoader worker killed (most likely by the OOM killer) is one line, not torch's traceback. torch
-    raises it from its SIGCHLD handler, so anywhere in the epoch, not only when a batch is fetched."""
-    try:
-        yield
-    except RuntimeError as e:
-        if not str(e).startswith("DataLoader worker"):
-            raise
-        raise UserError(f"{one_line(e)} (out of memory? lower num_workers= or batch_size=); "
-                        f"{last} holds the last finished epoch") from None
 
 
 class StopRequest(StopSignals):
@@ -326,7 +313,8 @@ def val_scores(
     the number that selects the model is a decoded metric), with the collapse diagnostics."""
     opts = DecodeOptions(beam_size=cfg.val_beam_size, max_len=cfg.max_len, hard_decode=cfg.hard_decode,
                          block_trigrams=cfg.block_trigrams, batch_size=loader.batch_size or 1)
-    decoded = decode_split(model, loader, word_map, opts, device=device, amp=cfg.amp, progress=False)
+    with dead_workers_explained("num_workers="):
+        decoded = decode_split(model, loader, word_map, opts, device=device, amp=cfg.amp, progress=False)
     references = {d["index"]: d["references"] for d in decoded}
     captions = {d["index"]: d["caption"] for d in decoded}
     scores = score_captions(captions, references, metrics=validation_metrics(cfg.val_metric), words=words)

@@ -192,10 +192,13 @@ def test_pack_shapes_layout_and_round_trip(shapes_folder: Path) -> None:
     for split in SPLITS:
         packed = read_h5(shapes_folder / f"{split}.h5")
         num_images, captions_per_image = summary["splits"][split], 5
-        assert set(packed) == {"images", "captions", "caplens", "references", "filenames", "objects", "attrs"}
+        assert set(packed) == {"images", "checksums", "captions", "caplens", "references", "filenames", "objects",
+                               "attrs"}
         assert packed["attrs"] == {"captions_per_image": 5, "max_caption_words": 50, "image_size": 48, "dataset": "shapes",
                                    "split": split, "tokenizer": "ascii"}
         assert packed["images"].shape == (num_images, 3, 48, 48) and packed["images"].dtype == np.uint8
+        assert packed["checksums"].dtype == np.uint32 and list(packed["checksums"]) == [
+            zlib.crc32(image.tobytes()) for image in packed["images"]]
         assert packed["captions"].shape == (num_images * captions_per_image, 52)
         assert packed["captions"].dtype == packed["caplens"].dtype == np.int32
         with h5py.File(shapes_folder / f"{split}.h5") as h5:
@@ -282,7 +285,8 @@ def test_cli_flags_map_onto_pack_options() -> None:
     """Every PackOptions field is a flag with the same default (written once, in PackOptions)."""
     parser = packer.get_args_parser()
     args = vars(parser.parse_args(["--dataset", "shapes", "--output-folder", "o"]))
-    assert {k: v for k, v in args.items() if k != "debug"} == dataclasses.asdict(PackOptions("shapes", "o"))
+    flags = {k: v for k, v in args.items() if k not in ("debug", "verify")}  # --verify is not a packing option
+    assert flags == dataclasses.asdict(PackOptions("shapes", "o"))
     for spelling in ("--num-workers", "--workers"):
         assert parser.parse_args(["--dataset", "shapes", "--output-folder", "o", spelling, "3"]).num_workers == 3
 

@@ -26,6 +26,8 @@ import torch
 from conftest import ROOT
 
 import caption
+import datasets
+import filesafety
 import create_input_files as packer
 import eval as evaluation
 import scoring
@@ -33,6 +35,7 @@ import train
 import evaluation as evaluation_lib
 import trainer
 from checkpoints import load_checkpoint
+from runtime import UserError
 
 pytestmark = pytest.mark.faults
 
@@ -190,6 +193,33 @@ def test_a_killed_dataloader_worker_is_reported(shapes_folder, tmp_path):
     assert result.returncode == 1, result.stderr[-2000:]
     line = one_error_line(result.stderr.strip().splitlines()[-1])
     assert "DataLoader worker" in line and "num_workers=" in line
+
+
+EVAL_WORKER_KILLER = r"""
+import multiprocessing, os, signal, sys
+import decoding, eval
+original = decoding.decode_images
+def decode_images(*args, **kwargs):  # as the OOM killer picks a DataLoader worker in the middle of decoding
+    for child in multiprocessing.active_children():
+        os.kill(child.pid, signal.SIGKILL)
+    return original(*args, **kwargs)
+decoding.decode_images = decode_images
+sys.exit(eval.main(sys.argv[1:]))
+"""
+
+
+@pytest.mark.slow
+def test_a_killed_dataloader_worker_in_eval_is_reported(tiny_ckpt, shapes_folder, tmp_path):
+    out = tmp_path / "test.json"
+    args = ["--checkpoint", str(tiny_ckpt), "--data-folder", str(shapes_folder), "--num-workers", "1",
+            "--batch-size", "1", "--beam-size", "1", "--max-len", "5", "--feature-cache", "off", "--out", str(out)]
+    result = subprocess.run([sys.executable, "-c", EVAL_WORKER_KILLER, *args], cwd=ROOT, env=ENV, capture_output=True,
+                            text=True, timeout=120)
+    assert result.returncode == 1, result.stderr[-2000:]
+    assert "Traceback" not in result.stderr, result.stderr[-2000:]
+    line = one_error_line(result.stderr.strip().splitlines()[-1])
+    assert "DataLoader worker" in line and "out of memory? lower --num-workers or --batch-size" in line
+    assert not out.exists()
 
 
 def test_resume_drops_metrics_rows_past_the_checkpoint_and_a_cut_row(tmp_path):
@@ -381,6 +411,23 @@ def rot_caption_ids(path: Path) -> None:
     path.write_bytes(bytes(data))
 
 
+def rot_pixel(path: Path, index: int) -> None:
+    """Flip one bit of image `index`'s stored pixels in the file's bytes, as a failing disk would."""
+    with h5py.File(path, "r") as h5:
+        offset = h5["images"].id.get_chunk_info_by_coord((index, 0, 0, 0)).byte_offset + 1000
+    with open(path, "r+b") as f:
+        f.seek(offset)
+        byte = f.read(1)[0]
+        f.seek(offset)
+        f.write(bytes([byte ^ 0x10]))
+
+
+def rot_every_image(path: Path) -> None:
+    """Every pixel of every image changed (a bad copy, a disk gone bad): any sample of images sees it."""
+    with h5py.File(path, "r+") as h5:
+        h5["images"][...] = h5["images"][...] ^ 0x55
+
+
 def shrink_word_map(folder: Path) -> None:
     word_map = json.loads((folder / "word_map.json").read_text())
     keep = {w: i for w, i in word_map.items() if i < 8 or w in ("<unk>", "<start>", "<end>")}
@@ -396,6 +443,7 @@ LIES = {
     "missing-split": ("val.h5", lambda p: p.unlink(), "val.h5 not found"),
     "no-marker": ("dataset.json", lambda p: p.unlink(), "packing never finished"),
     "small-word-map": ("word_map.json", lambda p: shrink_word_map(p.parent), "caption ids up to"),
+    "rotted-pixels": ("train.h5", rot_every_image, "does not match its checksum from packing"),
 }
 
 
@@ -432,6 +480,96 @@ def test_eval_checks_packed_data_before_decoding(lie, packed_copy, tiny_ckpt, tm
     line = one_error_line(capsys.readouterr().err)
     assert message in line and str(packed_copy) in line
     assert not out.exists()
+
+
+def test_verify_names_the_one_image_whose_pixels_rotted(packed_copy, capsys):
+    assert packer.main(["--verify", str(packed_copy)]) == 0
+    assert capsys.readouterr().out.strip() == f"{packed_copy}: all 36 images intact"
+    rot_pixel(packed_copy / "val.h5", 1)
+    with h5py.File(packed_copy / "val.h5", "r") as h5:
+        name = h5["filenames"].asstr()[1]
+    assert packer.main(["--verify", str(packed_copy)]) == 1
+    out, err = capsys.readouterr()
+    assert out.strip().splitlines() == [f"val.h5 image 1 ({name}): changed since packing"]
+    line = one_error_line(err)
+    assert f"1 of 36 images in {packed_copy} changed since packing" in line
+    # One rotted image among many may escape check_packed's sample; a whole split cannot.
+    rot_every_image(packed_copy / "test.h5")
+    with pytest.raises(UserError, match=r"test.h5: image \d+ .* does not match its checksum .* --verify"):
+        datasets.check_packed(str(packed_copy), "test")
+
+
+def test_packs_from_before_checksums_load_and_verify_says_they_have_none(packed_copy, capsys):
+    for split in datasets.SPLITS:
+        with h5py.File(packed_copy / f"{split}.h5", "a") as h5:
+            del h5["checksums"]
+    assert datasets.check_packed(str(packed_copy), "train")["has_checksums"] is False
+    assert len(datasets.CaptionDataset(str(packed_copy), "val")) == 3
+    assert packer.main(["--verify", str(packed_copy)]) == 1
+    assert "packed without image checksums" in one_error_line(capsys.readouterr().err)
+
+
+# --------------------------------------------------------------------------------------------
+# Power loss: every atomic writer fsyncs the file before the rename and the folder after it
+# --------------------------------------------------------------------------------------------
+def record_syncs(monkeypatch) -> list[tuple[str, ...]]:
+    """Record os.fsync (with the path its descriptor names) and os.replace calls, in order; both still run."""
+    calls: list[tuple[str, ...]] = []
+    real_fsync, real_replace = os.fsync, os.replace
+
+    def fsync(fd):
+        calls.append(("fsync", os.readlink(f"/proc/self/fd/{fd}")))
+        return real_fsync(fd)
+
+    def replace(src, dst):
+        calls.append(("replace", str(src), str(dst)))
+        return real_replace(src, dst)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    monkeypatch.setattr(os, "replace", replace)
+    return calls
+
+
+def test_atomic_writers_fsync_each_file_before_its_rename_and_the_folder_after(tmp_path, monkeypatch):
+    folder = tmp_path.resolve()
+    calls = record_syncs(monkeypatch)
+    filesafety.atomic_write_all([(folder / "a.json", lambda f: f.write(b"a")),
+                                 (folder / "b.json", lambda f: f.write(b"b"))])
+    (_, tmp_a, _), (_, tmp_b, _) = calls[2], calls[3]
+    assert calls == [("fsync", tmp_a), ("fsync", tmp_b), ("replace", tmp_a, str(folder / "a.json")),
+                     ("replace", tmp_b, str(folder / "b.json")), ("fsync", str(folder))]
+    calls.clear()
+    filesafety.atomic_write(folder / "c.pt", lambda f: f.write(b"c"))
+    tmp_c = calls[1][1]
+    assert calls == [("fsync", tmp_c), ("replace", tmp_c, str(folder / "c.pt")), ("fsync", str(folder))]
+    calls.clear()
+    with filesafety.atomic_path(folder / "d.h5") as tmp_d:
+        with h5py.File(tmp_d, "w") as h5:
+            h5["x"] = [1, 2, 3]
+    assert calls == [("fsync", str(tmp_d)), ("replace", str(tmp_d), str(folder / "d.h5")), ("fsync", str(folder))]
+    assert (folder / "a.json").read_bytes() == b"a" and not list(folder.glob(".*.tmp"))
+
+
+def test_a_failed_write_renames_and_syncs_nothing(tmp_path, monkeypatch):
+    calls = record_syncs(monkeypatch)
+
+    def fail(f):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    with pytest.raises(OSError):
+        filesafety.atomic_write_all([(tmp_path / "a.json", lambda f: f.write(b"a")), (tmp_path / "b.json", fail)])
+    assert [c[0] for c in calls] == ["fsync"] and not list(tmp_path.iterdir())
+
+
+def test_packing_fsyncs_every_file_before_the_renames_and_the_folder_after(tmp_path, monkeypatch):
+    out = tmp_path.resolve() / "packed"
+    calls = record_syncs(monkeypatch)
+    assert packer.main([*PACK_ARGS, "--output-folder", str(out)]) == 0
+    renames = [c for c in calls if c[0] == "replace"]
+    assert [Path(dst) for _, _, dst in renames] == [out / name for name in packer.FINAL_FILES]
+    first = calls.index(renames[0])
+    assert sorted(calls[:first]) == sorted(("fsync", src) for _, src, _ in renames)  # every file, before any rename
+    assert calls[first:] == [*renames, ("fsync", str(out))]
 
 
 # --------------------------------------------------------------------------------------------
@@ -589,18 +727,50 @@ def test_a_failed_figure_write_keeps_the_previous_figures(tiny_ckpt, tmp_path, c
 PACK_ARGS = ["--dataset", "shapes", "--num-images", "24", "--image-size", "48", "--workers", "1"]
 
 
-def test_disk_full_while_packing_keeps_the_older_pack(tmp_path):
-    """In a subprocess: h5py once segfaulted after ENOSPC; an older pack replaced with --force survives."""
+# Packing in a subprocess, as from the shell: ENOSPC inside h5py once ended in a segfault at interpreter exit
+# (exit 139 in a shell, -11 here) after the right error line. FAULT_AT=captions fills the disk once the images
+# are written, so that the error comes while the split files are reopened for their captions.
+PACK_FILLER = r"""
+import os, sys
+import create_input_files as packer
+if os.environ.get("FAULT_AT") == "captions":
+    original = packer._write_captions
+    def write_captions(tmp_path, split, *args):
+        if split == "train":
+            with open(os.path.join(os.environ["FAULT_DISK"], "ballast"), "wb") as f:
+                try:
+                    while True:
+                        f.write(b"\0" * 65536)
+                        f.flush()
+                except OSError:
+                    pass
+        return original(tmp_path, split, *args)
+    packer._write_captions = write_captions
+sys.exit(packer.main(sys.argv[1:]))
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("where", ["fresh", "force", "captions"])
+def test_disk_full_while_packing_exits_1_and_keeps_the_older_pack(where, tmp_path):
+    """fresh: into a new folder, which is not left behind; force: --force over an older pack; captions: the
+    disk fills after the images. Exit code exactly 1 (no crash at exit), and an older pack byte-identical."""
     with small_disk(tmp_path / "disk", "3m") as disk:
         out = disk / "packed"
-        cmd = [sys.executable, "create_input_files.py", *PACK_ARGS, "--output-folder", str(out)]
-        assert subprocess.run(cmd, cwd=ROOT, env=ENV, capture_output=True).returncode == 0
-        earlier = {p.name: p.read_bytes() for p in out.iterdir()}
-        bigger = [c if c != "24" else "400" for c in cmd] + ["--force"]
-        result = subprocess.run(bigger, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=120)
-        assert result.returncode == 1, result.stderr[-2000:]
+        cmd = [sys.executable, "-c", PACK_FILLER, *PACK_ARGS, "--output-folder", str(out)]
+        earlier = {}
+        if where != "fresh":
+            assert subprocess.run(cmd, cwd=ROOT, env=ENV, capture_output=True).returncode == 0
+            earlier = {p.name: p.read_bytes() for p in out.iterdir()}
+        failing = cmd if where == "captions" else [c if c != "24" else "1000" for c in cmd]  # 1000: ~7 MB
+        result = subprocess.run(failing + (["--force"] if earlier else []), cwd=ROOT, capture_output=True, text=True,
+                                env={**ENV, "FAULT_AT": where, "FAULT_DISK": str(disk)}, timeout=120)
+        assert result.returncode == 1, (result.returncode, result.stderr[-2000:])
         assert "No space left on device" in one_error_line(result.stderr.splitlines()[-1])
-        assert {p.name: p.read_bytes() for p in out.iterdir()} == earlier
+        if earlier:
+            assert {p.name: p.read_bytes() for p in out.iterdir()} == earlier
+        else:
+            assert not out.exists()
 
 
 def test_read_only_output_locations_are_refused_before_work(tiny_ckpt, shapes_folder, tmp_path, capsys,
