@@ -170,42 +170,34 @@ def test_a_kill_from_outside_at_any_moment(sig, shapes_folder, tmp_path):
     assert metrics_epochs(out) == list(range(1, done + 2))
 
 
+# argv: MODULE FUNCTION SCRIPT ARGS...: FUNCTION first SIGKILLs the DataLoader workers, as the OOM killer would.
 WORKER_KILLER = r"""
-import multiprocessing, os, signal, sys
-import train, trainer
-original_step = trainer.train_step
-def train_step(*args, **kwargs):
-    if args[5].step == 1:  # as the OOM killer picks a DataLoader worker
-        for child in multiprocessing.active_children():
-            os.kill(child.pid, signal.SIGKILL)
-    return original_step(*args, **kwargs)
-trainer.train_step = train_step
-sys.exit(train.main(sys.argv[1:]))
+import importlib, multiprocessing, os, signal, sys
+module, name, script = importlib.import_module(sys.argv[1]), sys.argv[2], importlib.import_module(sys.argv[3])
+original = getattr(module, name)
+def killing_workers(*args, **kwargs):
+    for child in multiprocessing.active_children():
+        os.kill(child.pid, signal.SIGKILL)
+    return original(*args, **kwargs)
+setattr(module, name, killing_workers)
+sys.exit(script.main(sys.argv[4:]))
 """
+
+
+def run_killing_workers(where: list[str], args: list[str]) -> str:
+    """The one error line of SCRIPT run with its DataLoader workers killed inside MODULE.FUNCTION."""
+    result = subprocess.run([sys.executable, "-c", WORKER_KILLER, *where, *args], cwd=ROOT, env=ENV,
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 1, result.stderr[-2000:]
+    assert "Traceback" not in result.stderr, result.stderr[-2000:]
+    return one_error_line(result.stderr.strip().splitlines()[-1])
 
 
 @pytest.mark.slow
 def test_a_killed_dataloader_worker_is_reported(shapes_folder, tmp_path):
-    out = tmp_path / "run"
-    result = subprocess.run([sys.executable, "-c", WORKER_KILLER,
-                             *train_args(shapes_folder, out, "epochs=2", "num_workers=1")],
-                            cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=60)
-    assert result.returncode == 1, result.stderr[-2000:]
-    line = one_error_line(result.stderr.strip().splitlines()[-1])
+    line = run_killing_workers(["trainer", "train_step", "train"],
+                               train_args(shapes_folder, tmp_path / "run", "epochs=2", "num_workers=1"))
     assert "DataLoader worker" in line and "num_workers=" in line
-
-
-EVAL_WORKER_KILLER = r"""
-import multiprocessing, os, signal, sys
-import decoding, eval
-original = decoding.decode_images
-def decode_images(*args, **kwargs):  # as the OOM killer picks a DataLoader worker in the middle of decoding
-    for child in multiprocessing.active_children():
-        os.kill(child.pid, signal.SIGKILL)
-    return original(*args, **kwargs)
-decoding.decode_images = decode_images
-sys.exit(eval.main(sys.argv[1:]))
-"""
 
 
 @pytest.mark.slow
@@ -213,11 +205,7 @@ def test_a_killed_dataloader_worker_in_eval_is_reported(tiny_ckpt, shapes_folder
     out = tmp_path / "test.json"
     args = ["--checkpoint", str(tiny_ckpt), "--data-folder", str(shapes_folder), "--num-workers", "1",
             "--batch-size", "1", "--beam-size", "1", "--max-len", "5", "--feature-cache", "off", "--out", str(out)]
-    result = subprocess.run([sys.executable, "-c", EVAL_WORKER_KILLER, *args], cwd=ROOT, env=ENV, capture_output=True,
-                            text=True, timeout=120)
-    assert result.returncode == 1, result.stderr[-2000:]
-    assert "Traceback" not in result.stderr, result.stderr[-2000:]
-    line = one_error_line(result.stderr.strip().splitlines()[-1])
+    line = run_killing_workers(["decoding", "decode_images", "eval"], args)
     assert "DataLoader worker" in line and "out of memory? lower --num-workers or --batch-size" in line
     assert not out.exists()
 
