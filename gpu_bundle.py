@@ -176,14 +176,14 @@ def build_bundle(opts: BundleOptions) -> dict[str, Any]:
         scorers = copy_scorers(staging / "site")
         quality = opts.quality or choose_quality(paths, opts, folder_bytes(staging))
         write_images(paths, staging / "flickr8k" / "images", opts, quality)
-        total = folder_bytes(staging)
-        if total > opts.max_mib * MIB:
-            raise UserError(f"the bundle is {total / MIB:.1f} MiB, over --max-mib {opts.max_mib}; "
-                            f"lower --quality (was {quality}) or --image-size")
+        total = folder_bytes(staging)  # the manifest's `bytes`: all but the manifest itself
         manifest = {"source": str(opts.source), "images": len(paths), "image_size": opts.image_size,
                     "jpeg_quality": quality, "bytes": total, "mib": round(total / MIB, 2), "scorers": scorers,
                     "splits": {s: sum(e["split"] == s for e in data["images"]) for s in ("train", "val", "test")}}
         (staging / "manifest.json").write_text(json.dumps(manifest, indent=1) + "\n", encoding="utf-8")
+        if folder_bytes(staging) > opts.max_mib * MIB:
+            raise UserError(f"the bundle is {folder_bytes(staging) / MIB:.2f} MiB, over --max-mib {opts.max_mib}; "
+                            f"lower --quality (was {quality}) or --image-size")
         shutil.rmtree(opts.out, ignore_errors=True)
         os.replace(staging, opts.out)
     finally:

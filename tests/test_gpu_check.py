@@ -76,7 +76,7 @@ def test_the_bundle_holds_the_slim_json_the_images_and_the_scorers(tmp_path):
     assert sorted(p.name for p in site.iterdir() if p.is_dir()) == ["bleu", "cider"]  # no METEOR/SPICE jars
     assert (site / "bleu" / "bleu_scorer.py").is_file() and (site / "cider" / "cider_scorer.py").is_file()
     total = sum(p.stat().st_size for p in bundle.rglob("*") if p.is_file())
-    assert manifest["bytes"] == total <= 2 * 2**20
+    assert manifest["bytes"] < total <= 2 * 2**20  # bytes: all but the manifest
     # The slim JSON packs the same captions: tokens kept only where they differ from the raw text's.
     slim = json.loads((bundle / "flickr8k" / "dataset_flickr8k.json").read_text())
     first = slim["images"][0]
