@@ -4,6 +4,7 @@
     python benchmark.py --quick    # fewer repeats and smaller batches (1.5 min on a 2-core CPU)
     python benchmark.py --tiny     # tiny models: the test suite runs it so it cannot rot
     python benchmark.py --device cuda   # adds ms per step fp32 vs bf16 and eager vs compile_step, peak GPU memory
+    python benchmark.py --rows decode,cuda   # only these groups of rows (ROW_GROUPS; gpu_check.py picks some)
 
 Absolute times on a shared machine mean little; a ratio of two variants measured side by side does.
 Models have random weights (decoding runs to max_len: no beam finishes early) and the dimensions of
@@ -39,6 +40,8 @@ from runtime import resolve_device
 from text import load_word_map
 
 ROOT = Path(__file__).resolve().parent
+# The groups of rows, in the table's order (--rows picks some): shared runs on the CPU only, cuda on CUDA only.
+ROW_GROUPS = ("decode", "frozen", "trainable", "data", "shared", "cuda", "memory")
 
 
 @dataclass
@@ -368,7 +371,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--shared-child", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--device", default="cpu", help="cpu | cuda (default: cpu)")
     parser.add_argument("--num-workers", type=int, default=1, help="DataLoader workers of the data row (default: 1)")
+    parser.add_argument("--rows", default=",".join(ROW_GROUPS),
+                        help="comma-separated groups of rows to measure (default: all: %(default)s)")
     args = parser.parse_args(argv)
+    wanted = [name.strip() for name in args.rows.split(",") if name.strip()]
+    unknown = [name for name in wanted if name not in ROW_GROUPS]
+    if unknown or not wanted:
+        parser.error(f"--rows: {', '.join(unknown) or 'none given'}; choose from {','.join(ROW_GROUPS)}")
     mode = "tiny" if args.tiny else "quick" if args.quick else "full"
     s = sizes(mode)
     if args.shared_child:
@@ -380,13 +389,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     rows: list[Row] = []
     with tempfile.TemporaryDirectory(prefix="benchmark_") as tmp:
         workdir = Path(tmp)
-        for measure in (lambda: [decode_row(s, device)], lambda: [frozen_encoder_row(s, device)],
-                        lambda: [trainable_encoder_row(s, device)],
-                        lambda: [data_row(s, device, workdir, args.num_workers)],
-                        lambda: shared_machine_rows(s, mode) if device.type == "cpu" else [],
-                        lambda: cuda_rows(s, device) if device.type == "cuda" else [],
-                        lambda: memory_rows(s, workdir)):
-            new = measure()
+        measures = {"decode": lambda: [decode_row(s, device)], "frozen": lambda: [frozen_encoder_row(s, device)],
+                    "trainable": lambda: [trainable_encoder_row(s, device)],
+                    "data": lambda: [data_row(s, device, workdir, args.num_workers)],
+                    "shared": lambda: shared_machine_rows(s, mode) if device.type == "cpu" else [],
+                    "cuda": lambda: cuda_rows(s, device) if device.type == "cuda" else [],
+                    "memory": lambda: memory_rows(s, workdir)}
+        for name in (n for n in ROW_GROUPS if n in wanted):
+            new = measures[name]()
             rows += new
             for r in new:
                 print(f"  {r.name}: {r.a} {r.a_value:.3g} vs {r.b} {r.b_value:.3g} {r.unit} ({r.ratio:.2f}x)",

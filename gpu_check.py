@@ -57,18 +57,26 @@ class Mode:
 
 
 def full_mode(device: str, limit_s: float) -> Mode:
-    """On CUDA: full ResNet-50 from random init, bf16, the whole bundle at 160 px, ~5 minutes of epochs."""
+    """On CUDA: full ResNet-50 from random init, bf16, the whole bundle at 160 px, ~5 minutes of epochs.
+    benchmark.py's rows on the GPU (its memory rows measure CPU packing and the shared rows a CPU)."""
     train = ["encoder=resnet50", *COMMON_TRAIN, "encoder_stages=4", "enc_size=5", "num_workers=6"]
-    return Mode(True, device, limit_s, {"tests": 150, "benchmark": 180, "pack": 120, "eval": 120}, 300.0, 75.0,
-                160, 0, train, ["--beam-size", "3", "--num-workers", "4"], ["--quick", "--device", "cuda"])
+    return Mode(cuda=True, device=device, limit_s=limit_s,
+                caps_s={"tests": 150, "benchmark": 180, "pack": 120, "eval": 120},
+                train_budget_s=300.0, eval_reserve_s=75.0, image_size=160, subset=0, train=train,
+                eval=["--beam-size", "3", "--num-workers", "4"],
+                benchmark=["--quick", "--device", "cuda", "--rows", "decode,frozen,trainable,data,cuda"])
 
 
 def dry_mode(limit_s: float) -> Mode:
-    """Without CUDA: the same steps at the tiniest sizes, so the sequence cannot rot between loans."""
+    """Without CUDA: the same steps at the tiniest sizes, so the sequence cannot rot between loans (the
+    benchmark's decode row only: test_speed runs all of --tiny)."""
     train = ["encoder=resnet18", *COMMON_TRAIN, "encoder_stages=2", "enc_size=4", "attention_dim=32",
              "embed_dim=16", "decoder_dim=32", "batch_size=8", "num_workers=0", "max_len=12", "hflip=false"]
-    return Mode(False, "cpu", limit_s, {"tests": 60, "benchmark": 120, "pack": 60, "eval": 60}, 60.0, 30.0,
-                48, 8, train, ["--beam-size", "2", "--max-len", "12", "--num-workers", "0"], ["--tiny"])
+    return Mode(cuda=False, device="cpu", limit_s=limit_s,
+                caps_s={"tests": 60, "benchmark": 60, "pack": 60, "eval": 60},
+                train_budget_s=60.0, eval_reserve_s=30.0, image_size=48, subset=8, train=train,
+                eval=["--beam-size", "2", "--max-len", "12", "--num-workers", "0"],
+                benchmark=["--tiny", "--rows", "decode,cuda"])
 
 
 @dataclass

@@ -182,4 +182,4 @@ def test_gpu_check_dry_run_end_to_end(tmp_path):
     summary = (out / "summary.md").read_text()
     assert summary.startswith("# gpu_check: DRY RUN") and "| failed" not in summary and "| skipped |" not in summary
     assert "40 Flickr8k images" in summary
-    assert seconds < 200, f"the dry run took {seconds:.0f} s (aim: ~90 s)"
+    assert seconds < 150, f"the dry run took {seconds:.0f} s (aim: ~90 s)"
