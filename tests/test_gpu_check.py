@@ -183,3 +183,43 @@ def test_gpu_check_dry_run_end_to_end(tmp_path):
     assert summary.startswith("# gpu_check: DRY RUN") and "| failed" not in summary and "| skipped |" not in summary
     assert "40 Flickr8k images" in summary
     assert seconds < 150, f"the dry run took {seconds:.0f} s (aim: ~90 s)"
+
+
+def test_the_cuda_rows_are_judged_against_the_targets(tmp_path, capsys):
+    """The CUDA mode's parsing, without a GPU: benchmark.py's CUDA rows (names as cuda_rows writes them)
+    and an eval result become results.csv's verdicts."""
+    import inspect
+
+    import benchmark
+    import gpu_check
+
+    source = inspect.getsource(benchmark.cuda_rows)
+    assert all(part in source for part in ("cached-feature step", "the same step, fp32", "peak GPU memory"))
+    rows = [benchmark.Row("CUDA (H200): cached-feature step, 32 images x 5 captions", "ms/step", "fp32", 30.0, "bf16",
+                          20.0),
+            benchmark.Row("CUDA (H200): the same step, fp32", "ms/step", "eager", 30.0, "compile_step", 25.0),
+            benchmark.Row("CUDA (H200): peak GPU memory of that step (fp32)", "MB", "peak", 900.0, "-", 1.0)]
+    benchmark.print_table(rows, "benchmark.py (quick) on cuda")
+    check = gpu_check.Check(gpu_check.full_mode("H200", 480.0), tmp_path, tmp_path, tmp_path)
+    check.bench_header, check.bench = gpu_check.parse_table(capsys.readouterr().out)
+    assert check.bench_header == "benchmark.py (quick) on cuda" and len(check.bench) == 3
+    check.tests = [{"test": "a", "outcome": "passed"}, {"test": "b", "outcome": "failed"}]
+    check.training = {"epochs": 12, "wall_s": 290.0, "test": {"BLEU-4": 0.15, "CIDEr": 0.35}}
+    verdicts = {r["measure"].split(" (")[0].split(",")[0]: (r["value"], r["verdict"])
+                for r in gpu_check.results_rows(check)}
+    assert verdicts["CUDA tests passed"] == ("1/2", "NOT met")
+    assert verdicts["Flickr8k-config step"] == ("20", "met")  # the fastest variant, bf16: 20 <= 21 ms
+    assert verdicts["fp32 / bf16 step time"] == ("1.5", "met")
+    assert verdicts["eager / compile_step step time"] == ("1.2", "NOT met")  # 30 / 25 < 1.5
+    assert verdicts["test CIDEr"] == ("0.35", "met") and verdicts["training epochs"] == ("12", "n/a")
+
+
+@pytest.mark.parametrize("budget,first_wall,epoch_s,dry,expected", [
+    (300, 40, 25, False, 9),  # a resumed start-up costs 15 s: floor((300 - 40 - 15) / 25) = 9, 280 s in all
+    (300, 290, 25, False, 0),
+    (30, 10, 5, True, 1),  # the dry run always resumes once
+])
+def test_epochs_after_the_first_fit_the_budget(budget, first_wall, epoch_s, dry, expected):
+    import gpu_check
+
+    assert gpu_check.more_epochs(budget, first_wall, epoch_s, dry) == expected
