@@ -6,7 +6,10 @@ DATA := data/shapes
 RUN := runs/shapes
 HARD_RUN := runs/shapes_hard
 
-.PHONY: demo demo-hard test clean
+BUNDLE := .gpu_bundle
+OUT ?=
+
+.PHONY: demo demo-hard test clean gpu-bundle gpu-check
 
 $(VENV)/.installed: requirements.txt
 	$(PYTHON) -m venv $(VENV)
@@ -37,3 +40,13 @@ test: $(VENV)/.installed
 
 clean:
 	rm -rf $(DATA) $(RUN) $(HARD_RUN)
+
+# The GPU check (docs/gpu.md). Here: `make gpu-bundle` writes $(BUNDLE)/ (Flickr8k at 160 px, pycocoevalcap's
+# BLEU and CIDEr), the ignored folder that travels with the working tree. On a GPU machine, where there is no
+# venv: `make gpu-check PY=python3 OUT=$OUT` (no prerequisite: nothing is installed there). Without CUDA it
+# runs its dry mode on the CPU. gpu_check.py puts $(BUNDLE)/site on its children's PYTHONPATH itself.
+gpu-bundle: $(VENV)/.installed
+	$(PY) gpu_bundle.py --out $(BUNDLE)
+
+gpu-check:
+	@PYTHONPATH="$(BUNDLE)/site$${PYTHONPATH:+:$$PYTHONPATH}" $(PY) gpu_check.py --bundle $(BUNDLE) $(if $(OUT),--out "$(OUT)")

@@ -4,6 +4,7 @@
     python benchmark.py --quick    # fewer repeats and smaller batches (1.5 min on a 2-core CPU)
     python benchmark.py --tiny     # tiny models: the test suite runs it so it cannot rot
     python benchmark.py --device cuda   # adds ms per step fp32 vs bf16 and eager vs compile_step, peak GPU memory
+    python benchmark.py --rows decode,cuda   # only these groups of rows (ROW_GROUPS; gpu_check.py picks some)
 
 Absolute times on a shared machine mean little; a ratio of two variants measured side by side does.
 Models have random weights (decoding runs to max_len: no beam finishes early) and the dimensions of
@@ -40,6 +41,9 @@ from runtime import resolve_device
 from text import load_word_map
 
 ROOT = Path(__file__).resolve().parent
+# The groups of rows, in the table's order (--rows picks some): shared and scst run on the CPU only, cuda on
+# CUDA only.
+ROW_GROUPS = ("decode", "frozen", "trainable", "data", "shared", "cuda", "memory", "scst")
 
 
 @dataclass
@@ -59,13 +63,15 @@ class Sizes:
     repeats: int
     pack_images: tuple[int, int]  # the two dataset sizes of the memory rows
     flags: tuple[str, ...] = ()  # this mode's command-line flag, for child processes
+    eval_flags: tuple[str, ...] = ()  # the memory rows' eval.py: --tiny scores CIDEr alone (no JVM start)
 
 
 def sizes(mode: str) -> Sizes:
     if mode == "tiny":
         small = ModelConfig(encoder="resnet18", encoder_stages=2, enc_size=4, attention_dim=32, embed_dim=16,
                             decoder_dim=32, dropout=0.0)
-        return Sizes(small, small, 64, 64, 50, 4, 4, 6, 2, 6, 1, (12, 24), ("--tiny",))
+        return Sizes(small, small, 64, 64, 50, 4, 4, 6, 2, 6, 1, (12, 24), ("--tiny",),
+                     ("--metrics-only", "--metric", "CIDEr"))
     paper = ModelConfig(encoder="resnet101", encoder_stages=4, enc_size=14, attention_dim=512, embed_dim=512,
                         decoder_dim=512, dropout=0.5)
     flickr8k_cpu = ModelConfig(encoder="resnet18", encoder_stages=3, enc_size=8, attention_dim=256, embed_dim=256,
@@ -322,7 +328,7 @@ def memory_rows(s: Sizes, workdir: Path) -> list[Row]:
         rss_eval[n] = peak_rss_mb([sys.executable, str(ROOT / "eval.py"), "--checkpoint", str(checkpoint),
                                    "--data-folder", str(folders[n]), "--split", "train", "--beam-size", "1",
                                    "--max-len", "8", "--num-workers", "0", "--control", "none", "--out",
-                                   str(workdir / f"eval_{n}.json")])
+                                   str(workdir / f"eval_{n}.json"), *s.eval_flags])
     return [Row(f"peak RSS, packing {large} vs {small} images", "MB", f"{large} images", rss_pack[large],
                 f"{small} images", rss_pack[small], "flat (~1x)"),
             Row(f"peak RSS, eval of {large} vs {small} images", "MB", f"{large} images", rss_eval[large],
@@ -372,7 +378,7 @@ def scst_step_fn(s: Sizes, samples: int) -> Callable[[], None]:
 def scst_rows(s: Sizes) -> list[Row]:
     """SCST step against a cross-entropy step, both from cached annotations (the SCST recipe's frozen encoder)."""
     rows = []
-    for samples in (1, 5, 10):
+    for samples in (1, 5, 10) if s.flags != ("--tiny",) else (2,):
         t_scst, t_xe = side_by_side(scst_step_fn(s, samples), xe_step_fn(s), max(1, s.repeats - 2))
         rss_scst, rss_xe = (peak_rss_mb([sys.executable, str(ROOT / "benchmark.py"), *s.flags, "--scst-child", str(k)])
                             for k in (samples, 0))
@@ -422,10 +428,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     mode.add_argument("--full", action="store_true", help=argparse.SUPPRESS)  # the default
     parser.add_argument("--shared-child", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--scst-child", type=int, default=None, help=argparse.SUPPRESS)
-    parser.add_argument("--only", choices=("scst",), help="only these rows (scst: the SCST step's cost)")
     parser.add_argument("--device", default="cpu", help="cpu | cuda (default: cpu)")
     parser.add_argument("--num-workers", type=int, default=1, help="DataLoader workers of the data row (default: 1)")
+    parser.add_argument("--rows", default=",".join(ROW_GROUPS),
+                        help="comma-separated groups of rows to measure (default: all: %(default)s)")
     args = parser.parse_args(argv)
+    wanted = [name.strip() for name in args.rows.split(",") if name.strip()]
+    unknown = [name for name in wanted if name not in ROW_GROUPS]
+    if unknown or not wanted:
+        parser.error(f"--rows: {', '.join(unknown) or 'none given'}; choose from {','.join(ROW_GROUPS)}")
     mode = "tiny" if args.tiny else "quick" if args.quick else "full"
     s = sizes(mode)
     if args.shared_child:
@@ -447,10 +458,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                     "cuda": lambda: cuda_rows(s, device) if device.type == "cuda" else [],
                     "memory": lambda: memory_rows(s, workdir),
                     "scst": lambda: scst_rows(s) if device.type == "cpu" else []}
-        for name, measure in measures.items():
-            if args.only and name != args.only:
-                continue
-            new = measure()
+        for name in (n for n in ROW_GROUPS if n in wanted):
+            new = measures[name]()
             rows += new
             for r in new:
                 print(f"  {r.name}: {r.a} {r.a_value:.3g} vs {r.b} {r.b_value:.3g} {r.unit} ({r.ratio:.2f}x)",

@@ -17,7 +17,7 @@ from typing import Sequence
 
 from decoding import decode_args_parser, decode_options_from_args
 from evaluation import CONTROLS, FEATURE_CACHE_MODES, SPLITS, EvalOptions, evaluate
-from runtime import run_cli
+from runtime import UserError, run_cli
 from scoring import METRICS, default_metrics
 
 
@@ -31,6 +31,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--metric", action="append", default=[], metavar="NAME",
                         help=f"also score with metric NAME (repeatable; one of {', '.join(METRICS)}); "
                              f"always scored: {', '.join(default_metrics())}")
+    parser.add_argument("--metrics-only", action="store_true",
+                        help="score only the metrics named with --metric, not the defaults (where METEOR's java or "
+                             "ROUGE-L's module is missing, e.g. --metrics-only --metric BLEU --metric CIDEr)")
     parser.add_argument("--bleu", choices=("coco", "nltk"), default="coco",
                         help="coco: coco-caption metrics only; nltk: also NLTK corpus BLEU as the tutorial "
                              "(= --metric NLTK-BLEU)")
@@ -56,9 +59,11 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 
 def eval_options_from_args(args: argparse.Namespace) -> EvalOptions:
-    """The flags as EvalOptions: the default metrics plus those asked for, each once."""
+    """The flags as EvalOptions: the default metrics (unless --metrics-only) plus those asked for, each once."""
     asked = [*args.metric, *(["NLTK-BLEU"] if args.bleu == "nltk" else []), *(["SPICE"] if args.spice else [])]
-    metrics = tuple(dict.fromkeys([*default_metrics(), *asked]))
+    if args.metrics_only and not asked:
+        raise UserError("--metrics-only needs at least one --metric NAME")
+    metrics = tuple(dict.fromkeys([*(() if args.metrics_only else default_metrics()), *asked]))
     return EvalOptions(split=args.split, metrics=metrics, control=args.control, report_limit=args.report_limit,
                        num_workers=args.num_workers, feature_cache=args.feature_cache)  # evaluate checks them
 

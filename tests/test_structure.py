@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
-SCRIPTS = {"train", "eval", "caption", "create_input_files", "benchmark"}
+SCRIPTS = {"train", "eval", "caption", "create_input_files", "benchmark", "gpu_bundle", "gpu_check"}
 MODULES = sorted(p for p in ROOT.glob("*.py"))
 MAX_FUNCTION_LINES = 60
 
