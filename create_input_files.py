@@ -32,7 +32,7 @@ import zlib
 from collections import Counter, deque
 from concurrent.futures import Future, ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
-from contextlib import closing, contextmanager
+from contextlib import closing
 from dataclasses import dataclass, field, fields
 from itertools import islice
 from pathlib import Path
@@ -43,7 +43,8 @@ import numpy as np
 
 from config import check_fields, option
 from datasets import SPLITS, image_checksum, load_image, verify_pack
-from filesafety import _temporary_beside, check_writable, fsync_file, fsync_folder, remove_stale_temporaries
+from filesafety import (_temporary_beside, check_writable, fsync_file, fsync_folder, remove_stale_temporaries,
+                        staged_h5)
 from progress import progress_bar
 from runtime import UserError, one_line, run_cli
 from shapes import DEFAULT_IMAGE_SIZE as DEFAULT_SHAPES_IMAGE_SIZE
@@ -435,51 +436,6 @@ def _skip_or_raise(problem: str, options: PackOptions, skipped: list[str]) -> No
     skipped.append(problem)
 
 
-class _StagedFile(io.FileIO):
-    """A staged split file as HDF5 writes it (through h5py's file-object driver), which never lets HDF5
-    see a failed write. HDF5 does not survive one: after ENOSPC its flush and close fail too, it keeps a
-    half-closed file, and it crashed at interpreter exit (SIGSEGV after the right error line; h5py issue
-    914), whatever we closed. So a failed write is kept in `error` and reported to HDF5 as done; `check`
-    raises it, between writes or after HDF5 has closed the file cleanly. The file is deleted anyway."""
-
-    error: OSError | None = None
-
-    def write(self, data: Any) -> int:
-        view = memoryview(data).cast("B")
-        try:
-            done = 0
-            while self.error is None and done < len(view):
-                done += super().write(view[done:])
-        except OSError as e:
-            self.error = e
-        return len(view)
-
-    def truncate(self, size: int | None = None) -> int:
-        try:
-            return super().truncate(size)
-        except OSError as e:
-            self.error = self.error or e
-            return size or 0
-
-    def check(self) -> None:
-        if self.error is not None:
-            raise self.error
-
-
-@contextmanager
-def _staged_h5(path: Path, mode: str) -> Iterator[tuple[h5py.File, Callable[[], None]]]:
-    """(h5py.File, check) on a staged split file (mode "w" or "a"); `check()` raises a write that failed
-    (a full disk), and so does the end of the block, once HDF5 has closed the file cleanly. No raw-data
-    chunk cache (rdcc_nbytes=0): images are written at once, so a full disk is seen where it happens."""
-    raw = _StagedFile(path, "r+" if mode == "a" else "w+")
-    try:
-        with h5py.File(raw, mode, rdcc_nbytes=0) as h5:
-            yield h5, raw.check
-        raw.check()
-    finally:
-        raw.close()
-
-
 def _write_images(tmp_path: Path, split: str, records: list[Record], options: PackOptions,
                   skipped: list[str]) -> list[Record]:
     """Decode (in parallel, in order) and stream images into tmp_path; return the records kept."""
@@ -490,7 +446,7 @@ def _write_images(tmp_path: Path, split: str, records: list[Record], options: Pa
         jobs, fn = [(r.path, size) for r in records], _decode_job
     kept: list[Record] = []
     checksums: list[int] = []  # per image kept, for check_packed and --verify (datasets.image_checksum)
-    with _staged_h5(tmp_path, "w") as (h5, check_written):
+    with staged_h5(tmp_path, "w") as (h5, check_written):
         shape = (len(records), 3, size, size)
         images = h5.create_dataset("images", shape=shape, maxshape=(None,) + shape[1:], dtype=np.uint8,
                                    chunks=(1,) + shape[1:])
@@ -534,7 +490,7 @@ def _write_captions(tmp_path: Path, split: str, records: list[Record], word_map:
             captions[row], caplens[row] = encode_caption(record.tokens[c][:max_words], word_map, max_words)
     text = h5py.string_dtype("utf-8")
     num_images = len(records)
-    with _staged_h5(tmp_path, "a") as (h5, _):
+    with staged_h5(tmp_path, "a") as (h5, _):
         h5.create_dataset("captions", data=captions)
         h5.create_dataset("caplens", data=caplens)
         h5.create_dataset("references", data=[json.dumps(r.references) for r in records], dtype=text,

@@ -1,15 +1,19 @@
-"""Files that are never half-written: atomic writes (temp file beside the target, then rename), folder
-locks, and checks that an output location is writable before work starts."""
+"""Files that are never half-written: atomic writes (temp file beside the target, then rename), HDF5 files
+that survive a full disk (`staged_h5`), folder locks, and checks that an output location is writable
+before work starts."""
 from __future__ import annotations
 
 import errno
 import fcntl
+import io
 import os
 import re
 import secrets
 from contextlib import contextmanager
 from pathlib import Path
-from typing import BinaryIO, Callable, Iterator, Sequence
+from typing import Any, BinaryIO, Callable, Iterator, Sequence
+
+import h5py
 
 from runtime import UserError
 
@@ -71,6 +75,54 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
         tmp.unlink(missing_ok=True)
         raise
     fsync_folder(path.parent)
+
+
+class StagedFile(io.FileIO):
+    """A staged HDF5 file as HDF5 writes it (through h5py's file-object driver), which never lets HDF5
+    see a failed write. HDF5 does not survive one: after ENOSPC its flush and close fail too, it keeps a
+    half-closed file, and it crashed at interpreter exit (SIGSEGV after the right error line; h5py issue
+    914), whatever we closed. So a failed write is kept in `error` and reported to HDF5 as done; `check`
+    raises it, between writes or after HDF5 has closed the file cleanly. The file is deleted anyway."""
+
+    error: OSError | None = None
+
+    def write(self, data: Any) -> int:
+        view = memoryview(data).cast("B")
+        try:
+            done = 0
+            while self.error is None and done < len(view):
+                done += super().write(view[done:])
+        except OSError as e:
+            self.error = e
+        return len(view)
+
+    def truncate(self, size: int | None = None) -> int:
+        try:
+            return super().truncate(size)
+        except OSError as e:
+            self.error = self.error or e
+            return size or 0
+
+    def check(self) -> None:
+        if self.error is not None:
+            raise self.error
+
+
+@contextmanager
+def staged_h5(path: str | Path, mode: str) -> Iterator[tuple[h5py.File, Callable[[], None]]]:
+    """(h5py.File, check) on a staged file (a temp file, mode "w" or "a"); `check()` raises a write that
+    failed (a full disk), and so does the end of the block, once HDF5 has closed the file cleanly. The
+    caller deletes the file when it raises (it is a temp file: `atomic_path`, or packing's staged set).
+    No raw-data chunk cache (rdcc_nbytes=0): data is written at once, so a full disk is seen where it happens.
+
+    The HDF5 writer of packing (split files) and feature_cache (the encoder's annotations)."""
+    raw = StagedFile(path, "r+" if mode == "a" else "w+")
+    try:
+        with h5py.File(raw, mode, rdcc_nbytes=0) as h5:
+            yield h5, raw.check
+        raw.check()
+    finally:
+        raw.close()
 
 
 def fsync_file(path: str | Path) -> None:
