@@ -1,4 +1,4 @@
-"""CaptionDataset: one packed split ({split}.h5 written by create_input_files.py), indexed by image;
+"""CaptionDataset: one packed split ({split}.h5 written by packing.py), indexed by image;
 and the one image preprocessing path (`load_image`, `normalize_image`) that packing, training and
 caption.py all share.
 
@@ -62,7 +62,7 @@ def load_image(path: str | os.PathLike[str], image_size: int) -> np.ndarray:
     Honours the EXIF orientation, converts any mode to RGB (transparency on white, 16-bit grey
     scaled) and stretches to S x S with bilinear filtering (antialiased when shrinking), as the
     tutorial does. Images over PIL's decompression-bomb limit fail at open time, before any pixel
-    is decoded. The one image loader: create_input_files.py packs with it, caption.py reads with it.
+    is decoded. The one image loader: packing.py packs with it, caption.py reads with it.
     """
     try:
         if os.path.getsize(path) == 0:

@@ -46,7 +46,7 @@ def _weights_hash(encoder: torch.nn.Module) -> str:
 
 
 def _pack_identity(data_folder: str | os.PathLike[str], split: str) -> str:
-    """The pack's dataset.json (written last by create_input_files.py) and the split file's size."""
+    """The pack's dataset.json (written last by packing.py) and the split file's size."""
     marker = Path(data_folder) / "dataset.json"
     digest = hashlib.sha1(marker.read_bytes() if marker.is_file() else b"")
     digest.update(str(os.path.getsize(Path(data_folder) / f"{split}.h5")).encode())

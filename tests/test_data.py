@@ -1,4 +1,4 @@
-"""Tests of the data layer: shapes generator, create_input_files.py packing, datasets.CaptionDataset."""
+"""Tests of the data layer: shapes generator, packing (packing.py, create_input_files.py), datasets.CaptionDataset."""
 from __future__ import annotations
 
 import ast
@@ -21,10 +21,10 @@ import torch
 from conftest import ROOT, SHAPES_ARGS
 from PIL import Image
 
-import create_input_files as packer
+import create_input_files
 import datasets
+import packing
 import shapes
-from create_input_files import PackOptions
 from datasets import (
     IMAGENET_MEAN,
     IMAGENET_STD,
@@ -33,6 +33,7 @@ from datasets import (
     collate_captions,
     load_image,
 )
+from packing import PackOptions
 from runtime import UserError
 from text import SPECIAL_TOKENS, decode_ids, load_word_map, tokenize
 
@@ -257,9 +258,9 @@ def test_pack_is_byte_identical_across_runs_and_worker_counts(tmp_path: Path, sh
 def test_python_entry_point_and_options(tmp_path: Path) -> None:
     out = tmp_path / "api"
     options = PackOptions(dataset="shapes", output_folder=str(out), num_images=12, image_size=32, num_workers=1)
-    summary = packer.create_input_files(options)
+    summary = packing.create_input_files(options)
     assert summary["splits"] == {"train": 10, "val": 1, "test": 1} and summary["image_size"] == 32
-    assert sorted(os.listdir(out)) == sorted(packer.FINAL_FILES)
+    assert sorted(os.listdir(out)) == sorted(packing.FINAL_FILES)
     assert options.val_fraction is None  # the caller's options are not changed; `resolved` returns a copy
     resolved = options.resolved()
     assert (resolved.val_fraction, resolved.test_fraction, resolved.captions_per_image) == (1 / 12, 1 / 12, 5)
@@ -278,12 +279,12 @@ def test_python_entry_point_and_options(tmp_path: Path) -> None:
            "karpathy_json": ("k.json", "--dataset shapes does not use --karpathy-json")}
     for name, (value, message) in bad.items():
         with pytest.raises(UserError, match=re.escape(message)):
-            packer.create_input_files(PackOptions(**{"dataset": "shapes", "output_folder": "x", name: value}))
+            packing.create_input_files(PackOptions(**{"dataset": "shapes", "output_folder": "x", name: value}))
 
 
 def test_cli_flags_map_onto_pack_options() -> None:
     """Every PackOptions field is a flag with the same default (written once, in PackOptions)."""
-    parser = packer.get_args_parser()
+    parser = create_input_files.get_args_parser()
     args = vars(parser.parse_args(["--dataset", "shapes", "--output-folder", "o"]))
     flags = {k: v for k, v in args.items() if k not in ("debug", "verify")}  # --verify is not a packing option
     assert flags == dataclasses.asdict(PackOptions("shapes", "o"))
@@ -293,9 +294,9 @@ def test_cli_flags_map_onto_pack_options() -> None:
 
 def test_debug_flag_shows_the_traceback(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     argv = ["--dataset", "shapes", "--output-folder", str(tmp_path / "o"), "--max-caption-words", "0"]
-    assert packer.main(argv) == 1 and "error: --max-caption-words=0 must be >= 1" in capsys.readouterr().err
+    assert create_input_files.main(argv) == 1 and "error: --max-caption-words=0 must be >= 1" in capsys.readouterr().err
     with pytest.raises(UserError, match="--max-caption-words=0 must be >= 1"):
-        packer.main(argv + ["--debug"])
+        create_input_files.main(argv + ["--debug"])
 
 
 # --------------------------------------------------------------------------------------------
@@ -394,6 +395,7 @@ def test_custom_captions_file(fmt: str, tmp_path: Path, write_image: Callable[..
 
 
 def test_custom_bad_header_and_missing_inputs(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    main = create_input_files.main
     (tmp_path / "imgs").mkdir()
     bad = tmp_path / "captions.csv"
     bad.write_text("file,text\na.jpg,a dog\n")
@@ -403,24 +405,24 @@ def test_custom_bad_header_and_missing_inputs(tmp_path: Path, capsys: pytest.Cap
         str(tmp_path / "nope.csv"): "captions file not found",
     }
     for path, message in cases.items():
-        assert packer.main(base + ["--captions-file", path]) == 1
+        assert main(base + ["--captions-file", path]) == 1
         err = capsys.readouterr().err.strip()
         assert err.startswith(f"error: {path}: ") and message in err and "\n" not in err
-    assert packer.main(["--dataset", "custom", "--captions-file", str(bad), "--image-folder", str(tmp_path / "none"),
+    assert main(["--dataset", "custom", "--captions-file", str(bad), "--image-folder", str(tmp_path / "none"),
                      "--output-folder", str(tmp_path / "o")]) == 1
     assert "image folder not found" in capsys.readouterr().err
     (tmp_path / "bad.json").write_text("{not json")
-    assert packer.main(["--dataset", "coco", "--karpathy-json", str(tmp_path / "bad.json"), "--image-folder",
+    assert main(["--dataset", "coco", "--karpathy-json", str(tmp_path / "bad.json"), "--image-folder",
                      str(tmp_path / "imgs"), "--output-folder", str(tmp_path / "o")]) == 1
     assert "not valid JSON" in capsys.readouterr().err
-    assert packer.main(["--dataset", "coco", "--image-folder", str(tmp_path / "imgs"), "--output-folder", "x"]) == 1
+    assert main(["--dataset", "coco", "--image-folder", str(tmp_path / "imgs"), "--output-folder", "x"]) == 1
     assert "needs --karpathy-json" in capsys.readouterr().err
-    assert packer.main(["--dataset", "coco", "--karpathy-json", str(tmp_path / "bad.json"), "--image-folder",
+    assert main(["--dataset", "coco", "--karpathy-json", str(tmp_path / "bad.json"), "--image-folder",
                      str(tmp_path / "imgs"), "--output-folder", "x", "--val-fraction", "0.2"]) == 1
     assert "takes its split from the Karpathy JSON" in capsys.readouterr().err
-    assert packer.main(["--dataset", "shapes", "--output-folder", "x", "--image-folder", str(tmp_path / "imgs")]) == 1
+    assert main(["--dataset", "shapes", "--output-folder", "x", "--image-folder", str(tmp_path / "imgs")]) == 1
     assert "does not use --image-folder" in capsys.readouterr().err
-    assert packer.main(["--dataset", "shapes", "--output-folder", "x", "--val-fraction", "0.6",
+    assert main(["--dataset", "shapes", "--output-folder", "x", "--val-fraction", "0.6",
                      "--test-fraction", "0.5"]) == 1
     assert "sum to < 1" in capsys.readouterr().err
     assert not (tmp_path / "o").exists()
@@ -484,11 +486,11 @@ def test_load_image_tensor_is_the_packed_image_normalised(tmp_path: Path, write_
 
 
 def test_datasets_does_not_import_the_packer() -> None:
-    """caption.py reads images through datasets.py; it must not pull in the packing script."""
+    """caption.py reads images through datasets.py; it must not pull in the packing library or script."""
     tree = ast.parse((ROOT / "datasets.py").read_text())
     imported = {alias.name for node in ast.walk(tree) if isinstance(node, ast.Import) for alias in node.names}
     imported |= {node.module for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)}
-    assert "create_input_files" not in imported and "shapes" not in imported
+    assert not imported & {"create_input_files", "packing", "shapes"}
 
 
 def write_bad_images(folder: Path, write_image: Callable[..., Path]) -> dict[str, str]:
@@ -514,7 +516,7 @@ def test_bad_image_stops_before_writing(kind: str, tiny_karpathy: dict[str, Any]
     data = json.loads(source["json"].read_text())
     data["images"].append(karpathy_entry(kind, "test", COMMON, "val2014"))  # the last split: train/val already done
     source["json"].write_text(json.dumps(data))
-    assert packer.main(karpathy_args(source, "--workers", "2")) == 1  # the old spelling of --num-workers
+    assert create_input_files.main(karpathy_args(source, "--workers", "2")) == 1  # the old spelling of --num-workers
     err = capsys.readouterr().err.strip().splitlines()[-1]
     assert err.startswith(f"error: {source['images'] / 'val2014' / kind}: ") and messages[kind] in err, err
     assert not source["out"].exists()  # nothing written, not even temporary files
@@ -527,7 +529,7 @@ def test_skip_bad_images_and_images_without_captions(tiny_karpathy: dict[str, An
     data = json.loads(source["json"].read_text())
     data["images"].append(karpathy_entry("t9.jpg", "test", ["", " , ."], "train2014"))  # no words at all
     source["json"].write_text(json.dumps(data))
-    assert packer.main(karpathy_args(source)) == 1
+    assert create_input_files.main(karpathy_args(source)) == 1
     assert "train2014/t9.jpg: image has no captions" in capsys.readouterr().err
     for kind in messages:
         data["images"].append(karpathy_entry(kind, "val", COMMON, "val2014"))
@@ -543,24 +545,24 @@ def test_existing_output_needs_force(tiny_karpathy: dict[str, Any], capsys: pyte
     source = tiny_karpathy
     source["out"].mkdir()
     (source["out"] / "word_map.json").write_text("{}")
-    assert packer.main(karpathy_args(source)) == 1
+    assert create_input_files.main(karpathy_args(source)) == 1
     assert "already has word_map.json; use --force" in capsys.readouterr().err
     assert sorted(os.listdir(source["out"])) == ["word_map.json"]
     pack(karpathy_args(source, "--force"))
-    assert sorted(os.listdir(source["out"])) == sorted(packer.FINAL_FILES)
+    assert sorted(os.listdir(source["out"])) == sorted(packing.FINAL_FILES)
 
 
 def test_pack_stages_under_filesafety_temp_names(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, pack) -> None:
     """Split files are staged as `.NAME.PID.HEX.tmp`, the one temp name of filesafety; a pack killed
     before its dataset.json leaves such files, and the next pack redoes the folder without --force."""
     out, staged = tmp_path / "packed", []
-    write_captions = packer._write_captions
+    write_captions = packing._write_captions
 
     def spy(tmp: Path, split: str, *args: Any) -> None:
         staged.append(tmp.name)
         write_captions(tmp, split, *args)
 
-    monkeypatch.setattr(packer, "_write_captions", spy)
+    monkeypatch.setattr(packing, "_write_captions", spy)
     args = ["--dataset", "shapes", "--num-images", "12", "--image-size", "32", "--workers", "1",
             "--output-folder", str(out)]
     pack(args)
@@ -568,16 +570,16 @@ def test_pack_stages_under_filesafety_temp_names(tmp_path: Path, monkeypatch: py
     (out / "dataset.json").unlink()
     (out / ".val.h5.1.0123abcd.tmp").write_bytes(b"")
     pack(args)
-    assert sorted(os.listdir(out)) == sorted(packer.FINAL_FILES)
+    assert sorted(os.listdir(out)) == sorted(packing.FINAL_FILES)
 
 
 def test_choose_captions() -> None:
-    assert packer.choose_captions(5, 5, 0, "a") == [0, 1, 2, 3, 4]
-    up = packer.choose_captions(2, 5, 0, "a")
-    assert up[:2] == [0, 1] and set(up) <= {0, 1} and up == packer.choose_captions(2, 5, 0, "a")
-    down = packer.choose_captions(9, 5, 0, "a")
-    assert len(set(down)) == 5 and max(down) < 9 and down == packer.choose_captions(9, 5, 0, "a")
-    assert {tuple(packer.choose_captions(9, 5, s, "a")) for s in range(10)} != {tuple(down)}
+    assert packing.choose_captions(5, 5, 0, "a") == [0, 1, 2, 3, 4]
+    up = packing.choose_captions(2, 5, 0, "a")
+    assert up[:2] == [0, 1] and set(up) <= {0, 1} and up == packing.choose_captions(2, 5, 0, "a")
+    down = packing.choose_captions(9, 5, 0, "a")
+    assert len(set(down)) == 5 and max(down) < 9 and down == packing.choose_captions(9, 5, 0, "a")
+    assert {tuple(packing.choose_captions(9, 5, s, "a")) for s in range(10)} != {tuple(down)}
 
 
 # --------------------------------------------------------------------------------------------

@@ -26,9 +26,10 @@ import torch
 from conftest import ROOT
 
 import caption
+import create_input_files
 import datasets
 import filesafety
-import create_input_files as packer
+import packing
 import eval as evaluation
 import scoring
 import train
@@ -471,12 +472,12 @@ def test_eval_checks_packed_data_before_decoding(lie, packed_copy, tiny_ckpt, tm
 
 
 def test_verify_names_the_one_image_whose_pixels_rotted(packed_copy, capsys):
-    assert packer.main(["--verify", str(packed_copy)]) == 0
+    assert create_input_files.main(["--verify", str(packed_copy)]) == 0
     assert capsys.readouterr().out.strip() == f"{packed_copy}: all 36 images intact"
     rot_pixel(packed_copy / "val.h5", 1)
     with h5py.File(packed_copy / "val.h5", "r") as h5:
         name = h5["filenames"].asstr()[1]
-    assert packer.main(["--verify", str(packed_copy)]) == 1
+    assert create_input_files.main(["--verify", str(packed_copy)]) == 1
     out, err = capsys.readouterr()
     assert out.strip().splitlines() == [f"val.h5 image 1 ({name}): changed since packing"]
     line = one_error_line(err)
@@ -493,7 +494,7 @@ def test_packs_from_before_checksums_load_and_verify_says_they_have_none(packed_
             del h5["checksums"]
     assert datasets.check_packed(str(packed_copy), "train")["has_checksums"] is False
     assert len(datasets.CaptionDataset(str(packed_copy), "val")) == 3
-    assert packer.main(["--verify", str(packed_copy)]) == 1
+    assert create_input_files.main(["--verify", str(packed_copy)]) == 1
     assert "packed without image checksums" in one_error_line(capsys.readouterr().err)
 
 
@@ -552,9 +553,9 @@ def test_a_failed_write_renames_and_syncs_nothing(tmp_path, monkeypatch):
 def test_packing_fsyncs_every_file_before_the_renames_and_the_folder_after(tmp_path, monkeypatch):
     out = tmp_path.resolve() / "packed"
     calls = record_syncs(monkeypatch)
-    assert packer.main([*PACK_ARGS, "--output-folder", str(out)]) == 0
+    assert create_input_files.main([*PACK_ARGS, "--output-folder", str(out)]) == 0
     renames = [c for c in calls if c[0] == "replace"]
-    assert [Path(dst) for _, _, dst in renames] == [out / name for name in packer.FINAL_FILES]
+    assert [Path(dst) for _, _, dst in renames] == [out / name for name in packing.FINAL_FILES]
     first = calls.index(renames[0])
     assert sorted(calls[:first]) == sorted(("fsync", src) for _, src, _ in renames)  # every file, before any rename
     assert calls[first:] == [*renames, ("fsync", str(out))]
@@ -720,9 +721,9 @@ PACK_ARGS = ["--dataset", "shapes", "--num-images", "24", "--image-size", "48", 
 # are written, so that the error comes while the split files are reopened for their captions.
 PACK_FILLER = r"""
 import os, sys
-import create_input_files as packer
+import create_input_files, packing
 if os.environ.get("FAULT_AT") == "captions":
-    original = packer._write_captions
+    original = packing._write_captions
     def write_captions(tmp_path, split, *args):
         if split == "train":
             with open(os.path.join(os.environ["FAULT_DISK"], "ballast"), "wb") as f:
@@ -733,8 +734,8 @@ if os.environ.get("FAULT_AT") == "captions":
                 except OSError:
                     pass
         return original(tmp_path, split, *args)
-    packer._write_captions = write_captions
-sys.exit(packer.main(sys.argv[1:]))
+    packing._write_captions = write_captions
+sys.exit(create_input_files.main(sys.argv[1:]))
 """
 
 
@@ -766,13 +767,13 @@ def test_read_only_output_locations_are_refused_before_work(tiny_ckpt, shapes_fo
     def no_work(*args, **kwargs):
         raise AssertionError("work started before the output location was checked")
 
-    for module, name in ((train, "make_loaders"), (packer, "_write_images"), (evaluation_lib, "decode_split")):
+    for module, name in ((train, "make_loaders"), (packing, "_write_images"), (evaluation_lib, "decode_split")):
         monkeypatch.setattr(module, name, no_work)
     with small_disk(tmp_path / "disk", "1m") as disk:
         make_read_only(disk)
         assert train.main(train_args(shapes_folder, disk / "run", "epochs=1")) == 1
         assert "read-only" in one_error_line(capsys.readouterr().err).lower()
-        assert packer.main([*PACK_ARGS, "--output-folder", str(disk / "packed")]) == 1
+        assert create_input_files.main([*PACK_ARGS, "--output-folder", str(disk / "packed")]) == 1
         assert "read-only" in one_error_line(capsys.readouterr().err).lower()
         assert evaluation.main(["--checkpoint", str(tiny_ckpt), "--data-folder", str(shapes_folder),
                                 "--out", str(disk / "res.json")]) == 1
@@ -839,15 +840,15 @@ def test_caption_into_head_exits_quietly(tiny_ckpt, tmp_path):
 # --------------------------------------------------------------------------------------------
 PACK_KILLER = r"""
 import os, signal, sys
-import create_input_files as packer
+import create_input_files, packing
 where = os.environ["FAULT_AT"]
 if where == "captions":  # while the split files are still temporaries
-    original = packer._write_captions
+    original = packing._write_captions
     def write_captions(tmp_path, split, *args):
         if split == "val":
             os.kill(os.getpid(), signal.SIGKILL)
         return original(tmp_path, split, *args)
-    packer._write_captions = write_captions
+    packing._write_captions = write_captions
 else:  # among the final renames: the old marker is gone, the new one not yet there
     original = os.replace
     def replace(src, dst):
@@ -855,7 +856,7 @@ else:  # among the final renames: the old marker is gone, the new one not yet th
             os.kill(os.getpid(), signal.SIGKILL)
         return original(src, dst)
     os.replace = replace
-sys.exit(packer.main(sys.argv[1:]))
+sys.exit(create_input_files.main(sys.argv[1:]))
 """
 
 
@@ -864,7 +865,7 @@ sys.exit(packer.main(sys.argv[1:]))
 def test_kill_during_packing_then_the_same_command_finishes(where, tmp_path):
     out = tmp_path / "packed"
     args = [*PACK_ARGS, "--output-folder", str(out)]
-    assert packer.main(args) == 0  # an older pack, replaced with --force
+    assert create_input_files.main(args) == 0  # an older pack, replaced with --force
     killed = subprocess.run([sys.executable, "-c", PACK_KILLER, *args, "--force"], cwd=ROOT,
                             env={**ENV, "FAULT_AT": where}, capture_output=True)
     assert killed.returncode == -signal.SIGKILL
@@ -885,7 +886,7 @@ def test_an_unfinished_pack_is_redone_without_force(pack, tmp_path, capsys):
     pack([*PACK_ARGS, "--output-folder", str(out)])
     (out / "dataset.json").unlink()
     capsys.readouterr()
-    assert packer.main([*PACK_ARGS, "--output-folder", str(out)]) == 1  # files of unknown origin: --force
+    assert create_input_files.main([*PACK_ARGS, "--output-folder", str(out)]) == 1  # files of unknown origin: --force
     assert "use --force" in one_error_line(capsys.readouterr().err)
     (out / "test.h5.tmp").write_bytes(b"")  # as a pack killed before its marker leaves it
     pack([*PACK_ARGS, "--output-folder", str(out)])
@@ -908,7 +909,7 @@ def test_the_same_image_in_two_splits(allow, tmp_path, write_image, capsys):
     path = karpathy_json(tmp_path, write_image, entries)
     args = ["--dataset", "coco", "--karpathy-json", str(path), "--image-folder", str(tmp_path / "imgs"),
             "--output-folder", str(tmp_path / "out"), "--min-word-freq", "1", "--image-size", "32", "--workers", "1"]
-    code = packer.main(args + (["--allow-split-overlap"] if allow else []))
+    code = create_input_files.main(args + (["--allow-split-overlap"] if allow else []))
     err = capsys.readouterr().err
     if allow:
         assert code == 0 and (tmp_path / "out" / "dataset.json").is_file()
@@ -924,8 +925,9 @@ def test_a_karpathy_filename_outside_the_image_folder_is_refused(tmp_path, write
     data = json.loads(path.read_text())
     data["images"].append({"filename": "../secret.jpg", "split": "train", "sentences": [{"raw": "a cat"}]})
     path.write_text(json.dumps(data))
-    assert packer.main(["--dataset", "coco", "--karpathy-json", str(path), "--image-folder", str(tmp_path / "imgs"),
-                        "--output-folder", str(tmp_path / "out")]) == 1
+    assert create_input_files.main(["--dataset", "coco", "--karpathy-json", str(path),
+                                    "--image-folder", str(tmp_path / "imgs"),
+                                    "--output-folder", str(tmp_path / "out")]) == 1
     assert "../secret.jpg" in one_error_line(capsys.readouterr().err) and not (tmp_path / "out").exists()
 
 
@@ -983,8 +985,9 @@ def test_image_names_with_spaces_and_non_ascii(tmp_path, write_image, pack):
 def test_latin1_captions_file_names_the_line(tmp_path, write_image, capsys):
     data = csv_rows().encode("utf-8") + "im1.jpg,un caf\xe9 cr\xe8me\n".encode("latin-1")
     path = write_captions(tmp_path, write_image, data, NAMES)
-    assert packer.main(["--dataset", "custom", "--captions-file", str(path), "--image-folder", str(tmp_path / "imgs"),
-                        "--output-folder", str(tmp_path / "out")]) == 1
+    assert create_input_files.main(["--dataset", "custom", "--captions-file", str(path),
+                                    "--image-folder", str(tmp_path / "imgs"),
+                                    "--output-folder", str(tmp_path / "out")]) == 1
     line = one_error_line(capsys.readouterr().err)
     assert f"{path}:12: not UTF-8" in line
 
@@ -993,7 +996,8 @@ def test_a_captions_row_outside_the_image_folder_is_refused(tmp_path, write_imag
     write_image(tmp_path / "x.jpg")  # exists, just outside the image folder
     data = csv_rows().encode("utf-8") + b"../x.jpg,a stolen dog\n"
     path = write_captions(tmp_path, write_image, data, NAMES)
-    assert packer.main(["--dataset", "custom", "--captions-file", str(path), "--image-folder", str(tmp_path / "imgs"),
-                        "--output-folder", str(tmp_path / "out"), "--skip-bad-images"]) == 1
+    assert create_input_files.main(["--dataset", "custom", "--captions-file", str(path),
+                                    "--image-folder", str(tmp_path / "imgs"),
+                                    "--output-folder", str(tmp_path / "out"), "--skip-bad-images"]) == 1
     line = one_error_line(capsys.readouterr().err)
     assert "../x.jpg" in line and "outside the image folder" in line

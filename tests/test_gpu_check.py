@@ -23,8 +23,8 @@ import gpu_bundle
 import scoring
 from conftest import write_checkpoint
 from config import ModelConfig
-from create_input_files import read_karpathy
 from models import build_model
+from packing import read_karpathy
 from text import load_word_map, tokenize
 
 ROOT = Path(__file__).resolve().parent.parent
