@@ -1,12 +1,13 @@
 """CaptionDataset: one packed split ({split}.h5 written by packing.py), indexed by image;
-and the one image preprocessing path (`load_image`, `normalize_image`) that packing, training and
-caption.py all share.
+and the one image preprocessing path (`load_image`, `load_image_bytes`, `normalize_image`) that
+packing, training and caption.py all share.
 
 Why by image rather than by caption (the tutorial indexes captions): an image is encoded once per
 step for all its captions, and val/test need every reference of an image together for BLEU.
 """
 from __future__ import annotations
 
+import io
 import json
 import os
 import warnings
@@ -24,8 +25,8 @@ from runtime import UserError, one_line
 from text import load_word_map
 
 __all__ = ["CaptionDataset", "changed_images", "check_packed", "collate_captions", "image_array", "image_checksum",
-           "load_image", "load_image_tensor", "normalize_image", "verify_pack", "IMAGENET_MEAN", "IMAGENET_STD",
-           "SPLITS"]
+           "load_image", "load_image_bytes", "load_image_tensor", "normalize_image", "verify_pack", "IMAGENET_MEAN",
+           "IMAGENET_STD", "SPLITS"]
 
 SPLITS = ("train", "val", "test")  # the packed files {split}.h5
 
@@ -69,21 +70,34 @@ def load_image(path: str | os.PathLike[str], image_size: int) -> np.ndarray:
             raise UserError(f"{path}: empty file")
     except OSError:
         raise UserError(f"{path}: file not found") from None
+    return _decode_image(path, image_size, str(path))
+
+
+def load_image_bytes(data: bytes, image_size: int, name: str) -> np.ndarray:
+    """`load_image` for an encoded image in memory (JPEG, PNG, ...: a WebDataset shard's member): the same
+    pixels as the same bytes read from a file, and the same errors, as `NAME: reason`."""
+    if not data:
+        raise UserError(f"{name}: empty file")
+    return _decode_image(io.BytesIO(data), image_size, name)
+
+
+def _decode_image(source: str | os.PathLike[str] | io.BytesIO, image_size: int, name: str) -> np.ndarray:
+    """Open, decode and prepare (`image_array`) one image; every failure is UserError `NAME: reason`."""
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(path) as image:
+            with Image.open(source) as image:
                 image.load()
                 return image_array(image, image_size)
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
-        raise UserError(f"{path}: image too large, over PIL's decompression-bomb limit ({e})") from None
+        raise UserError(f"{name}: image too large, over PIL's decompression-bomb limit ({e})") from None
     except UnidentifiedImageError:
-        raise UserError(f"{path}: not an image file PIL can read") from None
+        raise UserError(f"{name}: not an image file PIL can read") from None
     except Exception as e:  # PIL's decoders raise anything: truncated data, broken EXIF, exotic modes, ...
         message = one_line(e)
         if "truncated" in message.lower():
-            raise UserError(f"{path}: truncated image file") from None
-        raise UserError(f"{path}: cannot decode image ({message})") from None
+            raise UserError(f"{name}: truncated image file") from None
+        raise UserError(f"{name}: cannot decode image ({message})") from None
 
 
 def image_array(image: Image.Image, image_size: int) -> np.ndarray:

@@ -4,7 +4,8 @@ Why one HDF5 file per split: training reads random images thousands of times, an
 array (one chunk per image, no compression) is the fastest thing to read from many DataLoader workers;
 datasets.CaptionDataset reads what this writes. Sources (`read_records`): a Karpathy split JSON
 (`read_karpathy`), a custom captions file (`read_custom`), or the built-in shapes set (`shapes_records`);
-any other source is a reader that returns each split's `Record`s, then `pack`.
+any other source is a reader that returns each split's `Record`s (a record may carry its encoded image
+in `data` instead of a file `path`), then `pack`.
 
 Every image is decoded and validated (in parallel, streamed into temp files named as filesafety names
 them) before any final file is written; the final names appear by rename at the very end, dataset.json last.
@@ -38,7 +39,7 @@ import h5py
 import numpy as np
 
 from config import check_fields, option
-from datasets import SPLITS, image_checksum, load_image
+from datasets import SPLITS, image_checksum, load_image, load_image_bytes
 from filesafety import (_temporary_beside, check_writable, fsync_file, fsync_folder, remove_stale_temporaries,
                         staged_h5)
 from progress import progress_bar
@@ -137,15 +138,19 @@ def _available_cpus() -> int:
 
 @dataclass
 class Record:
-    """One image to pack. `filename` is relative to the image folder and is stored in the HDF5 file."""
+    """One image to pack. `filename` is relative to the image folder and is stored in the HDF5 file; it
+    names the image in error messages when the image comes as `data` rather than from a file."""
 
     filename: str
-    path: str = ""  # file to decode; empty for generated (shapes) images
+    path: str = ""  # file to decode; empty for generated (shapes) images and for images given as `data`
     tokens: list[list[str]] = field(default_factory=list)  # every caption, tokenised
     references: list[str] = field(default_factory=list)  # every caption as text, aligned with `tokens`
     index: int = -1  # shapes: image index
     image_id: int | None = None  # the dataset's own image id (COCO's `cocoid`), stored as image_ids when all have one
     objects: list[dict[str, Any]] | None = None  # shapes only
+    # The encoded image (JPEG, PNG, ...) to decode instead of reading `path`, e.g. from a WebDataset shard;
+    # decoded exactly as a file is (datasets.load_image_bytes).
+    data: bytes | None = field(default=None, repr=False)
 
     def add_caption(self, text: str, tokens: list[str]) -> None:
         """Keep a caption only if it has a word: an empty or punctuation-only one is dropped."""
@@ -155,16 +160,19 @@ class Record:
 
 
 # --------------------------------------------------------------------------------------------
-# Images (decoding itself is datasets.load_image, shared with caption.py)
+# Images (decoding itself is datasets.load_image / load_image_bytes, shared with caption.py)
 # --------------------------------------------------------------------------------------------
 Result = tuple[np.ndarray | None, str | None, dict[str, Any] | None]  # (image, error, extra fields)
 
 
-def _decode_job(job: tuple[str, int]) -> Result:
-    """Decode one image file; a bad file is returned as its one-line problem, for skip or stop."""
-    path, image_size = job
+def _decode_job(job: tuple[str | bytes, int, str]) -> Result:
+    """Decode one image, a file path or encoded bytes (named `name` in errors); a bad image is returned as its
+    one-line problem, for skip or stop."""
+    source, image_size, name = job
     try:
-        return load_image(path, image_size), None, None
+        if isinstance(source, str):
+            return load_image(source, image_size), None, None
+        return load_image_bytes(source, image_size, name), None, None
     except UserError as e:
         return None, str(e), None
 
@@ -446,7 +454,7 @@ def _write_images(tmp_path: Path, split: str, records: list[Record], options: Pa
     if options.dataset == "shapes":
         jobs, fn = [(options.seed, r.index, size) for r in records], _shapes_job
     else:
-        jobs, fn = [(r.path, size) for r in records], _decode_job
+        jobs, fn = [(r.path if r.data is None else r.data, size, r.filename) for r in records], _decode_job
     kept: list[Record] = []
     checksums: list[int] = []  # per image kept, for check_packed and --verify (datasets.image_checksum)
     with staged_h5(tmp_path, "w") as (h5, check_written):
@@ -583,6 +591,10 @@ def _prechecked(records: dict[str, list[Record]], options: PackOptions,
 
 def _precheck(record: Record) -> str | None:
     """A one-line problem with this record that needs no decoding, or None."""
+    if record.data is not None:  # an encoded image, named by its file name
+        if not record.tokens:
+            return f"{record.filename}: image has no captions"
+        return f"{record.filename}: empty file" if not record.data else None
     if not record.path:
         return None  # generated image; its captions come with it
     if not record.tokens:

@@ -552,6 +552,53 @@ def test_existing_output_needs_force(tiny_karpathy: dict[str, Any], capsys: pyte
     assert sorted(os.listdir(source["out"])) == sorted(packing.FINAL_FILES)
 
 
+def test_records_with_image_bytes_pack_the_same_pixels_as_files(tmp_path: Path,
+                                                               write_image: Callable[..., Path]) -> None:
+    """A Record may carry its encoded image in `data` (a WebDataset shard's member): packed with the very
+    preprocessing of a file (EXIF, modes, resize), decoded in the worker processes, errors named by filename."""
+    photo = Image.fromarray(np.random.default_rng(0).integers(0, 256, (30, 50, 3), np.uint8))
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotated: the bytes path must honour EXIF too
+    files = {"a.jpg": write_image(tmp_path / "imgs" / "a.jpg", photo, exif=exif.tobytes()),
+             "b.png": write_image(tmp_path / "imgs" / "b.png", Image.new("RGBA", (20, 40), (0, 90, 200, 128))),
+             "c.png": write_image(tmp_path / "imgs" / "c.png", Image.new("L", (16, 16), 77)),
+             "d.jpg": write_image(tmp_path / "imgs" / "d.jpg", Image.new("CMYK", (24, 24), (0, 255, 255, 0)))}
+    splits = {"train": ["a.jpg", "b.png"], "val": ["c.png"], "test": ["d.jpg"]}
+
+    def records(by_bytes: bool) -> dict[str, list[packing.Record]]:
+        out: dict[str, list[packing.Record]] = {}
+        for split, names in splits.items():
+            out[split] = []
+            for name in names:
+                record = (packing.Record(filename=name, data=files[name].read_bytes()) if by_bytes
+                          else packing.Record(filename=name, path=str(files[name])))
+                record.add_caption("a red square", ["a", "red", "square"])
+                out[split].append(record)
+        return out
+
+    def options(name: str, workers: int) -> PackOptions:
+        return PackOptions(dataset="custom", output_folder=str(tmp_path / name), image_size=24, num_workers=workers,
+                           min_word_freq=1, val_fraction=0.1, test_fraction=0.1)
+
+    packing.pack(records(by_bytes=False), options("by_path", 1))
+    packing.pack(records(by_bytes=True), options("by_bytes", 2))
+    for split in SPLITS:
+        by_path = read_h5(tmp_path / "by_path" / f"{split}.h5")
+        by_bytes = read_h5(tmp_path / "by_bytes" / f"{split}.h5")
+        assert by_bytes["images"].shape == (len(splits[split]), 3, 24, 24)
+        assert np.array_equal(by_bytes["images"], by_path["images"]), split
+        assert np.array_equal(by_bytes["checksums"], by_path["checksums"]) and by_bytes["filenames"] == splits[split]
+    assert "data=" not in repr(records(by_bytes=True)["val"][0])  # no image bytes in a repr
+    bad = records(by_bytes=True)
+    bad["test"][0].data = files["d.jpg"].read_bytes()[:200]
+    with pytest.raises(UserError, match=r"^d\.jpg: truncated image file"):
+        packing.pack(bad, options("bad", 1))
+    bad["test"][0].data = b""
+    with pytest.raises(UserError, match=r"^d\.jpg: empty file"):
+        packing.pack(bad, options("bad", 1))
+    assert not (tmp_path / "bad").exists()
+
+
 def test_pack_stages_under_filesafety_temp_names(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, pack) -> None:
     """Split files are staged as `.NAME.PID.HEX.tmp`, the one temp name of filesafety; a pack killed
     before its dataset.json leaves such files, and the next pack redoes the folder without --force."""
