@@ -12,7 +12,7 @@ import hashlib
 import json
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import h5py
 import numpy as np
@@ -21,7 +21,7 @@ from torch.utils.data import DataLoader
 
 from config import ModelConfig
 from datasets import CaptionDataset, collate_captions
-from filesafety import atomic_path
+from filesafety import atomic_path, staged_h5
 from progress import progress_bar
 from runtime import UserError, one_line
 
@@ -81,7 +81,6 @@ def check_cache(path: str | os.PathLike[str], identity: dict[str, Any]) -> None:
                         "delete it to rebuild, or set feature_cache=off")
 
 
-@torch.no_grad()
 def build_cache(
     encoder: torch.nn.Module,
     data_folder: str | os.PathLike[str],
@@ -92,7 +91,10 @@ def build_cache(
     batch_size: int = 32,
     num_workers: int = 0,
 ) -> Path:
-    """Run the frozen encoder once over every image of `split`; write the cache atomically."""
+    """Run the frozen encoder once over every image of `split`; write the cache atomically.
+
+    Written through filesafety.staged_h5 under a temp name: a full disk raises UserError naming the cache
+    and leaves no file under its name (the temp file is deleted), as packing does for the split files."""
     cfg = ModelConfig(encoder=identity["encoder"], encoder_stages=identity["encoder_stages"],
                       enc_size=identity["enc_size"])
     path = cache_path(data_folder, split, cfg)
@@ -103,21 +105,47 @@ def build_cache(
                         generator=torch.Generator())
     was_training = encoder.training
     encoder.eval()
+    in_body = False  # an OSError outside the body is the cache's (temp file, fsync, rename); inside, the pack's
     try:
-        with atomic_path(path) as tmp, h5py.File(tmp, "w") as h5:
-            features = None
-            for batch in progress_bar(loader, desc=f"cache {split} features"):
-                a = encoder(batch["image"].to(device, non_blocking=True)).cpu().numpy().astype(np.float16)
-                if features is None:  # (N, L, D), one chunk per image
-                    features = h5.create_dataset("features", (len(dataset), *a.shape[1:]), dtype=np.float16,
-                                                 chunks=(1, *a.shape[1:]))
-                first = int(batch["index"][0])
-                features[first : first + len(a)] = a
+        with atomic_path(path) as tmp, staged_h5(tmp, "w") as (h5, check_written):
+            in_body = True
+            _write_features(h5, lambda: _checked_write(check_written, path), encoder, loader, device, split)
             h5.attrs["identity"] = json.dumps(identity, sort_keys=True)
+            in_body = False
+    except OSError as e:
+        if in_body:
+            raise
+        raise _cannot_write(path, e) from e
     finally:
         dataset.close()
         encoder.train(was_training)
     return path
+
+
+@torch.no_grad()
+def _write_features(h5: h5py.File, check_written: Callable[[], None], encoder: torch.nn.Module, loader: DataLoader,
+                    device: torch.device | str, split: str) -> None:
+    """The encoder's annotations of every image of the loader into h5["features"], a batch at a time."""
+    features = None
+    for batch in progress_bar(loader, desc=f"cache {split} features"):
+        a = encoder(batch["image"].to(device, non_blocking=True)).cpu().numpy().astype(np.float16)
+        if features is None:  # (N, L, D), one chunk per image
+            features = h5.create_dataset("features", (len(loader.dataset), *a.shape[1:]), dtype=np.float16,
+                                         chunks=(1, *a.shape[1:]))
+        first = int(batch["index"][0])
+        features[first : first + len(a)] = a
+        check_written()  # a full disk stops the build here, not after every image is encoded
+
+
+def _checked_write(check_written: Callable[[], None], path: Path) -> None:
+    try:
+        check_written()
+    except OSError as e:
+        raise _cannot_write(path, e) from e
+
+
+def _cannot_write(path: Path, e: OSError) -> UserError:
+    return UserError(f"{path}: cannot write the feature cache ({e.strerror or one_line(e)})")
 
 
 def ensure_cache(
