@@ -103,6 +103,14 @@ class TrainConfig:
     # Train and validate from the frozen encoder's annotations, computed once per image and cached
     # beside the pack (feature_cache.py): auto = whenever the encoder is frozen and hflip is off.
     feature_cache: str = option("auto", choices=("auto", "on", "off"))
+    # WebDataset shards instead of the HDF5 pack (shards.py, docs/data.md): data_folder then holds the
+    # word map and marker of `create_input_files.py --dataset webdataset`; an epoch is train_num_samples.
+    data_format: str = option("hdf5", choices=("hdf5", "webdataset"))
+    train_shards: str = ""  # brace pattern, e.g. cc3m/{00000..00331}.tar (several joined by ::)
+    val_shards: str = ""
+    train_num_samples: int = option(0, min=0)  # samples per epoch over all processes
+    shard_shuffle_buffer: int = option(1000, min=0)  # samples shuffled across shards in each worker
+    shard_resampled: bool = False  # draw shards with replacement (no fixed epoch membership)
 
     # --- encoder initialisation and training ---
     encoder_weights: str = "imagenet"  # imagenet (torch hub cache) | none (random init) | path to a state_dict
@@ -176,6 +184,14 @@ class Config(TrainConfig, ModelConfig):
         if self.objective == "scst" and self.scst_baseline == "mean" and self.scst_samples < 2:
             raise UserError(f"config scst_baseline=mean needs scst_samples >= 2 (the mean of the other samples); "
                             f"got {self.scst_samples}")
+        if self.data_format == "webdataset":
+            missing = [key for key in ("train_shards", "val_shards", "train_num_samples") if not getattr(self, key)]
+            if missing:
+                raise UserError(f"config data_format=webdataset needs {', '.join(missing)}")
+            if self.objective == "scst":
+                raise UserError("config objective=scst reads its CIDEr document frequencies from an HDF5 pack's train "
+                                "split: convert the shards (create_input_files.py --dataset webdataset ... "
+                                "--output-format hdf5) and train with data_format=hdf5")
         if self.objective == "scst" and self.concept_loss_weight > 0:
             raise UserError("config objective=scst trains on the captions' reward alone: set concept_loss_weight=0")
 

@@ -16,10 +16,11 @@ import argparse
 import dataclasses
 import sys
 from dataclasses import fields
-from typing import Sequence
+from typing import Any, Sequence
 
 from datasets import verify_pack
-from packing import (DATASETS, DEFAULT_IMAGE_SIZE, DEFAULT_SHAPES_IMAGE_SIZE, DEFAULT_SHAPES_NUM_IMAGES, PackOptions,
+from packing import (DATASETS, DEFAULT_IMAGE_SIZE, DEFAULT_SHAPES_IMAGE_SIZE, DEFAULT_SHAPES_NUM_IMAGES, OUTPUT_FORMATS,
+                     PackOptions,
                      create_input_files)
 from runtime import UserError, run_cli
 from text import TOKENIZERS
@@ -53,6 +54,13 @@ def get_args_parser() -> argparse.ArgumentParser:
     add("--allow-split-overlap", action="store_true",
         help="Karpathy JSON: pack an image listed in two splits (refused by default: it leaks test images)")
     add("--force", action="store_true", help="overwrite an existing packed dataset")
+    add("--shards", help="webdataset: train shards, a brace pattern (dir/{00000..00099}.tar); alone: the word-map "
+        "pass for training from them (docs/distributed.md)")
+    add("--val-shards", help="webdataset with --output-format hdf5: the val split's shards")
+    add("--test-shards", help="webdataset with --output-format hdf5: the test split's shards (optional)")
+    add("--output-format", choices=OUTPUT_FORMATS,
+        help="hdf5: a pack (the default for every dataset but webdataset); webdataset: shards of any dataset")
+    add("--shard-size", type=int, help="samples per shard with --output-format webdataset")
     add("--verify", metavar="DATA", help="check every image of the pack in DATA against its checksum from packing "
         "(names the changed ones) instead of packing")
     add("--debug", action="store_true", help="show the traceback of an error, not one line")
@@ -80,6 +88,20 @@ def verify(data_folder: str) -> int:
     return 0
 
 
+def summary_line(folder: str, summary: dict[str, Any]) -> str:
+    """What was written, in one line: a pack's splits, shards and their patterns, or the word-map pass."""
+    vocab = f"vocabulary {summary['vocab_size']} words"
+    if "splits" not in summary:  # the word-map pass
+        return (f"wrote {folder}/word_map.json and dataset.json: {summary['num_samples']} samples in "
+                f"{summary['num_shards']} shards, {summary['bad_samples']} bad; {vocab}")
+    counts = ", ".join(f"{s} {n}" for s, n in summary["splits"].items())
+    if "patterns" in summary:
+        patterns = " ".join(f"{s}={p}" for s, p in summary["patterns"].items())
+        return f"wrote shards to {folder}: {counts} images; {vocab}; patterns: {patterns}"
+    skipped = f"; skipped {summary['skipped_images']} bad images" if summary["skipped_images"] else ""
+    return f"wrote {folder}: {counts} images; {vocab}{skipped}"
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """The command line: pack, then print one summary line; errors are one `error:` line (exit 1).
     With --verify DATA: check an existing pack's images against their checksums instead."""
@@ -99,9 +121,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         except KeyboardInterrupt:
             print(f"error: interrupted; nothing new written to {options.output_folder}", file=sys.stderr)
             return 130
-        counts = ", ".join(f"{s} {n}" for s, n in summary["splits"].items())
-        skipped = f"; skipped {summary['skipped_images']} bad images" if summary["skipped_images"] else ""
-        print(f"wrote {options.output_folder}: {counts} images; vocabulary {summary['vocab_size']} words{skipped}")
+        print(summary_line(options.output_folder, summary))
         return 0
 
     return run_cli(body, args.debug)

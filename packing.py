@@ -57,7 +57,8 @@ __all__ = [
 ]
 
 KARPATHY_DATASETS = ("flickr8k", "flickr30k", "coco")
-DATASETS = KARPATHY_DATASETS + ("custom", "shapes")
+DATASETS = KARPATHY_DATASETS + ("custom", "shapes", "webdataset")
+OUTPUT_FORMATS = ("hdf5", "webdataset")
 FINAL_FILES = tuple(f"{s}.h5" for s in SPLITS) + ("word_map.json", "dataset.json")  # renamed in this order
 DEFAULT_IMAGE_SIZE = 256
 DEFAULT_SHAPES_NUM_IMAGES = 6000
@@ -65,6 +66,7 @@ SOURCE_INPUTS = {  # what each dataset is read from; it must not be given the ot
     **{name: ("karpathy_json", "image_folder") for name in KARPATHY_DATASETS},
     "custom": ("captions_file", "image_folder"),
     "shapes": (),
+    "webdataset": ("shards",),
 }
 _WRITE_BATCH = 64  # images buffered before one HDF5 write
 _SKIP_HINT = " (use --skip-bad-images to skip such images)"
@@ -94,6 +96,14 @@ class PackOptions:
     skip_bad_images: bool = False  # skip (and count) unreadable or caption-less images instead of stopping
     allow_split_overlap: bool = False  # Karpathy JSON: allow one image in two splits (refused by default)
     force: bool = False  # overwrite an existing packed dataset
+    # webdataset: shard patterns (shards.py). Alone, --shards makes the word-map pass for training from them;
+    # with --output-format hdf5 the splits' shards are packed.
+    shards: str | None = None
+    val_shards: str | None = None
+    test_shards: str | None = None
+    # What is written: None = an HDF5 pack (webdataset: the word-map pass), or shards of --shard-size samples
+    output_format: str | None = option(None, choices=OUTPUT_FORMATS)
+    shard_size: int = option(1000, min=1)
 
     def resolved(self) -> PackOptions:
         """A copy with the dataset's defaults in place of None; raises UserError naming a bad flag.
@@ -119,7 +129,7 @@ class PackOptions:
 
     def _check_sources(self) -> None:
         """Each dataset is read from its own inputs (SOURCE_INPUTS) and refuses the others' flags."""
-        for name in ("karpathy_json", "captions_file", "image_folder"):
+        for name in ("karpathy_json", "captions_file", "image_folder", "shards"):
             flag, needed = "--" + name.replace("_", "-"), name in SOURCE_INPUTS[self.dataset]
             if needed and not getattr(self, name):
                 raise UserError(f"--dataset {self.dataset} needs {flag}")
@@ -130,6 +140,14 @@ class PackOptions:
                             "drop --val/--test-fraction")
         if self.dataset != "shapes" and self.num_images is not None:
             raise UserError("--num-images applies to --dataset shapes only")
+        webdataset = self.dataset == "webdataset"
+        if (self.val_shards or self.test_shards) and not (webdataset and self.output_format == "hdf5"):
+            raise UserError("--val-shards/--test-shards are packed with --dataset webdataset --output-format hdf5")
+        if webdataset and self.output_format == "webdataset":
+            raise UserError("--dataset webdataset is already shards: --output-format hdf5 packs them, no "
+                            "--output-format makes the word-map pass")
+        if webdataset and self.output_format == "hdf5" and not self.val_shards:
+            raise UserError("--dataset webdataset --output-format hdf5 needs --val-shards (model selection reads val)")
 
 
 def _available_cpus() -> int:
@@ -645,5 +663,21 @@ def create_input_files(options: PackOptions) -> dict[str, Any]:
     Returns the summary also written to dataset.json (split sizes, vocabulary size, skipped images).
     Raises UserError for a bad option, source file or image (naming it).
     """
+    import shards  # shards.py uses this module's caption encoding: imported here, not at the top
+
     options = options.resolved()
-    return pack(read_records(options), options)
+    if options.output_format == "webdataset":
+        return shards.write_shards(read_records(options), options)
+    if options.dataset != "webdataset":
+        return pack(read_records(options), options)
+    if options.output_format is None:
+        return shards.write_word_map_pass(options.shards, options.output_folder, image_size=options.image_size,
+                                          captions_per_image=options.captions_per_image,
+                                          max_caption_words=options.max_caption_words,
+                                          min_word_freq=options.min_word_freq, tokenizer=options.tokenizer,
+                                          seed=options.seed, force=options.force)
+    records, problems = shards.shard_records({"train": options.shards, "val": options.val_shards,
+                                              "test": options.test_shards or ""}, options.tokenizer)
+    if problems and not options.skip_bad_images:
+        raise UserError(problems[0] + _SKIP_HINT)
+    return pack(records, options)

@@ -33,6 +33,7 @@ from losses import ConceptHead
 from models import build_model
 from runtime import DistInfo, UserError, cleanup_distributed, init_distributed, run_cli
 from scoring import scoring_words
+from shards import ShardLoader
 from trainer import (Run, RunLogger, StopRequest, TrainState, apply_resume_overrides, build_optimizer, cached_features,
                      make_loaders, packed_splits, self_critical, stop_workers, train_one_epoch, truncate_metrics,
                      use_feature_cache, val_scores)
@@ -177,6 +178,8 @@ def restore(run: Run, ckpt: dict[str, Any], overridden: Sequence[str]) -> None:
     run.scaler.load_state_dict(ckpt["scaler"])
     apply_resume_overrides(run.optimizer, run.scheduler, cfg, overridden)
     run.state = TrainState(**ckpt["train_state"])
+    if isinstance(run.sampler, ShardLoader) and run.state.stream:  # an epoch interrupted mid-way
+        run.sampler.resume(run.state.stream, run.info.rank, run.info.world_size)
     set_rng_state(ckpt["rng"])
 
 

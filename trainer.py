@@ -30,6 +30,7 @@ from models import ShowAttendTell
 from progress import progress_bar
 from rewards import load_document_frequencies
 from runtime import DistInfo, StopSignals, UserError, autocast_context, dead_workers_explained
+from shards import ShardLoader, ShardStream, check_shards, collate_stream, expand_shards, read_stream_info
 from scoring import (DIVERSITY_KEYS, caption_diversity, score_captions, validation_keys, validation_metrics,
                      warn_if_collapsed)
 from utils import rng_state
@@ -58,6 +59,9 @@ class TrainState:
     # their loss parts, so that the resumed run trains only the rest and reports the whole epoch's mean.
     epoch_step: int = 0
     epoch_sums: dict[str, float] = dataclasses.field(default_factory=dict)
+    # data_format=webdataset, interrupted mid-epoch: each rank's workers' raw stream positions and the
+    # epoch's bad samples so far (ShardLoader.position), so that the rest of the epoch skips what was read.
+    stream: dict[str, Any] = dataclasses.field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         return {**dataclasses.asdict(self), "hard_baseline": float(self.hard_baseline)}
@@ -77,9 +81,9 @@ class Run:
     optimizer: torch.optim.Optimizer
     scheduler: torch.optim.lr_scheduler.ReduceLROnPlateau
     scaler: torch.amp.GradScaler
-    train_loader: DataLoader
+    train_loader: DataLoader | ShardLoader
     val_loader: DataLoader
-    sampler: ResumableSampler
+    sampler: ResumableSampler | ShardLoader  # what orders an epoch: set_epoch, skip
     word_map: dict[str, int]  # the model's
     pack_word_map: dict[str, int]  # the pack's: differs when fine-tuning (see finetune.py)
     state: TrainState = dataclasses.field(default_factory=TrainState)
@@ -137,6 +141,7 @@ class RunLogger:
         val_keys = validation_keys(run.cfg.val_metric) + DIVERSITY_KEYS
         row = {"epoch": state.epoch, "step": state.step,
                **{f"train_{key}": f"{losses[key]:.4f}" for key in epoch_parts(run.cfg)},
+               **({"train_bad_samples": int(losses["bad_samples"])} if "bad_samples" in losses else {}),
                "lr": f"{lr:.3g}", **{f"val_{key}": f"{val[key]:.4g}" for key in val_keys},
                "epoch_seconds": f"{seconds:.1f}"}
         if "train_concept" in row and run.cfg.concept_loss_weight == 0:
@@ -152,6 +157,9 @@ class RunLogger:
         self.line(f"epoch {state.epoch}: loss {losses['loss']:.3f} ({detail}) "
                   f"val BLEU-4 {val['BLEU-4']:.4f} CIDEr {val['CIDEr']:.4f}{' (best)' if improved else ''} "
                   f"distinct {val['distinct_captions']:.0%} words {val['vocab_used']} lr {lr:.2g} {seconds:.0f}s")
+        if "bad_samples" in losses:
+            self.line(f"epoch {state.epoch}: {int(losses['bad_samples'])} bad samples skipped (corrupt image, no "
+                      "caption, unreadable tar member or shard)")
         warn_if_collapsed(val)
 
     def close(self, last_line: str, error: bool = False) -> None:
@@ -280,13 +288,18 @@ def train_one_epoch(run: Run, log: RunLogger) -> dict[str, float]:
                     totals[key] += value
             if run.stop is not None and run.stop.requested(state.step, info, device):
                 state.epoch_sums = {key: float(value) for key, value in totals.items()}
+                if isinstance(run.train_loader, ShardLoader):
+                    state.stream = run.train_loader.position(info.enabled)
                 return {}
             if state.step % 10 == 0 and parts:  # reading the loss syncs with the GPU: do it now and then
                 images_per_s = num_steps * cfg.batch_size * info.world_size / (time.time() - start)
                 bar.set_postfix(loss=f"{float(parts['loss']):.3f}", img_s=f"{images_per_s:.0f}")
             log.step(state.step, parts)
-    state.epoch_step, state.epoch_sums = 0, {}
-    return {key: float(value) / max(num_steps, 1) for key, value in totals.items()}
+    state.epoch_step, state.epoch_sums, state.stream = 0, {}, {}
+    means = {key: float(value) / max(num_steps, 1) for key, value in totals.items()}
+    if isinstance(run.train_loader, ShardLoader):
+        means["bad_samples"] = run.train_loader.bad_samples(info.enabled)
+    return means
 
 
 class StopRequest(StopSignals):
@@ -322,7 +335,9 @@ def val_scores(
 
 
 def make_loaders(cfg: Config, info: DistInfo, device: torch.device
-                 ) -> tuple[DataLoader, DataLoader, ResumableSampler]:
+                 ) -> tuple[DataLoader | ShardLoader, DataLoader, ResumableSampler | ShardLoader]:
+    if cfg.data_format == "webdataset":
+        return make_shard_loaders(cfg, info, device)
     train_set = CaptionDataset(cfg.data_folder, "train", transform=RandomHorizontalFlip() if cfg.hflip else None)
     val_set = CaptionDataset(cfg.data_folder, "val")
     if len(val_set) == 0:  # fail now, not after an epoch: model selection needs a val score
@@ -347,6 +362,37 @@ def make_loaders(cfg: Config, info: DistInfo, device: torch.device
     return train_loader, val_loader, sampler
 
 
+def make_shard_loaders(cfg: Config, info: DistInfo, device: torch.device
+                       ) -> tuple[ShardLoader, DataLoader, ShardLoader]:
+    """data_format=webdataset: train and val streamed from shards (shards.py), encoded by the word map and
+    marker that create_input_files.py --dataset webdataset wrote into data_folder."""
+    stream_info, word_map = read_stream_info(cfg.data_folder)
+    train_urls, val_urls = expand_shards(cfg.train_shards, "train_shards"), expand_shards(cfg.val_shards, "val_shards")
+    check_shards(train_urls + val_urls)
+    workers = max(cfg.num_workers, 1)
+    if not cfg.shard_resampled and len(train_urls) < info.world_size * workers:
+        raise UserError(f"train_shards: {len(train_urls)} shard(s) cannot feed {info.world_size} process(es) x "
+                        f"{workers} DataLoader worker(s): write more, smaller shards (--shard-size), lower "
+                        "num_workers, or set shard_resampled=true")
+    steps = cfg.train_num_samples // (cfg.batch_size * info.world_size)
+    if steps == 0:
+        raise UserError(f"train_num_samples={cfg.train_num_samples} gives no full batch of batch_size="
+                        f"{cfg.batch_size} per process ({info.world_size} process(es))")
+    train_set = ShardStream(train_urls, dataclasses.replace(stream_info, num_samples=cfg.train_num_samples), word_map,
+                            train=True, seed=cfg.seed, shuffle_buffer=cfg.shard_shuffle_buffer,
+                            resampled=cfg.shard_resampled, rank=info.rank, world_size=info.world_size,
+                            transform=RandomHorizontalFlip() if cfg.hflip else None)
+    train_loader = ShardLoader(train_set, cfg.batch_size, steps, cfg.num_workers, pin_memory=device.type == "cuda",
+                               worker_init_fn=_ignore_stop_signals)
+    val_set = ShardStream(val_urls, stream_info, word_map, train=False, seed=cfg.seed, split="val")
+    val_set.max_items = cfg.val_max_images
+    # One process reads val in order (a second worker would read the same shards again).
+    val_workers = min(cfg.num_workers, 1)
+    val_loader = DataLoader(val_set, batch_size=max(1, 64 // cfg.val_beam_size), num_workers=val_workers,
+                            collate_fn=collate_stream, worker_init_fn=_ignore_stop_signals if val_workers else None)
+    return train_loader, val_loader, train_loader
+
+
 def packed_splits(train_loader: DataLoader, val_loader: DataLoader) -> list[CaptionDataset]:
     """The packed train and val datasets behind the loaders (val_max_images wraps val in a Subset)."""
     val = val_loader.dataset
@@ -361,6 +407,10 @@ def use_feature_cache(cfg: Config) -> bool:
             raise UserError("feature_cache=on needs a frozen encoder: set fine_tune_encoder=false or feature_cache=off")
         if cfg.hflip:
             raise UserError("feature_cache=on cannot flip images (hflip=true): set one of them off")
+    if cfg.data_format == "webdataset":
+        if cfg.feature_cache == "on":
+            raise UserError("feature_cache=on needs an HDF5 pack (data_format=hdf5): shards are streamed, not cached")
+        return False
     return cfg.feature_cache == "on" or (cfg.feature_cache == "auto" and not cfg.fine_tune_encoder and not cfg.hflip)
 
 

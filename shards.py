@@ -1,0 +1,565 @@
+"""WebDataset shards as a data source: img2dataset's tar layout (`KEY.jpg`, `KEY.txt`, `KEY.json`) streamed
+shard by shard, split across torchrun ranks and DataLoader workers, with an epoch defined by a sample count.
+
+Why shards: at CC3M scale random access into one HDF5 file on a shared filesystem is what stalls
+training; reading whole tar files front to back is what every filesystem and object store does fastest.
+Why the `webdataset` library (its tar reader, brace patterns and shuffle buffer) and not
+mosaicml-streaming: it reads img2dataset's output as it is, where streaming first converts everything
+to its own MDS format. Its indexed `wids` mode is not needed for resume: a stream's position is
+counted here (`ShardLoader.position`), and a resumed epoch skips that many raw samples without
+decoding them (docs/data.md, "Shards").
+
+What a sample must have: an image member (jpg, jpeg, png or webp) and a caption, taken from the
+`.json`'s `captions` list (what `write_shards` stores: every reference, with `tokens`), else the `.txt`,
+else the `.json`'s `caption` field. Images go through datasets.image_array, the packer's own
+preprocessing (EXIF, RGB, resize). A sample without them, an image PIL cannot decode, an unreadable
+tar member or a truncated shard is skipped and counted (`bad`), never fatal; a local shard that
+cannot be opened at all is named before training starts (`check_shards`).
+"""
+from __future__ import annotations
+
+import io
+import json
+import os
+import random
+import re
+import sys
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterable, Iterator, Sequence
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from PIL import Image
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+from datasets import collate_captions, image_array, normalize_image
+from filesafety import atomic_write_text
+from progress import progress_bar
+from runtime import UserError, one_line
+from text import SPECIAL_TOKENS, load_word_map, tokenize
+
+__all__ = ["IMAGE_EXTENSIONS", "ShardLoader", "ShardStream", "StreamInfo", "check_shards", "expand_shards",
+           "read_stream_info", "sample_captions", "scan_captions", "shard_samples", "write_word_map_pass"]
+
+IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
+MARKER = "dataset.json"  # written last by the word-map pass, as by packing: a finished folder has it
+
+
+class BadSample(Exception):
+    """A sample that cannot be trained on; counted and skipped."""
+
+
+def expand_shards(pattern: str, what: str = "train_shards") -> list[str]:
+    """A brace pattern (`cc3m/{00000..00331}.tar`, several joined by `::`) -> the shard list, as webdataset
+    expands it."""
+    from webdataset.shardlists import expand_urls
+
+    urls = [u for u in expand_urls(pattern)] if pattern else []
+    if not urls:
+        raise UserError(f"{what}={pattern!r} names no shards")
+    return urls
+
+
+def _is_local(url: str) -> bool:
+    return "://" not in url and not url.startswith("pipe:")
+
+
+def check_shards(urls: Sequence[str]) -> None:
+    """Name the first local shard that cannot be opened as a tar file, before any worker starts (a remote
+    or `pipe:` URL is checked by reading it, and counted as bad if that fails)."""
+    for url in urls:
+        if not _is_local(url):
+            continue
+        try:
+            with open(url, "rb") as f:
+                header = f.read(512)
+        except OSError as e:
+            raise UserError(f"{url}: cannot open shard ({e.strerror or one_line(e)})") from None
+        if len(header) < 512 or header[257:262] != b"ustar":
+            raise UserError(f"{url}: not a tar file (empty, or not a shard)")
+
+
+def shard_samples(urls: Iterable[str], on_error: Callable[[Exception], bool]) -> Iterator[dict[str, Any]]:
+    """Raw samples ({"__key__", "jpg": bytes, "txt": bytes, ...}) of `urls` in order; `on_error` gets
+    each unreadable member or shard (return True to go on)."""
+    import webdataset as wds
+
+    return wds.tarfile_to_samples(handler=on_error)({"url": url} for url in urls)
+
+
+def sample_captions(sample: dict[str, Any], tokenizer: str) -> tuple[list[str], list[list[str]], str]:
+    """(references, tokens, name) of a raw sample; name is the source file name the .json keeps (which
+    seeds the choice of stored captions, as in packing), else the sample's key. `write_shards` stores every reference and its tokens in the
+    .json; img2dataset stores one caption in .txt and in the .json's `caption`. Empty captions are dropped."""
+    meta: dict[str, Any] = {}
+    if "json" in sample:
+        try:
+            meta = json.loads(sample["json"])
+        except (ValueError, UnicodeDecodeError):
+            raise BadSample("unreadable .json") from None
+        meta = meta if isinstance(meta, dict) else {}
+    texts, stored_tokens = meta.get("captions"), meta.get("tokens")
+    if not isinstance(texts, list) or not all(isinstance(t, str) for t in texts):
+        stored_tokens = None
+        if "txt" in sample:
+            texts = [sample["txt"].decode("utf-8", errors="replace")]
+        else:
+            texts = [meta["caption"]] if isinstance(meta.get("caption"), str) else []
+    # The Karpathy JSON's own tokens, as the packer uses them with the ascii tokenizer
+    use_stored = tokenizer == "ascii" and isinstance(stored_tokens, list) and len(stored_tokens) == len(texts)
+    references, tokens = [], []
+    for i, text in enumerate(texts):
+        words = [str(w).lower() for w in stored_tokens[i]] if use_stored else tokenize(text, tokenizer)
+        if words:
+            references.append(text.strip())
+            tokens.append(words)
+    if not tokens:
+        raise BadSample("no caption")
+    name = meta.get("filename")
+    return references, tokens, name if isinstance(name, str) else sample["__key__"]
+
+
+def sample_image(sample: dict[str, Any], image_size: int) -> np.ndarray:
+    """The sample's image as the packer prepares files: (3, S, S) uint8 RGB."""
+    data = next((sample[ext] for ext in IMAGE_EXTENSIONS if ext in sample), None)
+    if data is None:
+        raise BadSample("no image member")
+    try:
+        with Image.open(io.BytesIO(data)) as image:
+            image.load()
+            return image_array(image, image_size)
+    except Exception as e:  # PIL's decoders raise anything on corrupt data
+        raise BadSample(f"cannot decode image ({one_line(e)})") from None
+
+
+def caption_rows(tokens: list[list[str]], key: str, word_map: dict[str, int], captions_per_image: int,
+                 max_words: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """captions (C, max_words + 2) and caplens (C,) of one sample, chosen and encoded as packing does."""
+    from packing import choose_captions, encode_caption
+
+    rows = [encode_caption(tokens[c][:max_words], word_map, max_words)
+            for c in choose_captions(len(tokens), captions_per_image, seed, key)]
+    return (torch.tensor([ids for ids, _ in rows], dtype=torch.int64),
+            torch.tensor([length for _, length in rows], dtype=torch.int64))
+
+
+@dataclass
+class StreamInfo:
+    """What the word-map pass recorded (dataset.json beside word_map.json): how to encode the stream."""
+
+    image_size: int
+    captions_per_image: int
+    max_caption_words: int
+    tokenizer: str
+    seed: int = 0  # seeds which captions_per_image of a sample's captions are used, as packing does
+    num_samples: int = 0
+
+
+def read_stream_info(data_folder: str) -> tuple[StreamInfo, dict[str, int]]:
+    """The folder of a word-map pass (or of a pack): its marker and word map; UserError naming what is missing."""
+    marker = os.path.join(data_folder, MARKER)
+    try:
+        with open(marker, encoding="utf-8") as f:
+            values = json.load(f)
+    except FileNotFoundError:
+        raise UserError(f"{marker} not found: run create_input_files.py --dataset webdataset --shards PATTERN "
+                        f"--output-folder {data_folder} first") from None
+    except (ValueError, OSError) as e:
+        raise UserError(f"{marker}: not readable JSON ({one_line(e)})") from None
+    try:
+        info = StreamInfo(int(values["image_size"]), int(values["captions_per_image"]),
+                          int(values["max_caption_words"]), str(values.get("tokenizer", "ascii")),
+                          int(values.get("seed", 0)))
+    except (KeyError, TypeError, ValueError) as e:
+        raise UserError(f"{marker}: lacks {one_line(e)}; re-run create_input_files.py") from None
+    return info, load_word_map(os.path.join(data_folder, "word_map.json"))
+
+
+class ShardStream(IterableDataset):
+    """Training or validation samples streamed from shards, items shaped like CaptionDataset's.
+
+    Training (`train=True`): each epoch the shard list is shuffled with (seed, epoch); rank r of W takes
+    every W-th shard from r, and its DataLoader worker w of K every K-th of those, cycling through them
+    without end (ShardLoader ends the epoch); a seeded buffer shuffles samples across shards. With
+    `resampled`, each worker instead draws shards at random with replacement. Validation: every shard in
+    order, once, in one process (rank 0 validates alone). Items also carry `stream`: (worker, raw
+    position, bad samples so far), from which ShardLoader knows where each worker stands.
+    """
+
+    def __init__(self, urls: Sequence[str], info: StreamInfo, word_map: dict[str, int], *, train: bool,
+                 seed: int = 0, shuffle_buffer: int = 1000, resampled: bool = False, rank: int = 0,
+                 world_size: int = 1, transform: Callable[[torch.Tensor], torch.Tensor] | None = None,
+                 split: str = "train") -> None:
+        self.urls, self.info, self.word_map, self.train = list(urls), info, word_map, train
+        self.seed, self.shuffle_buffer, self.resampled = seed, shuffle_buffer, resampled
+        self.rank, self.world_size, self.transform, self.split = rank, world_size, transform, split
+        self.path = self.urls[0] if len(self.urls) == 1 else f"{self.urls[0]} .. {self.urls[-1]}"  # for messages
+        self.image_size, self.captions_per_image = info.image_size, info.captions_per_image
+        self.tokenizer, self.num_images = info.tokenizer, info.num_samples
+        self.epoch = 0
+        self.skip: list[int] = []  # raw samples each worker skips first (a resumed epoch); [] none
+        # DataLoader worker i plays worker (i + worker_offset) % K: a resumed epoch's first batch must come
+        # from the worker whose turn it was (the loader takes batches from its workers in turn, from 0).
+        self.worker_offset = 0
+        self.features_path: str | None = None  # never: shards train the encoder's input (no feature cache)
+        self.caption_id_map: torch.Tensor | None = None  # set by train.py when fine-tuning (as CaptionDataset)
+        self.max_items = 0  # validation: stop after this many samples (val_max_images); 0 = all
+        self.bad = 0
+
+    def __len__(self) -> int:
+        return self.info.num_samples
+
+    def worker_shards(self, worker: int, num_workers: int) -> list[str]:
+        """This rank's and worker's shards for the epoch (train), or all of them in order (val)."""
+        if not self.train:
+            return self.urls
+        order = np.random.default_rng([self.seed, self.epoch]).permutation(len(self.urls))
+        mine = [self.urls[i] for i in order][self.rank::self.world_size][worker::num_workers]
+        if not mine:
+            raise UserError(f"{len(self.urls)} shards cannot feed {self.world_size} process(es) x {num_workers} "
+                            "DataLoader worker(s): write more, smaller shards (--shard-size) or lower num_workers")
+        return mine
+
+    def _samples(self, shards: list[str], rng: random.Random) -> Iterator[dict[str, Any]]:
+        """Raw samples: val reads its shards once; a training worker goes through its share again and again
+        (ShardLoader ends the epoch), each pass shuffled on its own, so that no sample comes twice before
+        every sample of the pass has come once."""
+        import webdataset as wds
+
+        if not self.train:
+            yield from shard_samples(shards, self._count_error)
+            return
+        while True:
+            urls = [rng.choice(self.urls) for _ in self.urls] if self.resampled else shards
+            samples = shard_samples(urls, self._count_error)
+            if self.shuffle_buffer > 1:
+                samples = wds.filters._shuffle(samples, self.shuffle_buffer, min(100, self.shuffle_buffer), rng=rng)
+            yield from samples
+
+    def _count_error(self, error: Exception) -> bool:
+        self.bad += 1
+        return True
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        worker = get_worker_info()
+        w, num_workers = (worker.id, worker.num_workers) if worker is not None else (0, 1)
+        w = (w + self.worker_offset) % num_workers
+        rng = random.Random(f"{self.seed}-{self.epoch}-{self.rank}-{w}")
+        samples = self._samples(self.worker_shards(w, num_workers), rng)
+        skip = self.skip[w] if w < len(self.skip) else 0
+        index = -1
+        for position, sample in enumerate(samples, start=1):
+            if position <= skip:
+                continue
+            try:
+                item = self.decode(sample)
+            except BadSample:
+                self.bad += 1
+                continue
+            index += 1
+            item.update(index=index, stream=(w, position, self.bad))
+            yield item
+            if index + 1 == self.max_items:
+                return
+
+    def decode(self, sample: dict[str, Any]) -> dict[str, Any]:
+        references, tokens, name = sample_captions(sample, self.tokenizer)
+        image = torch.from_numpy(sample_image(sample, self.image_size))
+        if self.transform is not None:
+            image = self.transform(image)
+        captions, caplens = caption_rows(tokens, name, self.word_map, self.captions_per_image,
+                                         self.info.max_caption_words, self.info.seed)
+        if self.caption_id_map is not None:
+            captions = self.caption_id_map[captions]
+        item = {"image": normalize_image(image), "captions": captions, "caplens": caplens, "key": sample["__key__"]}
+        if not self.train:
+            item["references"] = references
+        return item
+
+
+def collate_stream(batch: list[dict[str, Any]]) -> dict[str, Any]:
+    """collate_captions plus the batch's stream position (one worker made the whole batch)."""
+    out = collate_captions(batch)
+    out["keys"] = [item["key"] for item in batch]
+    workers = {item["stream"][0] for item in batch}
+    assert len(workers) == 1, "a batch mixes DataLoader workers"
+    out["stream"] = max(item["stream"] for item in batch)  # (worker, raw position, bad so far)
+    return out
+
+
+@dataclass
+class ShardLoader:
+    """The training loader over a ShardStream: `steps` batches per epoch (this rank's share of
+    train_num_samples), its workers started anew each epoch (they read `epoch` and `skip` then).
+
+    It also stands where train.py expects the sampler (`set_epoch`, `skip`), and knows each worker's raw
+    position and bad-sample count, which `position` gathers from every rank for a mid-epoch last.pt.
+    """
+
+    stream: ShardStream
+    batch_size: int
+    steps: int
+    num_workers: int = 0
+    pin_memory: bool = False
+    worker_init_fn: Callable[[int], None] | None = None
+    done_steps: int = 0  # steps of the epoch already trained (a resumed epoch)
+    positions: dict[int, int] = field(default_factory=dict)
+    bad: dict[int, int] = field(default_factory=dict)
+    resume_bad: int = 0  # bad samples counted before the interruption, in this epoch
+
+    @property
+    def dataset(self) -> ShardStream:
+        return self.stream
+
+    @property
+    def skip(self) -> int:
+        return self.done_steps * self.batch_size
+
+    @skip.setter
+    def skip(self, samples: int) -> None:  # what train.py sets from state.epoch_step (0 after the epoch)
+        self.done_steps = samples // self.batch_size
+        if not samples:
+            self.stream.skip, self.resume_bad = [], 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.stream.epoch = epoch
+        self.positions, self.bad = {}, {}
+
+    def __len__(self) -> int:
+        return self.steps - self.done_steps
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        self.stream.worker_offset = self.done_steps % max(self.num_workers, 1)
+        loader = DataLoader(self.stream, batch_size=self.batch_size, num_workers=self.num_workers,
+                            collate_fn=collate_stream, pin_memory=self.pin_memory,
+                            worker_init_fn=self.worker_init_fn if self.num_workers else None,
+                            generator=torch.Generator().manual_seed(self.stream.seed * 1000 + self.stream.epoch))
+        iterator = iter(loader)
+        try:
+            for _ in range(len(self)):
+                batch = next(iterator)
+                worker, position, bad = batch.pop("stream")
+                self.positions[worker], self.bad[worker] = position, bad
+                yield batch
+        finally:
+            del iterator  # ends the workers now, not at garbage collection
+
+    def resume(self, stream_state: dict[str, Any], rank: int, world_size: int) -> None:
+        """Skip, in the interrupted epoch, the raw samples each worker had read (`position`'s record)."""
+        positions = stream_state.get("positions") or []
+        if len(positions) != world_size or any(len(p) != max(self.num_workers, 1) for p in positions):
+            print(f"warning: resuming with {world_size} process(es) x {max(self.num_workers, 1)} worker(s), "
+                  "not as interrupted: the rest of the epoch streams its shards from the start (samples may repeat)",
+                  file=sys.stderr)
+            return
+        self.stream.skip = list(positions[rank])
+        self.resume_bad = int(stream_state.get("bad", 0))
+
+    def position(self, distributed: bool) -> dict[str, Any]:
+        """Every rank's workers' raw positions and the epoch's bad samples so far (a collective in DDP)."""
+        workers = max(self.num_workers, 1)
+        mine = [self.positions.get(w, self.stream.skip[w] if w < len(self.stream.skip) else 0)
+                for w in range(workers)]
+        gathered = [mine]
+        if distributed:
+            gathered = [None] * dist.get_world_size()
+            dist.all_gather_object(gathered, mine)
+        return {"positions": gathered, "bad": self.bad_samples(distributed)}
+
+    def bad_samples(self, distributed: bool) -> int:
+        """Bad samples of this epoch so far, over every rank and worker (a collective in DDP)."""
+        total = torch.tensor(float(sum(self.bad.values())))
+        if distributed:
+            dist.all_reduce(total)
+        return self.resume_bad + int(total.item())
+
+
+def scan_captions(urls: Sequence[str], tokenizer: str, max_words: int) -> tuple[Counter[str], int, int]:
+    """One streaming pass over the shards' captions (no image is decoded): word counts, good and bad
+    samples. Memory holds the word counts only, whatever the number of shards."""
+    counts: Counter[str] = Counter()
+    good = bad = 0
+
+    def count_error(error: Exception) -> bool:
+        nonlocal bad
+        bad += 1
+        return True
+
+    with progress_bar(total=len(urls), desc="word map", unit="shard") as bar:
+        url = None
+        for sample in shard_samples(urls, count_error):
+            if sample.get("__url__") != url:
+                url = sample.get("__url__")
+                bar.update()
+            try:
+                _, tokens, _ = sample_captions(sample, tokenizer)
+                if not any(ext in sample for ext in IMAGE_EXTENSIONS):
+                    raise BadSample("no image member")
+            except BadSample:
+                bad += 1
+                continue
+            good += 1
+            counts.update(w for t in tokens for w in t[:max_words])
+    return counts, good, bad
+
+
+def write_word_map_pass(pattern: str, output_folder: str, *, image_size: int, captions_per_image: int,
+                        max_caption_words: int, min_word_freq: int, tokenizer: str, seed: int = 0, force: bool = False,
+                        extra: dict[str, Any] | None = None) -> dict[str, Any]:
+    """`create_input_files.py --dataset webdataset --shards PATTERN`: word_map.json and dataset.json (the
+    marker: shard list, sample counts, how to encode) for training from the shards; no image is written."""
+    from packing import build_word_map
+
+    folder = Path(output_folder)
+    if (folder / MARKER).exists() and not force:
+        raise UserError(f"{folder} already holds {MARKER}; pass --force to overwrite it")
+    urls = expand_shards(pattern, "--shards")
+    check_shards(urls)
+    counts, good, bad = scan_captions(urls, tokenizer, max_caption_words)
+    if not good:
+        raise UserError(f"{pattern}: no sample with an image and a caption in {len(urls)} shard(s)")
+    word_map = build_word_map([counts.elements()], min_word_freq)  # streams the counts: memory stays flat
+    summary = {"dataset": "webdataset", "data_format": "webdataset", "shards": pattern, "num_shards": len(urls),
+               "shard_files": [os.path.basename(u) for u in urls], "num_samples": good, "bad_samples": bad,
+               "vocab_size": len(word_map), "captions_per_image": captions_per_image,
+               "max_caption_words": max_caption_words, "image_size": image_size, "min_word_freq": min_word_freq,
+               "tokenizer": tokenizer, "seed": seed, **(extra or {})}
+    folder.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(folder / "word_map.json", json.dumps(word_map, indent=1) + "\n")
+    atomic_write_text(folder / MARKER, json.dumps(summary, indent=1) + "\n")  # last: marks a finished pass
+    return summary
+
+
+def _sample_key(filename: str, seen: set[str]) -> str:
+    """A webdataset key from a file name: no dots or slashes (webdataset splits a member's name at its
+    first dot), unique within the conversion."""
+    key = re.sub(r"[^A-Za-z0-9_-]", "_", os.path.splitext(filename)[0]) or "sample"
+    unique, n = key, 1
+    while unique in seen:
+        unique, n = f"{key}_{n}", n + 1
+    seen.add(unique)
+    return unique
+
+
+def _record_image(record: Any, image_size: int, seed: int) -> tuple[bytes, str]:
+    """The bytes a shard stores for one record: the source file as it is (so the stream preprocesses the
+    very file the packer would), or a generated shapes image as PNG."""
+    if record.path:
+        try:
+            with open(record.path, "rb") as f:
+                data = f.read()
+        except OSError as e:
+            raise UserError(f"{record.path}: cannot read ({e.strerror or one_line(e)})") from None
+        ext = os.path.splitext(record.path)[1].lower().lstrip(".")
+        return data, ext if ext in IMAGE_EXTENSIONS else "jpg"
+    from shapes import generate_image
+
+    image, objects, tokens, _ = generate_image(seed, record.index, image_size)
+    record.objects, record.tokens, record.references = objects, tokens, [" ".join(t) for t in tokens]
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return buffer.getvalue(), "png"
+
+
+def write_split_shards(records: Sequence[Any], folder: Path, split: str, *, shard_size: int, image_size: int,
+                       seed: int) -> list[Path]:
+    """One split's records as img2dataset-style shards `{split}-000000.tar`, ... under temp names (returned,
+    renamed by the caller once every split is written): KEY.jpg|png, KEY.txt (the first caption) and KEY.json
+    (`caption`, every reference in `captions`, their `tokens`, the source `filename`, `image_id`)."""
+    import webdataset as wds
+
+    written: list[Path] = []
+    seen: set[str] = set()
+    pattern = str(folder / f".tmp-{split}-%06d.tar")
+    with wds.ShardWriter(pattern, maxcount=shard_size, verbose=0,
+                         post=lambda name: written.append(Path(name))) as writer:
+        for record in progress_bar(records, desc=f"{split} shards", unit="img"):
+            data, ext = _record_image(record, image_size, seed)
+            if not record.tokens:
+                continue  # the packer refuses or skips an image without captions (packing._prechecked)
+            meta = {"caption": record.references[0], "captions": record.references, "tokens": record.tokens,
+                    "filename": record.filename, "image_id": record.image_id}
+            writer.write({"__key__": _sample_key(record.filename, seen), ext: data,
+                          "txt": record.references[0], "json": meta})
+    return written
+
+
+def write_shards(records: dict[str, list[Any]], options: Any) -> dict[str, Any]:
+    """`create_input_files.py <source> --output-format webdataset`: every split as shards, then the word map
+    and marker of the train shards (`write_word_map_pass`), so the folder is ready as a data_folder. All or
+    nothing: shards are written under temp names and renamed once every split is done; the marker last."""
+    folder = Path(options.output_folder)
+    if (folder / MARKER).exists() and not options.force:
+        raise UserError(f"{folder} already holds {MARKER}; pass --force to overwrite it")
+    folder.mkdir(parents=True, exist_ok=True)
+    written: dict[str, list[Path]] = {}
+    try:
+        for split, split_records in records.items():
+            written[split] = write_split_shards(split_records, folder, split, shard_size=options.shard_size,
+                                                image_size=options.image_size, seed=options.seed)
+    except BaseException:
+        for path in (p for paths in written.values() for p in paths):
+            path.unlink(missing_ok=True)
+        for path in folder.glob(".tmp-*.tar"):
+            path.unlink()
+        raise
+    patterns = {}
+    for split, paths in written.items():
+        for old in folder.glob(f"{split}-*.tar"):  # --force over older shards: none of theirs stays
+            old.unlink()
+        for path in paths:
+            path.rename(folder / path.name.removeprefix(".tmp-"))
+        patterns[split] = _brace_pattern(folder, split, len(paths))
+    if not written.get("train"):
+        raise UserError("no training images to write")
+    return write_word_map_pass(patterns["train"], str(folder), image_size=options.image_size,
+                               captions_per_image=options.captions_per_image,
+                               max_caption_words=options.max_caption_words, min_word_freq=options.min_word_freq,
+                               tokenizer=options.tokenizer, seed=options.seed, force=True,
+                               extra={"splits": {s: len(r) for s, r in records.items()},
+                                      "patterns": {s: p for s, p in patterns.items() if p}})
+
+
+def _brace_pattern(folder: Path, split: str, count: int) -> str:
+    if count == 0:
+        return ""
+    last = f"{count - 1:06d}"
+    return str(folder / (f"{split}-{last}.tar" if count == 1 else f"{split}-{{000000..{last}}}.tar"))
+
+
+def shard_records(patterns: dict[str, str], tokenizer: str) -> tuple[dict[str, list[Any]], list[str]]:
+    """The samples of each split's shards as packing records carrying their image bytes (`--dataset webdataset
+    --output-format hdf5`), and the problems of the samples that cannot be packed. Holds every image's
+    bytes in memory: for the small datasets an HDF5 pack is for."""
+    from packing import Record
+
+    records: dict[str, list[Any]] = {}
+    problems: list[str] = []
+
+    def count_error(error: Exception) -> bool:
+        problems.append(f"unreadable tar member or shard ({one_line(error)})")
+        return True
+
+    for split, pattern in patterns.items():
+        records[split] = []
+        urls = expand_shards(pattern, f"--{split}-shards") if pattern else []
+        check_shards(urls)
+        for sample in progress_bar(shard_samples(urls, count_error), desc=f"{split} shards", unit="sample"):
+            key, url = sample["__key__"], sample.get("__url__", "")
+            data = next((sample[ext] for ext in IMAGE_EXTENSIONS if ext in sample), None)
+            try:
+                references, tokens, name = sample_captions(sample, tokenizer)
+            except BadSample as e:
+                problems.append(f"{url}: {key}: {e}")
+                continue
+            if data is None:
+                problems.append(f"{url}: {key}: no image member")
+                continue
+            meta = json.loads(sample["json"]) if "json" in sample else {}
+            image_id = meta.get("image_id") if isinstance(meta, dict) else None
+            records[split].append(Record(filename=name, data=data, tokens=tokens, references=references,
+                                         image_id=image_id if isinstance(image_id, int) else None))
+    return records, problems

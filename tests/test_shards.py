@@ -1,0 +1,243 @@
+"""WebDataset shards (shards.py): conversion from any pack source, the word-map pass, streaming split by
+rank and worker, bad samples, mid-epoch resume, and training over shards under torchrun."""
+from __future__ import annotations
+
+import csv
+import io
+import json
+import os
+import subprocess
+import sys
+import tarfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import create_input_files
+from conftest import ROOT, pack_main
+from datasets import CaptionDataset
+from runtime import UserError
+from shards import ShardLoader, ShardStream, StreamInfo, check_shards, expand_shards, read_stream_info
+
+# 48 shapes images: train 36, val 6, test 6; shards of 9 -> 4 train shards
+SHAPES = ["--dataset", "shapes", "--num-images", "48", "--image-size", "48", "--seed", "3", "--val-fraction", "0.125",
+          "--test-fraction", "0.125", "--num-workers", "1"]
+TRAIN_SHARDS = "train-{000000..000003}.tar"
+
+
+@pytest.fixture(scope="module")
+def shapes_pair(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """The same 48 shapes images as an HDF5 pack and as shards (+ word map and marker)."""
+    root = tmp_path_factory.mktemp("shards")
+    pack_main(SHAPES + ["--output-folder", str(root / "h5")])
+    pack_main(SHAPES + ["--output-folder", str(root / "wds"), "--output-format", "webdataset", "--shard-size", "9"])
+    return root / "h5", root / "wds"
+
+
+def stream_items(folder: Path, pattern: str, split: str = "val") -> dict[str, dict]:
+    """Every sample of the shards in order (validation mode: no shuffle, no split), by key."""
+    info, word_map = read_stream_info(str(folder))
+    stream = ShardStream(expand_shards(str(folder / pattern)), info, word_map, train=False, split=split)
+    return {item["key"]: item for item in stream}
+
+
+def assert_same_as_pack(pack_folder: Path, shard_folder: Path, split: str, pattern: str) -> None:
+    pack = CaptionDataset(str(pack_folder), split, with_references=True)
+    items = stream_items(shard_folder, pattern, split)
+    assert len(items) == len(pack) > 0
+    for i in range(len(pack)):
+        key = os.path.splitext(pack.filename(i))[0].replace("/", "_").replace(".", "_")
+        expected, got = pack[i], items[key]
+        assert torch.equal(got["image"], expected["image"]), f"pixels differ for {key}"
+        assert torch.equal(got["captions"], expected["captions"]) and torch.equal(got["caplens"], expected["caplens"])
+        assert got["references"] == expected["references"]
+
+
+def test_shards_hold_the_packs_pixels_and_captions(shapes_pair):
+    h5, wds = shapes_pair
+    marker = json.loads((wds / "dataset.json").read_text())
+    assert marker["splits"] == {"train": 36, "val": 6, "test": 6} and marker["num_shards"] == 4
+    assert sorted(p.name for p in wds.glob("*.tar")) == sorted(
+        [f"train-{i:06d}.tar" for i in range(4)] + ["val-000000.tar", "test-000000.tar"])
+    assert not list(wds.glob(".tmp-*"))
+    for split, pattern in (("train", TRAIN_SHARDS), ("val", "val-000000.tar")):
+        assert_same_as_pack(h5, wds, split, pattern)
+
+
+def test_flickr8k_subset_shards_match_its_pack(flickr8k, tmp_path):
+    """Real JPEGs (EXIF, resize): the stream decodes the very files the packer decodes, the same way."""
+    data = json.loads((flickr8k / "dataset_flickr8k.json").read_text())
+    subset = ([e for e in data["images"] if e["split"] == "train"][:8] + [e for e in data["images"] if
+                                                                          e["split"] == "val"][:2]
+              + [e for e in data["images"] if e["split"] == "test"][:2])
+    (tmp_path / "subset.json").write_text(json.dumps({"images": subset}))
+    args = ["--dataset", "flickr8k", "--karpathy-json", str(tmp_path / "subset.json"), "--image-folder",
+            str(flickr8k / "images"), "--image-size", "64", "--min-word-freq", "1", "--num-workers", "1"]
+    pack_main(args + ["--output-folder", str(tmp_path / "h5")])
+    pack_main(args + ["--output-folder", str(tmp_path / "wds"), "--output-format", "webdataset", "--shard-size", "4"])
+    assert_same_as_pack(tmp_path / "h5", tmp_path / "wds", "train", "train-{000000..000001}.tar")
+    assert (tmp_path / "wds" / "word_map.json").read_text() == (tmp_path / "h5" / "word_map.json").read_text()
+
+
+def test_word_map_pass_equals_the_packs_word_map(shapes_pair, tmp_path, capsys):
+    h5, wds = shapes_pair
+    pack_main(["--dataset", "webdataset", "--shards", str(wds / TRAIN_SHARDS), "--image-size", "48",
+               "--output-folder", str(tmp_path / "wm")])
+    assert json.loads((tmp_path / "wm" / "word_map.json").read_text()) == json.loads((h5 / "word_map.json").read_text())
+    marker = json.loads((tmp_path / "wm" / "dataset.json").read_text())
+    assert marker["num_samples"] == 36 and marker["bad_samples"] == 0 and marker["num_shards"] == 4
+    assert marker["shard_files"] == [f"train-{i:06d}.tar" for i in range(4)]
+    assert not list((tmp_path / "wm").glob("*.h5"))  # no image written
+    assert "36 samples" in capsys.readouterr().out
+
+
+def train_loader(folder: Path, rank: int, world_size: int, num_workers: int, steps: int, batch_size: int = 3,
+                 shuffle_buffer: int = 10) -> ShardLoader:
+    info, word_map = read_stream_info(str(folder))
+    stream = ShardStream(expand_shards(str(folder / TRAIN_SHARDS)), info, word_map, train=True, seed=5,
+                         shuffle_buffer=shuffle_buffer, rank=rank, world_size=world_size)
+    return ShardLoader(stream, batch_size, steps, num_workers)
+
+
+def epoch_keys(loader: ShardLoader, epoch: int, limit: int | None = None) -> list[str]:
+    loader.set_epoch(epoch)
+    keys = []
+    for step, batch in enumerate(loader):
+        assert batch["image"].shape == (loader.batch_size, 3, 48, 48) and batch["captions"].shape[:2] == (3, 5)
+        keys += batch["keys"]
+        if limit is not None and step + 1 == limit:
+            break
+    return keys
+
+
+def test_two_ranks_with_two_workers_each_see_every_sample_once_per_epoch(shapes_pair):
+    """36 samples in 4 shards of 9, 2 ranks x 2 workers, batches of 3: 6 steps per rank make the epoch."""
+    _, wds = shapes_pair
+    epochs = []
+    for epoch in (0, 1):
+        per_rank = [epoch_keys(train_loader(wds, rank, 2, num_workers=2, steps=6), epoch) for rank in (0, 1)]
+        assert len(per_rank[0]) == len(per_rank[1]) == 18
+        assert not set(per_rank[0]) & set(per_rank[1])
+        assert sorted(per_rank[0] + per_rank[1]) == sorted(stream_items(wds, TRAIN_SHARDS))
+        epochs.append(per_rank[0])
+    assert epochs[0] != epochs[1]  # another shard order and shuffle each epoch
+
+
+def test_a_resumed_epoch_trains_exactly_the_samples_it_had_not(shapes_pair):
+    _, wds = shapes_pair
+    whole = epoch_keys(train_loader(wds, 0, 1, num_workers=2, steps=12), epoch=1)
+    interrupted = train_loader(wds, 0, 1, num_workers=2, steps=12)
+    first = epoch_keys(interrupted, epoch=1, limit=5)
+    assert first == whole[:15]
+    saved = json.loads(json.dumps(interrupted.position(distributed=False)))  # as last.pt stores it
+    resumed = train_loader(wds, 0, 1, num_workers=2, steps=12)
+    resumed.set_epoch(1)
+    resumed.skip = 5 * 3  # what train.py sets from state.epoch_step
+    resumed.resume(saved, rank=0, world_size=1)
+    assert len(resumed) == 7
+    rest = [key for batch in resumed for key in batch["keys"]]
+    assert sorted(first + rest) == sorted(whole) and len(set(first + rest)) == 36
+
+
+def write_tar(path: Path, samples: list[dict]) -> Path:
+    with tarfile.open(path, "w") as tar:
+        for sample in samples:
+            for ext, data in sample.items():
+                if ext == "__key__":
+                    continue
+                info = tarfile.TarInfo(f"{sample['__key__']}.{ext}")
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
+    return path
+
+
+def jpeg(seed: int) -> bytes:
+    buffer = io.BytesIO()
+    pixels = np.random.default_rng(seed).integers(0, 255, (40, 30, 3), dtype=np.uint8)
+    Image.fromarray(pixels).save(buffer, format="JPEG")
+    return buffer.getvalue()
+
+
+def img2dataset_sample(key: str, seed: int, caption: str = "a red square on grass") -> dict:
+    """What img2dataset writes: KEY.jpg, KEY.txt and KEY.json with the caption field."""
+    return {"__key__": key, "jpg": jpeg(seed), "txt": caption.encode(),
+            "json": json.dumps({"caption": caption, "key": key}).encode()}
+
+
+def test_bad_samples_are_counted_not_fatal(tmp_path):
+    """A corrupt JPEG, an empty caption, a sample without image and a truncated shard: skipped and counted."""
+    good = [img2dataset_sample(f"{i:09d}", i) for i in range(6)]
+    corrupt = {**img2dataset_sample("000000100", 100), "jpg": jpeg(100)[:200]}
+    empty = img2dataset_sample("000000101", 101, caption="")
+    no_image = {k: v for k, v in img2dataset_sample("000000102", 102).items() if k != "jpg"}
+    write_tar(tmp_path / "s-0.tar", good[:3] + [corrupt, empty, no_image])
+    whole = write_tar(tmp_path / "s-1.tar", good[3:]).read_bytes()
+    (tmp_path / "s-1.tar").write_bytes(whole[: len(whole) // 2 + 100])  # cut mid-member
+    info = StreamInfo(image_size=32, captions_per_image=2, max_caption_words=10, tokenizer="ascii")
+    word_map = {"<pad>": 0, "a": 1, "red": 2, "<unk>": 3, "<start>": 4, "<end>": 5}
+    stream = ShardStream(expand_shards(str(tmp_path / "s-{0..1}.tar")), info, word_map, train=False)
+    items = list(stream)
+    assert [item["key"] for item in items][:3] == ["000000000", "000000001", "000000002"]
+    assert 3 <= len(items) < 6 and stream.bad >= 4  # 3 bad samples + the truncated member (at least)
+    assert items[0]["captions"].shape == (2, 12) and items[0]["references"] == ["a red square on grass"]
+    pack_main(["--dataset", "webdataset", "--shards", str(tmp_path / "s-{0..1}.tar"), "--min-word-freq", "1",
+               "--output-folder", str(tmp_path / "wm")])
+    marker = json.loads((tmp_path / "wm" / "dataset.json").read_text())
+    assert marker["bad_samples"] >= 3 and marker["num_samples"] >= 3  # captions only: the corrupt JPEG passes
+
+
+def test_a_shard_that_cannot_be_opened_is_named(tmp_path, capsys):
+    (tmp_path / "empty.tar").write_bytes(b"")
+    with pytest.raises(UserError, match="missing.tar: cannot open shard"):
+        check_shards([str(tmp_path / "missing.tar")])
+    with pytest.raises(UserError, match="empty.tar: not a tar file"):
+        check_shards([str(tmp_path / "empty.tar")])
+    assert create_input_files.main(["--dataset", "webdataset", "--shards", str(tmp_path / "x-{0..1}.tar"),
+                                    "--output-folder", str(tmp_path / "wm")]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "x-0.tar: cannot open shard" in err
+    assert not (tmp_path / "wm" / "dataset.json").exists()
+
+
+def test_shards_convert_back_to_an_hdf5_pack(shapes_pair, tmp_path):
+    h5, wds = shapes_pair
+    pack_main(["--dataset", "webdataset", "--shards", str(wds / TRAIN_SHARDS), "--val-shards",
+               str(wds / "val-000000.tar"), "--test-shards", str(wds / "test-000000.tar"), "--image-size", "48",
+               "--output-format", "hdf5", "--output-folder", str(tmp_path / "back")])
+    original, back = CaptionDataset(str(h5), "val"), CaptionDataset(str(tmp_path / "back"), "val")
+    assert len(back) == len(original) == 6
+    for i in range(6):
+        assert torch.equal(back[i]["image"], original[i]["image"])
+        assert back[i]["references"] == original[i]["references"]
+    assert json.loads((tmp_path / "back" / "word_map.json").read_text()) == json.loads((h5 / "word_map.json").read_text())
+
+
+TINY = ["encoder_stages=2", "enc_size=4", "attention_dim=32", "embed_dim=16", "decoder_dim=32", "max_len=12",
+        "log_every=1", "early_stop_patience=0", "device=cpu"]
+
+
+def torchrun(*args: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "train.py", *args]
+    result = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result
+
+
+@pytest.mark.slow
+def test_torchrun_trains_from_shards_for_the_declared_sample_count_and_resumes(shapes_pair, tmp_path):
+    _, wds = shapes_pair
+    out = tmp_path / "run"
+    common = ["data_format=webdataset", f"data_folder={wds}", f"train_shards={wds / TRAIN_SHARDS}",
+              f"val_shards={wds / 'val-000000.tar'}", "train_num_samples=24", "batch_size=4", "num_workers=2"]
+    result = torchrun("--config", "configs/shapes.yaml", *common, *TINY, f"out_dir={out}", "epochs=2")
+    assert "epoch 2: 0 bad samples skipped" in result.stdout
+    ckpt = torch.load(out / "last.pt", weights_only=True)
+    assert ckpt["train_state"]["step"] == 6  # 24 samples / (2 ranks x 4) = 3 steps per epoch
+    torchrun(f"resume={out / 'last.pt'}", "epochs=3")
+    rows = list(csv.DictReader(open(out / "metrics.csv")))
+    assert [row["epoch"] for row in rows] == ["1", "2", "3"] and rows[-1]["train_bad_samples"] == "0"
+    assert float(rows[-1]["train_loss"]) < float(rows[0]["train_loss"])
