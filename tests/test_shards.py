@@ -241,3 +241,26 @@ def test_torchrun_trains_from_shards_for_the_declared_sample_count_and_resumes(s
     rows = list(csv.DictReader(open(out / "metrics.csv")))
     assert [row["epoch"] for row in rows] == ["1", "2", "3"] and rows[-1]["train_bad_samples"] == "0"
     assert float(rows[-1]["train_loss"]) < float(rows[0]["train_loss"])
+
+
+@pytest.mark.slow
+def test_sigterm_mid_epoch_over_shards_resumes_to_the_same_weights(shapes_pair, tmp_path):
+    """train.py over shards with 2 workers: SIGTERM at step 8 (epoch 2, worker 1's turn next), then resume=:
+    the rest of the epoch trains exactly the batches the straight run trained, in its order."""
+    from test_faults import run_driver, train_args
+
+    _, wds = shapes_pair
+    shards = ["data_format=webdataset", f"train_shards={wds / TRAIN_SHARDS}", f"val_shards={wds / 'val-000000.tar'}",
+              "train_num_samples=36", "num_workers=2", "batch_size=6", "epochs=2"]
+    straight, interrupted = tmp_path / "straight", tmp_path / "interrupted"
+    assert run_driver(train_args(wds, straight, *shards)).returncode == 0
+    result = run_driver(train_args(wds, interrupted, *shards), signal="15", step="9")  # 6 steps an epoch
+    assert result.returncode == 143, result.stderr[-2000:]
+    stream = torch.load(interrupted / "last.pt", weights_only=True)["train_state"]["stream"]
+    assert len(stream["positions"]) == 1 and len(stream["positions"][0]) == 2 and stream["bad"] == 0
+    resumed = run_driver([f"resume={interrupted / 'last.pt'}"])
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    a, b = (torch.load(run / "last.pt", weights_only=True) for run in (straight, interrupted))
+    assert a["train_state"]["step"] == b["train_state"]["step"] == 12
+    for key, value in a["model"].items():
+        torch.testing.assert_close(b["model"][key], value, rtol=1e-5, atol=1e-6, msg=key)
