@@ -219,25 +219,50 @@ TINY = ["encoder_stages=2", "enc_size=4", "attention_dim=32", "embed_dim=16", "d
         "log_every=1", "early_stop_patience=0", "device=cpu"]
 
 
-def torchrun(*args: str) -> subprocess.CompletedProcess:
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "train.py", *args]
+# train.py under torchrun, each rank writing the keys of the batches it trained to keys-RANK-EPOCH.txt
+KEY_RECORDER = r"""
+import os, sys
+import shards, train
+original_iter = shards.ShardLoader.__iter__
+def recording_iter(self):
+    with open(os.path.join(os.environ["KEYS_DIR"], f"keys-{os.environ['RANK']}-{self.stream.epoch}.txt"), "a") as f:
+        for batch in original_iter(self):
+            f.write("\n".join(batch["keys"]) + "\n")
+            yield batch
+shards.ShardLoader.__iter__ = recording_iter
+sys.exit(train.main(sys.argv[1:]))
+"""
+
+
+def torchrun(tmp_path: Path, *args: str) -> subprocess.CompletedProcess:
+    (tmp_path / "record_keys.py").write_text(KEY_RECORDER)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": "", "PYTHONPATH": str(ROOT),
+           "KEYS_DIR": str(tmp_path)}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           str(tmp_path / "record_keys.py"), *args]
     result = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     return result
 
 
 @pytest.mark.slow
-def test_torchrun_trains_from_shards_for_the_declared_sample_count_and_resumes(shapes_pair, tmp_path):
+def test_torchrun_ranks_train_disjoint_samples_for_the_declared_count_and_resume(shapes_pair, tmp_path):
+    """2 gloo processes x 2 workers over 4 shards of 9: each epoch of 36 samples trains every sample once,
+    on one rank; then a resume trains a third epoch."""
     _, wds = shapes_pair
     out = tmp_path / "run"
     common = ["data_format=webdataset", f"data_folder={wds}", f"train_shards={wds / TRAIN_SHARDS}",
-              f"val_shards={wds / 'val-000000.tar'}", "train_num_samples=24", "batch_size=4", "num_workers=2"]
-    result = torchrun("--config", "configs/shapes.yaml", *common, *TINY, f"out_dir={out}", "epochs=2")
+              f"val_shards={wds / 'val-000000.tar'}", "train_num_samples=36", "batch_size=3", "num_workers=2"]
+    result = torchrun(tmp_path, "--config", "configs/shapes.yaml", *common, *TINY, f"out_dir={out}", "epochs=2")
     assert "epoch 2: 0 bad samples skipped" in result.stdout
     ckpt = torch.load(out / "last.pt", weights_only=True)
-    assert ckpt["train_state"]["step"] == 6  # 24 samples / (2 ranks x 4) = 3 steps per epoch
-    torchrun(f"resume={out / 'last.pt'}", "epochs=3")
+    assert ckpt["train_state"]["step"] == 12  # 36 samples / (2 ranks x 3) = 6 steps per epoch
+    everything = sorted(stream_items(wds, TRAIN_SHARDS))
+    for epoch in (0, 1):
+        ranks = [(tmp_path / f"keys-{rank}-{epoch}.txt").read_text().split() for rank in (0, 1)]
+        assert len(ranks[0]) == len(ranks[1]) == 18 and not set(ranks[0]) & set(ranks[1])
+        assert sorted(ranks[0] + ranks[1]) == everything
+    torchrun(tmp_path, f"resume={out / 'last.pt'}", "epochs=3")
     rows = list(csv.DictReader(open(out / "metrics.csv")))
     assert [row["epoch"] for row in rows] == ["1", "2", "3"] and rows[-1]["train_bad_samples"] == "0"
     assert float(rows[-1]["train_loss"]) < float(rows[0]["train_loss"])
