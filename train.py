@@ -214,6 +214,8 @@ def train(run: Run, resumed: bool) -> int:
         if not losses:  # a stop signal, after a step
             if info.is_main:
                 save_checkpoint(last, run.checkpoint())
+            if info.enabled:  # no rank exits before last.pt is written: torchrun's agent would then stop rank 0
+                dist.barrier()
             log.close(f"interrupted by {run.stop.received} at epoch {state.epoch + 1} step {state.step}: saved "
                       f"{last}; continue with resume={last}", error=True)
             return run.stop.exit_code

@@ -216,6 +216,18 @@ def teacher_forced_loss(model: torch.nn.Module, batch: dict[str, Any], cfg: Conf
     return compute_loss(out, cfg, state.hard_baseline, concepts)
 
 
+# Steps between reads of what the device holds for the loop (stop requests across ranks, non-finite
+# losses): on a GPU each read waits for the queued work, and in DDP adds an all-reduce; on the CPU it costs
+# nothing, so it is every step there. Tests set "cpu" to 10 to run the lagged path on the CPU.
+CHECK_EVERY = {"cpu": 1}
+LAGGED_CHECK_EVERY = 10  # other devices; the loop also reads the loss every 10 steps for its progress bar
+
+
+def check_every(device: torch.device) -> int:
+    """Steps between the loop's reads of the device: rarely on a GPU, where each read stalls the queue."""
+    return CHECK_EVERY.get(device.type, LAGGED_CHECK_EVERY)
+
+
 def train_step(
     model: torch.nn.Module,
     batch: dict[str, Any],
@@ -291,18 +303,20 @@ def train_one_epoch(run: Run, log: RunLogger) -> dict[str, float]:
 
 class StopRequest(StopSignals):
     """StopSignals for the training loop: every rank of a DDP run must stop at the same step, so there
-    the flag is all-reduced every 10 steps (a single process checks after every step)."""
+    the signal is all-reduced every check_every steps (a single process checks after every step)."""
 
     def requested(self, step: int, info: DistInfo, device: torch.device) -> bool:
         if not info.enabled:
             return self.received is not None
-        if step % 10:
+        if step % check_every(device):
             return False
-        flag = torch.tensor(float(self.received is not None), device=device)
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        if flag.item() and self.received is None:
-            self.received = "SIGTERM"  # another rank got it
-        return bool(flag.item())
+        # The signal's number, not just a flag: every rank then exits with the code of the signal sent.
+        signum = torch.tensor(signal.Signals[self.received].value if self.received else 0, device=device)
+        dist.all_reduce(signum, op=dist.ReduceOp.MAX)
+        got = int(signum.item())
+        if got and self.received is None:
+            self.received = signal.Signals(got).name  # another rank got it
+        return bool(got)
 
 
 def val_scores(
