@@ -34,8 +34,8 @@ from models import build_model
 from runtime import DistInfo, UserError, cleanup_distributed, init_distributed, run_cli
 from scoring import scoring_words
 from trainer import (Run, RunLogger, StopRequest, TrainState, apply_resume_overrides, build_optimizer, cached_features,
-                     make_loaders, packed_splits, self_critical, stop_workers, train_one_epoch, truncate_metrics,
-                     use_feature_cache, val_scores)
+                     check_losses, make_loaders, packed_splits, self_critical, stop_workers, train_one_epoch,
+                     truncate_metrics, use_feature_cache, val_scores)
 from utils import seed_everything, set_rng_state
 
 # Fixed by the saved weights and optimizer state: a resume may not change them (ModelConfig keys neither).
@@ -211,6 +211,7 @@ def train(run: Run, resumed: bool) -> int:
         start = time.time()
         losses = train_one_epoch(run, log)
         run.sampler.skip = 0
+        check_losses(state)  # the epoch's unchecked losses, before validation and any checkpoint
         if not losses:  # a stop signal, after a step
             if info.is_main:
                 save_checkpoint(last, run.checkpoint())
