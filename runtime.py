@@ -48,10 +48,17 @@ class StopSignals:
     """SIGTERM and SIGINT (a scheduler's preemption, Ctrl-C) only set `received`, which the training loop
     reads at a safe point (after a step, after a checkpoint), so a checkpoint is never cut mid-write and
     the run can save where it stands. A second signal interrupts at once (KeyboardInterrupt).
+
+    Under torchrun the first two signals are one request and the third interrupts: the agent forwards
+    every signal it gets to each worker, so a job signalled as a whole (a scheduler's SIGTERM to all of
+    its processes) reaches every worker twice, and a forward taken as "stop at once" would lose the save.
+    Only signals this process got count: `received` set from another rank (StopRequest) does not.
     """
 
     def __init__(self) -> None:
         self.received: str | None = None
+        self.signals = 0  # signals this process got
+        self.patience = 2 if "TORCHELASTIC_RUN_ID" in os.environ else 1  # signals taken as one request
         self._previous: dict[int, Any] = {}
 
     def __enter__(self) -> StopSignals:
@@ -65,9 +72,10 @@ class StopSignals:
             signal.signal(sig, handler)
 
     def _handle(self, signum: int, frame: Any) -> None:
-        if self.received is not None:
+        self.signals += 1
+        if self.signals > self.patience:
             raise KeyboardInterrupt
-        self.received = signal.Signals(signum).name
+        self.received = self.received or signal.Signals(signum).name
 
     @property
     def exit_code(self) -> int:

@@ -35,8 +35,8 @@ from runtime import DistInfo, UserError, cleanup_distributed, init_distributed, 
 from scoring import scoring_words
 from shards import ShardLoader
 from trainer import (Run, RunLogger, StopRequest, TrainState, apply_resume_overrides, build_optimizer, cached_features,
-                     make_loaders, packed_splits, self_critical, stop_workers, train_one_epoch, truncate_metrics,
-                     use_feature_cache, val_scores)
+                     check_losses, make_loaders, packed_splits, self_critical, stop_workers, train_one_epoch,
+                     truncate_metrics, use_feature_cache, val_scores)
 from utils import seed_everything, set_rng_state
 
 # Fixed by the saved weights and optimizer state: a resume may not change them (ModelConfig keys neither).
@@ -214,9 +214,12 @@ def train(run: Run, resumed: bool) -> int:
         start = time.time()
         losses = train_one_epoch(run, log)
         run.sampler.skip = 0
+        check_losses(state)  # the epoch's unchecked losses, before validation and any checkpoint
         if not losses:  # a stop signal, after a step
             if info.is_main:
                 save_checkpoint(last, run.checkpoint())
+            if info.enabled:  # no rank exits before last.pt is written: torchrun's agent would then stop rank 0
+                dist.barrier()
             log.close(f"interrupted by {run.stop.received} at epoch {state.epoch + 1} step {state.step}: saved "
                       f"{last}; continue with resume={last}", error=True)
             return run.stop.exit_code

@@ -63,6 +63,11 @@ class TrainState:
     # epoch's bad samples so far (ShardLoader.position), so that the rest of the epoch skips what was read.
     stream: dict[str, Any] = dataclasses.field(default_factory=dict)
 
+    def __post_init__(self) -> None:
+        # nonfinite_loss=stop's losses not yet checked for NaN/inf (check_losses): (epoch, step, loss), on
+        # the device. Not a field: it is never saved, and a resumed run starts with none.
+        self.unchecked: list[tuple[int, int, torch.Tensor]] = []
+
     def to_dict(self) -> dict[str, Any]:
         return {**dataclasses.asdict(self), "hard_baseline": float(self.hard_baseline)}
 
@@ -224,6 +229,18 @@ def teacher_forced_loss(model: torch.nn.Module, batch: dict[str, Any], cfg: Conf
     return compute_loss(out, cfg, state.hard_baseline, concepts)
 
 
+# Steps between reads of what the device holds for the loop (stop requests across ranks, non-finite
+# losses): on a GPU each read waits for the queued work, and in DDP adds an all-reduce; on the CPU it costs
+# nothing, so it is every step there. Tests set "cpu" to 10 to run the lagged path on the CPU.
+CHECK_EVERY = {"cpu": 1}
+LAGGED_CHECK_EVERY = 10  # other devices; the loop also reads the loss every 10 steps for its progress bar
+
+
+def check_every(device: torch.device) -> int:
+    """Steps between the loop's reads of the device: rarely on a GPU, where each read stalls the queue."""
+    return CHECK_EVERY.get(device.type, LAGGED_CHECK_EVERY)
+
+
 def train_step(
     model: torch.nn.Module,
     batch: dict[str, Any],
@@ -236,24 +253,31 @@ def train_step(
 ) -> dict[str, torch.Tensor]:
     """One optimisation step: the loss (teacher-forced cross-entropy, or `objective`'s), the update, and
     the hard-attention baseline. Returns the loss parts, detached."""
-    with autocast_context(device, cfg.amp):
-        loss, parts = objective(model, batch, device) if objective else teacher_forced_loss(model, batch, cfg, state,
-                                                                                             device)
+    try:
+        with autocast_context(device, cfg.amp):
+            loss, parts = objective(model, batch, device) if objective else teacher_forced_loss(model, batch, cfg,
+                                                                                                 state, device)
+    except RuntimeError:
+        # A NaN loss not yet read has made the weights NaN, on which sampling (hard attention, SCST) fails:
+        # name the NaN, not its consequence. This rank's losses only: the others are not in this call.
+        check_losses(state, across_ranks=False)
+        raise
     optimizer.zero_grad(set_to_none=True)
-    # A NaN/inf loss would put NaN into every weight at this update. Checking costs one sync per step;
-    # in DDP every rank must take the same decision, or the others wait in the gradient all-reduce forever.
-    finite = torch.isfinite(loss.detach()).float()
-    if dist.is_available() and dist.is_initialized():
-        dist.all_reduce(finite, op=dist.ReduceOp.MIN)
-    if not finite.item():
-        where = f"epoch {state.epoch + 1} step {state.step + 1}"
-        if cfg.nonfinite_loss == "stop":
-            kept = f"the last checkpoint (epoch {state.epoch}) is kept" if state.epoch else "nothing was saved"
-            raise UserError(f"non-finite loss ({float(loss.detach()):g}) at {where}: training stopped and {kept}; "
-                            "lower the learning rate, or set nonfinite_loss=skip to skip such batches")
-        print(f"warning: non-finite loss ({float(loss.detach()):g}) at {where}: batch skipped", file=sys.stderr)
-        state.step += 1
-        return {}
+    if cfg.nonfinite_loss == "skip":
+        # Skipping a NaN/inf loss must be decided before its update, so this mode reads every loss (a sync
+        # per step); in DDP every rank must decide alike, or the others wait in the gradient all-reduce forever.
+        if not finite_on_every_rank(loss):
+            print(f"warning: non-finite loss ({float(loss.detach()):g}) at epoch {state.epoch + 1} step "
+                  f"{state.step + 1}: batch skipped", file=sys.stderr)
+            state.step += 1
+            return {}
+    else:
+        # A NaN/inf loss puts NaN into every weight at its update. nonfinite_loss=stop reads the losses only
+        # every check_every steps (before that step's update) and before any checkpoint (train.py calls
+        # check_losses): the run stops, and weights that saw such a loss are never saved.
+        state.unchecked.append((state.epoch + 1, state.step + 1, loss.detach()))
+        if (state.step + 1) % check_every(device) == 0:
+            check_losses(state)
     scaler.scale(loss).backward()
     if cfg.grad_clip > 0:
         scaler.unscale_(optimizer)
@@ -265,6 +289,34 @@ def train_step(
         state.hard_baseline = decay * state.hard_baseline + (1 - decay) * parts["log_lik"]
     state.step += 1
     return parts
+
+
+def finite_on_every_rank(loss: torch.Tensor) -> bool:
+    """Whether the loss is finite on every rank (one sync; an all-reduce in DDP)."""
+    finite = torch.isfinite(loss.detach()).float()
+    if dist.is_available() and dist.is_initialized():
+        dist.all_reduce(finite, op=dist.ReduceOp.MIN)
+    return bool(finite.item())
+
+
+def check_losses(state: TrainState, across_ranks: bool = True) -> None:
+    """Stop with one line if a loss not yet checked (state.unchecked) was NaN or inf, on any rank.
+
+    One read for them all. In DDP the ranks all-reduce the same steps' losses here, so all of them stop,
+    or go on, together; every rank must call this at the same point (unless across_ranks=False)."""
+    if not state.unchecked:
+        return
+    values = torch.stack([loss.float() for _, _, loss in state.unchecked])
+    values = torch.where(torch.isfinite(values), torch.zeros_like(values), values)  # 0, or the bad value
+    if across_ranks and dist.is_available() and dist.is_initialized():
+        dist.all_reduce(values)  # a sum: a NaN or inf on any rank stays non-finite
+    bad = [(epoch, step, value) for (epoch, step, _), value in zip(state.unchecked, values.tolist()) if value != 0]
+    state.unchecked.clear()
+    if bad:
+        epoch, step, value = bad[0]
+        kept = f"the last checkpoint (epoch {state.epoch}) is kept" if state.epoch else "nothing was saved"
+        raise UserError(f"non-finite loss ({value:g}) at epoch {epoch} step {step}: training stopped and {kept}; "
+                        "lower the learning rate, or set nonfinite_loss=skip to skip such batches")
 
 
 def train_one_epoch(run: Run, log: RunLogger) -> dict[str, float]:
@@ -304,18 +356,20 @@ def train_one_epoch(run: Run, log: RunLogger) -> dict[str, float]:
 
 class StopRequest(StopSignals):
     """StopSignals for the training loop: every rank of a DDP run must stop at the same step, so there
-    the flag is all-reduced every 10 steps (a single process checks after every step)."""
+    the signal is all-reduced every check_every steps (a single process checks after every step)."""
 
     def requested(self, step: int, info: DistInfo, device: torch.device) -> bool:
         if not info.enabled:
             return self.received is not None
-        if step % 10:
+        if step % check_every(device):
             return False
-        flag = torch.tensor(float(self.received is not None), device=device)
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        if flag.item() and self.received is None:
-            self.received = "SIGTERM"  # another rank got it
-        return bool(flag.item())
+        # The signal's number, not just a flag: every rank then exits with the code of the signal sent.
+        signum = torch.tensor(signal.Signals[self.received].value if self.received else 0, device=device)
+        dist.all_reduce(signum, op=dist.ReduceOp.MAX)
+        got = int(signum.item())
+        if got and self.received is None:
+            self.received = signal.Signals(got).name  # another rank got it
+        return bool(got)
 
 
 def val_scores(

@@ -79,8 +79,10 @@ def step(model: torch.nn.Module, cfg: Config, device: torch.device) -> tuple[dic
     """trainer.train_step (lr 0, so the weights stay) on the fixed batch: its loss parts and the gradients."""
     model.to(device)
     optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.0)
+    state = trainer.TrainState()
     parts = trainer.train_step(model, tiny_batch(), optimizer, torch.amp.GradScaler(device.type, enabled=False), cfg,
-                               trainer.TrainState(), device)
+                               state, device)
+    trainer.check_losses(state)  # on CUDA the non-finite check is lagged: read it now (all-reduced in DDP)
     module = getattr(model, "module", model)
     grads = {name: p.grad.detach().float().cpu() for name, p in module.named_parameters() if p.grad is not None}
     return {key: float(value) for key, value in parts.items()}, grads
@@ -156,7 +158,7 @@ def free_port() -> int:
 
 def test_a_one_process_nccl_ddp_step_matches_the_plain_step(monkeypatch):
     """init_process_group from env vars (world size 1, as torchrun sets them); the DDP step, with
-    train_step's NCCL all-reduce of the finite-loss flag, gives the plain CUDA step's gradients."""
+    the NCCL all-reduce of the non-finite-loss check, gives the plain CUDA step's gradients."""
     if not dist.is_nccl_available():
         pytest.skip("this torch has no NCCL")
     for key, value in {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port()), "RANK": "0",
