@@ -213,8 +213,9 @@ class ShardStream(IterableDataset):
         return self.info.num_samples
 
     def worker_shards(self, worker: int, num_workers: int) -> list[str]:
-        """This rank's and worker's shards for the epoch (train), or all of them in order (val)."""
-        if not self.train:
+        """This rank's and worker's shards for the epoch (train), or all of them (val, and resampled
+        training, which draws from them all)."""
+        if not self.train or self.resampled:
             return self.urls
         order = np.random.default_rng([self.seed, self.epoch]).permutation(len(self.urls))
         mine = [self.urls[i] for i in order][self.rank::self.world_size][worker::num_workers]
@@ -233,7 +234,7 @@ class ShardStream(IterableDataset):
             yield from shard_samples(shards, self._count_error)
             return
         while True:
-            urls = [rng.choice(self.urls) for _ in self.urls] if self.resampled else shards
+            urls = [rng.choice(shards) for _ in shards] if self.resampled else shards
             samples = shard_samples(urls, self._count_error)
             if self.shuffle_buffer > 1:
                 samples = wds.filters._shuffle(samples, self.shuffle_buffer, min(100, self.shuffle_buffer), rng=rng)
