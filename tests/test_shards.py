@@ -95,10 +95,10 @@ def test_word_map_pass_equals_the_packs_word_map(shapes_pair, tmp_path, capsys):
 
 
 def train_loader(folder: Path, rank: int, world_size: int, num_workers: int, steps: int, batch_size: int = 3,
-                 shuffle_buffer: int = 10) -> ShardLoader:
+                 shuffle_buffer: int = 10, resampled: bool = False) -> ShardLoader:
     info, word_map = read_stream_info(str(folder))
     stream = ShardStream(expand_shards(str(folder / TRAIN_SHARDS)), info, word_map, train=True, seed=5,
-                         shuffle_buffer=shuffle_buffer, rank=rank, world_size=world_size)
+                         shuffle_buffer=shuffle_buffer, rank=rank, world_size=world_size, resampled=resampled)
     return ShardLoader(stream, batch_size, steps, num_workers)
 
 
@@ -124,6 +124,14 @@ def test_two_ranks_with_two_workers_each_see_every_sample_once_per_epoch(shapes_
         assert sorted(per_rank[0] + per_rank[1]) == sorted(stream_items(wds, TRAIN_SHARDS))
         epochs.append(per_rank[0])
     assert epochs[0] != epochs[1]  # another shard order and shuffle each epoch
+
+
+def test_resampled_shards_give_each_rank_its_own_draw_of_the_declared_size(shapes_pair):
+    """shard_resampled: every worker draws from all 4 shards; an epoch is still steps x batch samples."""
+    _, wds = shapes_pair
+    per_rank = [epoch_keys(train_loader(wds, rank, 2, num_workers=2, steps=8, resampled=True), 0) for rank in (0, 1)]
+    assert len(per_rank[0]) == len(per_rank[1]) == 24 and per_rank[0] != per_rank[1]
+    assert len(set(per_rank[0])) < 24 or len(set(per_rank[0]) | set(per_rank[1])) < 36  # with replacement
 
 
 def test_a_resumed_epoch_trains_exactly_the_samples_it_had_not(shapes_pair):
