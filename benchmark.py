@@ -5,6 +5,7 @@
     python benchmark.py --tiny     # tiny models: the test suite runs it so it cannot rot
     python benchmark.py --device cuda   # adds ms per step fp32 vs bf16 and eager vs compile_step, peak GPU memory
     python benchmark.py --rows decode,cuda   # only these groups of rows (ROW_GROUPS; gpu_check.py picks some)
+    python benchmark.py --rows shards   # WebDataset shards vs the HDF5 pack, Flickr8k at 128 px (docs/speed.md)
 
 Absolute times on a shared machine mean little; a ratio of two variants measured side by side does.
 Models have random weights (decoding runs to max_len: no beam finishes early) and the dimensions of
@@ -16,34 +17,55 @@ from __future__ import annotations
 import omp_env  # noqa: F401  (first: sets OpenMP's wait policy before torch loads)
 
 import argparse
+import contextlib
+import io
 import json
+import multiprocessing
 import os
 import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
-from dataclasses import dataclass
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import torch
 from torch.utils.data import DataLoader
 
 from checkpoints import build_checkpoint, save_checkpoint
-from config import Config, ModelConfig
+from config import Config, ModelConfig, load_config
 from datasets import CaptionDataset, collate_captions
 from decoding import beam_search
-from losses import SelfCritical, target_log_probs
+from losses import ConceptHead, SelfCritical, target_log_probs
+from packing import PackOptions, create_input_files
 from rewards import DocumentFrequencies, reference_ids
 from models import build_model
-from runtime import resolve_device
+from runtime import DistInfo, UserError, resolve_device
+from shards import expand_shards, shard_samples
 from text import load_word_map
+from trainer import TrainState, build_optimizer, make_loaders, stop_workers, train_step
 
 ROOT = Path(__file__).resolve().parent
 # The groups of rows, in the table's order (--rows picks some): shared and scst run on the CPU only, cuda on
 # CUDA only.
-ROW_GROUPS = ("decode", "frozen", "trainable", "data", "shared", "cuda", "memory", "scst")
+ROW_GROUPS = ("decode", "frozen", "trainable", "data", "shared", "cuda", "memory", "scst", "shards")
+FLICKR8K_CPU = ROOT / "configs" / "flickr8k_cpu.yaml"  # the shards rows' config: data, batch, step
+
+
+@dataclass(frozen=True)
+class ShardSizes:
+    """What the shards rows measure: the data, and how many batches a timed run takes."""
+
+    shapes_images: int  # tiny, quick: shapes images, packed and sharded; 0: the Flickr8k pack (full)
+    image_size: int  # of the shapes images (the Flickr8k pack has its own, 128 px)
+    shard_size: int  # samples per shard of the loader and training rows
+    batch: int  # images per batch (configs/flickr8k_cpu.yaml: 32)
+    load_batches: int  # per timed loader run
+    train_batches: int  # per timed training run
 
 
 @dataclass
@@ -64,6 +86,7 @@ class Sizes:
     pack_images: tuple[int, int]  # the two dataset sizes of the memory rows
     flags: tuple[str, ...] = ()  # this mode's command-line flag, for child processes
     eval_flags: tuple[str, ...] = ()  # the memory rows' eval.py: --tiny scores CIDEr alone (no JVM start)
+    shards: ShardSizes = ShardSizes(0, 128, 500, 32, 12, 3)  # the shards rows (full: Flickr8k)
 
 
 def sizes(mode: str) -> Sizes:
@@ -71,13 +94,14 @@ def sizes(mode: str) -> Sizes:
         small = ModelConfig(encoder="resnet18", encoder_stages=2, enc_size=4, attention_dim=32, embed_dim=16,
                             decoder_dim=32, dropout=0.0)
         return Sizes(small, small, 64, 64, 50, 4, 4, 6, 2, 6, 1, (12, 24), ("--tiny",),
-                     ("--metrics-only", "--metric", "CIDEr"))
+                     ("--metrics-only", "--metric", "CIDEr"), ShardSizes(48, 64, 5, 4, 3, 1))
     paper = ModelConfig(encoder="resnet101", encoder_stages=4, enc_size=14, attention_dim=512, embed_dim=512,
                         decoder_dim=512, dropout=0.5)
     flickr8k_cpu = ModelConfig(encoder="resnet18", encoder_stages=3, enc_size=8, attention_dim=256, embed_dim=256,
                                decoder_dim=256, dropout=0.5)  # configs/flickr8k_cpu.yaml
     if mode == "quick":
-        return Sizes(paper, flickr8k_cpu, 256, 128, 2600, 32, 32, 50, 4, 15, 3, (100, 400), ("--quick",))
+        return Sizes(paper, flickr8k_cpu, 256, 128, 2600, 32, 32, 50, 4, 15, 3, (100, 400), ("--quick",),
+                     shards=ShardSizes(600, 128, 50, 32, 6, 2))
     return Sizes(paper, flickr8k_cpu, 256, 128, 2600, 64, 32, 50, 8, 15, 5, (200, 800))
 
 
@@ -388,6 +412,249 @@ def scst_rows(s: Sizes) -> list[Row]:
     return rows
 
 
+# ---------------------------------------------------------------------------------------------
+# WebDataset shards against the HDF5 pack: the same images either way, read by the training loaders
+# train.py builds (trainer.make_loaders) on configs/flickr8k_cpu.yaml
+# ---------------------------------------------------------------------------------------------
+@dataclass
+class ShardData:
+    """One dataset two ways: an HDF5 pack, and shards of the same images with their word map."""
+
+    name: str  # for the rows' names
+    pack: Path
+    shards: Path  # the shards' data_folder: word_map.json, dataset.json and the shards themselves
+    patterns: dict[str, str]  # brace pattern per split
+    train_images: int
+
+
+def quiet_pack(**options: Any) -> dict[str, Any]:
+    """packing.create_input_files in this process (no second torch import), its progress lines dropped:
+    they would land between the rows."""
+    with contextlib.redirect_stderr(io.StringIO()):
+        return create_input_files(PackOptions(**options, num_workers=1, force=True))
+
+
+def shapes_data(z: ShardSizes, workdir: Path) -> ShardData:
+    """--tiny, --quick: shapes images packed and sharded from the same seed (the same images)."""
+    common = {"dataset": "shapes", "num_images": z.shapes_images, "image_size": z.image_size}
+    quiet_pack(**common, output_folder=str(workdir / "shapes_pack"))
+    summary = quiet_pack(**common, output_folder=str(workdir / "shapes_shards"), output_format="webdataset",
+                         shard_size=z.shard_size)
+    return ShardData(f"shapes {z.image_size} px", workdir / "shapes_pack", workdir / "shapes_shards",
+                     summary["patterns"], summary["num_samples"])
+
+
+def flickr8k_data(z: ShardSizes, workdir: Path, pack: Path, source: Path) -> ShardData:
+    """The full rows: the Flickr8k pack (read only) and shards written here from the Karpathy JSON with the
+    pack's own options, so both hold the same images, captions and word map."""
+    try:
+        packed = json.loads((pack / "dataset.json").read_text())
+    except (OSError, ValueError) as e:
+        raise UserError(f"--flickr8k-pack {pack}: no readable dataset.json ({e}); pack it as "
+                        "configs/flickr8k_cpu.yaml says") from None
+    if packed.get("dataset") != "flickr8k":
+        raise UserError(f"--flickr8k-pack {pack}: holds {packed.get('dataset')!r}, not flickr8k")
+    keys = ("image_size", "captions_per_image", "min_word_freq", "max_caption_words", "seed", "tokenizer")
+    summary = quiet_pack(dataset="flickr8k", karpathy_json=str(source / "dataset_flickr8k.json"),
+                         image_folder=str(source / "images"), **{key: packed[key] for key in keys if key in packed},
+                         output_folder=str(workdir / "flickr8k_shards"), output_format="webdataset",
+                         shard_size=z.shard_size)
+    return ShardData(f"Flickr8k {packed['image_size']} px", pack, workdir / "flickr8k_shards", summary["patterns"],
+                     summary["num_samples"])
+
+
+def reshard(pattern: str, count: int, folder: Path) -> str:
+    """The samples of `pattern`'s shards dealt out, undecoded, into `count` shards: the same data as more
+    or fewer files. Returns their brace pattern."""
+    import webdataset as wds
+
+    def reraise(error: Exception) -> bool:
+        raise error
+
+    folder.mkdir(parents=True, exist_ok=True)
+    names = [folder / f"train-{i:06d}.tar" for i in range(count)]
+    with contextlib.ExitStack() as stack:
+        writers = [stack.enter_context(wds.TarWriter(str(name))) for name in names]
+        for i, sample in enumerate(shard_samples(expand_shards(pattern), reraise)):
+            writers[i % count].write({k: v for k, v in sample.items() if k == "__key__" or not k.startswith("__")})
+    return str(folder / f"train-{{000000..{count - 1:06d}}}.tar")
+
+
+def loader_overrides(s: Sizes, data: ShardData, data_format: str, workers: int, **keys: Any) -> list[str]:
+    """configs/flickr8k_cpu.yaml's overrides to read `data` as an HDF5 pack or as shards with `workers`
+    DataLoader workers (and --tiny's batch and model)."""
+    values: dict[str, Any] = {"data_folder": data.pack, "data_format": data_format, "num_workers": workers,
+                              "batch_size": s.shards.batch}
+    if data_format == "webdataset":  # an epoch: the train split once, as from the pack
+        values.update(data_folder=data.shards, train_shards=data.patterns["train"], val_shards=data.patterns["val"],
+                      train_num_samples=data.train_images)
+    for key in ("encoder", "encoder_stages", "enc_size", "attention_dim", "embed_dim", "decoder_dim", "dropout"):
+        values[key] = getattr(s.trainable, key)  # the config's own, but for --tiny
+    return [f"{key}={value}" for key, value in {**values, **keys}.items()]
+
+
+class Feed:
+    """A training loader's batches without end (epoch after epoch, as training goes on). `drain` takes the
+    batches its workers prefetched (2 each) while other runs were timed, so that no timed run gets them free."""
+
+    def __init__(self, cfg: Config, device: torch.device) -> None:
+        self.cfg, self.device = cfg, device
+        self.loader = make_loaders(cfg, DistInfo(), device)[0]
+        self.word_map = self.loader.dataset.word_map
+        self.batches = self._endless()
+
+    def _endless(self) -> Iterator[dict[str, Any]]:
+        while True:
+            yield from self.loader
+
+    def drain(self) -> None:
+        for _ in range(2 * self.cfg.num_workers):
+            next(self.batches)
+
+    def load(self, count: int) -> None:
+        for _ in range(count):
+            next(self.batches)["image"].to(self.device, non_blocking=True)
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+
+    def train(self, step: Callable[[dict[str, Any]], None], count: int) -> None:
+        for _ in range(count):
+            step(next(self.batches))
+
+    def close(self) -> None:
+        self.batches.close()  # a ShardLoader ends its workers
+        stop_workers(self.loader)  # a DataLoader's persistent ones
+
+
+def config_step(cfg: Config, word_map: dict[str, int], device: torch.device) -> Callable[[dict[str, Any]], None]:
+    """train.py's step on `cfg` from random init: the concept head, captions_per_step, gradient clipping, Adam."""
+    torch.manual_seed(cfg.seed)
+    cfg = replace(cfg, vocab_size=len(word_map))
+    model = build_model(cfg.model_config(), encoder_weights=cfg.encoder_weights, fine_tune=cfg.fine_tune_encoder,
+                        fine_tune_stages=cfg.fine_tune_stages).to(device)
+    trained = ConceptHead(model, word_map).to(device) if cfg.concept_loss_weight > 0 else model
+    optimizer, state = build_optimizer(trained, cfg), TrainState()
+    scaler = torch.amp.GradScaler(device.type, enabled=False)
+    trained.train()
+
+    def step(batch: dict[str, Any]) -> None:
+        train_step(trained, batch, optimizer, scaler, cfg, state, device)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+
+    return step
+
+
+def interleaved(runs: dict[str, tuple[Callable[[], None], Callable[[], None]]], repeats: int) -> dict[str, float]:
+    """side_by_side for any number of runs: median seconds of each, taken in turn after one warm-up round;
+    each run's `prepare` (first of the pair) goes untimed just before it."""
+    times: dict[str, list[float]] = {name: [] for name in runs}
+    for round_ in range(repeats + 1):
+        for name, (prepare, run) in runs.items():
+            prepare()
+            start = time.perf_counter()
+            run()
+            if round_:
+                times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(values) for name, values in times.items()}
+
+
+def shards_speed_rows(s: Sizes, data: ShardData, device: torch.device) -> list[Row]:
+    """Loader images/s from shards and from the pack with 1 and 2 workers, and images/s of the config's
+    training step fed by each (its own num_workers: 1), all in one interleaved measurement."""
+    z, config_workers = s.shards, load_config(str(FLICKR8K_CPU)).num_workers
+    feeds = {(fmt, workers): Feed(load_config(str(FLICKR8K_CPU), loader_overrides(s, data, fmt, workers)), device)
+             for workers in (1, 2) for fmt in ("webdataset", "hdf5")}
+    runs: dict[str, tuple[Callable[[], None], Callable[[], None]]] = {}
+    for (fmt, workers), feed in feeds.items():
+        runs[f"load {fmt} {workers}"] = (feed.drain, lambda feed=feed: feed.load(z.load_batches))
+    for fmt in ("webdataset", "hdf5"):
+        feed = feeds[fmt, config_workers]
+        step = config_step(feed.cfg, feed.word_map, device)
+        runs[f"train {fmt}"] = (feed.drain, lambda feed=feed, step=step: feed.train(step, z.train_batches))
+    try:
+        seconds = interleaved(runs, s.repeats)
+    finally:
+        for feed in feeds.values():
+            feed.close()
+    load = {name: z.load_batches * z.batch / t for name, t in seconds.items() if name.startswith("load")}
+    train = {fmt: z.train_batches * z.batch / seconds[f"train {fmt}"] for fmt in ("webdataset", "hdf5")}
+    rows = [Row(f"shards: loader alone, {data.name}, batches of {z.batch}, {workers} DataLoader worker(s)", "images/s",
+                "shards", load[f"load webdataset {workers}"], "HDF5 pack", load[f"load hdf5 {workers}"], "")
+            for workers in (1, 2)]
+    step = f"the flickr8k_cpu step ({s.trainable.encoder} to layer{s.trainable.encoder_stages}, {data.name})"
+    return rows + [
+        Row(f"shards: training, {step}, {config_workers} worker(s)", "images/s", "from shards",
+            train["webdataset"], "from the HDF5 pack", train["hdf5"], "~1x"),
+        Row(f"shards keep the step fed ({config_workers} worker(s))", "images/s", "shards loader alone",
+            load[f"load webdataset {config_workers}"], "training from shards", train["webdataset"], ">= 2x")]
+
+
+def data_memory_mb(pids: Sequence[int]) -> float:
+    """The memory these processes hold for data, in MB: their summed anonymous and shared-memory PSS (pages
+    shared between them, as a forked worker shares its parent's, split among them; library code left out)."""
+    total = 0
+    for pid in pids:
+        try:
+            with open(f"/proc/{pid}/smaps_rollup") as f:
+                fields = {line.split(":")[0]: int(line.split()[1]) for line in f if line.startswith("Pss")}
+        except OSError:
+            continue  # a worker that just ended
+        total += fields.get("Pss_Anon", fields.get("Pss", 0)) + fields.get("Pss_Shmem", 0)  # (older kernels: Pss)
+    return total / 1024
+
+
+def shards_child(overrides: Sequence[str]) -> None:
+    """--shards-child KEY=VALUE...: one epoch of the training loader that configs/flickr8k_cpu.yaml with these
+    overrides builds, in a process of its own; prints the peak of data_memory_mb over it and its workers,
+    sampled every 20 ms (the largest process alone, as peak_rss_mb gives, hides a worker's growth behind
+    the main process's imports)."""
+    loader = make_loaders(load_config(str(FLICKR8K_CPU), overrides), DistInfo(), torch.device("cpu"))[0]
+    peak, done = [0.0], threading.Event()
+
+    def sample() -> None:
+        while not done.wait(0.02):
+            pids = [os.getpid(), *(child.pid for child in multiprocessing.active_children())]
+            peak[0] = max(peak[0], data_memory_mb(pids))
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
+    try:
+        for _ in loader:
+            pass
+    finally:
+        done.set()
+        sampler.join()
+    print(json.dumps({"peak_mb": peak[0]}))
+
+
+def shards_memory_row(s: Sizes, data: ShardData, workdir: Path) -> Row:
+    """Peak data memory of an epoch streamed by 2 workers from 2 and from 16 shards of the same train split.
+    The two children run at once: their data memory is their own, and the wait for their imports halves."""
+    commands = {count: [sys.executable, str(ROOT / "benchmark.py"), "--shards-child",
+                        *loader_overrides(s, data, "webdataset", 2, train_shards=reshard(
+                            data.patterns["train"], count, workdir / f"train_in_{count}_shards"))]
+                for count in (2, 16)}
+
+    def peak_mb(command: list[str]) -> float:
+        child = subprocess.run(command, capture_output=True, text=True)
+        if child.returncode:
+            raise RuntimeError(f"{' '.join(command)} failed: {child.stderr[-2000:]}")
+        return json.loads(child.stdout.strip().splitlines()[-1])["peak_mb"]
+
+    with ThreadPoolExecutor(len(commands)) as pool:
+        peak = dict(zip(commands, pool.map(peak_mb, commands.values())))
+    return Row(f"shards: peak data memory (PSS) of the loader and its 2 workers, an epoch of {data.name} from 16 vs "
+               "2 shards", "MB", "16 shards", peak[16], "2 shards", peak[2], "flat (~1x)")
+
+
+def shards_rows(s: Sizes, device: torch.device, workdir: Path, pack: Path, source: Path) -> list[Row]:
+    """The issue's shards measurements: on shapes (--tiny, --quick) or on Flickr8k at 128 px (the default)."""
+    z = s.shards
+    data = shapes_data(z, workdir) if z.shapes_images else flickr8k_data(z, workdir, pack, source)
+    return [*shards_speed_rows(s, data, device), shards_memory_row(s, data, workdir)]
+
+
 def cuda_rows(s: Sizes, device: torch.device) -> list[Row]:
     model = random_model(s.decoder, s.vocab, device)
     with torch.no_grad():
@@ -420,7 +687,7 @@ def print_table(rows: list[Row], header: str) -> None:
               f"{r.target} |", flush=True)
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def get_args_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     mode = parser.add_mutually_exclusive_group()
     mode.add_argument("--quick", action="store_true", help="fewer repeats, smaller batches (< 3 min on 2 cores)")
@@ -428,10 +695,31 @@ def main(argv: Sequence[str] | None = None) -> int:
     mode.add_argument("--full", action="store_true", help=argparse.SUPPRESS)  # the default
     parser.add_argument("--shared-child", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--scst-child", type=int, default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--shards-child", nargs="+", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--device", default="cpu", help="cpu | cuda (default: cpu)")
     parser.add_argument("--num-workers", type=int, default=1, help="DataLoader workers of the data row (default: 1)")
     parser.add_argument("--rows", default=",".join(ROW_GROUPS),
                         help="comma-separated groups of rows to measure (default: all: %(default)s)")
+    parser.add_argument("--flickr8k-pack", type=Path, default=Path("data/flickr8k_128"),
+                        help="the shards rows (full mode): the Flickr8k pack to compare with, only read "
+                             "(default: %(default)s, as configs/flickr8k_cpu.yaml)")
+    parser.add_argument("--flickr8k", type=Path, default=ROOT.parent / "shared" / "data" / "flickr8k",
+                        help="the shards rows (full mode): Flickr8k's images/ and dataset_flickr8k.json, written "
+                             "as shards in a temporary folder (default: %(default)s)")
+    return parser
+
+
+def missing_flickr8k(pack: Path, source: Path) -> str:
+    """Why the full shards rows cannot run here ('' when they can)."""
+    if not (pack / "dataset.json").is_file():
+        return f"no Flickr8k pack at {pack} (--flickr8k-pack)"
+    if not (source / "dataset_flickr8k.json").is_file() or not (source / "images").is_dir():
+        return f"no Flickr8k images and dataset_flickr8k.json at {source} (--flickr8k)"
+    return ""
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = get_args_parser()
     args = parser.parse_args(argv)
     wanted = [name.strip() for name in args.rows.split(",") if name.strip()]
     unknown = [name for name in wanted if name not in ROW_GROUPS]
@@ -445,6 +733,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.scst_child is not None:
         scst_child(s, args.scst_child)
         return 0
+    if args.shards_child is not None:
+        shards_child(args.shards_child)
+        return 0
+    missing = missing_flickr8k(args.flickr8k_pack, args.flickr8k) if "shards" in wanted and mode == "full" else ""
+    if missing and args.rows != parser.get_default("rows"):
+        parser.error(f"--rows shards: {missing}")
+    if missing:  # the default, every group: the others still run
+        print(f"note: the shards rows are left out: {missing}", file=sys.stderr)
+        wanted.remove("shards")
     device = resolve_device(args.device)
     header = (f"benchmark.py ({mode}) on {device}: torch "
               f"{torch.__version__}, {torch.get_num_threads()} thread(s), {os.cpu_count()} CPU(s)")
@@ -457,7 +754,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                     "shared": lambda: shared_machine_rows(s, mode) if device.type == "cpu" else [],
                     "cuda": lambda: cuda_rows(s, device) if device.type == "cuda" else [],
                     "memory": lambda: memory_rows(s, workdir),
-                    "scst": lambda: scst_rows(s) if device.type == "cpu" else []}
+                    "scst": lambda: scst_rows(s) if device.type == "cpu" else [],
+                    "shards": lambda: shards_rows(s, device, workdir, args.flickr8k_pack, args.flickr8k)}
         for name in (n for n in ROW_GROUPS if n in wanted):
             new = measures[name]()
             rows += new
