@@ -16,8 +16,11 @@ ATTENTIONS: dict[str, type["SoftAttention"]] = {}  # name -> class; the config's
 
 
 def register_attention(name: str) -> Callable[[type], type]:
-    """Class decorator: make an attention variant available as `attention: NAME` in configs."""
+    """Class decorator: make an attention variant available as `attention: NAME` in configs. A name already
+    taken is a ValueError (a bug in the registering code), as for scoring.register_metric."""
     def register(cls: type) -> type:
+        if name in ATTENTIONS and ATTENTIONS[name] is not cls:
+            raise ValueError(f"attention {name!r} already registered ({ATTENTIONS[name].__qualname__})")
         ATTENTIONS[name] = cls
         return cls
     return register

@@ -93,9 +93,16 @@ def one_line(error: BaseException) -> str:
 def dead_workers_explained(lower: str, note: str = "") -> Iterator[None]:
     """A DataLoader worker killed (most likely by the OOM killer) is one UserError line naming what to
     lower (`lower`, e.g. "num_workers= or batch_size="), not torch's traceback. torch raises it from its
-    SIGCHLD handler, so anywhere while a loader is being iterated: wrap the whole loop, not the fetch."""
+    SIGCHLD handler, so anywhere while a loader is being iterated: wrap the whole loop, not the fetch.
+    A UserError raised inside a worker (a shard stream with no usable sample) is its own line again, not
+    torch's copy with the worker's traceback folded in."""
     try:
         yield
+    except UserError as e:  # raised in a worker (a shard stream's bad input): torch wraps it in the traceback
+        text = str(e)
+        if not text.startswith("Caught UserError in DataLoader worker"):
+            raise
+        raise UserError(text.rstrip().splitlines()[-1].split("UserError: ", 1)[-1]) from None
     except RuntimeError as e:
         if not str(e).startswith("DataLoader worker"):
             raise

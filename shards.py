@@ -14,7 +14,8 @@ What a sample must have: an image member (jpg, jpeg, png or webp) and a caption,
 else the `.json`'s `caption` field. Images go through datasets.image_array, the packer's own
 preprocessing (EXIF, RGB, resize). A sample without them, an image PIL cannot decode, an unreadable
 tar member or a truncated shard is skipped and counted (`bad`), never fatal; a local shard that
-cannot be opened at all is named before training starts (`check_shards`).
+cannot be opened at all is named before training starts (`check_shards`), and shards without one usable
+sample (a foreign tar) are named once a whole pass over them has found none (val: before training).
 """
 from __future__ import annotations
 
@@ -24,6 +25,7 @@ import os
 import random
 import re
 import sys
+import tarfile
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -57,7 +59,10 @@ def expand_shards(pattern: str, what: str = "train_shards") -> list[str]:
     expands it."""
     from webdataset.shardlists import expand_urls
 
-    urls = [u for u in expand_urls(pattern)] if pattern else []
+    try:
+        urls = [u for u in expand_urls(pattern) if u.strip()] if pattern else []  # "a::" has an empty one
+    except ValueError as e:  # braceexpand's UnbalancedBracesError
+        raise UserError(f"{what}={pattern!r}: not a shard pattern ({one_line(e)})") from None
     if not urls:
         raise UserError(f"{what}={pattern!r} names no shards")
     return urls
@@ -73,13 +78,13 @@ def check_shards(urls: Sequence[str]) -> None:
     for url in urls:
         if not _is_local(url):
             continue
-        try:
-            with open(url, "rb") as f:
-                header = f.read(512)
-        except OSError as e:
-            raise UserError(f"{url}: cannot open shard ({e.strerror or one_line(e)})") from None
-        if len(header) < 512 or header[257:262] != b"ustar":
-            raise UserError(f"{url}: not a tar file (empty, or not a shard)")
+        try:  # the first member's header, as the stream reads it (a .tar.gz too)
+            with tarfile.open(url, mode="r|*") as tar:
+                tar.next()
+        except tarfile.ReadError as e:
+            raise UserError(f"{url}: not a tar file ({e}): not a shard, or damaged") from None
+        except (OSError, EOFError, tarfile.TarError) as e:
+            raise UserError(f"{url}: cannot open shard ({getattr(e, 'strerror', None) or one_line(e)})") from None
 
 
 def shard_samples(urls: Iterable[str], on_error: Callable[[Exception], bool]) -> Iterator[dict[str, Any]]:
@@ -169,12 +174,16 @@ def read_stream_info(data_folder: str) -> tuple[StreamInfo, dict[str, int]]:
                         f"--output-folder {data_folder} first") from None
     except (ValueError, OSError) as e:
         raise UserError(f"{marker}: not readable JSON ({one_line(e)})") from None
+    if not isinstance(values, dict):
+        raise UserError(f"{marker}: not the marker of a word-map pass (a JSON object); re-run create_input_files.py")
     try:
         info = StreamInfo(int(values["image_size"]), int(values["captions_per_image"]),
                           int(values["max_caption_words"]), str(values.get("tokenizer", "ascii")),
                           int(values.get("seed", 0)))
-    except (KeyError, TypeError, ValueError) as e:
+    except KeyError as e:
         raise UserError(f"{marker}: lacks {one_line(e)}; re-run create_input_files.py") from None
+    except (TypeError, ValueError) as e:
+        raise UserError(f"{marker}: a bad value ({one_line(e)}); re-run create_input_files.py") from None
     return info, load_word_map(os.path.join(data_folder, "word_map.json"))
 
 
@@ -219,7 +228,7 @@ class ShardStream(IterableDataset):
             return self.urls
         order = np.random.default_rng([self.seed, self.epoch]).permutation(len(self.urls))
         mine = [self.urls[i] for i in order][self.rank::self.world_size][worker::num_workers]
-        if not mine:
+        if not mine and not self.resampled:  # resampled: every worker draws from all the shards
             raise UserError(f"{len(self.urls)} shards cannot feed {self.world_size} process(es) x {num_workers} "
                             "DataLoader worker(s): write more, smaller shards (--shard-size) or lower num_workers")
         return mine
@@ -238,7 +247,16 @@ class ShardStream(IterableDataset):
             samples = shard_samples(urls, self._count_error)
             if self.shuffle_buffer > 1:
                 samples = wds.filters._shuffle(samples, self.shuffle_buffer, min(100, self.shuffle_buffer), rng=rng)
-            yield from samples
+            bad, raw = self.bad, 0
+            for raw, sample in enumerate(samples, start=1):
+                yield sample  # decoded (or counted bad) by __iter__ before the next is asked for
+            if self.bad - bad >= raw:  # not one usable sample in a whole pass: cycling again would never end
+                self._no_sample(urls)
+
+    def _no_sample(self, urls: Sequence[str]) -> None:
+        where = urls[0] if len(set(urls)) == 1 else f"{self.path} ({len(set(urls))} of its shards)"
+        raise UserError(f"{where}: no sample with an image and a caption ({self.bad} bad: not img2dataset's "
+                        "layout, or every sample damaged)")
 
     def _count_error(self, error: Exception) -> bool:
         self.bad += 1
@@ -265,6 +283,8 @@ class ShardStream(IterableDataset):
             yield item
             if index + 1 == self.max_items:
                 return
+        if index < 0 and not self.train:
+            self._no_sample(self.urls)
 
     def decode(self, sample: dict[str, Any]) -> dict[str, Any]:
         references, tokens, name = sample_captions(sample, self.tokenizer)
@@ -345,8 +365,11 @@ class ShardLoader:
                 worker, position, bad = batch.pop("stream")
                 self.positions[worker], self.bad[worker] = position, bad
                 yield batch
-        finally:
-            del iterator  # ends the workers now, not at garbage collection
+        finally:  # end the workers now, not at garbage collection: an error's traceback still holds the
+            # iterator, and at exit multiprocessing would wait forever on workers that ignore its SIGTERM
+            if hasattr(iterator, "_shutdown_workers"):
+                iterator._shutdown_workers()
+            del iterator
 
     def resume(self, stream_state: dict[str, Any], rank: int, world_size: int) -> None:
         """Skip, in the interrupted epoch, the raw samples each worker had read (`position`'s record)."""
@@ -544,10 +567,11 @@ def shard_records(patterns: dict[str, str], tokenizer: str) -> tuple[dict[str, l
         problems.append(f"unreadable tar member or shard ({one_line(error)})")
         return True
 
-    for split, pattern in patterns.items():
+    split_urls = {split: expand_shards(pattern, "--shards" if split == "train" else f"--{split}-shards")
+                  if pattern else [] for split, pattern in patterns.items()}
+    check_shards([url for urls in split_urls.values() for url in urls])  # every split's, before any is read
+    for split, urls in split_urls.items():
         records[split] = []
-        urls = expand_shards(pattern, f"--{split}-shards") if pattern else []
-        check_shards(urls)
         for sample in progress_bar(shard_samples(urls, count_error), desc=f"{split} shards", unit="sample"):
             key, url = sample["__key__"], sample.get("__url__", "")
             data = next((sample[ext] for ext in IMAGE_EXTENSIONS if ext in sample), None)

@@ -440,6 +440,10 @@ def make_shard_loaders(cfg: Config, info: DistInfo, device: torch.device
                                worker_init_fn=_ignore_stop_signals)
     val_set = ShardStream(val_urls, stream_info, word_map, train=False, seed=cfg.seed, split="val")
     val_set.max_items = cfg.val_max_images
+    first = iter(val_set)  # a usable val sample, or one line naming val_shards, before the first epoch trains
+    next(first)
+    first.close()
+    val_set.bad = 0
     # One process reads val in order (a second worker would read the same shards again).
     val_workers = min(cfg.num_workers, 1)
     val_loader = DataLoader(val_set, batch_size=max(1, 64 // cfg.val_beam_size), num_workers=val_workers,

@@ -23,7 +23,8 @@ from typing import Iterator
 import h5py
 import pytest
 import torch
-from conftest import ROOT
+from conftest import ROOT, pack_main
+from test_shards import img2dataset_sample, write_tar
 
 import caption
 import create_input_files
@@ -590,6 +591,11 @@ DF_LIES = {
     "rotted-arrays": (lambda p: rewrite_json(p, document_counts="!!" * 8), "damaged"),
     "another-pack": (lambda p: rewrite_json(p.parent / "dataset.json", seed=99), "made from another pack"),
     "another-word-map": (lambda p: add_a_word(p.parent), "word_map_sha1"),
+    "not-json": (lambda p: p.write_text("ngram,count\na,3\n"), "not valid JSON"),
+    "json-list": (lambda p: p.write_text("[]"), "not a CIDEr-D document-frequency file of format 1 (found format "
+                                                "'list')"),
+    "dangling-symlink": (lambda p: (p.unlink(), p.symlink_to(p.with_name("gone.json"))),
+                         "cannot read the CIDEr-D document"),
 }
 
 
@@ -606,6 +612,29 @@ def test_a_bad_cider_df_file_is_refused_in_one_line(lie, packed_copy):
     line = str(error.value)
     assert "\n" not in line and line.startswith(str(path)) and message in line, line
     assert "delete it to rebuild" in line
+
+
+def test_an_unreadable_cider_df_file_is_refused_in_one_line(packed_copy):
+    import rewards
+
+    if os.geteuid() == 0:
+        pytest.skip("root reads a file whatever its permissions")
+    rewards.load_document_frequencies(packed_copy)
+    path = packed_copy / "cider_df.json"
+    path.chmod(0)
+    with pytest.raises(rewards.UserError, match="cannot read the CIDEr-D document .*Permission denied"):
+        rewards.load_document_frequencies(packed_copy)
+
+
+def test_scst_training_with_a_bad_cider_df_file_is_one_line(packed_copy, tmp_path, capsys):
+    import rewards
+
+    rewards.load_document_frequencies(packed_copy)
+    truncate(packed_copy / "cider_df.json")
+    assert train.main(train_args(packed_copy, tmp_path / "run", "objective=scst", "scst_samples=2")) == 1
+    line = one_error_line(capsys.readouterr().err)
+    assert line.startswith(f"error: {packed_copy / 'cider_df.json'}: not valid JSON") and "delete it to rebuild" in line
+    assert not (tmp_path / "run" / "last.pt").exists()
 
 
 def test_a_missing_cider_df_file_is_built(packed_copy):
@@ -1027,3 +1056,256 @@ def test_a_captions_row_outside_the_image_folder_is_refused(tmp_path, write_imag
                                     "--output-folder", str(tmp_path / "out"), "--skip-bad-images"]) == 1
     line = one_error_line(capsys.readouterr().err)
     assert "../x.jpg" in line and "outside the image folder" in line
+
+
+# --------------------------------------------------------------------------------------------
+# Shard streams (shards.py): a shard, pattern or word-map-pass file that cannot be used is one line
+# naming it; a bad sample inside a shard is skipped and counted, never fatal
+# --------------------------------------------------------------------------------------------
+WORD_MAP_PASS = ["--dataset", "webdataset", "--min-word-freq", "1", "--image-size", "32"]
+
+
+@pytest.fixture(scope="module")
+def tiny_shards(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """img2dataset's layout: 8 samples in train shards s-0.tar and s-1.tar, 2 in v.tar, a foreign tar (a
+    valid tar of other files), and the word-map pass of the train shards in wm/."""
+    root = tmp_path_factory.mktemp("wds")
+    samples = [img2dataset_sample(f"{i:09d}", i, caption=f"a red square {i % 3}") for i in range(8)]
+    write_tar(root / "s-0.tar", samples[:4])
+    write_tar(root / "s-1.tar", samples[4:])
+    write_tar(root / "v.tar", samples[:2])
+    write_tar(root / "foreign.tar", [{"__key__": "README", "md": b"# notes\n"},
+                                     {"__key__": "data/x", "bin": b"\0" * 99}])
+    pack_main([*WORD_MAP_PASS, "--shards", str(root / "s-{0..1}.tar"), "--output-folder", str(root / "wm")])
+    return root
+
+
+def copy_shards(tiny_shards: Path, to: Path) -> Path:
+    to.mkdir(parents=True, exist_ok=True)
+    for name in ("s-0.tar", "s-1.tar", "foreign.tar"):
+        shutil.copy(tiny_shards / name, to / name)
+    return to
+
+
+def cut_mid_member(path: Path) -> None:
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2 + 100])
+
+
+# case -> (damage of the copied s-1.tar, or None; the --shards pattern (in the copy's folder); the error's text)
+SHARD_LIES = {
+    "missing": (None, "s-{0..2}.tar", "s-2.tar: cannot open shard (No such file or directory)"),
+    "zero-byte": (lambda p: p.write_bytes(b""), "s-{0..1}.tar", "s-1.tar: not a tar file (empty file)"),
+    "a-folder": (lambda p: (p.unlink(), p.mkdir()), "s-{0..1}.tar", "s-1.tar: cannot open shard (Is a directory)"),
+    "cut-in-its-first-header": (lambda p: p.write_bytes(p.read_bytes()[:300]), "s-{0..1}.tar",
+                                "s-1.tar: not a tar file (truncated header)"),
+    "not-a-tar": (lambda p: p.write_text("a red square\n" * 100), "s-{0..1}.tar", "s-1.tar: not a tar file"),
+    "foreign": (None, "foreign.tar", "foreign.tar: no sample with an image and a caption in 1 shard(s)"),
+    "unbalanced-braces": (None, "s-{0..1.tar", "--shards='{dir}/s-{{0..1.tar': not a shard pattern (Unbalanced"),
+    "names-no-shard": (None, "::", "--shards='::' names no shards"),
+}
+
+
+@pytest.mark.parametrize("lie", sorted(SHARD_LIES))
+def test_the_word_map_pass_names_a_shard_it_cannot_use(lie, tiny_shards, tmp_path, capsys):
+    damage, pattern, message = SHARD_LIES[lie]
+    folder = copy_shards(tiny_shards, tmp_path / "shards")
+    if damage is not None:
+        damage(folder / "s-1.tar")
+    pattern = pattern if pattern == "::" else str(folder / pattern)
+    assert create_input_files.main([*WORD_MAP_PASS, "--shards", pattern, "--output-folder", str(tmp_path / "wm")]) == 1
+    line = one_error_line(capsys.readouterr().err.strip().splitlines()[-1])
+    assert message.format(dir=folder) in line, line
+    assert not (tmp_path / "wm" / "dataset.json").exists()
+
+
+def test_an_unreadable_shard_is_named(tiny_shards, tmp_path, capsys):
+    if os.geteuid() == 0:
+        pytest.skip("root reads a file whatever its permissions")
+    folder = copy_shards(tiny_shards, tmp_path / "shards")
+    (folder / "s-1.tar").chmod(0)
+    assert create_input_files.main([*WORD_MAP_PASS, "--shards", str(folder / "s-{0..1}.tar"),
+                                    "--output-folder", str(tmp_path / "wm")]) == 1
+    assert "s-1.tar: cannot open shard (Permission denied)" in one_error_line(capsys.readouterr().err)
+
+
+@pytest.mark.parametrize("kind", ["cut-mid-member", "gzip-compressed"])
+def test_the_word_map_pass_counts_what_it_cannot_read_and_goes_on(kind, tiny_shards, tmp_path):
+    """A shard cut mid-member (a copy that stopped): its readable samples count, the rest are bad samples. A
+    .tar.gz is a shard as webdataset reads it, not "not a tar file"."""
+    folder = copy_shards(tiny_shards, tmp_path / "shards")
+    if kind == "cut-mid-member":
+        cut_mid_member(folder / "s-1.tar")
+        pattern = "s-{0..1}.tar"
+    else:
+        import gzip
+
+        (folder / "s-1.tar.gz").write_bytes(gzip.compress((folder / "s-1.tar").read_bytes()))
+        pattern = "{s-0.tar,s-1.tar.gz}"
+    pack_main([*WORD_MAP_PASS, "--shards", str(folder / pattern), "--output-folder", str(tmp_path / "wm")])
+    marker = json.loads((tmp_path / "wm" / "dataset.json").read_text())
+    if kind == "cut-mid-member":
+        assert 4 <= marker["num_samples"] < 8 and marker["bad_samples"] >= 1
+    else:
+        assert (marker["num_samples"], marker["bad_samples"]) == (8, 0)
+
+
+def test_packing_shards_checks_every_splits_shards_before_reading_any(tiny_shards, tmp_path, capsys, monkeypatch):
+    import shards
+
+    monkeypatch.setattr(shards, "shard_samples", lambda *a: pytest.fail("a shard was read before all were checked"))
+    assert create_input_files.main([*WORD_MAP_PASS, "--shards", str(tiny_shards / "s-{0..1}.tar"), "--val-shards",
+                                    str(tmp_path / "v-gone.tar"), "--output-format", "hdf5",
+                                    "--output-folder", str(tmp_path / "h5")]) == 1
+    assert "v-gone.tar: cannot open shard" in one_error_line(capsys.readouterr().err)
+
+
+def shard_train_args(tiny_shards: Path, out: Path, *extra: str) -> list[str]:
+    return [*train_args(tiny_shards / "wm", out), "batch_size=2", "epochs=1", "max_len=6", "data_format=webdataset",
+            f"train_shards={tiny_shards / 's-{0..1}.tar'}", f"val_shards={tiny_shards / 'v.tar'}",
+            "train_num_samples=4", *extra]
+
+
+def empty_file(path: Path) -> Path:
+    path.write_bytes(b"")
+    return path
+
+
+def marker_edit(edit):
+    """A data_folder override: a copy of the word-map pass with its dataset.json or word_map.json changed."""
+    def make(tiny_shards: Path, tmp_path: Path) -> str:
+        folder = Path(shutil.copytree(tiny_shards / "wm", tmp_path / "wm"))
+        edit(folder)
+        return f"data_folder={folder}"
+    return make
+
+
+# case -> (overrides, each a string or a function (tiny_shards, tmp_path) -> string; the error's text)
+SHARD_TRAIN_LIES = {
+    "missing-train-shard": ([lambda d, t: f"train_shards={d / 's-{0..2}.tar'}"], "s-2.tar: cannot open shard"),
+    "zero-byte-val-shard": ([lambda d, t: f"val_shards={empty_file(t / 'v.tar')}"],
+                            "v.tar: not a tar file (empty file)"),
+    "foreign-val-shards": ([lambda d, t: f"val_shards={d / 'foreign.tar'}"],
+                           "foreign.tar: no sample with an image and a caption"),
+    "unbalanced-braces": ([lambda d, t: f"train_shards={d / 's-{0..1.tar'}"], "not a shard pattern (Unbalanced"),
+    "names-no-shard": (["val_shards=::"], "val_shards='::' names no shards"),
+    "no-val-shards": (["val_shards="], "config data_format=webdataset needs val_shards"),
+    "no-word-map-pass": ([lambda d, t: f"data_folder={t}"], "dataset.json not found: run create_input_files.py "
+                                                             "--dataset webdataset --shards PATTERN"),
+    "no-word-map": ([marker_edit(lambda f: (f / "word_map.json").unlink())], "word_map.json: word map not found"),
+    "marker-not-json": ([marker_edit(lambda f: (f / "dataset.json").write_text("{\"image_size\": 3"))],
+                        "dataset.json: not readable JSON"),
+    "marker-a-list": ([marker_edit(lambda f: (f / "dataset.json").write_text("[32, 5]"))],
+                      "dataset.json: not the marker of a word-map pass"),
+    "marker-lacks-keys": ([marker_edit(lambda f: (f / "dataset.json").write_text('{"image_size": 32}'))],
+                          "dataset.json: lacks 'captions_per_image'"),
+    "marker-bad-value": ([marker_edit(lambda f: rewrite_json(f / "dataset.json", image_size="big"))],
+                         "dataset.json: a bad value"),
+    "fewer-shards-than-workers": (["num_workers=3"], "2 shard(s) cannot feed 1 process(es) x 3 DataLoader worker(s)"),
+    "fewer-samples-than-a-batch": (["train_num_samples=1"], "train_num_samples=1 gives no full batch of batch_size=2"),
+    "feature-cache": (["feature_cache=on"], "feature_cache=on needs an HDF5 pack"),
+    "scst": (["objective=scst"], "objective=scst reads its CIDEr document frequencies from an HDF5 pack"),
+}
+
+
+@pytest.mark.parametrize("lie", sorted(SHARD_TRAIN_LIES))
+def test_training_from_shards_names_what_it_cannot_use_before_work(lie, tiny_shards, tmp_path, capsys):
+    overrides, message = SHARD_TRAIN_LIES[lie]
+    extra = [o if isinstance(o, str) else o(tiny_shards, tmp_path) for o in overrides]
+    assert train.main(shard_train_args(tiny_shards, tmp_path / "run", *extra)) == 1
+    line = one_error_line(capsys.readouterr().err)
+    assert message in line, line
+    assert not (tmp_path / "run" / "metrics.csv").exists()
+
+
+def test_training_goes_on_over_a_shard_cut_mid_member(tiny_shards, tmp_path, capsys):
+    folder = copy_shards(tiny_shards, tmp_path / "shards")
+    cut_mid_member(folder / "s-1.tar")
+    out = tmp_path / "run"
+    assert train.main(shard_train_args(tiny_shards, out, f"train_shards={folder / 's-{0..1}.tar'}",
+                                       "train_num_samples=8")) == 0  # more than a pass holds: all of it is read
+    assert "Traceback" not in capsys.readouterr().err
+    bad = [int(row["train_bad_samples"]) for row in csv.DictReader(open(out / "metrics.csv"))]
+    assert bad[0] >= 1
+
+
+@pytest.mark.parametrize("num_workers", [0, 1])
+def test_train_shards_without_one_usable_sample_stop_in_one_line(num_workers, tiny_shards, tmp_path, capsys):
+    """A foreign tar (or shards of another layout) as train_shards: the worker that reads a whole pass
+    without one usable sample stops the run in one line naming its shards, rather than cycling through
+    them for ever; a worker's error is its own line, not torch's copy of the worker's traceback, and the
+    worker is ended (left to exit, it would ignore multiprocessing's SIGTERM and block it)."""
+    import multiprocessing
+
+    args = shard_train_args(tiny_shards, tmp_path / "run", f"train_shards={tiny_shards / 'foreign.tar'}",
+                            f"num_workers={num_workers}")
+    try:
+        assert train.main(args) == 1
+        assert not multiprocessing.active_children()
+    finally:
+        for child in multiprocessing.active_children():  # only on failure: the test's own workers
+            child.kill()
+    line = one_error_line(capsys.readouterr().err.strip().splitlines()[-1])
+    assert f"{tiny_shards / 'foreign.tar'}: no sample with an image and a caption" in line, line
+    assert not (tmp_path / "run" / "last.pt").exists()
+
+
+def test_resampled_shards_feed_more_workers_than_there_are_shards(tiny_shards):
+    """shard_resampled=true is what the refusal of too few shards suggests: each worker then draws from them all."""
+    from shards import ShardStream, expand_shards, read_stream_info
+
+    info, word_map = read_stream_info(str(tiny_shards / "wm"))
+    urls = expand_shards(str(tiny_shards / "s-{0..1}.tar"))
+    stream = ShardStream(urls, info, word_map, train=True, resampled=True)
+    assert stream.worker_shards(2, 3) == []  # draws from self.urls instead
+    with pytest.raises(UserError, match="2 shards cannot feed 1 process"):
+        ShardStream(urls, info, word_map, train=True).worker_shards(2, 3)
+
+
+# --------------------------------------------------------------------------------------------
+# Registries (attention.ATTENTIONS, scoring.METRICS): an unknown name from a user is one line listing the
+# registered names; a name registered twice is a bug in the registering code (ValueError, with traceback)
+# --------------------------------------------------------------------------------------------
+def test_unknown_metric_names_are_one_line_listing_the_registered(tmp_path, capsys):
+    assert evaluation.main(["--checkpoint", str(tmp_path / "none.pt"), "--data-folder", str(tmp_path),
+                            "--metric", "WER"]) == 1
+    registered = ", ".join(scoring.METRICS)
+    assert one_error_line(capsys.readouterr().err) == f"error: --metric='WER' is not one of {registered}"
+    assert train.main(train_args(tmp_path, tmp_path / "run", "val_metric=WER")) == 1
+    line = one_error_line(capsys.readouterr().err)
+    assert line.startswith("error: config val_metric='WER' is not one of BLEU-1, ") and "CIDEr" in line
+
+
+def test_a_checkpoint_of_an_unregistered_attention_is_one_line(tmp_path, capsys):
+    """A model trained with a variant registered in the user's own file, loaded where that file was not
+    imported: eval.py and caption.py name the checkpoint, the variant and the registered ones."""
+    from conftest import solid_image, write_checkpoint
+    from config import ModelConfig
+    from models import build_model
+
+    cfg = ModelConfig(encoder="resnet18", encoder_stages=1, enc_size=2, attention_dim=8, embed_dim=8, decoder_dim=8,
+                      vocab_size=6)
+    word_map = {"<pad>": 0, "<unk>": 1, "<start>": 2, "<end>": 3, "a": 4, "b": 5}
+    path = write_checkpoint(tmp_path / "best.pt", build_model(cfg), cfg, word_map)
+    ckpt = torch.load(path, weights_only=True)
+    ckpt["model_config"]["attention"] = "sharpened_hard"
+    torch.save(ckpt, path)
+    expected = f"error: {path}: model config attention='sharpened_hard' is not one of soft, hard"
+    assert evaluation.main(["--checkpoint", str(path), "--data-folder", str(tmp_path), "--out",
+                            str(tmp_path / "r.json")]) == 1
+    assert one_error_line(capsys.readouterr().err) == expected
+    solid_image().save(tmp_path / "img.png")
+    assert caption.main(["--img", str(tmp_path / "img.png"), "--checkpoint", str(path)]) == 1
+    assert one_error_line(capsys.readouterr().err) == expected
+
+
+def test_registering_a_taken_name_is_a_bug_not_a_silent_replacement():
+    from attention import ATTENTIONS, HardAttention, SoftAttention, register_attention
+
+    with pytest.raises(ValueError, match="attention 'soft' already registered"):
+        register_attention("soft")(HardAttention)
+    assert ATTENTIONS["soft"] is SoftAttention
+    assert register_attention("soft")(SoftAttention) is SoftAttention  # the same class again: no change
+    with pytest.raises(ValueError, match="already registered"):
+        scoring.register_metric("CIDEr", keys=["CIDEr-other"])(lambda gts, res: {})
+    assert scoring.METRICS["CIDEr"].keys == ("CIDEr",) and "CIDEr-other" not in scoring.SCORE_KEYS
