@@ -228,7 +228,7 @@ class ShardStream(IterableDataset):
             return self.urls
         order = np.random.default_rng([self.seed, self.epoch]).permutation(len(self.urls))
         mine = [self.urls[i] for i in order][self.rank::self.world_size][worker::num_workers]
-        if not mine and not self.resampled:  # resampled: every worker draws from all the shards
+        if not mine:
             raise UserError(f"{len(self.urls)} shards cannot feed {self.world_size} process(es) x {num_workers} "
                             "DataLoader worker(s): write more, smaller shards (--shard-size) or lower num_workers")
         return mine
@@ -401,7 +401,8 @@ class ShardLoader:
         return self.resume_bad + int(total.item())
 
 
-def scan_captions(urls: Sequence[str], tokenizer: str, max_words: int) -> tuple[Counter[str], int, int]:
+def scan_captions(urls: Sequence[str], tokenizer: str, max_words: int, desc: str | None = "word map"
+                  ) -> tuple[Counter[str], int, int]:
     """One streaming pass over the shards' captions (no image is decoded): word counts, good and bad
     samples. Memory holds the word counts only, whatever the number of shards."""
     counts: Counter[str] = Counter()
@@ -412,7 +413,7 @@ def scan_captions(urls: Sequence[str], tokenizer: str, max_words: int) -> tuple[
         bad += 1
         return True
 
-    with progress_bar(total=len(urls), desc="word map", unit="shard") as bar:
+    with progress_bar(total=len(urls), desc=desc or "", unit="shard", disable=desc is None) as bar:
         url = None
         for sample in shard_samples(urls, count_error):
             if sample.get("__url__") != url:

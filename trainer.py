@@ -30,7 +30,8 @@ from models import ShowAttendTell
 from progress import progress_bar
 from rewards import load_document_frequencies
 from runtime import DistInfo, StopSignals, UserError, autocast_context, dead_workers_explained
-from shards import ShardLoader, ShardStream, check_shards, collate_stream, expand_shards, read_stream_info
+from shards import (ShardLoader, ShardStream, check_shards, collate_stream, expand_shards, read_stream_info,
+                    scan_captions)
 from scoring import (DIVERSITY_KEYS, caption_diversity, score_captions, validation_keys, validation_metrics,
                      warn_if_collapsed)
 from utils import rng_state
@@ -438,12 +439,15 @@ def make_shard_loaders(cfg: Config, info: DistInfo, device: torch.device
                             transform=RandomHorizontalFlip() if cfg.hflip else None)
     train_loader = ShardLoader(train_set, cfg.batch_size, steps, cfg.num_workers, pin_memory=device.type == "cuda",
                                worker_init_fn=_ignore_stop_signals)
-    val_set = ShardStream(val_urls, stream_info, word_map, train=False, seed=cfg.seed, split="val")
+    # Val's size (for the loader's length), and one line naming val_shards before the first epoch if it has
+    # no usable sample: a pass over its captions, no image decoded.
+    _, num_val, _ = scan_captions(val_urls, stream_info.tokenizer, stream_info.max_caption_words, desc=None)
+    if not num_val:
+        raise UserError(f"val_shards={cfg.val_shards}: no sample with an image and a caption")
+    num_val = min(num_val, cfg.val_max_images or num_val)
+    val_set = ShardStream(val_urls, dataclasses.replace(stream_info, num_samples=num_val), word_map, train=False,
+                          seed=cfg.seed, split="val")
     val_set.max_items = cfg.val_max_images
-    first = iter(val_set)  # a usable val sample, or one line naming val_shards, before the first epoch trains
-    next(first)
-    first.close()
-    val_set.bad = 0
     # One process reads val in order (a second worker would read the same shards again).
     val_workers = min(cfg.num_workers, 1)
     val_loader = DataLoader(val_set, batch_size=max(1, 64 // cfg.val_beam_size), num_workers=val_workers,

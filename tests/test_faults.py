@@ -1257,7 +1257,7 @@ def test_resampled_shards_feed_more_workers_than_there_are_shards(tiny_shards):
     info, word_map = read_stream_info(str(tiny_shards / "wm"))
     urls = expand_shards(str(tiny_shards / "s-{0..1}.tar"))
     stream = ShardStream(urls, info, word_map, train=True, resampled=True)
-    assert stream.worker_shards(2, 3) == []  # draws from self.urls instead
+    assert stream.worker_shards(2, 3) == urls  # every worker draws from all the shards
     with pytest.raises(UserError, match="2 shards cannot feed 1 process"):
         ShardStream(urls, info, word_map, train=True).worker_shards(2, 3)
 
