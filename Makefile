@@ -35,8 +35,9 @@ demo-hard: $(VENV)/.installed
 	$(PY) caption.py --img $(HARD_RUN)/samples --checkpoint $(HARD_RUN)/best.pt --beam-size 3 --out-dir $(HARD_RUN)/captions
 
 # pytest exits 5 when it collected nothing; make treats any non-zero exit as failure.
+# Two test processes (pytest-xdist): the suite is mostly single-threaded Python, so 2 cores halve its time.
 test: $(VENV)/.installed
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q -n 2 tests
 
 clean:
 	rm -rf $(DATA) $(RUN) $(HARD_RUN)
