@@ -11,7 +11,7 @@ decoding them (docs/data.md, "Shards").
 
 What a sample must have: an image member (jpg, jpeg, png or webp) and a caption, taken from the
 `.json`'s `captions` list (what `write_shards` stores: every reference, with `tokens`), else the `.txt`,
-else the `.json`'s `caption` field. Images go through datasets.image_array, the packer's own
+else the `.json`'s `caption` field. Images go through datasets.load_image_bytes, the packer's own
 preprocessing (EXIF, RGB, resize). A sample without them, an image PIL cannot decode, an unreadable
 tar member or a truncated shard is skipped and counted (`bad`), never fatal; a local shard that
 cannot be opened at all is named before training starts (`check_shards`), and shards without one usable
@@ -34,10 +34,9 @@ from typing import Any, Callable, Iterable, Iterator, Sequence
 import numpy as np
 import torch
 import torch.distributed as dist
-from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from datasets import collate_captions, image_array, normalize_image
+from datasets import collate_captions, load_image_bytes, normalize_image
 from filesafety import atomic_write_text
 from progress import progress_bar
 from runtime import UserError, one_line
@@ -133,11 +132,9 @@ def sample_image(sample: dict[str, Any], image_size: int) -> np.ndarray:
     if data is None:
         raise BadSample("no image member")
     try:
-        with Image.open(io.BytesIO(data)) as image:
-            image.load()
-            return image_array(image, image_size)
-    except Exception as e:  # PIL's decoders raise anything on corrupt data
-        raise BadSample(f"cannot decode image ({one_line(e)})") from None
+        return load_image_bytes(data, image_size, sample["__key__"])  # the packer's decoder, bomb limit included
+    except UserError as e:
+        raise BadSample(str(e)) from None
 
 
 def caption_rows(tokens: list[list[str]], key: str, word_map: dict[str, int], captions_per_image: int,
