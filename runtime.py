@@ -6,12 +6,15 @@ import os
 import signal
 import sys
 import threading
+import traceback
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
+from types import FrameType
 from typing import Any, Callable, ContextManager, Iterator
 
 import torch
 import torch.distributed as dist
+from torch.utils.data._utils import signal_handling
 
 
 class UserError(ValueError):
@@ -89,13 +92,41 @@ def one_line(error: BaseException) -> str:
     return text[:300] if text else type(error).__name__
 
 
+def _dead_worker_in_a_blocked_read(signum: int, frame: FrameType | None) -> None:
+    """SIGCHLD: raise a dead DataLoader worker's error only where the main thread is blocked reading a
+    worker's pipe, the one wait torch's 5 s liveness check in each fetch cannot end (a batch cut off
+    mid-write). torch's own handler raises wherever the main thread is, and an exception raised between a
+    lock's acquire and its `with` block leaves the lock held: the loader's shutdown, or TensorBoard's writer,
+    then waits on it forever (the likely cause of a CI hang on 2026-12-01, a training with a killed worker)."""
+    if frame is not None and frame.f_globals.get("__name__") == "multiprocessing.connection":
+        signal_handling._error_if_any_worker_fails()
+
+
+def _install_sigchld_handler() -> None:
+    """Put _dead_worker_in_a_blocked_read in place of torch's handler, in place of the one torch has set
+    already or before it sets one (it sets it once a process, when a loader first starts workers)."""
+    if threading.current_thread() is not threading.main_thread() or not hasattr(signal, "SIGCHLD"):
+        return
+    signal_handling._SIGCHLD_handler_set = True  # torch: "set already", so it never installs its own
+    signal.signal(signal.SIGCHLD, _dead_worker_in_a_blocked_read)
+
+
+def _lost_in_transfer(error: BaseException) -> bool:
+    """A batch's tensors come from the worker through a socket (torch's file-descriptor sharing): a worker
+    killed mid-transfer is a ConnectionResetError, EOFError or FileNotFoundError raised there."""
+    modules = {frame.f_globals.get("__name__") for frame, _ in traceback.walk_tb(error.__traceback__)}
+    return bool(modules & {"multiprocessing.resource_sharer", "torch.multiprocessing.reductions"})
+
+
 @contextmanager
 def dead_workers_explained(lower: str, note: str = "") -> Iterator[None]:
     """A DataLoader worker killed (most likely by the OOM killer) is one UserError line naming what to
-    lower (`lower`, e.g. "num_workers= or batch_size="), not torch's traceback. torch raises it from its
-    SIGCHLD handler, so anywhere while a loader is being iterated: wrap the whole loop, not the fetch.
-    A UserError raised inside a worker (a shard stream with no usable sample) is its own line again, not
-    torch's copy with the worker's traceback folded in."""
+    lower (`lower`, e.g. "num_workers= or batch_size="), not torch's traceback. The next fetch raises it
+    (see _dead_worker_in_a_blocked_read), or the epoch's end when every batch had arrived: wrap the whole
+    loop, not the fetch. A UserError raised inside a worker (a shard stream with no usable sample) is its
+    own line again, not torch's copy with the worker's traceback folded in."""
+    _install_sigchld_handler()
+    explain = f"(out of memory? lower {lower})" + (f"; {note}" if note else "")
     try:
         yield
     except UserError as e:  # raised in a worker (a shard stream's bad input): torch wraps it in the traceback
@@ -106,7 +137,11 @@ def dead_workers_explained(lower: str, note: str = "") -> Iterator[None]:
     except RuntimeError as e:
         if not str(e).startswith("DataLoader worker"):
             raise
-        raise UserError(f"{one_line(e)} (out of memory? lower {lower})" + (f"; {note}" if note else "")) from None
+        raise UserError(f"{one_line(e)} {explain}") from None
+    except (OSError, EOFError) as e:
+        if not _lost_in_transfer(e):
+            raise
+        raise UserError(f"DataLoader worker lost mid-batch ({one_line(e)}) {explain}") from None
 
 
 # --------------------------------------------------------------------------------------------

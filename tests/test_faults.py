@@ -31,6 +31,7 @@ import create_input_files
 import datasets
 import filesafety
 import packing
+import runtime
 import eval as evaluation
 import scoring
 import train
@@ -210,6 +211,61 @@ def test_a_killed_dataloader_worker_in_eval_is_reported(tiny_ckpt, shapes_folder
     line = run_killing_workers(["decoding", "decode_images", "eval"], args)
     assert "DataLoader worker" in line and "out of memory? lower --num-workers or --batch-size" in line
     assert not out.exists()
+
+
+# A worker SIGKILLed, then 3 s of unrelated work that takes a lock as a queue's put does: torch's own SIGCHLD
+# handler raised the worker's error inside that work (and could leave the lock held: a hang at shutdown, seen
+# in CI); ours leaves it to the next fetch, which names the worker within torch's 5 s liveness check.
+DEAD_WORKER_DURING_OTHER_WORK = r"""
+import os, signal, sys, threading, time
+import torch
+from torch.utils.data import DataLoader, TensorDataset
+from runtime import UserError, dead_workers_explained
+loader = DataLoader(TensorDataset(torch.arange(64.0)), batch_size=4, num_workers=1, prefetch_factor=1)
+try:
+    with dead_workers_explained("num_workers="):
+        iterator = iter(loader)
+        next(iterator)
+        os.kill(iterator._workers[0].pid, signal.SIGKILL)
+        lock, deadline = threading.Lock(), time.monotonic() + 3
+        while time.monotonic() < deadline:
+            with lock:
+                pass
+        print("unrelated work finished", flush=True)
+        for _ in iterator:
+            pass
+except UserError as e:
+    print(e)
+"""
+
+
+def test_a_dead_worker_surfaces_at_the_next_fetch_not_inside_other_work():
+    result = subprocess.run([sys.executable, "-c", DEAD_WORKER_DURING_OTHER_WORK], cwd=ROOT, env=ENV,
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0 and "Traceback" not in result.stderr, result.stderr[-2000:]
+    finished, error = result.stdout.strip().splitlines()
+    assert finished == "unrelated work finished"
+    assert error.startswith("DataLoader worker") and error.endswith("(out of memory? lower num_workers=)")
+
+
+def test_a_worker_lost_while_handing_over_a_batch_is_one_line(monkeypatch):
+    """A batch's tensors cross from the worker over a socket; a worker killed then resets it (CI, 2026-12-01:
+    'error: [Errno 104] Connection reset by peer', naming neither the worker nor what to lower)."""
+    from multiprocessing import resource_sharer
+
+    def reset(self):
+        raise ConnectionResetError(errno.ECONNRESET, "Connection reset by peer")
+
+    monkeypatch.setattr(resource_sharer.DupFd, "detach", reset)
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(torch.zeros(8, 3)), batch_size=4,
+                                         num_workers=1)
+    with pytest.raises(UserError, match=r"^DataLoader worker lost mid-batch \(\[Errno 104\] Connection reset "
+                                        r"by peer\) \(out of memory\? lower num_workers=\)$"):
+        with runtime.dead_workers_explained("num_workers="):
+            list(loader)
+    with pytest.raises(ConnectionResetError):  # the same error from anywhere else is not ours to explain
+        with runtime.dead_workers_explained("num_workers="):
+            reset(None)
 
 
 def test_resume_drops_metrics_rows_past_the_checkpoint_and_a_cut_row(tmp_path):
