@@ -351,8 +351,12 @@ class ShardLoader:
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         self.stream.worker_offset = self.done_steps % max(self.num_workers, 1)
+        # Workers start afresh each epoch. Under torchrun they come from a forkserver, not a fork of this
+        # process: its gloo threads made a forked worker hang in os.fork() (2026-12-01, a 2-rank test run;
+        # pytorch/pytorch#75147). One process keeps fork, which tests may monkeypatch through.
+        context = "forkserver" if self.num_workers and self.stream.world_size > 1 else None
         loader = DataLoader(self.stream, batch_size=self.batch_size, num_workers=self.num_workers,
-                            collate_fn=collate_stream, pin_memory=self.pin_memory,
+                            collate_fn=collate_stream, pin_memory=self.pin_memory, multiprocessing_context=context,
                             worker_init_fn=self.worker_init_fn if self.num_workers else None,
                             generator=torch.Generator().manual_seed(self.stream.seed * 1000 + self.stream.epoch))
         iterator = iter(loader)

@@ -24,7 +24,7 @@ RESOLVED = {
                                "embed_dim": 256, "decoder_dim": 256, "name": "flickr8k_cpu_scst",
                                "data_folder": "data/flickr8k_128", "num_workers": 1, "captions_per_step": 2,
                                "encoder_weights": "none", "fine_tune_stages": 0, "objective": "scst",
-                               "scst_baseline": "mean", "epochs": 8, "decoder_lr": 5e-05, "encoder_lr": 0.001,
+                               "scst_baseline": "mean", "scst_bleu_weight": 0.5, "epochs": 3, "decoder_lr": 5e-05, "encoder_lr": 0.001,
                                "lr_decay_factor": 0.5, "early_stop_patience": 0, "val_metric": "CIDEr", "max_len": 30},
     "coco.yaml": {"name": "coco", "data_folder": "data/coco", "num_workers": 4, "batch_size": 64},
     "coco_hard.yaml": {"attention": "hard", "name": "coco_hard", "data_folder": "data/coco", "num_workers": 4,

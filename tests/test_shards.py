@@ -238,7 +238,8 @@ def recording_iter(self):
             f.write("\n".join(batch["keys"]) + "\n")
             yield batch
 shards.ShardLoader.__iter__ = recording_iter
-sys.exit(train.main(sys.argv[1:]))
+if __name__ == "__main__":  # the workers' forkserver imports this file again
+    sys.exit(train.main(sys.argv[1:]))
 """
 
 
