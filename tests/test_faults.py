@@ -214,8 +214,8 @@ def test_a_killed_dataloader_worker_in_eval_is_reported(tiny_ckpt, shapes_folder
 
 
 # A worker SIGKILLed, then 3 s of unrelated work that takes a lock as a queue's put does: torch's own SIGCHLD
-# handler raised the worker's error inside that work (and could leave the lock held: a hang at shutdown, seen
-# in CI); ours leaves it to the next fetch, which names the worker within torch's 5 s liveness check.
+# handler raised the worker's error inside that work (and could leave the lock held: the likely cause of a
+# hang at shutdown seen in CI); ours leaves it to the next fetch, which names the worker within torch's 5 s liveness check.
 DEAD_WORKER_DURING_OTHER_WORK = r"""
 import os, signal, sys, threading, time
 import torch
@@ -249,8 +249,9 @@ def test_a_dead_worker_surfaces_at_the_next_fetch_not_inside_other_work():
 
 
 def test_a_worker_lost_while_handing_over_a_batch_is_one_line(monkeypatch):
-    """A batch's tensors cross from the worker over a socket; a worker killed then resets it (CI, 2026-12-01:
-    'error: [Errno 104] Connection reset by peer', naming neither the worker nor what to lower)."""
+    """A batch's tensors cross from the worker over a socket; a worker killed then resets it (1 of 40 local
+    runs of the killed-worker test, 2026-12-01: 'error: [Errno 104] Connection reset by peer', naming neither
+    the worker nor what to lower)."""
     from multiprocessing import resource_sharer
 
     def reset(self):
