@@ -6,6 +6,7 @@
     python benchmark.py --device cuda   # adds ms per step fp32 vs bf16 and eager vs compile_step, peak GPU memory
     python benchmark.py --rows decode,cuda   # only these groups of rows (ROW_GROUPS; gpu_check.py picks some)
     python benchmark.py --rows shards   # WebDataset shards vs the HDF5 pack, Flickr8k at 128 px (docs/speed.md)
+    python benchmark.py --rows encoders   # Lite0/1/2 vs ResNet-50/101, the feature cache, Captioner end to end
 
 Absolute times on a shared machine mean little; a ratio of two variants measured side by side does.
 Models have random weights (decoding runs to max_len: no beam finishes early) and the dimensions of
@@ -22,6 +23,7 @@ import io
 import json
 import multiprocessing
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -33,18 +35,23 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
 
+import h5py
 import torch
 from torch.utils.data import DataLoader
 
+from captioner import Captioner
 from checkpoints import build_checkpoint, save_checkpoint
 from config import Config, ModelConfig, load_config
 from datasets import CaptionDataset, collate_captions
+from encoders import build_encoder
+from feature_cache import ensure_cache
 from decoding import beam_search
 from losses import ConceptHead, SelfCritical, target_log_probs
 from packing import PackOptions, create_input_files
 from rewards import DocumentFrequencies, reference_ids
 from models import build_model
 from runtime import DistInfo, UserError, resolve_device
+from shapes import generate_image
 from shards import expand_shards, shard_samples
 from text import load_word_map
 from trainer import TrainState, build_optimizer, make_loaders, stop_workers, train_step
@@ -52,7 +59,7 @@ from trainer import TrainState, build_optimizer, make_loaders, stop_workers, tra
 ROOT = Path(__file__).resolve().parent
 # The groups of rows, in the table's order (--rows picks some): shared and scst run on the CPU only, cuda on
 # CUDA only.
-ROW_GROUPS = ("decode", "frozen", "trainable", "data", "shared", "cuda", "memory", "scst", "shards")
+ROW_GROUPS = ("decode", "frozen", "trainable", "data", "shared", "cuda", "memory", "scst", "shards", "encoders")
 FLICKR8K_CPU = ROOT / "configs" / "flickr8k_cpu.yaml"  # the shards rows' config: data, batch, step
 
 
@@ -678,6 +685,103 @@ def cuda_rows(s: Sizes, device: torch.device) -> list[Row]:
             Row(f"CUDA ({name}): peak GPU memory of that step (fp32)", "MB", "peak", peak, "-", 1.0)]
 
 
+# ---------------------------------------------------------------------------------------------
+# Encoders: frozen forward images/s, the feature cache's build, and Captioner end to end
+# ---------------------------------------------------------------------------------------------
+def encoder_forward(name: str, image_size: int, batch: int, channels_last: bool | None = None) -> Callable[[], None]:
+    """A frozen encoder's forward on a fixed batch; channels_last None keeps the encoder's own layout."""
+    encoder = build_encoder(name, weights="none", stages=4, enc_size=7).eval()
+    images = torch.randn(batch, 3, image_size, image_size)
+    if channels_last is not None:
+        layout = torch.channels_last if channels_last else torch.contiguous_format
+        encoder.to(memory_format=layout)
+        if not channels_last and hasattr(encoder, "input_scale"):  # Lite converts its input itself
+            encoder._to_input = lambda x: x * encoder.input_scale + encoder.input_shift  # type: ignore[method-assign]
+        images = images.contiguous(memory_format=layout)
+
+    def forward() -> None:
+        with torch.no_grad():
+            encoder(images)
+
+    return forward
+
+
+def encoder_rows(s: Sizes, workdir: Path, pack: Path, photos: Path) -> list[Row]:
+    tiny = s.vocab < 100
+    size, batch, repeats = (64, 2, 1) if tiny else (224, 32, max(2, s.repeats - 2))
+    rows = []
+    pairs = [("efficientnet_lite0", "resnet50"), ("efficientnet_lite1", "resnet50"),
+             ("efficientnet_lite2", "resnet101")][: 1 if tiny else 3]
+    for lite, resnet in pairs:
+        t_a, t_b = side_by_side(encoder_forward(lite, size, batch), encoder_forward(resnet, size, batch), repeats)
+        rows.append(Row(f"frozen encoder forward, {size} px, batch {batch}", "images/s", lite, batch / t_a,
+                        resnet, batch / t_b, "Lite faster"))
+    for name in ("efficientnet_lite0", "resnet50"):
+        t_a, t_b = side_by_side(encoder_forward(name, size, batch, True), encoder_forward(name, size, batch, False),
+                                repeats)
+        rows.append(Row(f"{name} forward layout, {size} px, batch {batch}", "images/s", "channels_last",
+                        batch / t_a, "contiguous (NCHW)", batch / t_b, "keep the faster"))
+    rows.append(feature_cache_row(s, workdir, pack, size, batch))
+    rows.append(captioner_row(s, workdir, photos, size))
+    return rows
+
+
+def lite_checkpoint(path: Path, word_map: dict[str, int], image_size: int) -> Path:
+    """A checkpoint of configs/flickr8k_lite.yaml's model (random decoder, ImageNet Lite0 when installed)."""
+    cfg = replace(load_config(str(ROOT / "configs" / "flickr8k_lite.yaml")).model_config(), vocab_size=len(word_map))
+    torch.manual_seed(0)
+    save_checkpoint(path, build_checkpoint(build_model(cfg, encoder_weights="none"), cfg, word_map,
+                                           image_size=image_size))
+    return path
+
+
+def feature_cache_row(s: Sizes, workdir: Path, pack: Path, size: int, batch: int) -> Row:
+    """Building the Lite0 cache (reader + CNN + float16 HDF5 writes) vs the CNN alone on as many images."""
+    if s.vocab < 100 or not (pack / "dataset.json").is_file():  # tiny, or no Flickr8k pack: a shapes pack
+        pack = workdir / "cache_pack"
+        subprocess.run(pack_shapes(pack, 64 if s.vocab < 100 else 320, size), check=True, capture_output=True)
+    source = workdir / "cache_source"
+    source.mkdir(exist_ok=True)
+    for name in ("val.h5", "dataset.json", "word_map.json"):
+        if not (source / name).exists():
+            (source / name).symlink_to((pack / name).resolve())
+    encoder = build_encoder("efficientnet_lite0", weights="none", stages=4, enc_size=7)
+    cfg = ModelConfig(encoder="efficientnet_lite0", encoder_stages=4, enc_size=7)
+    with h5py.File(source / "val.h5", "r") as h5:
+        images, image_size = len(h5["images"]), int(h5.attrs["image_size"])
+    forward = encoder_forward("efficientnet_lite0", image_size, batch)
+
+    def build() -> None:
+        shutil.rmtree(source / "features", ignore_errors=True)
+        ensure_cache(encoder, cfg, source, "val", build=True, num_workers=1)
+
+    def cnn_alone() -> None:
+        for _ in range(-(-images // batch)):
+            forward()
+
+    t_cache, t_cnn = side_by_side(build, cnn_alone, 1)
+    return Row(f"feature cache build, Lite0, {images} val images of {pack.name} ({image_size} px)", "images/s",
+               "build (read, CNN, write)", images / t_cache, "CNN alone", images / t_cnn, "reported: what bounds it")
+
+
+def captioner_row(s: Sizes, workdir: Path, photos: Path, size: int) -> Row:
+    """Captioner on JPEG files (read, resize, Lite0, beam 3) vs the Lite0 forward alone, batches of 16."""
+    files = sorted((photos / "images").glob("*.jpg"))[:16] if (photos / "images").is_dir() else []
+    if s.vocab < 100 or not files:
+        files = []
+        for i in range(4 if s.vocab < 100 else 16):
+            generate_image(i, 0, size)[0].save(workdir / f"photo_{i}.png")
+            files.append(workdir / f"photo_{i}.png")
+    word_map = word_map_of(s.vocab)
+    captioner = Captioner.from_checkpoint(lite_checkpoint(workdir / "lite.pt", word_map, size), image_size=size)
+    forward = encoder_forward("efficientnet_lite0", size, len(files))
+    max_len = 6 if s.vocab < 100 else 20
+    t_caption, t_cnn = side_by_side(lambda: captioner([str(f) for f in files], beam_size=3, max_len=max_len,
+                                                      batch_size=16), forward, 1 if s.vocab < 100 else 2)
+    return Row(f"Captioner end to end, Lite0, {len(files)} files, beam 3, {max_len} steps", "images/s",
+               "Captioner", len(files) / t_caption, "Lite0 forward alone", len(files) / t_cnn, "")
+
+
 def print_table(rows: list[Row], header: str) -> None:
     print(header)
     print("| row | unit | variant A | A | variant B | B | A/B | target |")
@@ -755,7 +859,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                     "cuda": lambda: cuda_rows(s, device) if device.type == "cuda" else [],
                     "memory": lambda: memory_rows(s, workdir),
                     "scst": lambda: scst_rows(s) if device.type == "cpu" else [],
-                    "shards": lambda: shards_rows(s, device, workdir, args.flickr8k_pack, args.flickr8k)}
+                    "shards": lambda: shards_rows(s, device, workdir, args.flickr8k_pack, args.flickr8k),
+                    "encoders": lambda: encoder_rows(s, workdir, Path("data/flickr8k_224"), args.flickr8k)
+                    if device.type == "cpu" else []}
         for name in (n for n in ROW_GROUPS if n in wanted):
             new = measures[name]()
             rows += new

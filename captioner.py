@@ -27,14 +27,16 @@ import torch
 from PIL import Image
 
 from attention import is_stochastic
-from config import ModelConfig, check_fields, option
+from config import ModelConfig
 from datasets import load_image_tensor
 from decoding import DecodeOptions, Hypothesis, decode_images
 from figures import OVERLAY_STYLES, AttentionMaps, gif_writer, png_writer, render_panels
 from filesafety import atomic_write_all, atomic_write_text
 from models import ShowAttendTell, load_model
+from plugins import import_plugins
 from runtime import UserError, one_line, resolve_device
 from text import decode_ids
+from validation import check_fields, option
 
 MAX_IMAGE_SIZE = 2048  # a larger S would only exhaust memory: the packed datasets use 96-256
 DEFAULT_IMAGE_SIZE = 256  # when the checkpoint does not record the packed image size S
@@ -116,8 +118,10 @@ class Captioner:
 
     @classmethod
     def from_checkpoint(cls, path: str | os.PathLike, device: str | torch.device = "cpu",
-                        image_size: int | None = None) -> Captioner:
-        """Load a best.pt / last.pt written by train.py. image_size: S (default: the checkpoint's own)."""
+                        image_size: int | None = None, imports: Sequence[str] = ()) -> Captioner:
+        """Load a best.pt / last.pt written by train.py. image_size: S (default: the checkpoint's own);
+        imports: modules to import first (a checkpoint trained with `imports:` needs them)."""
+        import_plugins(imports)
         model, model_cfg, ckpt = load_model(path)
         size = image_size if image_size is not None else int(ckpt.get("image_size", DEFAULT_IMAGE_SIZE))
         return cls(model, model_cfg, ckpt["word_map"], image_size=size, device=device)
@@ -325,7 +329,7 @@ class CaptionRun:
 def caption_to_folder(inputs: Sequence[str], checkpoint: str | os.PathLike, out_dir: str | os.PathLike,
                       decode: DecodeOptions, options: CaptionOptions, *, device: str = "auto",
                       json_path: str | os.PathLike | None = None,
-                      csv_path: str | os.PathLike | None = None) -> CaptionRun:
+                      csv_path: str | os.PathLike | None = None, imports: Sequence[str] = ()) -> CaptionRun:
     """caption.py's run: caption the images that `inputs` (files, folders, patterns) name into out_dir.
 
     Prints `path: caption` per image (then, with n_best > 1, the others indented with their
@@ -339,7 +343,7 @@ def caption_to_folder(inputs: Sequence[str], checkpoint: str | os.PathLike, out_
         print(f"error: {skip.message}", file=sys.stderr)
     if not paths:
         raise UserError("no images to caption")
-    captioner = Captioner.from_checkpoint(checkpoint, device=device, image_size=options.image_size)
+    captioner = Captioner.from_checkpoint(checkpoint, device=device, image_size=options.image_size, imports=imports)
     out_dir = _make_folder(Path(out_dir))
     captioned = []
     for outcome in caption_files(captioner, paths, out_dir, decode, options.n_best, options.overlay):

@@ -1,10 +1,9 @@
 """The one config system: ModelConfig (what rebuilds a network) and TrainConfig (how it was trained),
-seen by users as one flat namespace (YAML in configs/, then `key=value`), and the validation every
-options object uses (`option` + `check_fields`)."""
+seen by users as one flat namespace (YAML in configs/, then `key=value`). Fields declare their valid
+values with validation.option, checked by validation.check_fields."""
 from __future__ import annotations
 
 import dataclasses
-import math
 import os
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -13,9 +12,11 @@ from typing import Any, Sequence
 import yaml
 
 from attention import ATTENTIONS
+from encoders import ENCODERS
 from filesafety import atomic_write_text
 from runtime import UserError, one_line
 from scoring import SCORE_KEYS
+from validation import check_fields, option
 
 
 # --------------------------------------------------------------------------------------------
@@ -25,35 +26,6 @@ from scoring import SCORE_KEYS
 # GPTConfig apart from its training globals). Each choice and bound is written once, in the field's
 # metadata and read by every `check`; choice lists that argparse also offers are named constants.
 # --------------------------------------------------------------------------------------------
-def option(default: Any = dataclasses.MISSING, *, choices: Sequence[Any] | None = None, min: float | None = None,
-           max: float | None = None, above: float | None = None, below: float | None = None) -> Any:
-    """A dataclass field with its valid values: choices, or bounds min <= x <= max, above < x < below.
-    Without a default the field is required (a command's required flag)."""
-    # A registry (a dict) is kept as it is, so that names registered later are valid choices too.
-    meta = {"choices": choices if isinstance(choices, dict) else tuple(choices) if choices else None,
-            "min": min, "max": max, "above": above, "below": below}
-    return field(default=default, metadata={k: v for k, v in meta.items() if v is not None})
-
-
-def check_fields(obj: Any, as_flags: bool = False) -> None:
-    """Raise UserError naming the first field of dataclass `obj` outside its declared choices or bounds,
-    as `config key` or, with as_flags, as the command-line flag `--key`. None (unset, the owner fills in
-    its default later) is not checked."""
-    for f in fields(obj):
-        value, meta = getattr(obj, f.name), f.metadata
-        if value is None:
-            continue
-        label = f"--{f.name.replace('_', '-')}" if as_flags else f"config {f.name}"
-        if "choices" in meta and value not in meta["choices"]:
-            raise UserError(f"{label}={value!r} is not one of {', '.join(map(str, meta['choices']))}")
-        if isinstance(value, float) and not math.isfinite(value):
-            raise UserError(f"{label}={value} must be a finite number")
-        for name, ok, text in (("min", lambda v, b: v >= b, ">="), ("max", lambda v, b: v <= b, "<="),
-                               ("above", lambda v, b: v > b, ">"), ("below", lambda v, b: v < b, "<")):
-            if name in meta and not ok(value, meta[name]):
-                raise UserError(f"{label}={value} must be {text} {meta[name]}")
-
-
 HARD_DECODE_MODES = ("expected", "argmax", "sample")  # hard attention's context at decoding (see models.py)
 
 
@@ -61,9 +33,9 @@ HARD_DECODE_MODES = ("expected", "argmax", "sample")  # hard attention's context
 class ModelConfig:
     """Everything `models.build_model` needs; stored in every checkpoint as `model_config`."""
 
-    # --- encoder (paper: VGG conv5 14x14x512; we use a torchvision ResNet, see models.py) ---
-    encoder: str = option("resnet101", choices=("resnet18", "resnet34", "resnet50", "resnet101", "resnet152"))
-    encoder_stages: int = option(4, choices=(1, 2, 3, 4))  # keep layer1..layerN (3 halves the stride)
+    # --- encoder (paper: VGG conv5 14x14x512; we use a torchvision ResNet or EfficientNet-Lite, see encoders.py) ---
+    encoder: str = option("resnet101", choices=ENCODERS)  # any registered encoder (encoders.register_encoder)
+    encoder_stages: int = option(4, choices=(1, 2, 3, 4))  # keep stages 1..N, at strides 4..32 (3 halves the stride)
     enc_size: int = option(14, min=1)  # annotation grid is enc_size x enc_size, so L = enc_size**2
     # --- decoder ---
     attention: str = option("soft", choices=ATTENTIONS)  # soft: Sec. 4.2 | hard: stochastic, Sec. 4.1 | see attention.py
@@ -227,8 +199,14 @@ def _parse_value(key: str, text: str, current: Any) -> Any:
     return text
 
 
+YAML_SWITCHES = {True: "on", False: "off"}  # YAML 1.1 reads on/off (and yes/no) as booleans
+
+
 def _coerce(key: str, value: Any, current: Any) -> Any:
-    """Type-check a YAML value against the default's type (ints are accepted for floats)."""
+    """Type-check a YAML value against the default's type (ints are accepted for floats). YAML reads
+    `feature_cache: on` as true: a boolean for an option whose choices hold on/off is that word."""
+    if isinstance(value, bool) and isinstance(current, str) and YAML_SWITCHES[value] in _choices(key):
+        return YAML_SWITCHES[value]
     if isinstance(value, str) and not isinstance(current, str):
         return _parse_value(key, value, current)
     if isinstance(current, bool) != isinstance(value, bool) or (
@@ -236,6 +214,11 @@ def _coerce(key: str, value: Any, current: Any) -> Any:
     ):
         raise UserError(f"config {key}: expected {type(current).__name__}, got {value!r}")
     return float(value) if isinstance(current, float) else value
+
+
+def _choices(key: str) -> Any:
+    """The choices declared for config key `key` (empty when it has none)."""
+    return next((f.metadata.get("choices") or () for f in fields(Config) if f.name == key), ())
 
 
 def config_from_dict(values: dict[str, Any], base: Config | None = None, source: str = "config",

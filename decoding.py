@@ -230,7 +230,8 @@ def _repeated_trigram_words(history: torch.Tensor, vocab: int) -> torch.Tensor:
 
 
 def _draw(log_probs: torch.Tensor, policy: _Policy) -> torch.Tensor:
-    """One word per row (R,) from log_probs (R, V), sharpened by temperature and cut to top_k / top_p."""
+    """One word per row (R,) from log_probs (R, V): drawn from exp(log p / temperature), renormalised
+    (p**(1/T): < 1 sharper, > 1 flatter), then cut to top_k / top_p of that tempered distribution."""
     logits = log_probs / policy.temperature
     if policy.top_k:
         # Exactly k words (a tie at the k-th broken as topk breaks it), so top_k=1 draws greedy's argmax.
@@ -323,7 +324,7 @@ class DecodeOptions:
     batch_size: int = option(32, min=1)  # images decoded at once (each with beam_size rows)
     # Off by default, so validation (trainer.val_scores sets only the fields above) decodes as before.
     sample: bool = False  # draw beam_size captions per image from the model instead of searching
-    temperature: float = option(1.0, above=0.0)  # sampling only: < 1 sharper, > 1 flatter
+    temperature: float = option(1.0, above=0.0)  # sampling only: log-probabilities / T; < 1 sharper, > 1 flatter
     top_k: int = option(0, min=0)  # sampling only: draw among the k likeliest words (0 = all)
     top_p: float = option(1.0, above=0.0, max=1.0)  # sampling only: among the fewest words holding p (1 = all)
     block_trigrams: bool = False  # no caption repeats one of its own trigrams (beam search and sampling)

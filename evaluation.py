@@ -14,7 +14,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from attention import is_stochastic
-from config import ModelConfig, check_fields, option
+from config import ModelConfig
 from datasets import CaptionDataset, collate_captions
 from decoding import DecodeOptions, decode_split
 from feature_cache import ensure_cache
@@ -33,6 +33,7 @@ from scoring import (
     shuffled_references,
     warn_if_collapsed,
 )
+from validation import check_fields, option
 
 __all__ = ["EvalOptions", "evaluate", "print_table"]
 

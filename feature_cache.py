@@ -1,10 +1,13 @@
 """Annotation vectors of a frozen encoder, computed once per image and stored beside the packed split.
 
 A frozen encoder gives the same a (L, D) for an image every epoch, so running the CNN each step is
-wasted work: the cache stores them as float16 in `<data_folder>/features/<split>_<encoder>_l<stages>_g<grid>.h5`
-(one HDF5 chunk per image, so reading an image reads one chunk). The file records what made it (the
-encoder's architecture and a hash of its weights, the grid, the image size, the packed data's identity);
-a model or pack that does not match is refused with a line saying what differs.
+wasted work: the cache stores them as float16 in
+`<data_folder>/features/<split>_<encoder>_l<stages>_g<grid>_<weights hash>.h5` (one HDF5 chunk per image, so
+reading an image reads one chunk). The name carries a short hash of the encoder's weights, so two frozen
+encoders of one architecture (ImageNet vs random init, or two seeds) cache side by side on one pack. The
+file also records what made it (the encoder, the full hash, the grid, the image size, the packed data's
+identity); a cache under the right name that does not match (the pack was repacked) is refused with a
+line saying what differs.
 """
 from __future__ import annotations
 
@@ -25,18 +28,19 @@ from filesafety import atomic_path, staged_h5
 from progress import progress_bar
 from runtime import UserError, one_line
 
-__all__ = ["cache_path", "cache_identity", "check_cache", "build_cache", "ensure_cache"]
+__all__ = ["cache_path", "weights_hash", "cache_identity", "check_cache", "build_cache", "ensure_cache"]
 
 CACHE_DIR = "features"
 CACHE_FORMAT = 1
 
 
-def cache_path(data_folder: str | os.PathLike[str], split: str, cfg: ModelConfig) -> Path:
-    """Where the cache of `split` for this encoder lives: one file per encoder, depth and grid."""
-    return Path(data_folder) / CACHE_DIR / f"{split}_{cfg.encoder}_l{cfg.encoder_stages}_g{cfg.enc_size}.h5"
+def cache_path(data_folder: str | os.PathLike[str], split: str, cfg: ModelConfig, weights_sha1: str) -> Path:
+    """Where the cache of `split` for this encoder lives: one file per encoder, depth, grid and weights."""
+    name = f"{split}_{cfg.encoder}_l{cfg.encoder_stages}_g{cfg.enc_size}_{weights_sha1[:8]}.h5"
+    return Path(data_folder) / CACHE_DIR / name
 
 
-def _weights_hash(encoder: torch.nn.Module) -> str:
+def weights_hash(encoder: torch.nn.Module) -> str:
     """The encoder's weights and BatchNorm statistics, in state_dict order: what the features depend on."""
     digest = hashlib.sha1()
     for name, tensor in encoder.state_dict().items():
@@ -61,7 +65,7 @@ def cache_identity(encoder: torch.nn.Module, cfg: ModelConfig, data_folder: str 
         "encoder": cfg.encoder,
         "encoder_stages": cfg.encoder_stages,
         "enc_size": cfg.enc_size,
-        "encoder_weights_sha1": _weights_hash(encoder),
+        "encoder_weights_sha1": weights_hash(encoder),
         "image_size": image_size,
         "pack_sha1": _pack_identity(data_folder, split),
     }
@@ -97,7 +101,7 @@ def build_cache(
     and leaves no file under its name (the temp file is deleted), as packing does for the split files."""
     cfg = ModelConfig(encoder=identity["encoder"], encoder_stages=identity["encoder_stages"],
                       enc_size=identity["enc_size"])
-    path = cache_path(data_folder, split, cfg)
+    path = cache_path(data_folder, split, cfg, identity["encoder_weights_sha1"])
     dataset = CaptionDataset(str(data_folder), split, with_references=False)
     # Its own generator: iterating a loader draws a seed from the global RNG otherwise, and a run would then
     # train differently depending on whether the cache was already there (resume would not be exact).
@@ -160,12 +164,12 @@ def ensure_cache(
 ) -> Path | None:
     """The checked cache of `split` for this encoder: built when missing and `build`; None when missing
     and not `build`. A cache that exists but does not match is refused (UserError)."""
-    path = cache_path(data_folder, split, cfg)
-    if not path.exists() and not build:
-        return None
     with h5py.File(Path(data_folder) / f"{split}.h5", "r") as h5:
         image_size = int(h5.attrs["image_size"])
     identity = cache_identity(encoder, cfg, data_folder, split, image_size)
+    path = cache_path(data_folder, split, cfg, identity["encoder_weights_sha1"])
+    if not path.exists() and not build:
+        return None
     if path.exists():
         check_cache(path, identity)
         return path

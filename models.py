@@ -1,5 +1,5 @@
-"""Show, Attend and Tell (Xu et al. 2015): ResNet encoder and attention LSTM decoder (attention variants in
-attention.py, beam search in decoding.py, the losses in losses.py).
+"""Show, Attend and Tell (Xu et al. 2015): a CNN encoder (encoders.py: ResNets, EfficientNet-Lite) and the
+attention LSTM decoder (attention variants in attention.py, beam search in decoding.py, the losses in losses.py).
 
 Symbols follow the paper: a (B, L, D) annotation vectors of B images, L = enc_size**2 locations, D encoder
 channels; per decoded row (N = B*r rows: an image's r captions or beams) alpha_t (N, L) attention weights,
@@ -16,17 +16,19 @@ from typing import Any, Callable, NamedTuple
 
 import torch
 import torch.nn as nn
-import torchvision
 
 from attention import ATTENTIONS
+from encoders import ImageEncoder, ResNetEncoder, WeightsDownloadError, build_encoder, first_detail
 
 from checkpoints import load_checkpoint, model_config_from_checkpoint
 from config import ModelConfig
+from plugins import check_plugins
 from runtime import UserError
 from text import SPECIAL_TOKENS
 
 __all__ = [
     "Encoder",
+    "ImageEncoder",
     "WeightsDownloadError",
     "Decoder",
     "ShowAttendTell",
@@ -36,111 +38,7 @@ __all__ = [
     "StepOutput",
 ]
 
-# Output channels of layer1; each later stage doubles them, so D = this * 2**(stages - 1).
-_RESNET_LAYER1_CHANNELS = {"resnet18": 64, "resnet34": 64, "resnet50": 256, "resnet101": 256, "resnet152": 256}
-
-
-# --------------------------------------------------------------------------------------------
-# Encoder
-# --------------------------------------------------------------------------------------------
-class Encoder(nn.Module):
-    """A torchvision ResNet cut before pooling, giving L = enc_size**2 annotation vectors a_i.
-
-    The paper uses VGG's conv5 (14x14x512, not fine-tuned); a ResNet's last stage pooled to 14x14 is the
-    common modern stand-in (D = 2048 for ResNet-50/101/152, 512 for 18/34). `stages=3` stops after layer3,
-    which halves the stride: useful for small images such as the built-in shapes dataset.
-
-    Args:
-        arch: torchvision ResNet name.
-        weights: "imagenet" (torchvision's IMAGENET1K_V1 weights, from torch's hub cache or downloaded),
-            "none" (random init), or the path of a local torchvision state_dict file for `arch`.
-        stages: keep layer1..layer{stages}.
-        enc_size: side of the adaptive-average-pooled grid.
-        fine_tune: train the encoder stages >= fine_tune_stages (0 also trains the stem).
-        fine_tune_stages: first trained stage when fine_tune is set.
-    """
-
-    def __init__(
-        self,
-        *,
-        arch: str = "resnet101",
-        weights: str = "imagenet",
-        stages: int = 4,
-        enc_size: int = 14,
-        fine_tune: bool = False,
-        fine_tune_stages: int = 3,
-    ) -> None:
-        super().__init__()
-        if arch not in _RESNET_LAYER1_CHANNELS:
-            raise UserError(f"encoder {arch!r} is not one of {', '.join(_RESNET_LAYER1_CHANNELS)}")
-        resnet = _load_resnet(arch, weights)
-        self.stem = nn.Sequential(resnet.conv1, resnet.bn1, resnet.relu, resnet.maxpool)
-        self.stages = nn.ModuleList([getattr(resnet, f"layer{i}") for i in range(1, stages + 1)])
-        self.pool = nn.AdaptiveAvgPool2d((enc_size, enc_size))
-        self.out_dim = _RESNET_LAYER1_CHANNELS[arch] * 2 ** (stages - 1)  # D
-        self.enc_size = enc_size
-        # Frozen parts stay frozen and run BatchNorm with running statistics, as a fixed feature extractor.
-        first_trained = fine_tune_stages if fine_tune else len(self.stages) + 1
-        self._frozen = [self.stem] if first_trained > 0 else []
-        self._frozen += [s for i, s in enumerate(self.stages, start=1) if i < first_trained]
-        for module in self._frozen:
-            module.requires_grad_(False)
-
-    def train(self, mode: bool = True) -> "Encoder":
-        super().train(mode)
-        for module in self._frozen:
-            module.eval()
-        return self
-
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
-        x = self.stem(images)  # (B, C, S/4, S/4)
-        for stage in self.stages:
-            x = stage(x)
-        x = self.pool(x)  # (B, D, enc_size, enc_size)
-        return x.flatten(2).transpose(1, 2)  # (B, L, D)
-
-
-class WeightsDownloadError(UserError):
-    """ImageNet weights were asked for but cannot be fetched (typically: no network)."""
-
-
-def _load_resnet(arch: str, weights: str) -> nn.Module:
-    """A torchvision ResNet: random init, ImageNet weights (hub cache first), or a local state_dict file."""
-    build = getattr(torchvision.models, arch)
-    if weights == "none":
-        return build(weights=None)
-    if weights == "imagenet":
-        enum = torchvision.models.get_model_weights(arch).IMAGENET1K_V1
-        source = Path(torch.hub.get_dir()) / "checkpoints" / enum.url.rsplit("/", 1)[-1]
-        try:
-            return build(weights=enum)  # reads the hub cache when the file is there, else downloads it
-        except OSError as e:  # URLError, connection refused, DNS failure: all OSError subclasses
-            raise WeightsDownloadError(
-                f"could not download the ImageNet weights for {arch} ({e}); this machine looks offline. "
-                f"Put {source.name} in {source.parent}, pass its path as encoder_weights=PATH, "
-                "or train from random init with encoder_weights=none"
-            ) from None
-        except RuntimeError as e:  # a cached file of the wrong architecture: load_state_dict's error
-            raise UserError(f"{source}: not {arch} weights ({_first_detail(e)})") from None
-    source = Path(weights)
-    if not source.is_file():
-        raise UserError(f"encoder_weights={weights!r} is not imagenet, none or an existing weights file")
-    try:
-        state_dict = torch.load(source, map_location="cpu", weights_only=True)
-    except Exception as e:  # not a torch file, truncated, pickled objects
-        raise UserError(f"{source}: not a readable torch state_dict file ({type(e).__name__})") from None
-    resnet = build(weights=None)
-    try:
-        resnet.load_state_dict(state_dict)
-    except (RuntimeError, TypeError, AttributeError) as e:  # wrong architecture, or not a state_dict at all
-        raise UserError(f"{source}: not {arch} weights ({_first_detail(e)})") from None
-    return resnet
-
-
-def _first_detail(error: Exception) -> str:
-    """load_state_dict's first line only says "Error(s) in loading state_dict": show the first detail."""
-    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
-    return (lines[1] if len(lines) > 1 else lines[0] if lines else type(error).__name__)[:200]
+Encoder = ResNetEncoder  # the name before encoders.py (a ResNet); kept for code that imports it
 
 
 # --------------------------------------------------------------------------------------------
@@ -291,8 +189,8 @@ class ShowAttendTell(nn.Module):
     def __init__(self, cfg: ModelConfig, *, encoder_weights: str = "none", fine_tune: bool = False,
                  fine_tune_stages: int = 3) -> None:
         super().__init__()
-        self.encoder = Encoder(
-            arch=cfg.encoder,
+        self.encoder: ImageEncoder = build_encoder(
+            cfg.encoder,
             weights=encoder_weights,
             stages=cfg.encoder_stages,
             enc_size=cfg.enc_size,
@@ -350,16 +248,18 @@ def model_from_checkpoint(ckpt: dict[str, Any], source: str = "checkpoint") -> t
     try:
         model.load_state_dict(ckpt["model"])
     except RuntimeError as e:
-        raise UserError(f"{source}: weights do not match its model config ({_first_detail(e)})") from None
+        raise UserError(f"{source}: weights do not match its model config ({first_detail(e)})") from None
     return model.eval(), cfg
 
 
 def load_model(path: str | Path) -> tuple[ShowAttendTell, ModelConfig, dict[str, Any]]:
     """Checkpoint file -> (model in eval mode on CPU, its model config, the checkpoint dict).
 
-    The one loader eval.py and caption.py share; every failure is a UserError naming the file.
+    The one loader eval.py and caption.py share; every failure is a UserError naming the file, as is a
+    checkpoint whose run imported modules (config `imports`) that this process has not (`--import`).
     """
     ckpt = load_checkpoint(path)
+    check_plugins((ckpt.get("train_config") or {}).get("imports") or [], str(path))
     model, cfg = model_from_checkpoint(ckpt, str(path))
     return model, cfg, ckpt
 

@@ -13,13 +13,16 @@ What a sample must have: an image member (jpg, jpeg, png or webp) and a caption,
 `.json`'s `captions` list (what `write_shards` stores: every reference, with `tokens`), else the `.txt`,
 else the `.json`'s `caption` field. Images go through datasets.load_image_bytes, the packer's own
 preprocessing (EXIF, RGB, resize). A sample without them, an image PIL cannot decode, an unreadable
-tar member or a truncated shard is skipped and counted (`bad`), never fatal; a local shard that
-cannot be opened at all is named before training starts (`check_shards`), and shards without one usable
-sample (a foreign tar) are named once a whole pass over them has found none (val: before training).
+tar member or a truncated shard (also one cut at a member's header, which tarfile reads as a shorter
+whole tar: a local tar must end with its two zero blocks) is skipped and counted (`bad`), never fatal; a
+local shard that cannot be opened at all is named before training starts (`check_shards`), and shards
+without one usable sample (a foreign tar) are named once a whole pass over them has found none (val:
+before training).
 """
 from __future__ import annotations
 
 import io
+import itertools
 import json
 import os
 import random
@@ -27,6 +30,7 @@ import re
 import sys
 import tarfile
 from collections import Counter
+from contextlib import closing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Sequence
@@ -39,8 +43,9 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from datasets import collate_captions, load_image_bytes, normalize_image
 from filesafety import atomic_write_text
 from progress import progress_bar
+from records import Record, build_word_map, choose_captions, encode_caption
 from runtime import UserError, one_line
-from text import SPECIAL_TOKENS, load_word_map, tokenize
+from text import load_word_map, tokenize
 
 __all__ = ["IMAGE_EXTENSIONS", "ShardLoader", "ShardStream", "StreamInfo", "check_shards", "expand_shards",
            "read_stream_info", "sample_captions", "scan_captions", "shard_samples", "write_word_map_pass"]
@@ -51,6 +56,10 @@ MARKER = "dataset.json"  # written last by the word-map pass, as by packing: a f
 
 class BadSample(Exception):
     """A sample that cannot be trained on; counted and skipped."""
+
+
+class TruncatedShard(Exception):
+    """A local tar without the end-of-archive blocks every tar writer puts last: a copy cut short."""
 
 
 def expand_shards(pattern: str, what: str = "train_shards") -> list[str]:
@@ -88,10 +97,42 @@ def check_shards(urls: Sequence[str]) -> None:
 
 def shard_samples(urls: Iterable[str], on_error: Callable[[Exception], bool]) -> Iterator[dict[str, Any]]:
     """Raw samples ({"__key__", "jpg": bytes, "txt": bytes, ...}) of `urls` in order; `on_error` gets
-    each unreadable member or shard (return True to go on)."""
+    each unreadable member or shard, and each local tar read without error that lacks its end (tarfile ends
+    an archive quietly at a missing or cut header: a copy cut there would pass as whole); return True to go on."""
     import webdataset as wds
 
-    return wds.tarfile_to_samples(handler=on_error)({"url": url} for url in urls)
+    errors = 0
+
+    def counted(error: Exception) -> bool:
+        nonlocal errors
+        errors += 1
+        return on_error(error)
+
+    for url in urls:
+        before = errors
+        yield from wds.tarfile_to_samples(handler=counted)([{"url": url}])
+        if errors == before and not _tar_ends(url):
+            error = TruncatedShard(f"{url}: truncated (no end-of-archive blocks): a partial copy?")
+            if not on_error(error):
+                raise error
+
+
+def _tar_ends(url: str) -> bool:
+    """Whether a local uncompressed tar ends as every writer ends one: two zero blocks, padded to whole blocks.
+    True for what is not checked here: remote shards, and compressed ones (gzip checks its own end)."""
+    if not _is_local(url):
+        return True
+    try:
+        with open(url, "rb") as f:
+            if f.read(512)[257:262] != b"ustar":  # not a plain POSIX or GNU tar (compressed)
+                return True
+            size = f.seek(0, os.SEEK_END)
+            if size % 512 or size < 1536:  # a header, then the two end blocks
+                return False
+            f.seek(size - 1024)
+            return not any(f.read(1024))
+    except OSError:  # the reader has reported it
+        return True
 
 
 def sample_captions(sample: dict[str, Any], tokenizer: str) -> tuple[list[str], list[list[str]], str]:
@@ -140,7 +181,6 @@ def sample_image(sample: dict[str, Any], image_size: int) -> np.ndarray:
 def caption_rows(tokens: list[list[str]], key: str, word_map: dict[str, int], captions_per_image: int,
                  max_words: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
     """captions (C, max_words + 2) and caplens (C,) of one sample, chosen and encoded as packing does."""
-    from packing import choose_captions, encode_caption
 
     rows = [encode_caption(tokens[c][:max_words], word_map, max_words)
             for c in choose_captions(len(tokens), captions_per_image, seed, key)]
@@ -188,11 +228,14 @@ class ShardStream(IterableDataset):
     """Training or validation samples streamed from shards, items shaped like CaptionDataset's.
 
     Training (`train=True`): each epoch the shard list is shuffled with (seed, epoch); rank r of W takes
-    every W-th shard from r, and its DataLoader worker w of K every K-th of those, cycling through them
-    without end (ShardLoader ends the epoch); a seeded buffer shuffles samples across shards. With
-    `resampled`, each worker instead draws shards at random with replacement. Validation: every shard in
-    order, once, in one process (rank 0 validates alone). Items also carry `stream`: (worker, raw
-    position, bad samples so far), from which ShardLoader knows where each worker stands.
+    every W-th shard from r, but for the last M mod W shards, which every rank reads keeping every W-th
+    sample (so that ranks' shares differ by one sample, not by a shard). Its DataLoader worker w of K takes
+    every K-th of the rank's whole shards, and the worker after the last one the shared samples. An
+    iteration is one pass (`pass_`) over the worker's share, shuffled by a seeded buffer across shards;
+    ShardLoader starts passes until the epoch's steps are done. With `resampled`, each worker instead draws
+    as many shards at random with replacement each pass. Validation: every shard in order, once, in one
+    process (rank 0 validates alone). Items also carry `stream`: (worker, raw position, bad samples of the
+    pass so far, whether it is the pass's last), from which ShardLoader knows where each worker stands.
     """
 
     def __init__(self, urls: Sequence[str], info: StreamInfo, word_map: dict[str, int], *, train: bool,
@@ -205,50 +248,59 @@ class ShardStream(IterableDataset):
         self.path = self.urls[0] if len(self.urls) == 1 else f"{self.urls[0]} .. {self.urls[-1]}"  # for messages
         self.image_size, self.captions_per_image = info.image_size, info.captions_per_image
         self.tokenizer, self.num_images = info.tokenizer, info.num_samples
-        self.epoch = 0
-        self.skip: list[int] = []  # raw samples each worker skips first (a resumed epoch); [] none
-        # DataLoader worker i plays worker (i + worker_offset) % K: a resumed epoch's first batch must come
+        self.epoch = self.pass_ = 0
+        self.skip: list[int] = []  # raw samples each worker skips first (a resumed pass; -1: all); [] none
+        # DataLoader worker i plays worker (i + worker_offset) % K: a resumed pass's first batch must come
         # from the worker whose turn it was (the loader takes batches from its workers in turn, from 0).
         self.worker_offset = 0
         self.features_path: str | None = None  # never: shards train the encoder's input (no feature cache)
         self.caption_id_map: torch.Tensor | None = None  # set by train.py when fine-tuning (as CaptionDataset)
         self.max_items = 0  # validation: stop after this many samples (val_max_images); 0 = all
-        self.bad = 0
+        self.bad = 0  # this pass's bad samples and tar read errors
 
     def __len__(self) -> int:
         return self.info.num_samples
 
+    def _epoch_order(self) -> list[str]:
+        return [self.urls[i] for i in np.random.default_rng([self.seed, self.epoch]).permutation(len(self.urls))]
+
     def worker_shards(self, worker: int, num_workers: int) -> list[str]:
-        """This rank's and worker's shards for the epoch (train), or all of them (val, and resampled
+        """This rank's and worker's whole shards for the epoch (train), or all of them (val, and resampled
         training, which draws from them all)."""
         if not self.train or self.resampled:
             return self.urls
-        order = np.random.default_rng([self.seed, self.epoch]).permutation(len(self.urls))
-        mine = [self.urls[i] for i in order][self.rank::self.world_size][worker::num_workers]
+        order = self._epoch_order()
+        whole = order[: len(order) - len(order) % self.world_size]
+        mine = whole[self.rank::self.world_size][worker::num_workers]
         if not mine:
             raise UserError(f"{len(self.urls)} shards cannot feed {self.world_size} process(es) x {num_workers} "
                             "DataLoader worker(s): write more, smaller shards (--shard-size) or lower num_workers")
         return mine
 
-    def _samples(self, shards: list[str], rng: random.Random) -> Iterator[dict[str, Any]]:
-        """Raw samples: val reads its shards once; a training worker goes through its share again and again
-        (ShardLoader ends the epoch), each pass shuffled on its own, so that no sample comes twice before
-        every sample of the pass has come once."""
+    def shared_shards(self, worker: int, num_workers: int) -> list[str]:
+        """The epoch's last M mod W shards, of which this rank keeps every W-th sample, for the worker that
+        comes after the rank's last whole shard; [] for the others."""
+        if not self.train or self.resampled:
+            return []
+        order, rest = self._epoch_order(), len(self.urls) % self.world_size
+        carrier = (len(order) // self.world_size) % num_workers
+        return order[len(order) - rest:] if rest and worker == carrier else []
+
+    def _samples(self, shards: list[str], shared: list[str], rng: random.Random) -> Iterator[dict[str, Any]]:
+        """Raw samples of one pass: val reads its shards once, in order; a training worker its share, shuffled
+        across shards, so that no sample comes twice before every sample of the share has come once."""
         import webdataset as wds
 
         if not self.train:
-            yield from shard_samples(shards, self._count_error)
-            return
-        while True:
-            urls = [rng.choice(shards) for _ in shards] if self.resampled else shards
-            samples = shard_samples(urls, self._count_error)
-            if self.shuffle_buffer > 1:
-                samples = wds.filters._shuffle(samples, self.shuffle_buffer, min(100, self.shuffle_buffer), rng=rng)
-            bad, raw = self.bad, 0
-            for raw, sample in enumerate(samples, start=1):
-                yield sample  # decoded (or counted bad) by __iter__ before the next is asked for
-            if self.bad - bad >= raw:  # not one usable sample in a whole pass: cycling again would never end
-                self._no_sample(urls)
+            return shard_samples(shards, self._count_error)
+        samples = shard_samples([rng.choice(shards) for _ in shards] if self.resampled else shards, self._count_error)
+        if shared:  # every rank reads them, keeping its own samples; rank 0 alone counts their read errors
+            errors = self._count_error if self.rank == 0 else lambda error: True
+            mine = itertools.islice(shard_samples(shared, errors), self.rank, None, self.world_size)
+            samples = itertools.chain(samples, mine)
+        if self.shuffle_buffer > 1:
+            samples = wds.filters._shuffle(samples, self.shuffle_buffer, min(100, self.shuffle_buffer), rng=rng)
+        return samples
 
     def _no_sample(self, urls: Sequence[str]) -> None:
         where = urls[0] if len(set(urls)) == 1 else f"{self.path} ({len(set(urls))} of its shards)"
@@ -263,9 +315,26 @@ class ShardStream(IterableDataset):
         worker = get_worker_info()
         w, num_workers = (worker.id, worker.num_workers) if worker is not None else (0, 1)
         w = (w + self.worker_offset) % num_workers
-        rng = random.Random(f"{self.seed}-{self.epoch}-{self.rank}-{w}")
-        samples = self._samples(self.worker_shards(w, num_workers), rng)
         skip = self.skip[w] if w < len(self.skip) else 0
+        self.bad = 0  # without workers one stream object serves every pass of every epoch
+        if skip < 0:  # this worker's share was done when the epoch was interrupted
+            return
+        rng = random.Random(f"{self.seed}-{self.epoch}-{self.rank}-{w}" + (f"-{self.pass_}" if self.pass_ else ""))
+        shards, shared = self.worker_shards(w, num_workers), self.shared_shards(w, num_workers)
+        last = None
+        for item in self._items(self._samples(shards, shared, rng), w, skip):
+            if last is not None:
+                yield last
+            last = item  # held back until the next is decoded: the pass's last item says so
+        if last is None:
+            if not skip:  # a whole pass without one usable sample (not a resumed pass's empty rest)
+                self._no_sample(shards + shared)
+            return
+        last["stream"] = (w, last["stream"][1], self.bad, True)
+        yield last
+
+    def _items(self, samples: Iterable[dict[str, Any]], worker: int, skip: int) -> Iterator[dict[str, Any]]:
+        """Decoded items past the first `skip` raw samples (read, not decoded); bad ones counted."""
         index = -1
         for position, sample in enumerate(samples, start=1):
             if position <= skip:
@@ -276,12 +345,10 @@ class ShardStream(IterableDataset):
                 self.bad += 1
                 continue
             index += 1
-            item.update(index=index, stream=(w, position, self.bad))
+            item.update(index=index, stream=(worker, position, self.bad, False))
             yield item
             if index + 1 == self.max_items:
                 return
-        if index < 0 and not self.train:
-            self._no_sample(self.urls)
 
     def decode(self, sample: dict[str, Any]) -> dict[str, Any]:
         references, tokens, name = sample_captions(sample, self.tokenizer)
@@ -304,14 +371,15 @@ def collate_stream(batch: list[dict[str, Any]]) -> dict[str, Any]:
     out["keys"] = [item["key"] for item in batch]
     workers = {item["stream"][0] for item in batch}
     assert len(workers) == 1, "a batch mixes DataLoader workers"
-    out["stream"] = max(item["stream"] for item in batch)  # (worker, raw position, bad so far)
+    out["stream"] = max(item["stream"] for item in batch)  # (worker, raw position, bad so far, pass's end)
     return out
 
 
 @dataclass
 class ShardLoader:
-    """The training loader over a ShardStream: `steps` batches per epoch (this rank's share of
-    train_num_samples), its workers started anew each epoch (they read `epoch` and `skip` then).
+    """The training loader over a ShardStream: `steps` batches per epoch on every rank (DDP needs the same
+    count), in passes: a pass reads each worker's share once, a worker's last batch possibly short, and
+    another pass starts (its workers anew, reshuffled) until the epoch's steps are done.
 
     It also stands where train.py expects the sampler (`set_epoch`, `skip`), and knows each worker's raw
     position and bad-sample count, which `position` gathers from every rank for a mid-epoch last.pt.
@@ -324,9 +392,12 @@ class ShardLoader:
     pin_memory: bool = False
     worker_init_fn: Callable[[int], None] | None = None
     done_steps: int = 0  # steps of the epoch already trained (a resumed epoch)
-    positions: dict[int, int] = field(default_factory=dict)
-    bad: dict[int, int] = field(default_factory=dict)
+    positions: dict[int, int] = field(default_factory=dict)  # this pass's, per worker; -1: its share is done
+    bad: dict[int, int] = field(default_factory=dict)  # this pass's, per worker
     resume_bad: int = 0  # bad samples counted before the interruption, in this epoch
+    past_bad: int = 0  # bad samples of the epoch's finished passes
+    pass_: int = 0  # the epoch's pass in progress
+    turn: int | None = 0  # the worker whose batch comes next; None: as before passes, done_steps % K
 
     @property
     def dataset(self) -> ShardStream:
@@ -340,31 +411,51 @@ class ShardLoader:
     def skip(self, samples: int) -> None:  # what train.py sets from state.epoch_step (0 after the epoch)
         self.done_steps = samples // self.batch_size
         if not samples:
-            self.stream.skip, self.resume_bad = [], 0
+            self.stream.skip, self.resume_bad, self.pass_, self.turn = [], 0, 0, 0
 
     def set_epoch(self, epoch: int) -> None:
         self.stream.epoch = epoch
-        self.positions, self.bad = {}, {}
+        self.positions, self.bad, self.past_bad = {}, {}, 0
 
     def __len__(self) -> int:
         return self.steps - self.done_steps
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
-        self.stream.worker_offset = self.done_steps % max(self.num_workers, 1)
-        # Workers start afresh each epoch. Under torchrun they come from a forkserver, not a fork of this
+        if self.turn is None:
+            self.turn = self.done_steps % max(self.num_workers, 1)
+        remaining = len(self)
+        while remaining:
+            with closing(self._pass()) as batches:
+                for batch in itertools.islice(batches, remaining):
+                    remaining -= 1
+                    yield batch
+            if remaining:
+                if not self.positions and not self.stream.skip:  # the workers name a share without samples
+                    raise RuntimeError("a pass over the shards gave no batch")
+                self.past_bad += sum(self.bad.values())
+                self.positions, self.bad, self.stream.skip = {}, {}, []
+                self.pass_, self.turn = self.pass_ + 1, 0
+        self.stream.skip, self.pass_, self.turn = [], 0, 0  # the epoch is done: the next starts afresh
+
+    def _pass(self) -> Iterator[dict[str, Any]]:
+        """One pass's batches, taken from the workers in turn from `turn` on, passing over a worker whose
+        share is done."""
+        self.stream.pass_, self.stream.worker_offset = self.pass_, self.turn
+        # Workers start afresh each pass. Under torchrun they come from a forkserver, not a fork of this
         # process: its gloo threads made a forked worker hang in os.fork() (2026-12-01, a 2-rank test run;
         # pytorch/pytorch#75147). One process keeps fork, which tests may monkeypatch through.
         context = "forkserver" if self.num_workers and self.stream.world_size > 1 else None
+        seed = self.stream.seed * 1000 + self.stream.epoch + 1_000_003 * self.pass_
         loader = DataLoader(self.stream, batch_size=self.batch_size, num_workers=self.num_workers,
                             collate_fn=collate_stream, pin_memory=self.pin_memory, multiprocessing_context=context,
                             worker_init_fn=self.worker_init_fn if self.num_workers else None,
-                            generator=torch.Generator().manual_seed(self.stream.seed * 1000 + self.stream.epoch))
+                            generator=torch.Generator().manual_seed(seed))
         iterator = iter(loader)
         try:
-            for _ in range(len(self)):
-                batch = next(iterator)
-                worker, position, bad = batch.pop("stream")
-                self.positions[worker], self.bad[worker] = position, bad
+            for batch in iterator:
+                worker, position, bad, last = batch.pop("stream")
+                self.positions[worker], self.bad[worker] = -1 if last else position, bad
+                self.turn = (worker + 1) % max(self.num_workers, 1)
                 yield batch
         finally:  # end the workers now, not at garbage collection: an error's traceback still holds the
             # iterator, and at exit multiprocessing would wait forever on workers that ignore its SIGTERM
@@ -373,7 +464,7 @@ class ShardLoader:
             del iterator
 
     def resume(self, stream_state: dict[str, Any], rank: int, world_size: int) -> None:
-        """Skip, in the interrupted epoch, the raw samples each worker had read (`position`'s record)."""
+        """Resume, in the interrupted epoch, its pass where each worker stood (`position`'s record)."""
         positions = stream_state.get("positions") or []
         if len(positions) != world_size or any(len(p) != max(self.num_workers, 1) for p in positions):
             print(f"warning: resuming with {world_size} process(es) x {max(self.num_workers, 1)} worker(s), "
@@ -381,22 +472,26 @@ class ShardLoader:
                   file=sys.stderr)
             return
         self.stream.skip = list(positions[rank])
+        self.pass_ = int(stream_state.get("passes", [0] * world_size)[rank])
+        self.turn = int(stream_state["turns"][rank]) if "turns" in stream_state else None  # a last.pt before passes
         self.resume_bad = int(stream_state.get("bad", 0))
 
     def position(self, distributed: bool) -> dict[str, Any]:
-        """Every rank's workers' raw positions and the epoch's bad samples so far (a collective in DDP)."""
+        """Every rank's pass, next worker and workers' raw positions, and the epoch's bad samples so far (a
+        collective in DDP)."""
         workers = max(self.num_workers, 1)
-        mine = [self.positions.get(w, self.stream.skip[w] if w < len(self.stream.skip) else 0)
-                for w in range(workers)]
+        mine = [[self.positions.get(w, self.stream.skip[w] if w < len(self.stream.skip) else 0)
+                 for w in range(workers)], self.pass_, self.turn]
         gathered = [mine]
         if distributed:
             gathered = [None] * dist.get_world_size()
             dist.all_gather_object(gathered, mine)
-        return {"positions": gathered, "bad": self.bad_samples(distributed)}
+        return {"positions": [g[0] for g in gathered], "passes": [g[1] for g in gathered],
+                "turns": [g[2] for g in gathered], "bad": self.bad_samples(distributed)}
 
     def bad_samples(self, distributed: bool) -> int:
         """Bad samples of this epoch so far, over every rank and worker (a collective in DDP)."""
-        total = torch.tensor(float(sum(self.bad.values())))
+        total = torch.tensor(float(self.past_bad + sum(self.bad.values())))
         if distributed:
             dist.all_reduce(total)
         return self.resume_bad + int(total.item())
@@ -437,7 +532,6 @@ def write_word_map_pass(pattern: str, output_folder: str, *, image_size: int, ca
                         extra: dict[str, Any] | None = None) -> dict[str, Any]:
     """`create_input_files.py --dataset webdataset --shards PATTERN`: word_map.json and dataset.json (the
     marker: shard list, sample counts, how to encode) for training from the shards; no image is written."""
-    from packing import build_word_map
 
     folder = Path(output_folder)
     if (folder / MARKER).exists() and not force:
@@ -560,7 +654,6 @@ def shard_records(patterns: dict[str, str], tokenizer: str) -> tuple[dict[str, l
     """The samples of each split's shards as packing records carrying their image bytes (`--dataset webdataset
     --output-format hdf5`), and the problems of the samples that cannot be packed. Holds every image's
     bytes in memory: for the small datasets an HDF5 pack is for."""
-    from packing import Record
 
     records: dict[str, list[Any]] = {}
     problems: list[str] = []

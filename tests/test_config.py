@@ -42,6 +42,19 @@ RESOLVED = {
                           "lr_decay_factor": 0.5, "early_stop_patience": 0, "max_len": 30, "val_metric": "CIDEr"},
     "flickr8k_hard.yaml": {"attention": "hard", "name": "flickr8k_hard", "data_folder": "data/flickr8k",
                            "num_workers": 4, "epochs": 30},
+    # Written with this table (not before it): the ImageNet Lite0 recipes of the README's real-data section.
+    "flickr8k_lite.yaml": {"encoder": "efficientnet_lite0", "enc_size": 7, "name": "flickr8k_lite",
+                           "data_folder": "data/flickr8k_224", "num_workers": 1, "epochs": 6, "lr_decay_factor": 0.5,
+                           "lr_patience": 0, "early_stop_patience": 0, "val_metric": "CIDEr", "max_len": 30},
+    "flickr8k_lite_hard.yaml": {"encoder": "efficientnet_lite0", "enc_size": 7, "attention": "hard",
+                                "name": "flickr8k_lite_hard", "data_folder": "data/flickr8k_224", "num_workers": 1,
+                                "epochs": 6, "lr_decay_factor": 0.5, "lr_patience": 0, "early_stop_patience": 0,
+                                "val_metric": "CIDEr", "max_len": 30},
+    "flickr8k_lite_scst.yaml": {"encoder": "efficientnet_lite0", "enc_size": 7, "name": "flickr8k_lite_scst",
+                                "data_folder": "data/flickr8k_224", "num_workers": 1, "objective": "scst",
+                                "scst_baseline": "mean", "scst_bleu_weight": 0.5, "epochs": 3, "decoder_lr": 5e-05,
+                                "lr_decay_factor": 0.5, "lr_patience": 0, "early_stop_patience": 0,
+                                "val_metric": "CIDEr", "max_len": 30},
     "shapes.yaml": {"encoder": "resnet18", "encoder_stages": 2, "enc_size": 6, "attention_dim": 128, "embed_dim": 64,
                     "decoder_dim": 256, "dropout": 0.2, "name": "shapes", "num_workers": 1, "encoder_weights": "none",
                     "fine_tune_encoder": True, "fine_tune_stages": 0, "ds_reduction": "sum", "epochs": 8,
@@ -125,3 +138,16 @@ def test_saved_config_is_self_contained(tmp_path: Path) -> None:
     saved = yaml.safe_load((tmp_path / "config.yaml").read_text())
     assert "base" not in saved and saved["attention"] == "hard" and saved["encoder"] == "resnet18"
     assert load_config(str(tmp_path / "config.yaml")) == cfg
+
+
+def test_yaml_on_and_off_are_the_words_for_on_off_choices(tmp_path: Path) -> None:
+    """YAML reads `feature_cache: on` (as docs/training.md spells it) as true: an option whose choices hold
+    on and off takes the word. Anywhere else a boolean is still refused in one line."""
+    cfg = load_config(str(write(tmp_path, "on.yaml", "feature_cache: on\namp: off\n")))
+    assert (cfg.feature_cache, cfg.amp) == ("on", "off")  # amp's choices are off, bf16, fp16
+    assert load_config(str(write(tmp_path, "off.yaml", "feature_cache: off\n"))).feature_cache == "off"
+    assert load_config(str(write(tmp_path, "yes.yaml", "feature_cache: yes\n"))).feature_cache == "on"
+    for text in ("amp: on\n", "encoder: true\n"):  # no such choice: "on" is not an amp mode
+        with pytest.raises(UserError, match="expected str, got True") as raised:
+            load_config(str(write(tmp_path, "bad.yaml", text)))
+        assert "\n" not in str(raised.value)

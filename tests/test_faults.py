@@ -759,22 +759,20 @@ def test_disk_full_while_building_a_feature_cache(shapes_folder, tmp_path):
     """The cache is written through filesafety.staged_h5, as packing writes its split files: a full disk is one
     error line naming the cache, exit code exactly 1 (no crash at exit: a subprocess, as from the shell), and
     no file, whole or half, under the cache's name; with room again, the same run builds it."""
-    from config import ModelConfig
-    from feature_cache import cache_path
-
     cached = [a for a in TINY if not a.startswith("feature_cache=")] + ["feature_cache=on", "epochs=1"]
     with small_disk(tmp_path / "disk", "2m") as disk:
         data = Path(shutil.copytree(shapes_folder, disk / "packed", ignore=shutil.ignore_patterns("features")))
         (data / "features").mkdir()  # so that the HDF5 writes, not the folder, meet the full disk
-        cache = cache_path(data, "train", ModelConfig(encoder="resnet18", encoder_stages=1, enc_size=2))
         fill(disk)
         result = subprocess.run([sys.executable, "train.py", *cached, f"data_folder={data}",
                                  f"out_dir={tmp_path / 'run'}"], cwd=ROOT, env=ENV, capture_output=True, text=True,
                                 timeout=300)
         assert result.returncode == 1, (result.returncode, result.stderr[-2000:])
         line = one_error_line(result.stderr.splitlines()[-1])
-        assert line.startswith(f"error: {cache}: ") and "No space left on device" in line, line
-        assert not cache.exists() and not list((data / "features").iterdir())  # no temp file either
+        assert line.startswith(f"error: {data / 'features' / 'train_resnet18_l1_g2_'}") and line.endswith(
+            ".h5: cannot write the feature cache (No space left on device)"), line
+        cache = Path(line.split(": ")[1])
+        assert not list((data / "features").iterdir())  # neither the cache nor a temp file
         (disk / "ballast").unlink()
         assert train.main([*cached, f"data_folder={data}", f"out_dir={tmp_path / 'again'}"]) == 0
         assert cache.is_file() and not list((data / "features").glob(".*.tmp"))

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import csv
 import io
+import itertools
 import json
 import os
 import subprocess
 import sys
 import tarfile
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -20,7 +22,8 @@ import create_input_files
 from conftest import ROOT, pack_main
 from datasets import CaptionDataset
 from runtime import UserError
-from shards import ShardLoader, ShardStream, StreamInfo, check_shards, expand_shards, read_stream_info
+from shards import (ShardLoader, ShardStream, StreamInfo, check_shards, expand_shards, read_stream_info,
+                    shard_samples)
 
 # 48 shapes images: train 36, val 6, test 6; shards of 9 -> 4 train shards
 SHAPES = ["--dataset", "shapes", "--num-images", "48", "--image-size", "48", "--seed", "3", "--val-fraction", "0.125",
@@ -126,12 +129,25 @@ def test_two_ranks_with_two_workers_each_see_every_sample_once_per_epoch(shapes_
     assert epochs[0] != epochs[1]  # another shard order and shuffle each epoch
 
 
-def test_resampled_shards_give_each_rank_its_own_draw_of_the_declared_size(shapes_pair):
-    """shard_resampled: every worker draws from all 4 shards; an epoch is still steps x batch samples."""
+def test_resampled_shards_give_each_rank_its_own_draw_of_the_declared_size(shapes_pair, monkeypatch):
+    """shard_resampled: every worker of every rank draws from all 4 shards (no fixed membership), each its own
+    draws; an epoch is still steps x batch samples."""
+    import shards
+
     _, wds = shapes_pair
     per_rank = [epoch_keys(train_loader(wds, rank, 2, num_workers=2, steps=8, resampled=True), 0) for rank in (0, 1)]
     assert len(per_rank[0]) == len(per_rank[1]) == 24 and per_rank[0] != per_rank[1]
-    assert len(set(per_rank[0])) < 24 or len(set(per_rank[0]) | set(per_rank[1])) < 36  # with replacement
+    shard_of = {key: i for i in range(4) for key in stream_items(wds, f"train-{i:06d}.tar")}
+    draws = []
+    for rank, worker in ((0, 0), (0, 1), (1, 0), (1, 1)):  # each worker as the DataLoader runs it
+        monkeypatch.setattr(shards, "get_worker_info", lambda: SimpleNamespace(id=worker, num_workers=2))
+        stream = train_loader(wds, rank, 2, num_workers=2, steps=8, resampled=True).stream
+        keys = []
+        for stream.pass_ in range(5):  # a pass draws 4 shards with replacement
+            keys += [item["key"] for item in itertools.islice(stream, 36)]
+        assert {shard_of[key] for key in keys} == {0, 1, 2, 3}, (rank, worker)
+        draws.append(keys)
+    assert len({tuple(keys) for keys in draws}) == 4
 
 
 def test_a_resumed_epoch_trains_exactly_the_samples_it_had_not(shapes_pair):
@@ -298,3 +314,133 @@ def test_sigterm_mid_epoch_over_shards_resumes_to_the_same_weights(shapes_pair, 
     assert a["train_state"]["step"] == b["train_state"]["step"] == 12
     for key, value in a["model"].items():
         torch.testing.assert_close(b["model"][key], value, rtol=1e-5, atol=1e-6, msg=key)
+
+
+# 5 shards of 9 img2dataset samples (u-0.tar .. u-4.tar), for epochs over shards that do not divide evenly
+SMALL_INFO = StreamInfo(image_size=32, captions_per_image=1, max_caption_words=10, tokenizer="ascii")
+SMALL_WORDS = {"<pad>": 0, "a": 1, "red": 2, "<unk>": 3, "<start>": 4, "<end>": 5}
+
+
+@pytest.fixture(scope="module")
+def nine_a_shard(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("nine")
+    for s in range(5):
+        write_tar(root / f"u-{s}.tar", [img2dataset_sample(f"{s}{i:08d}", 9 * s + i) for i in range(9)])
+    return root
+
+
+def uneven_epoch(folder: Path, shards: int, world_size: int, num_workers: int, batch_size: int,
+                 num_samples: int, epoch: int = 0) -> list[list[str]]:
+    """Each simulated rank's trained keys over one epoch, as trainer.make_shard_loaders builds the loaders."""
+    steps = num_samples // (batch_size * world_size)
+    ranks = []
+    for rank in range(world_size):
+        stream = ShardStream(expand_shards(str(folder / f"u-{{0..{shards - 1}}}.tar")), SMALL_INFO, SMALL_WORDS,
+                             train=True, seed=5, shuffle_buffer=10, rank=rank, world_size=world_size)
+        loader = ShardLoader(stream, batch_size, steps, num_workers)
+        loader.set_epoch(epoch)
+        batches = [batch["keys"] for batch in loader]
+        assert len(batches) == steps and all(0 < len(b) <= batch_size for b in batches)  # DDP: same steps on every rank
+        ranks.append([key for b in batches for key in b])
+    return ranks
+
+
+# (shards of 9, ranks, workers, batch size) -> samples trained per rank in an epoch of all 9 x shards samples
+UNEVEN = {"3-shards-over-2-ranks": (3, 2, 0, 3, [12, 12]),
+          "5-shards-over-2-ranks-x-2-workers": (5, 2, 2, 3, [21, 21]),
+          "a-batch-that-does-not-divide-a-workers-share": (4, 1, 2, 4, [34])}
+
+
+@pytest.mark.parametrize("case", sorted(UNEVEN))
+def test_an_epoch_over_uneven_shards_trains_no_sample_twice(case, nine_a_shard):
+    """Shards that do not divide by ranks x workers, or a worker's share that does not divide by the batch:
+    every rank runs the same steps, no sample comes twice (a rank's share is read once before any repeats),
+    and what the epoch leaves out is the tail of each rank's pass (docs/distributed.md)."""
+    shards, world_size, num_workers, batch_size, trained = UNEVEN[case]
+    for epoch in (0, 1):
+        ranks = uneven_epoch(nine_a_shard, shards, world_size, num_workers, batch_size, 9 * shards, epoch)
+        keys = [key for rank in ranks for key in rank]
+        assert len(set(keys)) == len(keys), f"{len(keys) - len(set(keys))} of {len(keys)} samples trained twice"
+        assert [len(rank) for rank in ranks] == trained
+
+
+def test_an_epoch_longer_than_the_shards_repeats_only_after_every_sample(nine_a_shard):
+    """train_num_samples above what a rank's shards hold: a second pass starts once the first has given every
+    sample, reshuffled."""
+    (keys,) = uneven_epoch(nine_a_shard, 3, 1, 2, 4, 60)  # 15 steps: a pass of 27 is 8 batches (2 short)
+    assert sorted(keys[:27]) == sorted(f"{s}{i:08d}" for s in range(3) for i in range(9))
+    second = keys[27:]
+    assert len(second) == 25 and len(set(second)) == 25 and second != keys[:25]
+
+
+def test_each_epochs_bad_samples_are_its_own_without_workers(tmp_path):
+    """num_workers=0: one stream object serves every epoch; each epoch counts only its own bad samples."""
+    good = [img2dataset_sample(f"{i:09d}", i) for i in range(5)]
+    corrupt = {**img2dataset_sample("000000100", 100), "jpg": jpeg(100)[:200]}
+    write_tar(tmp_path / "b-0.tar", good[:2] + [corrupt] + good[2:])
+    stream = ShardStream([str(tmp_path / "b-0.tar")], SMALL_INFO, SMALL_WORDS, train=True, shuffle_buffer=1)
+    loader, counts = ShardLoader(stream, batch_size=5, steps=1), []
+    for epoch in range(3):
+        loader.set_epoch(epoch)
+        assert [len(batch["keys"]) for batch in loader] == [5]
+        counts.append(loader.bad_samples(distributed=False))
+    assert counts == [1, 1, 1]
+
+
+def member_offsets(path: Path) -> dict[str, tarfile.TarInfo]:
+    with tarfile.open(path) as tar:
+        return {member.name: member for member in tar.getmembers()}
+
+
+def test_a_cut_member_after_one_good_sample_is_no_shard_without_samples(tmp_path):
+    """A read error of the tar is not a sample: one good sample, then a member cut short, trains."""
+    path = write_tar(tmp_path / "c-0.tar", [img2dataset_sample(f"{i:09d}", i) for i in range(2)])
+    jpg = member_offsets(path)["000000001.jpg"]
+    path.write_bytes(path.read_bytes()[: jpg.offset_data + jpg.size // 2])
+    loader = ShardLoader(ShardStream([str(path)], SMALL_INFO, SMALL_WORDS, train=True), batch_size=1, steps=3)
+    loader.set_epoch(0)
+    assert [key for batch in loader for key in batch["keys"]] == ["000000000"] * 3
+    assert loader.bad_samples(distributed=False) >= 1
+
+
+@pytest.mark.parametrize("where", [0, 200], ids=["at-a-header", "inside-a-header"])
+def test_a_shard_cut_at_a_member_header_is_counted_not_complete(where, tmp_path):
+    """tarfile ends an archive quietly at a missing or truncated header past the first: a shard cut there
+    (a partial copy) lacks the two zero blocks that end a tar, and is counted as a truncated shard."""
+    write_tar(tmp_path / "t-0.tar", [img2dataset_sample(f"0{i:08d}", i) for i in range(12)])
+    cut = write_tar(tmp_path / "t-1.tar", [img2dataset_sample(f"1{i:08d}", 20 + i) for i in range(12)])
+    cut.write_bytes(cut.read_bytes()[: member_offsets(cut)["100000006.jpg"].offset + where])
+    errors: list[Exception] = []
+    samples = list(shard_samples([str(tmp_path / "t-0.tar"), str(cut)], lambda e: errors.append(e) or True))
+    assert len(samples) == 18 and len(errors) == 1 and f"{cut}: truncated" in str(errors[0])
+    stream = ShardStream(expand_shards(str(tmp_path / "t-{0..1}.tar")), SMALL_INFO, SMALL_WORDS, train=True)
+    loader = ShardLoader(stream, batch_size=6, steps=3)
+    loader.set_epoch(0)
+    assert sorted(key for batch in loader for key in batch["keys"]) == sorted(s["__key__"] for s in samples)
+    assert loader.bad_samples(distributed=False) == 1
+    pack_main(["--dataset", "webdataset", "--shards", str(tmp_path / "t-{0..1}.tar"), "--min-word-freq", "1",
+               "--output-folder", str(tmp_path / "wm")])
+    marker = json.loads((tmp_path / "wm" / "dataset.json").read_text())
+    assert (marker["num_samples"], marker["bad_samples"]) == (18, 1)
+
+
+@pytest.mark.parametrize("stop", [6, 9], ids=["a-worker-done", "in-the-second-pass"])
+def test_a_resumed_epoch_over_uneven_shares_trains_the_batches_the_straight_one_did(stop, nine_a_shard):
+    """Workers of unequal shares (18 and 9 samples, batches of 4) over two passes: interrupted after a worker's
+    share is done, or in the second pass, the resumed epoch trains the rest in the straight run's order."""
+    def loader() -> ShardLoader:
+        stream = ShardStream(expand_shards(str(nine_a_shard / "u-{0..2}.tar")), SMALL_INFO, SMALL_WORDS,
+                             train=True, seed=5, shuffle_buffer=10)
+        return ShardLoader(stream, 4, 12, num_workers=2)
+
+    straight, interrupted, resumed = loader(), loader(), loader()
+    straight.set_epoch(2)
+    whole = [batch["keys"] for batch in straight]
+    interrupted.set_epoch(2)
+    first = [batch["keys"] for batch in itertools.islice(interrupted, stop)]
+    saved = json.loads(json.dumps(interrupted.position(distributed=False)))  # as last.pt stores it
+    resumed.resume(saved, rank=0, world_size=1)  # train.py's order: resume, set_epoch, skip
+    resumed.set_epoch(2)
+    resumed.skip = stop * 4
+    assert first + [batch["keys"] for batch in resumed] == whole
+    assert [len(keys) for keys in whole[:8]] == [4, 4, 4, 4, 4, 1, 4, 2]  # a pass of 27: w1's 9, then w0's 18
