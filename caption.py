@@ -46,13 +46,14 @@ from typing import Sequence
 from captioner import DEFAULT_IMAGE_SIZE, CaptionOptions, caption_to_folder
 from decoding import decode_args_parser, decode_options_from_args
 from figures import OVERLAY_STYLES, display_available, show_grids
+from plugins import import_args_parser
 from runtime import run_cli
 
 
 def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter, add_help=add_help,
-        parents=[decode_args_parser()],
+        parents=[decode_args_parser(), import_args_parser()],
     )
     parser.add_argument("--img", nargs="+", required=True, metavar="PATH",
                         help="image files, folders (non-recursive) or glob patterns (quote them)")
@@ -86,7 +87,7 @@ def caption(args: argparse.Namespace) -> int:
     if args.show and not show:
         print("warning: --show: no display available; the figures are only saved", file=sys.stderr)
     run = caption_to_folder(args.img, args.checkpoint, args.out_dir, decode, options, device=args.device,
-                            json_path=args.json, csv_path=args.csv)
+                            json_path=args.json, csv_path=args.csv, imports=args.imports)
     if show and run.captioned:
         show_grids([(f"{c.result.source}: {c.result.best.text}", c.png) for c in run.captioned])
     return 0 if run.captioned else 1

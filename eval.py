@@ -17,6 +17,7 @@ from typing import Sequence
 
 from decoding import decode_args_parser, decode_options_from_args
 from evaluation import CONTROLS, FEATURE_CACHE_MODES, SPLITS, EvalOptions, evaluate
+from plugins import import_args_parser, import_plugins
 from runtime import UserError, run_cli
 from scoring import METRICS, default_metrics
 
@@ -24,7 +25,7 @@ from scoring import METRICS, default_metrics
 def get_args_parser() -> argparse.ArgumentParser:
     defaults = EvalOptions()
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
-                                     parents=[decode_args_parser()])
+                                     parents=[decode_args_parser(), import_args_parser()])
     parser.add_argument("--checkpoint", required=True, help="a best.pt / last.pt written by train.py")
     parser.add_argument("--data-folder", required=True, help="folder written by create_input_files.py")
     parser.add_argument("--split", default=defaults.split, choices=SPLITS, help="default: %(default)s")
@@ -72,6 +73,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = get_args_parser().parse_args(argv)
 
     def body() -> int:
+        import_plugins(args.imports)  # before the metric names are read
         decode = decode_options_from_args(args)
         evaluate(args.checkpoint, args.data_folder, eval_options_from_args(args), decode, out=args.out,
                  report=args.report, device=args.device)

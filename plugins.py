@@ -1,0 +1,74 @@
+"""A user's own modules (an attention variant, an encoder, a metric) imported before the registries are read.
+
+Training names them in its config (`imports: [my_pkg.my_attention]`, as mmengine's `custom_imports`) and
+records them in its checkpoints; eval.py, caption.py and the Captioner take `--import MODULE` /
+`imports=`. A checkpoint is never a reason to import code on its own: one whose run imported modules that
+this process has not is refused in one line naming the `--import` to add.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import importlib.util
+import os
+import sys
+from pathlib import Path
+from typing import Sequence
+
+from runtime import UserError
+
+__all__ = ["import_plugins", "imported_plugins", "check_plugins", "import_args_parser"]
+
+_IMPORTED: list[str] = []  # what import_plugins imported in this process, as the user named it
+
+
+def import_plugins(modules: Sequence[str]) -> list[str]:
+    """Import each module: a dotted name (found on sys.path or from the current folder) or the path of a
+    .py file. Its registrations then take effect. Returns the names as given."""
+    for name in modules:
+        if name in _IMPORTED:
+            continue
+        _import_one(name)
+        _IMPORTED.append(name)
+    return list(modules)
+
+
+def _import_one(name: str) -> None:
+    if name.endswith(".py") or os.sep in name:
+        path = Path(name)
+        if not path.is_file():
+            raise UserError(f"import {name}: no such file")
+        spec = importlib.util.spec_from_file_location(path.stem, path)
+        module = importlib.util.module_from_spec(spec)  # type: ignore[arg-type]
+        sys.modules[path.stem] = module
+        spec.loader.exec_module(module)  # type: ignore[union-attr]  # its own errors keep their traceback
+        return
+    if os.getcwd() not in sys.path:  # as `python -m` would: a module beside the user, not beside train.py
+        sys.path.append(os.getcwd())
+    try:
+        importlib.import_module(name)
+    except ModuleNotFoundError as e:
+        if e.name and name.split(".")[: len(e.name.split("."))] == e.name.split("."):
+            raise UserError(f"import {name}: no module named {e.name!r} (on the path or in {os.getcwd()})") from None
+        raise  # the plugin's own missing dependency: its traceback says where
+
+
+def imported_plugins() -> list[str]:
+    return list(_IMPORTED)
+
+
+def check_plugins(recorded: Sequence[str], source: str) -> None:
+    """Refuse a checkpoint whose run imported modules this process has not imported."""
+    missing = [name for name in recorded if name not in _IMPORTED]
+    if missing:
+        flags = " ".join(f"--import {name}" for name in missing)
+        raise UserError(f"{source}: its run imported {', '.join(missing)}; add {flags} (imported only when asked)")
+
+
+def import_args_parser() -> argparse.ArgumentParser:
+    """The `--import MODULE` flag that eval.py and caption.py share (a parent parser)."""
+    parser = argparse.ArgumentParser(add_help=False)
+    parser.add_argument("--import", dest="imports", action="append", default=[], metavar="MODULE",
+                        help="import MODULE (dotted name or .py file) first: a checkpoint trained with "
+                             "`imports:` needs the same modules (repeatable)")
+    return parser
