@@ -30,7 +30,10 @@ from pathlib import Path
 from typing import Any, Sequence
 
 ROOT = Path(__file__).resolve().parent
-CPU_RECIPE_CIDER = 0.312  # README: configs/flickr8k_cpu.yaml, last.pt, test split, beam 3 (CPU, 20 epochs)
+# The figure the GPU run must beat, and the one place it is written (docs/gpu.md names it): the README's
+# XE row for configs/flickr8k_cpu.yaml, best.pt (epoch 20), test split, beam 3; tests/test_gpu_check.py
+# fails when the two differ.
+CPU_RECIPE_CIDER = 0.307
 STEP_TARGET_MS = 21.0  # the issue: 3x fewer than the 62.7 ms measured before on an H200 (launch-bound)
 COMPILE_TARGET = 1.5  # compile_step at least 1.5x eager
 GRACE_S = 60  # after SIGTERM (train.py saves where it stands), before SIGKILL

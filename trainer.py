@@ -105,16 +105,31 @@ class Run:
         state.epochs_since_improvement = 0 if improved else state.epochs_since_improvement + 1
         return improved
 
-    def checkpoint(self) -> dict[str, Any]:
-        """last.pt / best.pt: the model as eval and caption need it, plus what an exact resume needs."""
+    def checkpoint(self, ranks: list[dict[str, Any]] | None = None) -> dict[str, Any]:
+        """last.pt / best.pt: the model as eval and caption need it, plus what an exact resume needs
+        (in a multi-process run, `ranks`: each rank's own state, from rank_states)."""
         extra = {"pack_word_map": self.pack_word_map} if self.word_map != self.pack_word_map else {}  # for eval.py
         if isinstance(self.trained, ConceptHead):
             extra["concept_head"] = self.trained.head.state_dict()
+        if ranks is not None:
+            extra["ranks"] = ranks
         return build_checkpoint(self.model, self.cfg.model_config(), self.word_map, cfg=self.cfg,
                                 image_size=self.train_loader.dataset.image_size,  # caption.py resizes to it
                                 optimizer=self.optimizer.state_dict(), scheduler=self.scheduler.state_dict(),
                                 scaler=self.scaler.state_dict(), train_state=self.state.to_dict(), rng=rng_state(),
                                 **extra)
+
+
+def rank_states(run: Run) -> list[dict[str, Any]] | None:
+    """Each rank's RNG states and hard-attention baseline, gathered for rank 0's checkpoint (every rank
+    calls it; None in one process). They differ between ranks: dropout masks and sampled locations take
+    as many draws as the rank's own captions are long, and the baseline follows the rank's own batches.
+    Restoring rank 0's on every rank made a resumed DDP run's weights differ from an unbroken run's."""
+    if not run.info.enabled:
+        return None
+    gathered: list[Any] = [None] * run.info.world_size
+    dist.all_gather_object(gathered, {"rng": rng_state(), "hard_baseline": float(run.state.hard_baseline)})
+    return gathered
 
 
 class RunLogger:

@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 from test_caption import make_checkpoint, shapes_image
-from test_decoding import (END, MAX_LEN, MODELS, START, WORD_MAP, controlled_step, tiny_images, tiny_model,
+from test_decoding import (END, MAX_LEN, MODELS, PAD, START, WORD_MAP, controlled_step, tiny_images, tiny_model,
                            varied_model)
 
 import caption
@@ -91,6 +91,56 @@ def test_top_k_draws_only_among_the_k_likeliest_words(monkeypatch):
     per_image = beam_search(model, tiny_images(4), WORD_MAP, beam_size=8, n_best=8, max_len=3, sample=True, top_k=2)
     firsts = {h.tokens[0] for hyps in per_image for h in hyps}
     assert firsts == {A, RED}
+
+
+# From <start>: "a" .5, "red" .3, <end> .15, and .05 shared by the other 11 words, of which <pad> and <start>
+# are never drawn: renormalised, "a" .505, "red" .303 (together .807), <end> .151, 9 words .0046 each.
+FIRST = {START: {A: 0.5, RED: 0.3, END: 0.15}}
+
+
+def first_word_frequencies(monkeypatch, draws: int = 4000, **control) -> torch.Tensor:
+    """(V,) how often each word is the first of `draws` samples of one image from FIRST, under `control`."""
+    model = tiny_model()
+    monkeypatch.setattr(model.decoder, "step", controlled_step(FIRST))
+    torch.manual_seed(0)
+    (hyps,) = beam_search(model, tiny_images(1), WORD_MAP, beam_size=draws, n_best=draws, max_len=1, sample=True,
+                          **control)
+    firsts = torch.tensor([h.tokens[0] if h.tokens else END for h in hyps])
+    return torch.bincount(firsts, minlength=len(WORD_MAP)).float() / draws
+
+
+def tempered(temperature: float, kept: tuple[int, ...] | None = None) -> torch.Tensor:
+    """(V,) FIRST's p(w) ** (1 / temperature), renormalised over `kept` (default: every drawable word)."""
+    p = torch.full((len(WORD_MAP),), 0.05 / (len(WORD_MAP) - 3))
+    p[A], p[RED], p[END] = 0.5, 0.3, 0.15
+    p[[PAD, START]] = 0.0
+    q = p ** (1 / temperature)
+    if kept is not None:
+        q = torch.zeros_like(q).index_copy(0, torch.tensor(kept), q[list(kept)])
+    return q / q.sum()
+
+
+@pytest.mark.parametrize("temperature,top_p,kept", [
+    (1.0, 0.50, (A,)),  # "a" alone holds .505 >= p
+    (1.0, 0.51, (A, RED)),  # "a" holds less than p: the word that crosses p is kept
+    (1.0, 0.80, (A, RED)),
+    (1.0, 0.81, (A, RED, END)),
+    (2.0, 0.60, (A, RED, END)),  # the tempered distribution's nucleus: "a" and "red" hold .56 there (.81 at T=1)
+])
+def test_top_p_keeps_the_fewest_likeliest_words_that_hold_p(temperature, top_p, kept, monkeypatch):
+    """The nucleus at p: the likeliest words, in order, up to and including the one whose mass reaches p;
+    draws among them in proportion to their (tempered) probabilities, and never any other word."""
+    frequencies = first_word_frequencies(monkeypatch, temperature=temperature, top_p=top_p)
+    assert set(frequencies.nonzero().flatten().tolist()) == set(kept)
+    torch.testing.assert_close(frequencies, tempered(temperature, kept), rtol=0, atol=0.03)
+
+
+@pytest.mark.parametrize("temperature", [0.5, 2.0])
+def test_temperature_divides_the_log_probabilities(temperature, monkeypatch):
+    """Draws follow exp(log p / T), renormalised: p**2 at T=.5 ("a" .69), sqrt(p) at T=2 ("a" .31, each
+    of the 9 rare words .03)."""
+    frequencies = first_word_frequencies(monkeypatch, temperature=temperature)
+    torch.testing.assert_close(frequencies, tempered(temperature), rtol=0, atol=0.03)
 
 
 def test_bad_sampling_values_are_refused():

@@ -380,6 +380,25 @@ def test_eval_main_default_output_and_coco_only(packed, tmp_path, capsys, shared
     assert metrics["split"] == "val"
 
 
+def test_eval_main_sample_writes_its_own_file_beside_the_beam_search_results(packed, tmp_path, capsys, monkeypatch):
+    """docs/evaluation.md: `--sample` writes SPLIT_sampleN.json (and its metrics), never SPLIT_beamN.json."""
+    monkeypatch.setattr(scoring, "java_available", lambda: False)  # not about Java: ascii words, BLEU and CIDEr
+    ckpt, _ = chain_checkpoint(tmp_path / "run" / "best.pt", packed)
+    common = ["--checkpoint", str(ckpt), "--data-folder", str(packed), "--split", "test", "--beam-size", "2",
+              "--max-len", "8", "--device", "cpu", "--num-workers", "0", "--control", "none", "--metrics-only",
+              "--metric", "BLEU", "--metric", "CIDEr"]
+    assert eval_cli.main(common) == 0, capsys.readouterr().err
+    beam = {name: (tmp_path / "run" / name).read_bytes() for name in ("test_beam2.json", "test_beam2.metrics.json")}
+    assert eval_cli.main([*common, "--sample", "--top-k", "3"]) == 0, capsys.readouterr().err
+    assert {name: (tmp_path / "run" / name).read_bytes() for name in beam} == beam  # untouched
+    assert "sample" not in json.loads(beam["test_beam2.metrics.json"])["decode"]
+    assert len(json.loads((tmp_path / "run" / "test_sample2.json").read_text())) == 5
+    decode = json.loads((tmp_path / "run" / "test_sample2.metrics.json").read_text())["decode"]
+    assert decode["sample"] is True and decode["top_k"] == 3 and decode["beam_size"] == 2
+    assert sorted(p.name for p in (tmp_path / "run").glob("test_*.json")) == [
+        "test_beam2.json", "test_beam2.metrics.json", "test_sample2.json", "test_sample2.metrics.json"]
+
+
 def test_eval_main_on_the_train_split(packed, tmp_path, capsys):
     """Train items carry no references for training; eval asks for them, so any split can be scored."""
     ckpt, _ = chain_checkpoint(tmp_path / "run" / "best.pt", packed)

@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import csv
 import importlib.util
+import itertools
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -212,6 +214,25 @@ def test_the_cuda_rows_are_judged_against_the_targets(tmp_path, capsys):
     assert verdicts["fp32 / bf16 step time"] == ("1.5", "met")
     assert verdicts["eager / compile_step step time"] == ("1.2", "NOT met")  # 30 / 25 < 1.5
     assert verdicts["test CIDEr"] == ("0.35", "met") and verdicts["training epochs"] == ("12", "n/a")
+
+
+def test_the_cider_to_beat_is_the_readmes_cpu_recipe_row():
+    """gpu_check.CPU_RECIPE_CIDER is the one place the CPU recipe's figure is written: it equals the
+    README's XE `best.pt` row of configs/flickr8k_cpu.yaml (test, beam 3), and docs/gpu.md names the
+    constant instead of restating a number that goes stale."""
+    import gpu_check
+
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    lines = readme[readme.index("configs/flickr8k_cpu.yaml"):].splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith("| checkpoint |"))
+    table = list(itertools.takewhile(lambda line: line.startswith("|"), lines[start:]))
+    columns = [cell.strip() for cell in table[0].strip("|").split("|")]
+    (xe,) = [line for line in table if line.startswith("| XE `best.pt`")]
+    cells = [cell.strip(" *") for cell in xe.strip("|").split("|")]
+    assert float(cells[columns.index("CIDEr")]) == gpu_check.CPU_RECIPE_CIDER
+    gpu_md = (ROOT / "docs" / "gpu.md").read_text(encoding="utf-8")
+    (target,) = [line for line in gpu_md.splitlines() if line.startswith("| the real training's test CIDEr")]
+    assert "`gpu_check.CPU_RECIPE_CIDER`" in target and not re.search(r"\d\.\d", target), target
 
 
 @pytest.mark.parametrize("budget,first_wall,epoch_s,dry,expected", [

@@ -5,6 +5,8 @@ DistributedDataParallel refuses to start a step while a parameter of the previou
 the loss breaks every multi-process run at its second step. This guard covers the whole class: each
 config of configs/, shrunk to tiny sizes, with both attention variants (hard with sampled and expected
 context), with and without the concept head, and from cached annotations where the encoder is frozen.
+The SCST configs run their own step (losses.SelfCritical: sampling, rewards, re-reading) as they train;
+one SCST epoch under 2-process DDP is in tests/test_scst.py.
 """
 from __future__ import annotations
 
@@ -15,7 +17,9 @@ import torch
 
 import trainer
 from config import load_config
+from losses import SelfCritical
 from models import build_model
+from rewards import DocumentFrequencies, reference_ids
 
 ROOT = Path(__file__).resolve().parent.parent
 CONFIGS = sorted(p.name for p in (ROOT / "configs").glob("*.yaml"))
@@ -51,16 +55,24 @@ def one_step_without_gradient(cfg, context_mode: str, cached: bool) -> list[str]
     batch = {"image": images, "captions": captions, "caplens": torch.full((2, 2), 7)}
     # hard_expected_prob decides per step between sampled and expected context: force the one asked for
     cfg.hard_expected_prob = 0.0 if context_mode == "sample" else 1.0
+    objective = None
+    if cfg.objective == "scst":  # rewarded against the batch's own captions as references
+        df = DocumentFrequencies.from_references(reference_ids(captions, batch["caplens"]))
+        objective = SelfCritical(model, word_map, df, cfg)
     parts = trainer.train_step(trained, batch, optimizer, torch.amp.GradScaler("cpu", enabled=False), cfg,
-                             trainer.TrainState(), torch.device("cpu"))
+                             trainer.TrainState(), torch.device("cpu"), objective)
     assert parts and torch.isfinite(parts["loss"])
+    assert ("reward" in parts) == (cfg.objective == "scst")  # the config's own objective ran
     return [name for name, p in trained.named_parameters() if p.requires_grad and p.grad is None]
 
 
+# SCST re-reads its samples with the expected context (sampled locations are an XE-phase trick) and
+# refuses the concept head, so its configs run neither.
+SCST = {name for name in CONFIGS if load_config(str(ROOT / "configs" / name)).objective == "scst"}
 CASES = [(name, attention, context, concept, cached)
          for name in CONFIGS for attention in ("soft", "hard")
-         for context in (("expected", "sample") if attention == "hard" else ("expected",))
-         for concept in (0.0, 1.0) for cached in (False, True)]
+         for context in (("expected", "sample") if attention == "hard" and name not in SCST else ("expected",))
+         for concept in ((0.0,) if name in SCST else (0.0, 1.0)) for cached in (False, True)]
 
 
 @pytest.mark.parametrize("name,attention,context,concept,cached", CASES)
@@ -83,3 +95,4 @@ def test_the_guard_names_a_parameter_that_gets_no_gradient(monkeypatch):
 
     monkeypatch.setitem(globals(), "build_model", with_an_unused_parameter)
     assert one_step_without_gradient(tiny_config("shapes.yaml"), "expected", False) == ["decoder.unused"]
+    assert one_step_without_gradient(tiny_config("shapes_scst.yaml"), "expected", False) == ["decoder.unused"]

@@ -124,10 +124,12 @@ def torchrun(*args: str) -> subprocess.CompletedProcess:
 def test_two_process_gloo_run_crosses_epochs_and_resumes(shapes_folder, tmp_path):
     """Several steps per rank, an epoch boundary with validation between, then a resume: what a user's
     multi-process run does (one step per rank hid a parameter without gradient, which fails at step 2).
-    Hard attention and the concept head together: the two parts DDP had never run."""
-    out = tmp_path / "ddp"
-    result = torchrun("--config", "configs/shapes.yaml", f"data_folder={shapes_folder}", f"out_dir={out}",
-                      *TINY, "batch_size=4", "epochs=2", "device=cpu", "attention=hard", "concept_loss_weight=1.0")
+    Hard attention and the concept head together: the two parts DDP had never run. The resumed run ends
+    with the weights of an uninterrupted one, as test_resume_is_exact checks in one process."""
+    out, straight = tmp_path / "ddp", tmp_path / "straight"
+    args = ("--config", "configs/shapes.yaml", f"data_folder={shapes_folder}", *TINY, "batch_size=4", "device=cpu",
+            "attention=hard", "concept_loss_weight=1.0")
+    result = torchrun(*args, f"out_dir={out}", "epochs=2")
     assert result.stdout.count("epoch 1:") == 1 and result.stdout.count("epoch 2:") == 1  # rank 0 prints
     ckpt = torch.load(out / "last.pt", weights_only=True)
     # 30 train images -> 15 per rank, 4 per step with drop_last -> 3 steps per rank and epoch
@@ -138,6 +140,13 @@ def test_two_process_gloo_run_crosses_epochs_and_resumes(shapes_folder, tmp_path
     resumed = torch.load(out / "last.pt", weights_only=True)
     assert resumed["train_state"]["step"] == 9 and resumed["train_state"]["epoch"] == 3
     assert [row["epoch"] for row in csv.DictReader(open(out / "metrics.csv"))] == ["1", "2", "3"]
+    torchrun(*args, f"out_dir={straight}", "epochs=3")
+    uninterrupted = torch.load(straight / "last.pt", weights_only=True)
+    for key, value in uninterrupted["model"].items():
+        torch.testing.assert_close(resumed["model"][key], value, rtol=1e-5, atol=1e-6, msg=key)
+    for key, value in uninterrupted["concept_head"].items():
+        torch.testing.assert_close(resumed["concept_head"][key], value, rtol=1e-5, atol=1e-6, msg=key)
+    assert resumed["train_state"] == uninterrupted["train_state"]
 
 
 def test_resume_refuses_an_architecture_change(shapes_folder, tmp_path, capsys):
