@@ -14,6 +14,7 @@ import yaml
 from attention import ATTENTIONS
 from encoders import ENCODERS
 from filesafety import atomic_write_text
+from plugins import import_plugins
 from runtime import UserError, one_line
 from scoring import SCORE_KEYS
 from validation import check_fields, option
@@ -57,6 +58,10 @@ class TrainConfig:
 
     # --- run ---
     name: str = "run"  # run name; the run folder defaults to runs/<name>
+    # Your own modules (an attention variant, encoder or metric in a file of yours), imported before the
+    # registries are read: `imports: [my_pkg.my_attention]` or `imports=my_attention.py,other` (plugins.py).
+    # Checkpoints record them; eval.py and caption.py then need `--import` for each.
+    imports: list[str] = field(default_factory=list)
     out_dir: str = ""  # run folder (config, metrics.csv, curves.png, TensorBoard events, last.pt, best.pt)
     seed: int = 0  # seeds python, numpy and torch (CPU and CUDA)
     device: str = "auto"  # auto | cpu | cuda | cuda:N
@@ -178,7 +183,10 @@ TRAIN_KEYS = tuple(f.name for f in fields(TrainConfig))
 
 
 def _parse_value(key: str, text: str, current: Any) -> Any:
-    """Convert a CLI string to the type of the field's default (as nanoGPT's configurator does)."""
+    """Convert a CLI string to the type of the field's default (as nanoGPT's configurator does); a list
+    is comma-separated."""
+    if isinstance(current, list):
+        return [item.strip() for item in text.split(",") if item.strip()]
     if isinstance(current, bool):
         low = text.lower()
         if low in ("1", "true", "yes", "on"):
@@ -209,6 +217,10 @@ def _coerce(key: str, value: Any, current: Any) -> Any:
         return YAML_SWITCHES[value]
     if isinstance(value, str) and not isinstance(current, str):
         return _parse_value(key, value, current)
+    if isinstance(current, list):
+        if not isinstance(value, list) or not all(isinstance(item, str) for item in value):
+            raise UserError(f"config {key}: expected a list of module names, got {value!r}")
+        return list(value)
     if isinstance(current, bool) != isinstance(value, bool) or (
         not isinstance(value, type(current)) and not (isinstance(current, float) and isinstance(value, int))
     ):
@@ -275,6 +287,7 @@ def load_config(path: str | None, overrides: Sequence[str] = ()) -> Config:
     for file, values in _config_files(Path(path)) if path else ():
         cfg = config_from_dict(values, cfg, source=str(file))
     cfg = apply_overrides(cfg, overrides)
+    import_plugins(cfg.imports)  # before check(): a plugin's names are valid choices
     cfg.check()
     return cfg
 

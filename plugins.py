@@ -19,22 +19,31 @@ from runtime import UserError
 
 __all__ = ["import_plugins", "imported_plugins", "check_plugins", "import_args_parser"]
 
-_IMPORTED: list[str] = []  # what import_plugins imported in this process, as the user named it
+_IMPORTED: list[str] = []  # the module names import_plugins imported in this process
+
+
+def module_name(name: str) -> str:
+    """A plugin's module name: the dotted name, or a .py file's stem (so a file moved elsewhere is the same)."""
+    return Path(name).stem if _is_file(name) else name
+
+
+def _is_file(name: str) -> bool:
+    return name.endswith(".py") or os.sep in name
 
 
 def import_plugins(modules: Sequence[str]) -> list[str]:
     """Import each module: a dotted name (found on sys.path or from the current folder) or the path of a
     .py file. Its registrations then take effect. Returns the names as given."""
     for name in modules:
-        if name in _IMPORTED:
+        if module_name(name) in _IMPORTED:
             continue
         _import_one(name)
-        _IMPORTED.append(name)
+        _IMPORTED.append(module_name(name))
     return list(modules)
 
 
 def _import_one(name: str) -> None:
-    if name.endswith(".py") or os.sep in name:
+    if _is_file(name):
         path = Path(name)
         if not path.is_file():
             raise UserError(f"import {name}: no such file")
@@ -57,11 +66,12 @@ def imported_plugins() -> list[str]:
     return list(_IMPORTED)
 
 
-def check_plugins(recorded: Sequence[str], source: str) -> None:
-    """Refuse a checkpoint whose run imported modules this process has not imported."""
-    missing = [name for name in recorded if name not in _IMPORTED]
+def check_plugins(recorded: Sequence[str], source: str, flag: str = "--import {}") -> None:
+    """Refuse a checkpoint whose run imported modules this process has not imported; `flag` says how to
+    ask for one (train.py: imports=NAME)."""
+    missing = [name for name in recorded if module_name(name) not in _IMPORTED]
     if missing:
-        flags = " ".join(f"--import {name}" for name in missing)
+        flags = " ".join(flag.format(name) for name in missing)
         raise UserError(f"{source}: its run imported {', '.join(missing)}; add {flags} (imported only when asked)")
 
 

@@ -31,12 +31,13 @@ from filesafety import check_writable, folder_lock, remove_stale_temporaries
 from finetune import caption_id_map, model_from_init, model_word_map, resolve_init
 from losses import ConceptHead
 from models import build_model
+from plugins import check_plugins
 from runtime import DistInfo, UserError, cleanup_distributed, init_distributed, run_cli
 from scoring import scoring_words
 from shards import ShardLoader
 from trainer import (Run, RunLogger, StopRequest, TrainState, apply_resume_overrides, build_optimizer, cached_features,
-                     check_losses, make_loaders, packed_splits, self_critical, stop_workers, train_one_epoch,
-                     truncate_metrics, use_feature_cache, val_scores)
+                     check_losses, make_loaders, packed_splits, rank_states, self_critical, stop_workers,
+                     train_one_epoch, truncate_metrics, use_feature_cache, val_scores)
 from utils import seed_everything, set_rng_state
 
 # Fixed by the saved weights and optimizer state: a resume may not change them (ModelConfig keys neither).
@@ -61,6 +62,7 @@ def resolve_config(args: argparse.Namespace) -> tuple[Config, dict[str, Any] | N
     if not cfg.resume:
         return cfg, None
     ckpt = load_checkpoint(cfg.resume)
+    check_plugins((ckpt.get("train_config") or {}).get("imports") or [], cfg.resume, flag="imports={}")
     if "train_state" not in ckpt:
         raise UserError(f"{cfg.resume}: has no training state to resume from (use last.pt)")
     overridden = parse_overrides(args.overrides)
@@ -181,6 +183,13 @@ def restore(run: Run, ckpt: dict[str, Any], overridden: Sequence[str]) -> None:
     if isinstance(run.sampler, ShardLoader) and run.state.stream:  # an epoch interrupted mid-way
         run.sampler.resume(run.state.stream, run.info.rank, run.info.world_size)
     set_rng_state(ckpt["rng"])
+    baseline = run.state.hard_baseline
+    ranks = ckpt.get("ranks")
+    if ranks is not None and len(ranks) == run.info.world_size:  # this rank's own (trainer.rank_states)
+        set_rng_state(ranks[run.info.rank]["rng"])
+        baseline = ranks[run.info.rank]["hard_baseline"]
+    # A 0-dim float32 tensor, as in the unbroken run: from a Python float the next update rounds otherwise.
+    run.state.hard_baseline = torch.tensor(baseline, dtype=torch.float32, device=run.device)
 
 
 def open_run_folder(run: Run, resumed: bool) -> RunLogger:
@@ -216,8 +225,9 @@ def train(run: Run, resumed: bool) -> int:
         run.sampler.skip = 0
         check_losses(state)  # the epoch's unchecked losses, before validation and any checkpoint
         if not losses:  # a stop signal, after a step
+            ranks = rank_states(run)  # every rank takes part, before rank 0 saves
             if info.is_main:
-                save_checkpoint(last, run.checkpoint())
+                save_checkpoint(last, run.checkpoint(ranks))
             if info.enabled:  # no rank exits before last.pt is written: torchrun's agent would then stop rank 0
                 dist.barrier()
             log.close(f"interrupted by {run.stop.received} at epoch {state.epoch + 1} step {state.step}: saved "
@@ -227,8 +237,9 @@ def train(run: Run, resumed: bool) -> int:
         val = validate(run)
         improved = run.record_score(val[cfg.val_metric])
         log.epoch(run, losses, val, improved, time.time() - start)
+        ranks = rank_states(run)
         if info.is_main:
-            saved = run.checkpoint()
+            saved = run.checkpoint(ranks)
             save_checkpoint(last, saved)
             if improved:
                 save_checkpoint(run.out_dir / "best.pt", saved)
