@@ -39,22 +39,22 @@ import h5py
 import torch
 from torch.utils.data import DataLoader
 
-from captioner import Captioner
-from checkpoints import build_checkpoint, save_checkpoint
-from config import Config, ModelConfig, load_config
+from satkit.captioner import Captioner
+from satkit.checkpoints import build_checkpoint, save_checkpoint
+from satkit.config import Config, ModelConfig, load_config
 from datasets import CaptionDataset, collate_captions
-from encoders import build_encoder
-from feature_cache import ensure_cache
-from decoding import beam_search
-from losses import ConceptHead, SelfCritical, target_log_probs
-from packing import PackOptions, create_input_files
-from rewards import DocumentFrequencies, reference_ids
+from satkit.encoders import build_encoder
+from satkit.data.feature_cache import ensure_cache
+from satkit.decoding import beam_search
+from satkit.training.losses import ConceptHead, SelfCritical, target_log_probs
+from satkit.data.packing import PackOptions, create_input_files
+from satkit.training.rewards import DocumentFrequencies, reference_ids
 from models import build_model
-from runtime import DistInfo, UserError, resolve_device
-from shapes import generate_image
-from shards import expand_shards, shard_samples
-from text import load_word_map
-from trainer import TrainState, build_optimizer, make_loaders, stop_workers, train_step
+from satkit.infra.runtime import DistInfo, UserError, resolve_device
+from satkit.data.shapes import generate_image
+from satkit.data.shards import expand_shards, shard_samples
+from satkit.data.text import load_word_map
+from satkit.training.trainer import TrainState, build_optimizer, make_loaders, stop_workers, train_step
 
 ROOT = Path(__file__).resolve().parent
 # The groups of rows, in the table's order (--rows picks some): shared and scst run on the CPU only, cuda on

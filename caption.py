@@ -2,7 +2,7 @@
 
 From Python (this script is a thin layer over captioner.py):
 
-    from captioner import Captioner
+    from satkit.captioner import Captioner
     captioner = Captioner.from_checkpoint("runs/shapes/best.pt", device="cpu")
     results = captioner(["photo.jpg", pil_image], beam_size=5, n_best=3)
     results[0].best.text, results[0].best.score       # the caption and its log-probability
@@ -43,11 +43,11 @@ import argparse
 import sys
 from typing import Sequence
 
-from captioner import DEFAULT_IMAGE_SIZE, CaptionOptions, caption_to_folder
-from decoding import decode_args_parser, decode_options_from_args
-from figures import OVERLAY_STYLES, display_available, show_grids
-from plugins import import_args_parser
-from runtime import run_cli
+from satkit.captioner import DEFAULT_IMAGE_SIZE, CaptionOptions, caption_to_folder
+from satkit.decoding import decode_args_parser, decode_options_from_args
+from satkit.figures import OVERLAY_STYLES, display_available, show_grids
+from satkit.plugins import import_args_parser
+from satkit.infra.runtime import run_cli
 
 
 def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:

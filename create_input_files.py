@@ -19,11 +19,10 @@ from dataclasses import fields
 from typing import Any, Sequence
 
 from datasets import verify_pack
-from packing import (DATASETS, DEFAULT_IMAGE_SIZE, DEFAULT_SHAPES_IMAGE_SIZE, DEFAULT_SHAPES_NUM_IMAGES, OUTPUT_FORMATS,
-                     PackOptions,
-                     create_input_files)
-from runtime import UserError, run_cli
-from text import TOKENIZERS
+from satkit.data.packing import (DATASETS, DEFAULT_IMAGE_SIZE, DEFAULT_SHAPES_IMAGE_SIZE, DEFAULT_SHAPES_NUM_IMAGES,
+                                 OUTPUT_FORMATS, PackOptions, create_input_files)
+from satkit.infra.runtime import UserError, run_cli
+from satkit.data.text import TOKENIZERS
 
 
 def get_args_parser() -> argparse.ArgumentParser:

@@ -21,8 +21,8 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 from torch.utils.data import Dataset
 from torchvision.transforms.v2 import functional as TF
 
-from runtime import UserError, one_line
-from text import load_word_map
+from satkit.infra.runtime import UserError, one_line
+from satkit.data.text import load_word_map
 
 __all__ = ["CaptionDataset", "changed_images", "check_packed", "collate_captions", "image_array", "image_checksum",
            "load_image", "load_image_bytes", "load_image_tensor", "normalize_image", "verify_pack", "IMAGENET_MEAN",

@@ -15,11 +15,11 @@ import argparse
 import sys
 from typing import Sequence
 
-from decoding import decode_args_parser, decode_options_from_args
-from evaluation import CONTROLS, FEATURE_CACHE_MODES, SPLITS, EvalOptions, evaluate
-from plugins import import_args_parser, import_plugins
-from runtime import UserError, run_cli
-from scoring import METRICS, default_metrics
+from satkit.decoding import decode_args_parser, decode_options_from_args
+from satkit.evaluation.evaluation import CONTROLS, FEATURE_CACHE_MODES, SPLITS, EvalOptions, evaluate
+from satkit.plugins import import_args_parser, import_plugins
+from satkit.infra.runtime import UserError, run_cli
+from satkit.evaluation.scoring import METRICS, default_metrics
 
 
 def get_args_parser() -> argparse.ArgumentParser:

@@ -32,8 +32,8 @@ from typing import Any, Sequence
 
 from PIL import Image, ImageOps
 
-from runtime import UserError, run_cli
-from text import tokenize
+from satkit.infra.runtime import UserError, run_cli
+from satkit.data.text import tokenize
 
 ROOT = Path(__file__).resolve().parent
 QUALITIES = (85, 80, 75, 70, 65, 60, 55, 50)  # tried in this order by --quality auto

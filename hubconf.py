@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 from urllib.parse import urlparse
 
 if TYPE_CHECKING:
-    from captioner import Captioner
+    from satkit.captioner import Captioner
 
 # Modules (not pip names) torch.hub checks before calling an entry point: what captioning and its figures import.
 dependencies = ["torch", "torchvision", "numpy", "PIL", "h5py", "yaml", "skimage", "matplotlib"]
@@ -28,7 +28,7 @@ def show_attend_tell(checkpoint: str, device: str = "cpu", check_hash: bool = Fa
     check_hash: for URLs named `name-<sha256 prefix>.pt`, verify the download against that prefix.
     Other keyword arguments go to `Captioner.from_checkpoint` (e.g. image_size).
     """
-    from captioner import Captioner
+    from satkit.captioner import Captioner
 
     return Captioner.from_checkpoint(fetch_checkpoint(checkpoint, check_hash), device=device, **kwargs)
 
@@ -37,7 +37,7 @@ def fetch_checkpoint(checkpoint: str, check_hash: bool = False) -> Path:
     """A local path as it is; a URL downloaded into the hub cache unless already there."""
     import torch.hub
 
-    from runtime import UserError, one_line
+    from satkit.infra.runtime import UserError, one_line
 
     if "://" not in str(checkpoint):
         return Path(checkpoint)

@@ -17,14 +17,14 @@ from typing import Any, Callable, NamedTuple
 import torch
 import torch.nn as nn
 
-from attention import ATTENTIONS
-from encoders import ImageEncoder, ResNetEncoder, WeightsDownloadError, build_encoder, first_detail
+from satkit.attention import ATTENTIONS
+from satkit.encoders import ImageEncoder, ResNetEncoder, WeightsDownloadError, build_encoder, first_detail
 
-from checkpoints import load_checkpoint, model_config_from_checkpoint
-from config import ModelConfig
-from plugins import check_plugins
-from runtime import UserError
-from text import SPECIAL_TOKENS
+from satkit.checkpoints import load_checkpoint, model_config_from_checkpoint
+from satkit.config import ModelConfig
+from satkit.plugins import check_plugins
+from satkit.infra.runtime import UserError
+from satkit.data.text import SPECIAL_TOKENS
 
 __all__ = [
     "Encoder",

@@ -25,19 +25,20 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
-from checkpoints import config_from_checkpoint, load_checkpoint, save_checkpoint
-from config import MODEL_KEYS, Config, apply_overrides, load_config, parse_overrides, save_config
-from filesafety import check_writable, folder_lock, remove_stale_temporaries
-from finetune import caption_id_map, model_from_init, model_word_map, resolve_init
-from losses import ConceptHead
+from satkit.checkpoints import config_from_checkpoint, load_checkpoint, save_checkpoint
+from satkit.config import MODEL_KEYS, Config, apply_overrides, load_config, parse_overrides, save_config
+from satkit.infra.filesafety import check_writable, folder_lock, remove_stale_temporaries
+from satkit.training.finetune import caption_id_map, model_from_init, model_word_map, resolve_init
+from satkit.training.losses import ConceptHead
 from models import build_model
-from plugins import check_plugins
-from runtime import DistInfo, UserError, cleanup_distributed, init_distributed, run_cli
-from scoring import scoring_words
-from shards import ShardLoader
-from trainer import (Run, RunLogger, StopRequest, TrainState, apply_resume_overrides, build_optimizer, cached_features,
-                     check_losses, make_loaders, packed_splits, rank_states, self_critical, stop_workers,
-                     train_one_epoch, truncate_metrics, use_feature_cache, val_scores)
+from satkit.plugins import check_plugins
+from satkit.infra.runtime import DistInfo, UserError, cleanup_distributed, init_distributed, run_cli
+from satkit.evaluation.scoring import scoring_words
+from satkit.data.shards import ShardLoader
+from satkit.training.trainer import (Run, RunLogger, StopRequest, TrainState, apply_resume_overrides, build_optimizer,
+                                     cached_features, check_losses, make_loaders, packed_splits, rank_states,
+                                     self_critical, stop_workers, train_one_epoch, truncate_metrics, use_feature_cache,
+                                     val_scores)
 from utils import seed_everything, set_rng_state
 
 # Fixed by the saved weights and optimizer state: a resume may not change them (ModelConfig keys neither).

@@ -33,7 +33,7 @@ def _jvm_only_where_marked(request: pytest.FixtureRequest, monkeypatch: pytest.M
     """Scoring in-process without Java (Python tokenisation, no METEOR) unless a test is marked `java`:
     each JVM start costs seconds, and most tests that score are not about coco-caption's Java parts."""
     if request.node.get_closest_marker("java") is None:
-        import scoring
+        from satkit.evaluation import scoring
 
         monkeypatch.setattr(scoring, "java_available", lambda: False)
 
@@ -78,7 +78,7 @@ def write_image() -> Callable[..., Path]:
 
 def write_checkpoint(path: Path, model: Any, model_cfg: Any, word_map: dict[str, int], **extra: Any) -> Path:
     """An inference checkpoint in today's format (what eval.py and caption.py need), plus `extra` entries."""
-    from checkpoints import build_checkpoint, save_checkpoint
+    from satkit.checkpoints import build_checkpoint, save_checkpoint
 
     save_checkpoint(path, build_checkpoint(model, model_cfg, word_map, **extra))
     return path

@@ -13,12 +13,12 @@ from PIL import Image
 from test_caption import GRID, SIZE, WORD_MAP, make_checkpoint, shapes_image
 
 import caption
-import figures
-from captioner import Captioned, Captioner, Skipped, caption_files
+from satkit import figures
+from satkit.captioner import Captioned, Captioner, Skipped, caption_files
 from datasets import load_image_tensor
-from decoding import DecodeOptions, beam_search
+from satkit.decoding import DecodeOptions, beam_search
 from models import load_model
-from runtime import UserError
+from satkit.infra.runtime import UserError
 
 ROOT = Path(__file__).resolve().parent.parent
 REV = {v: k for k, v in WORD_MAP.items()}

@@ -11,7 +11,7 @@ import pytest
 
 import create_input_files
 import eval as evaluation
-import shapes
+from satkit.data import shapes
 import train
 
 TINY = ["encoder_stages=1", "enc_size=2", "attention_dim=16", "embed_dim=16", "decoder_dim=16", "batch_size=8",

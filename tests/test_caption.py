@@ -13,11 +13,11 @@ from conftest import write_checkpoint
 from PIL import Image, ImageSequence
 
 import caption
-import captioner
+from satkit import captioner
 import datasets
-import figures
-from checkpoints import save_checkpoint
-from config import ModelConfig
+from satkit import figures
+from satkit.checkpoints import save_checkpoint
+from satkit.config import ModelConfig
 from datasets import load_image_tensor
 from models import build_model
 
@@ -298,7 +298,7 @@ def test_duplicate_stems_get_distinct_figures(soft_ckpt, tmp_path, capsys):
 
 
 def test_images_are_decoded_in_batches(soft_ckpt, tmp_path, capsys, monkeypatch):
-    import decoding
+    from satkit import decoding
 
     calls = []
     real = decoding.beam_search
@@ -318,8 +318,8 @@ def test_images_are_decoded_in_batches(soft_ckpt, tmp_path, capsys, monkeypatch)
 
 
 def test_decode_images_batched_equals_one_by_one(soft_ckpt):
-    from checkpoints import load_checkpoint
-    from decoding import DecodeOptions, decode_images
+    from satkit.checkpoints import load_checkpoint
+    from satkit.decoding import DecodeOptions, decode_images
     from models import model_from_checkpoint
 
     model, _ = model_from_checkpoint(load_checkpoint(soft_ckpt))
@@ -455,7 +455,7 @@ def test_a_failed_write_leaves_no_file(soft_ckpt, tmp_path, capsys, monkeypatch)
 
 def test_atomic_write_never_leaves_a_partial_file(tmp_path):
     """filesafety.atomic_write is the one writer behind figures, checkpoints and JSON."""
-    from filesafety import atomic_write
+    from satkit.infra.filesafety import atomic_write
 
     def write_then_fail(f):
         f.write(b"\x89PNG half")

@@ -8,15 +8,15 @@ import pytest
 import torch
 
 import caption
-from checkpoints import (
+from satkit.checkpoints import (
     CHECKPOINT_FORMAT,
     config_from_checkpoint,
     load_checkpoint,
     save_checkpoint,
 )
-from config import ModelConfig
+from satkit.config import ModelConfig
 from models import build_model, load_model
-from runtime import UserError
+from satkit.infra.runtime import UserError
 
 WORD_MAP = {"<pad>": 0, "<unk>": 1, "<start>": 2, "<end>": 3, "a": 4, "red": 5, "circle": 6}
 TINY_MODEL = dict(encoder="resnet18", encoder_stages=1, enc_size=2, attention="soft", attention_dim=8, embed_dim=8,

@@ -8,8 +8,8 @@ import pytest
 import yaml
 from conftest import ROOT
 
-from config import Config, load_config, save_config
-from runtime import UserError
+from satkit.config import Config, load_config, save_config
+from satkit.infra.runtime import UserError
 
 # What each shipped config resolves to: only the keys that differ from config.py's defaults. Generated
 # from the configs before they were rewritten with `base:` and without restated defaults, so a rewrite

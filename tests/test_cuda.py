@@ -23,10 +23,10 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
-import trainer
-from config import Config
-from decoding import beam_search
-from losses import target_log_probs
+from satkit.training import trainer
+from satkit.config import Config
+from satkit.decoding import beam_search
+from satkit.training.losses import target_log_probs
 from models import build_model
 
 pytestmark = [pytest.mark.cuda,

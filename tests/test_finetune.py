@@ -8,12 +8,12 @@ import pytest
 import torch
 from conftest import SHAPES_ARGS, pack_main
 
-import finetune as fine_tuning
+from satkit.training import finetune as fine_tuning
 import train
-from config import ModelConfig
+from satkit.config import ModelConfig
 from datasets import CaptionDataset
 from models import build_model
-from text import decode_ids
+from satkit.data.text import decode_ids
 
 TINY_MODEL = ["encoder_stages=2", "enc_size=4", "attention_dim=32", "embed_dim=16", "decoder_dim=32"]
 TINY_RUN = ["batch_size=8", "num_workers=0", "max_len=12", "log_every=1", "early_stop_patience=0"]

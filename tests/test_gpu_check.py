@@ -22,12 +22,12 @@ from PIL import Image
 
 import eval as eval_script
 import gpu_bundle
-import scoring
+from satkit.evaluation import scoring
 from conftest import write_checkpoint
-from config import ModelConfig
+from satkit.config import ModelConfig
 from models import build_model
-from packing import read_karpathy
-from text import load_word_map, tokenize
+from satkit.data.packing import read_karpathy
+from satkit.data.text import load_word_map, tokenize
 
 ROOT = Path(__file__).resolve().parent.parent
 COLOURS, ANIMALS, PLACES = ("black", "white", "brown"), ("dog", "cat"), ("grass", "beach", "road")

@@ -15,11 +15,11 @@ from pathlib import Path
 import pytest
 import torch
 
-import trainer
-from config import load_config
-from losses import SelfCritical
+from satkit.training import trainer
+from satkit.config import load_config
+from satkit.training.losses import SelfCritical
 from models import build_model
-from rewards import DocumentFrequencies, reference_ids
+from satkit.training.rewards import DocumentFrequencies, reference_ids
 
 ROOT = Path(__file__).resolve().parent.parent
 CONFIGS = sorted(p.name for p in (ROOT / "configs").glob("*.yaml"))

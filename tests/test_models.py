@@ -8,12 +8,12 @@ import torch
 import torch.nn.functional as F
 import torchvision
 
-from attention import HardAttention
-from checkpoints import build_checkpoint, load_checkpoint, save_checkpoint
-from config import Config, load_config
-from losses import doubly_stochastic_penalty, reinforce_surrogate
+from satkit.attention import HardAttention
+from satkit.checkpoints import build_checkpoint, load_checkpoint, save_checkpoint
+from satkit.config import Config, load_config
+from satkit.training.losses import doubly_stochastic_penalty, reinforce_surrogate
 from models import Encoder, WeightsDownloadError, build_model, model_from_checkpoint
-from runtime import UserError
+from satkit.infra.runtime import UserError
 
 VOCAB = 12  # ids: 0 <pad>, 1..8 words, 9 <unk>, 10 <start>, 11 <end>
 WORD_MAP = {"<pad>": 0, **{f"w{i}": i for i in range(1, 9)}, "<unk>": 9, "<start>": 10, "<end>": 11}
@@ -174,7 +174,7 @@ def test_tiny_model_overfits_a_batch(attention):
     images, captions, lengths = tiny_batch(batch=4, per_image=2)
     optimizer = torch.optim.Adam(model.parameters(), lr=5e-3)
     scaler = torch.amp.GradScaler("cpu", enabled=False)
-    from trainer import TrainState, train_step
+    from satkit.training.trainer import TrainState, train_step
 
     state = TrainState()
     batch = {"image": images, "captions": captions, "caplens": lengths}

@@ -17,10 +17,10 @@ import torch
 
 import caption
 import eval as eval_cli
-import scoring
+from satkit.evaluation import scoring
 import train
 from models import load_model
-from shapes import generate_image
+from satkit.data.shapes import generate_image
 
 FIXTURES = Path(__file__).resolve().parent / "fixtures"
 CHECKPOINTS = ["e44d9fe_soft.pt", "ebabf9b_soft.pt", "ebabf9b_hard.pt"]

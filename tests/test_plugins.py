@@ -11,13 +11,13 @@ from pathlib import Path
 import pytest
 from conftest import ROOT
 
-import plugins
-from runtime import UserError
+from satkit import plugins
+from satkit.infra.runtime import UserError
 
 PLUGIN = '''
 import torch
-from attention import HardAttention, register_attention
-from scoring import register_metric
+from satkit.attention import HardAttention, register_attention
+from satkit.evaluation.scoring import register_metric
 
 
 @register_attention("plugin_sharpened")
@@ -70,7 +70,7 @@ def test_a_plugin_file_trains_evaluates_and_captions_from_the_command_line(shape
     assert 1 <= metrics["plugin_length"] <= 8
 
     image = shapes_folder.parent / "fresh.png"
-    from shapes import generate_image
+    from satkit.data.shapes import generate_image
 
     generate_image(5, 0, 48)[0].save(image)
     captioned = run("caption.py", "--img", str(image), "--checkpoint", str(out / "best.pt"), "--import", str(plugin),
@@ -91,11 +91,11 @@ def test_a_missing_plugin_is_one_line_and_its_own_errors_keep_their_traceback(tm
 
 
 def test_imports_in_a_yaml_config_are_imported_before_its_choices_are_checked(tmp_path, monkeypatch):
-    from attention import ATTENTIONS
-    from config import load_config
+    from satkit.attention import ATTENTIONS
+    from satkit.config import load_config
 
     (tmp_path / "yaml_plugin.py").write_text(
-        "from attention import SoftAttention, register_attention\n"
+        "from satkit.attention import SoftAttention, register_attention\n"
         "register_attention('yaml_plugin_soft')(type('YamlSoft', (SoftAttention,), {}))\n")
     (tmp_path / "run.yaml").write_text("imports: [yaml_plugin]\nattention: yaml_plugin_soft\n")
     monkeypatch.chdir(tmp_path)

@@ -6,7 +6,7 @@ import re
 
 from tqdm import tqdm
 
-from progress import PlainProgress, progress_bar
+from satkit.infra.progress import PlainProgress, progress_bar
 
 
 class FakeTerminal(io.StringIO):

@@ -17,12 +17,12 @@ from conftest import pack_main, write_checkpoint
 from PIL import Image
 
 import eval as eval_cli
-import figures
-import scoring
-from config import ModelConfig
+from satkit import figures
+from satkit.evaluation import scoring
+from satkit.config import ModelConfig
 from datasets import CaptionDataset
 from models import build_model
-from text import tokenize
+from satkit.data.text import tokenize
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 NEEDS_CHROMIUM = pytest.mark.skipif(CHROMIUM is None, reason="needs Debian's chromium (apt-get install chromium)")
@@ -267,7 +267,7 @@ def length_ratio():
 
 def test_a_metric_registered_outside_the_library_reaches_eval_report_and_config(length_ratio, shapes_folder,
                                                                                   tmp_path, capsys):
-    from config import Config
+    from satkit.config import Config
 
     Config(val_metric="LENGTH-ratio").check()  # a valid val_metric as soon as it is registered
     assert scoring.validation_metrics("LENGTH-ratio") == ("BLEU", "CIDEr", "LENGTH")

@@ -16,8 +16,8 @@ import pytest
 from pycocoevalcap.bleu.bleu_scorer import BleuScorer
 from pycocoevalcap.cider.cider_scorer import CiderScorer
 
-import rewards
-from rewards import DocumentFrequencies, bleu4, cider_d, scst_rewards
+from satkit.training import rewards
+from satkit.training.rewards import DocumentFrequencies, bleu4, cider_d, scst_rewards
 
 END = 3  # the <end> id of the hand-made captions below
 

@@ -11,15 +11,15 @@ import torch
 from test_rewards import REAL_REFS, WORDS, coco_bleu4, coco_cider, ids
 from test_train import torchrun
 
-import losses
+from satkit.training import losses
 import train
-from config import ModelConfig, load_config
-from decoding import Hypothesis
-from losses import SelfCritical, sample_batch, scst_baseline, self_critical_loss
-from losses import target_log_probs
+from satkit.config import ModelConfig, load_config
+from satkit.decoding import Hypothesis
+from satkit.training.losses import SelfCritical, sample_batch, scst_baseline, self_critical_loss
+from satkit.training.losses import target_log_probs
 from models import build_model
-from rewards import DocumentFrequencies, cider_d
-from runtime import UserError
+from satkit.training.rewards import DocumentFrequencies, cider_d
+from satkit.infra.runtime import UserError
 
 WORD_MAP = {"<pad>": 0, "<unk>": 1, "<start>": 2, "<end>": 3, "a": 4, "red": 5, "blue": 6, "circle": 7}
 TINY = ["encoder_stages=2", "enc_size=4", "attention_dim=16", "embed_dim=16", "decoder_dim=32", "batch_size=8",

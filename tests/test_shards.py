@@ -21,9 +21,9 @@ from PIL import Image
 import create_input_files
 from conftest import ROOT, pack_main
 from datasets import CaptionDataset
-from runtime import UserError
-from shards import (ShardLoader, ShardStream, StreamInfo, check_shards, expand_shards, read_stream_info,
-                    shard_samples)
+from satkit.infra.runtime import UserError
+from satkit.data.shards import (ShardLoader, ShardStream, StreamInfo, check_shards, expand_shards, read_stream_info,
+                                shard_samples)
 
 # 48 shapes images: train 36, val 6, test 6; shards of 9 -> 4 train shards
 SHAPES = ["--dataset", "shapes", "--num-images", "48", "--image-size", "48", "--seed", "3", "--val-fraction", "0.125",
@@ -132,7 +132,7 @@ def test_two_ranks_with_two_workers_each_see_every_sample_once_per_epoch(shapes_
 def test_resampled_shards_give_each_rank_its_own_draw_of_the_declared_size(shapes_pair, monkeypatch):
     """shard_resampled: every worker of every rank draws from all 4 shards (no fixed membership), each its own
     draws; an epoch is still steps x batch samples."""
-    import shards
+    from satkit.data import shards
 
     _, wds = shapes_pair
     per_rank = [epoch_keys(train_loader(wds, rank, 2, num_workers=2, steps=8, resampled=True), 0) for rank in (0, 1)]
@@ -246,7 +246,8 @@ TINY = ["encoder_stages=2", "enc_size=4", "attention_dim=32", "embed_dim=16", "d
 # train.py under torchrun, each rank writing the keys of the batches it trained to keys-RANK-EPOCH.txt
 KEY_RECORDER = r"""
 import os, sys
-import shards, train
+from satkit.data import shards
+import train
 original_iter = shards.ShardLoader.__iter__
 def recording_iter(self):
     with open(os.path.join(os.environ["KEYS_DIR"], f"keys-{os.environ['RANK']}-{self.stream.epoch}.txt"), "a") as f:

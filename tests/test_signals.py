@@ -23,10 +23,10 @@ import pytest
 import torch
 from conftest import ROOT
 
-import filesafety
+from satkit.infra import filesafety
 import train
-import trainer
-from checkpoints import load_checkpoint
+from satkit.training import trainer
+from satkit.checkpoints import load_checkpoint
 
 pytestmark = [pytest.mark.slow, pytest.mark.faults]
 
@@ -44,8 +44,9 @@ ENV = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": "", "PYTHON
 DRIVER = r"""
 import os, signal, sys, time
 import torch
-import train, trainer
-from runtime import UserError
+import train
+from satkit.training import trainer
+from satkit.infra.runtime import UserError
 rank = int(os.environ["RANK"])
 at_step, on_rank, who = (os.environ.get("SIG_AT") or "0:0:self").split(":")
 trainer.CHECK_EVERY["cpu"] = int(os.environ.get("SIG_CHECK_EVERY", "1"))

@@ -13,11 +13,11 @@ import pytest
 import torch
 
 import train
-from checkpoints import load_checkpoint
-from config import ModelConfig
+from satkit.checkpoints import load_checkpoint
+from satkit.config import ModelConfig
 from datasets import CaptionDataset, collate_captions
-from decoding import beam_search
-from feature_cache import cache_path, weights_hash
+from satkit.decoding import beam_search
+from satkit.data.feature_cache import cache_path, weights_hash
 from models import build_model
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -171,7 +171,7 @@ def test_benchmark_shards_rows_need_the_flickr8k_pack(tmp_path, capsys):
 
 def test_compiled_step_gives_the_eager_loss_and_gradients():
     """compile_step=true (torch.compile of Decoder.step) trains the same model: loss and gradients agree."""
-    from losses import target_log_probs
+    from satkit.training.losses import target_log_probs
 
     model = tiny_model("soft")
     features = torch.randn(3, 16, model.encoder.out_dim)

@@ -12,8 +12,8 @@ import pytest
 import torch
 
 import train
-import trainer
-from checkpoints import load_checkpoint
+from satkit.training import trainer
+from satkit.checkpoints import load_checkpoint
 
 ROOT = Path(__file__).resolve().parent.parent
 TINY = [
@@ -74,7 +74,7 @@ def test_hard_attention_train_eval_caption_round_trip(shapes_folder, tmp_path, c
     """A hard checkpoint goes through eval.py and caption.py with no flag saying it is hard."""
     import caption
     import eval as evaluate
-    from shapes import generate_image
+    from satkit.data.shapes import generate_image
 
     out = tmp_path / "hard"
     # hard_expected_prob=0: every step samples locations, so the REINFORCE baseline moves

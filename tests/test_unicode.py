@@ -11,10 +11,10 @@ from PIL import Image
 
 import create_input_files
 import eval as eval_cli
-import scoring
-import trainer
+from satkit.evaluation import scoring
+from satkit.training import trainer
 from datasets import CaptionDataset
-from text import tokenize
+from satkit.data.text import tokenize
 
 # Greek captions, with capitals, accents and punctuation; the colour word names the image's colour.
 COLOURS = {"κόκκινο": (200, 30, 30), "πράσινο": (30, 200, 30), "μπλε": (30, 30, 200)}
@@ -50,7 +50,7 @@ def test_pack_and_score_greek(greek, tmp_path, capsys):
     import torch
     from conftest import write_checkpoint
 
-    from config import ModelConfig
+    from satkit.config import ModelConfig
     from models import build_model
 
     captions, images = greek

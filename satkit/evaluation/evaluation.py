@@ -13,16 +13,16 @@ from typing import Any, Sequence
 import torch
 from torch.utils.data import DataLoader
 
-from attention import is_stochastic
-from config import ModelConfig
+from satkit.attention import is_stochastic
+from satkit.config import ModelConfig
 from datasets import CaptionDataset, collate_captions
-from decoding import DecodeOptions, decode_split
-from feature_cache import ensure_cache
-from filesafety import atomic_write_all, check_writable
+from satkit.decoding import DecodeOptions, decode_split
+from satkit.data.feature_cache import ensure_cache
+from satkit.infra.filesafety import atomic_write_all, check_writable
 from models import ShowAttendTell, load_model
-from report import write_report
-from runtime import UserError, dead_workers_explained, resolve_device
-from scoring import (
+from satkit.evaluation.report import write_report
+from satkit.infra.runtime import UserError, dead_workers_explained, resolve_device
+from satkit.evaluation.scoring import (
     METRICS,
     attention_fidelity,
     caption_diversity,
@@ -33,7 +33,7 @@ from scoring import (
     shuffled_references,
     warn_if_collapsed,
 )
-from validation import check_fields, option
+from satkit.validation import check_fields, option
 
 __all__ = ["EvalOptions", "evaluate", "print_table"]
 

@@ -15,7 +15,7 @@ import sys
 from pathlib import Path
 from typing import Sequence
 
-from runtime import UserError
+from satkit.infra.runtime import UserError
 
 __all__ = ["import_plugins", "imported_plugins", "check_plugins", "import_args_parser"]
 

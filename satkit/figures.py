@@ -14,8 +14,8 @@ import numpy as np
 import torch
 from PIL import Image
 
-from filesafety import atomic_write
-from runtime import UserError
+from satkit.infra.filesafety import atomic_write
+from satkit.infra.runtime import UserError
 
 GIF_FRAME_MS = 800  # slow enough to read each word
 GRID_COLUMNS = 5

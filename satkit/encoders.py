@@ -28,7 +28,7 @@ import torch.nn.functional as F
 import torchvision
 
 from datasets import IMAGENET_MEAN, IMAGENET_STD
-from runtime import UserError
+from satkit.infra.runtime import UserError
 
 __all__ = ["ENCODERS", "register_encoder", "ImageEncoder", "ResNetEncoder", "EfficientNetLiteEncoder",
            "WeightsDownloadError", "lite_state_dict", "read_state_dict", "build_encoder"]

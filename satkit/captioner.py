@@ -1,6 +1,6 @@
 """Captioning with a trained model: the Python API and the work behind caption.py.
 
-    from captioner import Captioner
+    from satkit.captioner import Captioner
     cap = Captioner.from_checkpoint("runs/shapes/best.pt")
     result = cap("photo.jpg", beam_size=3)[0]
     print(result.best.text)
@@ -26,17 +26,17 @@ from typing import Any, Iterator, Sequence, Union
 import torch
 from PIL import Image
 
-from attention import is_stochastic
-from config import ModelConfig
+from satkit.attention import is_stochastic
+from satkit.config import ModelConfig
 from datasets import load_image_tensor
-from decoding import DecodeOptions, Hypothesis, decode_images
-from figures import OVERLAY_STYLES, AttentionMaps, gif_writer, png_writer, render_panels
-from filesafety import atomic_write_all, atomic_write_text
+from satkit.decoding import DecodeOptions, Hypothesis, decode_images
+from satkit.figures import OVERLAY_STYLES, AttentionMaps, gif_writer, png_writer, render_panels
+from satkit.infra.filesafety import atomic_write_all, atomic_write_text
 from models import ShowAttendTell, load_model
-from plugins import import_plugins
-from runtime import UserError, one_line, resolve_device
-from text import decode_ids
-from validation import check_fields, option
+from satkit.plugins import import_plugins
+from satkit.infra.runtime import UserError, one_line, resolve_device
+from satkit.data.text import decode_ids
+from satkit.validation import check_fields, option
 
 MAX_IMAGE_SIZE = 2048  # a larger S would only exhaust memory: the packed datasets use 96-256
 DEFAULT_IMAGE_SIZE = 256  # when the checkpoint does not record the packed image size S

@@ -18,8 +18,8 @@ from typing import Any, Callable, Iterable, NamedTuple, Sequence
 
 import torch
 
-from runtime import UserError
-from text import tokenize
+from satkit.infra.runtime import UserError
+from satkit.data.text import tokenize
 
 # image id -> captions as words joined by single spaces (references: all of them; results: one)
 Tokenized = dict[Any, list[str]]
@@ -397,7 +397,7 @@ def attention_fidelity(decoded: list[dict[str, Any]], objects: dict[int, list[di
     (`noun`), or at the noun or the colour step (`noun_or_colour`). `chance` is the fraction of grid
     cell centres inside the box: what uniformly random peaks would score.
     """
-    from shapes import COLORS, SHAPES
+    from satkit.data.shapes import COLORS, SHAPES
 
     tallies: dict[str, list[float]] = defaultdict(lambda: [0, 0, 0, 0.0])  # mentions, noun, either, chance
     for item in decoded:

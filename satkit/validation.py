@@ -10,7 +10,7 @@ import math
 from dataclasses import field, fields
 from typing import Any, Sequence
 
-from runtime import UserError
+from satkit.infra.runtime import UserError
 
 __all__ = ["option", "check_fields"]
 

@@ -22,11 +22,11 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
-from config import ModelConfig
+from satkit.config import ModelConfig
 from datasets import CaptionDataset, collate_captions
-from filesafety import atomic_path, staged_h5
-from progress import progress_bar
-from runtime import UserError, one_line
+from satkit.infra.filesafety import atomic_path, staged_h5
+from satkit.infra.progress import progress_bar
+from satkit.infra.runtime import UserError, one_line
 
 __all__ = ["cache_path", "weights_hash", "cache_identity", "check_cache", "build_cache", "ensure_cache"]
 

@@ -16,11 +16,11 @@ from typing import Any, Iterable, NamedTuple
 import torch
 import torch.nn.functional as F
 
-from config import HARD_DECODE_MODES, check_fields, option
+from satkit.config import HARD_DECODE_MODES, check_fields, option
 from models import ShowAttendTell, StepOutput
-from progress import progress_bar
-from runtime import autocast_context
-from text import decode_ids
+from satkit.infra.progress import progress_bar
+from satkit.infra.runtime import autocast_context
+from satkit.data.text import decode_ids
 
 __all__ = ["DecodeOptions", "decode_args_parser", "decode_options_from_args", "decode_images", "decode_split"]
 

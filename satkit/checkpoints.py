@@ -10,7 +10,7 @@ from typing import Any, BinaryIO
 import torch
 import torch.nn as nn
 
-from config import (
+from satkit.config import (
     MODEL_KEYS,
     TRAIN_KEYS,
     Config,
@@ -18,9 +18,9 @@ from config import (
     _coerce,
     config_from_dict,
 )
-from filesafety import atomic_write
-from runtime import UserError
-from text import check_word_map
+from satkit.infra.filesafety import atomic_write
+from satkit.infra.runtime import UserError
+from satkit.data.text import check_word_map
 
 # --------------------------------------------------------------------------------------------
 # Checkpoints: plain data only, so torch.load(..., weights_only=True) reads them.

@@ -20,8 +20,8 @@ from typing import Any, Sequence
 import numpy as np
 from PIL import Image, ImageDraw
 
-from runtime import run_cli
-from validation import check_fields, option
+from satkit.infra.runtime import run_cli
+from satkit.validation import check_fields, option
 
 __all__ = ["COLORS", "SHAPES", "COUNT_WORDS", "MAX_OBJECTS", "MIN_GAP", "MIN_IMAGE_SIZE", "DEFAULT_IMAGE_SIZE",
            "generate_image", "shape_filename"]

@@ -19,8 +19,8 @@ from typing import Any, Sequence
 import numpy as np
 from PIL import Image
 
-from filesafety import atomic_write, atomic_write_text
-from scoring import COLLAPSE_DISTINCT, DIVERSITY_KEYS, per_image_keys, result_keys
+from satkit.infra.filesafety import atomic_write, atomic_write_text
+from satkit.evaluation.scoring import COLLAPSE_DISTINCT, DIVERSITY_KEYS, per_image_keys, result_keys
 
 __all__ = ["write_report", "THUMBNAIL_SIZE"]
 
@@ -113,7 +113,7 @@ def _image_row(report_dir: Path, rank: int, d: dict[str, Any], dataset: Any, sco
                stochastic: bool) -> str:
     """One image's table row; writes its thumbnail and, when `draw`, its attention GIF."""
     # figures loads matplotlib: only when a row is drawn, and looked up here so tests can replace its writers.
-    from figures import AttentionMaps, render_panels, save_attention_gif
+    from satkit.figures import AttentionMaps, render_panels, save_attention_gif
 
     i = d["index"]
     image = Image.fromarray(np.ascontiguousarray(dataset.image(i).transpose(1, 2, 0)))  # (S, S, 3)

@@ -7,7 +7,7 @@ import unicodedata
 from pathlib import Path
 from typing import Any, Sequence
 
-from runtime import UserError, one_line
+from satkit.infra.runtime import UserError, one_line
 
 SPECIAL_TOKENS = ("<pad>", "<unk>", "<start>", "<end>")
 

@@ -11,13 +11,13 @@ from typing import Any, Sequence
 
 import yaml
 
-from attention import ATTENTIONS
-from encoders import ENCODERS
-from filesafety import atomic_write_text
-from plugins import import_plugins
-from runtime import UserError, one_line
-from scoring import SCORE_KEYS
-from validation import check_fields, option
+from satkit.attention import ATTENTIONS
+from satkit.encoders import ENCODERS
+from satkit.infra.filesafety import atomic_write_text
+from satkit.plugins import import_plugins
+from satkit.infra.runtime import UserError, one_line
+from satkit.evaluation.scoring import SCORE_KEYS
+from satkit.validation import check_fields, option
 
 
 # --------------------------------------------------------------------------------------------

@@ -9,12 +9,12 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from attention import is_stochastic
-from config import Config
-from decoding import Hypothesis, beam_search
+from satkit.attention import is_stochastic
+from satkit.config import Config
+from satkit.decoding import Hypothesis, beam_search
 from models import ShowAttendTell
-from rewards import reference_ids, scst_rewards
-from text import SPECIAL_TOKENS
+from satkit.training.rewards import reference_ids, scst_rewards
+from satkit.data.text import SPECIAL_TOKENS
 
 
 # --------------------------------------------------------------------------------------------

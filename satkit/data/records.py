@@ -12,7 +12,7 @@ from typing import Any, Iterable, Sequence
 
 import numpy as np
 
-from text import SPECIAL_TOKENS
+from satkit.data.text import SPECIAL_TOKENS
 
 __all__ = ["Record", "build_word_map", "choose_captions", "encode_caption"]
 

@@ -36,10 +36,10 @@ import h5py
 import numpy as np
 
 from datasets import check_packed
-from filesafety import atomic_write_text
-from progress import progress_bar
-from runtime import UserError, one_line
-from text import load_word_map
+from satkit.infra.filesafety import atomic_write_text
+from satkit.infra.progress import progress_bar
+from satkit.infra.runtime import UserError, one_line
+from satkit.data.text import load_word_map
 
 __all__ = ["DocumentFrequencies", "cider_d", "bleu4", "scst_rewards", "reference_ids",
            "load_document_frequencies", "build_document_frequencies", "read_document_frequencies",

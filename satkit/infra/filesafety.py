@@ -15,7 +15,7 @@ from typing import Any, BinaryIO, Callable, Iterator, Sequence
 
 import h5py
 
-from runtime import UserError
+from satkit.infra.runtime import UserError
 
 
 # --------------------------------------------------------------------------------------------

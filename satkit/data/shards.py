@@ -41,11 +41,11 @@ import torch.distributed as dist
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from datasets import collate_captions, load_image_bytes, normalize_image
-from filesafety import atomic_write_text
-from progress import progress_bar
-from records import Record, build_word_map, choose_captions, encode_caption
-from runtime import UserError, one_line
-from text import load_word_map, tokenize
+from satkit.infra.filesafety import atomic_write_text
+from satkit.infra.progress import progress_bar
+from satkit.data.records import Record, build_word_map, choose_captions, encode_caption
+from satkit.infra.runtime import UserError, one_line
+from satkit.data.text import load_word_map, tokenize
 
 __all__ = ["IMAGE_EXTENSIONS", "ShardLoader", "ShardStream", "StreamInfo", "check_shards", "expand_shards",
            "read_stream_info", "sample_captions", "scan_captions", "shard_samples", "write_word_map_pass"]
@@ -575,7 +575,7 @@ def _record_image(record: Any, image_size: int, seed: int) -> tuple[bytes, str]:
             raise UserError(f"{record.path}: cannot read ({e.strerror or one_line(e)})") from None
         ext = os.path.splitext(record.path)[1].lower().lstrip(".")
         return data, ext if ext in IMAGE_EXTENSIONS else "jpg"
-    from shapes import generate_image
+    from satkit.data.shapes import generate_image
 
     image, objects, tokens, _ = generate_image(seed, record.index, image_size)
     record.objects, record.tokens, record.references = objects, tokens, [" ".join(t) for t in tokens]

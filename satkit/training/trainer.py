@@ -17,23 +17,23 @@ import torch.nn as nn
 from torch.utils.data import DataLoader, DistributedSampler, Subset
 from torchvision.transforms.v2 import RandomHorizontalFlip
 
-from attention import is_stochastic
-from checkpoints import build_checkpoint
-from config import Config
+from satkit.attention import is_stochastic
+from satkit.checkpoints import build_checkpoint
+from satkit.config import Config
 from datasets import CaptionDataset, collate_captions
-from decoding import DecodeOptions, decode_split
-from feature_cache import ensure_cache
-from figures import write_curves
-from filesafety import atomic_write_text
-from losses import SCST_PARTS, ConceptHead, SelfCritical, compute_loss
+from satkit.decoding import DecodeOptions, decode_split
+from satkit.data.feature_cache import ensure_cache
+from satkit.figures import write_curves
+from satkit.infra.filesafety import atomic_write_text
+from satkit.training.losses import SCST_PARTS, ConceptHead, SelfCritical, compute_loss
 from models import ShowAttendTell
-from progress import progress_bar
-from rewards import load_document_frequencies
-from runtime import DistInfo, StopSignals, UserError, autocast_context, dead_workers_explained
-from shards import (ShardLoader, ShardStream, check_shards, collate_stream, expand_shards, read_stream_info,
-                    scan_captions)
-from scoring import (DIVERSITY_KEYS, caption_diversity, score_captions, validation_keys, validation_metrics,
-                     warn_if_collapsed)
+from satkit.infra.progress import progress_bar
+from satkit.training.rewards import load_document_frequencies
+from satkit.infra.runtime import DistInfo, StopSignals, UserError, autocast_context, dead_workers_explained
+from satkit.data.shards import (ShardLoader, ShardStream, check_shards, collate_stream, expand_shards, read_stream_info,
+                                scan_captions)
+from satkit.evaluation.scoring import (DIVERSITY_KEYS, caption_diversity, score_captions, validation_keys,
+                                       validation_metrics, warn_if_collapsed)
 from utils import rng_state
 
 

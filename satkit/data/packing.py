@@ -38,17 +38,17 @@ import h5py
 import numpy as np
 
 from datasets import SPLITS, image_checksum, load_image, load_image_bytes
-from filesafety import (_temporary_beside, check_writable, fsync_file, fsync_folder, remove_stale_temporaries,
-                        staged_h5)
-from progress import progress_bar
-from records import Record, build_word_map, choose_captions, encode_caption
-from runtime import UserError, one_line
-from shapes import DEFAULT_IMAGE_SIZE as DEFAULT_SHAPES_IMAGE_SIZE
-from shapes import MIN_IMAGE_SIZE as MIN_SHAPES_IMAGE_SIZE
-from shapes import generate_image, shape_filename
-import shards  # the shard writer and reader; it shares records.py with this module
-from text import TOKENIZERS, tokenize
-from validation import check_fields, option
+from satkit.infra.filesafety import (_temporary_beside, check_writable, fsync_file, fsync_folder,
+                                     remove_stale_temporaries, staged_h5)
+from satkit.infra.progress import progress_bar
+from satkit.data.records import Record, build_word_map, choose_captions, encode_caption
+from satkit.infra.runtime import UserError, one_line
+from satkit.data.shapes import DEFAULT_IMAGE_SIZE as DEFAULT_SHAPES_IMAGE_SIZE
+from satkit.data.shapes import MIN_IMAGE_SIZE as MIN_SHAPES_IMAGE_SIZE
+from satkit.data.shapes import generate_image, shape_filename
+from satkit.data import shards  # the shard writer and reader; it shares records.py with this module
+from satkit.data.text import TOKENIZERS, tokenize
+from satkit.validation import check_fields, option
 
 __all__ = [
     "PackOptions", "Record", "read_records", "read_karpathy", "read_custom", "read_captions_file", "split_names",

@@ -15,10 +15,10 @@ from typing import Any, Sequence
 import torch
 import torch.nn as nn
 
-from checkpoints import load_checkpoint, model_config_from_checkpoint
-from config import MODEL_KEYS, Config, parse_overrides
+from satkit.checkpoints import load_checkpoint, model_config_from_checkpoint
+from satkit.config import MODEL_KEYS, Config, parse_overrides
 from models import ShowAttendTell, build_model, model_from_checkpoint
-from runtime import UserError
+from satkit.infra.runtime import UserError
 
 
 # --------------------------------------------------------------------------------------------
