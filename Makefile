@@ -63,9 +63,9 @@ clean:
 # The GPU check (docs/gpu.md). Here: `make gpu-bundle` writes $(BUNDLE)/ (Flickr8k at 160 px, pycocoevalcap's
 # BLEU and CIDEr), the ignored folder that travels with the working tree. On a GPU machine, where there is no
 # venv: `make gpu-check PY=python3 OUT=$OUT` (no prerequisite: nothing is installed there). Without CUDA it
-# runs its dry mode on the CPU. gpu_check.py puts $(BUNDLE)/site on its children's PYTHONPATH itself.
+# runs its dry mode on the CPU. tools/gpu_check.py puts $(BUNDLE)/site on its children's PYTHONPATH itself.
 gpu-bundle: $(VENV)/.installed
-	$(PY) gpu_bundle.py --out $(BUNDLE)
+	$(PY) -m tools.gpu_bundle --out $(BUNDLE)
 
 gpu-check:
-	@PYTHONPATH="$(BUNDLE)/site$${PYTHONPATH:+:$$PYTHONPATH}" $(PY) gpu_check.py --bundle $(BUNDLE) $(if $(OUT),--out "$(OUT)")
+	@PYTHONPATH="$(BUNDLE)/site$${PYTHONPATH:+:$$PYTHONPATH}" $(PY) -m tools.gpu_check --bundle $(BUNDLE) $(if $(OUT),--out "$(OUT)")

@@ -21,7 +21,7 @@ import torch
 from PIL import Image
 
 import eval as eval_script
-import gpu_bundle
+from tools import gpu_bundle
 from satkit.evaluation import scoring
 from conftest import write_checkpoint
 from satkit.config import ModelConfig
@@ -165,8 +165,8 @@ def test_gpu_check_dry_run_end_to_end(tmp_path):
     env = {**os.environ, "CUDA_VISIBLE_DEVICES": ""}
     env.pop("OUT", None)
     start = time.monotonic()
-    done = subprocess.run([sys.executable, "gpu_check.py", "--bundle", str(bundle), "--out", str(out)], cwd=ROOT,
-                          env=env, capture_output=True, text=True, timeout=400)
+    done = subprocess.run([sys.executable, "-m", "tools.gpu_check", "--bundle", str(bundle), "--out", str(out)],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=400)
     seconds = time.monotonic() - start
     log = (out / "log.txt").read_text()[-3000:] if (out / "log.txt").is_file() else ""
     assert done.returncode == 0, done.stdout + done.stderr + log
@@ -192,8 +192,8 @@ def test_the_cuda_rows_are_judged_against_the_targets(tmp_path, capsys):
     and an eval result become results.csv's verdicts."""
     import inspect
 
-    import benchmark
-    import gpu_check
+    from tools import benchmark
+    from tools import gpu_check
 
     source = inspect.getsource(benchmark.cuda_rows)
     assert all(part in source for part in ("cached-feature step", "the same step, fp32", "peak GPU memory"))
@@ -217,10 +217,10 @@ def test_the_cuda_rows_are_judged_against_the_targets(tmp_path, capsys):
 
 
 def test_the_cider_to_beat_is_the_readmes_cpu_recipe_row():
-    """gpu_check.CPU_RECIPE_CIDER is the one place the CPU recipe's figure is written: it equals the
+    """tools.gpu_check.CPU_RECIPE_CIDER is the one place the CPU recipe's figure is written: it equals the
     README's XE `best.pt` row of configs/flickr8k_cpu.yaml (test, beam 3), and docs/gpu.md names the
     constant instead of restating a number that goes stale."""
-    import gpu_check
+    from tools import gpu_check
 
     readme = (ROOT / "README.md").read_text(encoding="utf-8")
     lines = readme[readme.index("configs/flickr8k_cpu.yaml"):].splitlines()
@@ -232,7 +232,7 @@ def test_the_cider_to_beat_is_the_readmes_cpu_recipe_row():
     assert float(cells[columns.index("CIDEr")]) == gpu_check.CPU_RECIPE_CIDER
     gpu_md = (ROOT / "docs" / "gpu.md").read_text(encoding="utf-8")
     (target,) = [line for line in gpu_md.splitlines() if line.startswith("| the real training's test CIDEr")]
-    assert "`gpu_check.CPU_RECIPE_CIDER`" in target and not re.search(r"\d\.\d", target), target
+    assert "`tools.gpu_check.CPU_RECIPE_CIDER`" in target and not re.search(r"\d\.\d", target), target
 
 
 @pytest.mark.parametrize("budget,first_wall,epoch_s,dry,expected", [
@@ -241,6 +241,6 @@ def test_the_cider_to_beat_is_the_readmes_cpu_recipe_row():
     (30, 10, 5, True, 1),  # the dry run always resumes once
 ])
 def test_epochs_after_the_first_fit_the_budget(budget, first_wall, epoch_s, dry, expected):
-    import gpu_check
+    from tools import gpu_check
 
     assert gpu_check.more_epochs(budget, first_wall, epoch_s, dry) == expected

@@ -134,8 +134,8 @@ def test_cached_and_pixel_training_agree(own_pack, tmp_path):
 def test_benchmark_tiny_mode_runs(tmp_path):
     """Every group of rows but `shared` (a minute of busy neighbours; its code is the demo step's)."""
     rows = "decode,frozen,trainable,data,memory,scst,encoders"
-    result = subprocess.run([sys.executable, "benchmark.py", "--tiny", "--rows", rows], cwd=ROOT, capture_output=True,
-                            text=True, timeout=300)
+    result = subprocess.run([sys.executable, "-m", "tools.benchmark", "--tiny", "--rows", rows], cwd=ROOT,
+                            capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]
     table = result.stdout
     for row in ("decode", "train, frozen encoder", "train, trainable encoder", "data", "peak RSS", "SCST step, K=2",
@@ -146,7 +146,7 @@ def test_benchmark_tiny_mode_runs(tmp_path):
 def test_benchmark_shards_rows_run():
     """--tiny --rows shards, on 40 shapes training images: loaders from shards and from the pack, the flickr8k_cpu
     step fed by each, and the peak memory of streaming 2 vs 16 shards; every figure measured."""
-    result = subprocess.run([sys.executable, "benchmark.py", "--tiny", "--rows", "shards"], cwd=ROOT,
+    result = subprocess.run([sys.executable, "-m", "tools.benchmark", "--tiny", "--rows", "shards"], cwd=ROOT,
                             capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]
     rows = {line.split(" | ")[0].lstrip("| "): line.split(" | ") for line in result.stdout.splitlines()
@@ -161,7 +161,7 @@ def test_benchmark_shards_rows_run():
 def test_benchmark_shards_rows_need_the_flickr8k_pack(tmp_path, capsys):
     """Full mode reads Flickr8k: asked for by name, the shards rows name what is missing; in the default
     (every group) they are left out with a note (checked by hand: that run takes minutes)."""
-    import benchmark
+    from tools import benchmark
 
     with pytest.raises(SystemExit) as exit_info:
         benchmark.main(["--rows", "shards", "--flickr8k-pack", str(tmp_path / "nowhere")])

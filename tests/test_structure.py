@@ -1,5 +1,7 @@
 """The layout stays one a researcher can change: scripts parse arguments and call library modules (no
-script, and no library module, imports a script), and no function grows past one screen."""
+script, and no library module, imports a script), no function grows past one screen, and no modules import
+each other round a circle. Every folder of code is walked: the root, satkit/ and its subpackages, tools/.
+A module is its dotted path (`satkit.data.packing`), so modules of the same name in two folders are distinct."""
 from __future__ import annotations
 
 import ast
@@ -8,32 +10,86 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
-SCRIPTS = {"train", "eval", "caption", "create_input_files", "benchmark", "gpu_bundle", "gpu_check"}
-MODULES = sorted(p for p in ROOT.glob("*.py"))
 MAX_FUNCTION_LINES = 60
 
 
-def imported_modules(path: Path) -> set[str]:
-    """Top-level names of every module `path` imports, at module level or inside functions."""
+def code_files(root: Path = ROOT) -> list[Path]:
+    """Every module of the project: the root's, the library package's (satkit/**) and the tools'."""
+    return sorted({*root.glob("*.py"), *root.glob("satkit/**/*.py"), *root.glob("tools/*.py")})
+
+
+def module_name(path: Path, root: Path = ROOT) -> str:
+    """The dotted name `path` is imported as from `root`: satkit/data/packing.py -> satkit.data.packing,
+    satkit/data/__init__.py -> satkit.data."""
+    parts = list(path.relative_to(root).with_suffix("").parts)
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+MODULES = code_files()
+NAMES = {module_name(p) for p in MODULES}
+# Scripts: the root's entry points and every tool (run as `python -m tools.NAME`).
+SCRIPTS = {"train", "eval", "caption", "create_input_files"} | {n for n in NAMES if n.startswith("tools.")}
+
+
+def _is_type_checking(node: ast.AST) -> bool:
+    """`if TYPE_CHECKING:` (or typing.TYPE_CHECKING): imports for annotations only, never run."""
+    test = node.test if isinstance(node, ast.If) else None
+    return (isinstance(test, ast.Name) and test.id == "TYPE_CHECKING") or (
+        isinstance(test, ast.Attribute) and test.attr == "TYPE_CHECKING")
+
+
+def _run_time_nodes(tree: ast.AST):
+    """Every node of `tree` but those inside `if TYPE_CHECKING:` blocks (their `else:` is walked)."""
+    stack = [tree]
+    while stack:
+        node = stack.pop()
+        yield node
+        if _is_type_checking(node):
+            stack.extend(node.orelse)
+        else:
+            stack.extend(ast.iter_child_nodes(node))
+
+
+def imported_modules(path: Path, root: Path | None = ROOT) -> set[str]:
+    """Dotted names of every module `path` imports when it runs, at module level or inside functions:
+    `import a.b` gives a.b (and its packages a), `from a.b import c` gives a.b and a.b.c (c may be a
+    submodule), relative imports are resolved against `path`'s package (`root`: where dotted names start)."""
+    package = module_name(path, root).split(".") if root is not None and path.is_relative_to(root) else [path.stem]
+    if path.name != "__init__.py":
+        package = package[:-1]
     names = set()
-    for node in ast.walk(ast.parse(path.read_text())):
+    for node in _run_time_nodes(ast.parse(path.read_text())):
         if isinstance(node, ast.Import):
-            names |= {alias.name.split(".")[0] for alias in node.names}
-        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
-            names.add(node.module.split(".")[0])
+            dotted = [alias.name for alias in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            base = package[:len(package) - node.level + 1] if node.level else []
+            module = ".".join([*base, *(node.module.split(".") if node.module else [])])
+            dotted = ([module] if module else []) + [f"{module}.{a.name}" if module else a.name for a in node.names]
+        else:
+            continue
+        for name in dotted:
+            parts = name.split(".")
+            names |= {".".join(parts[:i]) for i in range(1, len(parts) + 1)}
     return names
 
 
 def test_every_script_exists():
-    assert SCRIPTS <= {p.stem for p in MODULES}
+    assert {"train", "eval", "caption", "create_input_files", "tools.benchmark", "tools.gpu_bundle",
+            "tools.gpu_check"} <= SCRIPTS
 
 
-@pytest.mark.parametrize("path", MODULES, ids=lambda p: p.name)
+def test_the_root_holds_at_most_twelve_modules():
+    """Entry points and core modules only; the library is satkit/, the developer tools tools/."""
+    root = sorted(p.name for p in ROOT.glob("*.py"))
+    assert len(root) <= 12, f"{len(root)} .py files at the root: {', '.join(root)}"
+
+
+@pytest.mark.parametrize("path", MODULES, ids=lambda p: str(p.relative_to(ROOT)))
 def test_no_module_imports_a_script(path):
-    assert not (imported_modules(path) & SCRIPTS) - {path.stem}, f"{path.name} imports a script"
+    assert not (imported_modules(path) & SCRIPTS) - {module_name(path)}, f"{path.name} imports a script"
 
 
-@pytest.mark.parametrize("path", MODULES, ids=lambda p: p.name)
+@pytest.mark.parametrize("path", MODULES, ids=lambda p: str(p.relative_to(ROOT)))
 def test_no_function_is_longer_than_a_screen(path):
     long = [f"{node.name} ({node.end_lineno - node.lineno + 1} lines)"
             for node in ast.walk(ast.parse(path.read_text()))
@@ -46,13 +102,25 @@ def test_the_import_check_sees_function_local_imports(tmp_path):
     """The check of the check: an import hidden inside a function is found."""
     module = tmp_path / "report.py"
     module.write_text("def write():\n    from eval import COLLAPSE\n    return COLLAPSE\n")
-    assert "eval" in imported_modules(module)
+    assert "eval" in imported_modules(module, tmp_path)
 
 
-def import_graph(paths: list[Path]) -> dict[str, set[str]]:
-    """Project module -> the project modules it imports (at module level or inside functions)."""
-    names = {p.stem for p in paths}
-    return {p.stem: imported_modules(p) & names - {p.stem} for p in paths}
+def test_the_import_check_resolves_package_and_relative_imports(tmp_path):
+    """The check of the check: `from pkg import mod`, `from . import mod` and `from ..x import y` name the
+    submodule by its dotted path; an import under `if TYPE_CHECKING:` does not count (it never runs)."""
+    (tmp_path / "pkg" / "sub").mkdir(parents=True)
+    module = tmp_path / "pkg" / "sub" / "m.py"
+    module.write_text("from typing import TYPE_CHECKING\nfrom . import a\nfrom ..b import c\nfrom tools import t\n"
+                      "import pkg.sub.d\nif TYPE_CHECKING:\n    import pkg.e\n")
+    assert {"pkg.sub.a", "pkg.b", "tools.t", "pkg.sub.d", "pkg.sub", "pkg"} <= imported_modules(module, tmp_path)
+    assert "pkg.e" not in imported_modules(module, tmp_path)
+    assert module_name(tmp_path / "pkg" / "sub" / "__init__.py", tmp_path) == "pkg.sub"
+
+
+def import_graph(paths: list[Path], root: Path = ROOT) -> dict[str, set[str]]:
+    """Project module (dotted name) -> the project modules it imports (at module level or inside functions)."""
+    names = {module_name(p, root) for p in paths}
+    return {module_name(p, root): imported_modules(p, root) & names - {module_name(p, root)} for p in paths}
 
 
 def import_circles(graph: dict[str, set[str]]) -> list[list[str]]:
@@ -99,4 +167,17 @@ def test_the_circle_check_finds_a_hidden_circle(tmp_path):
     (tmp_path / "b.py").write_text("def f():\n    from c import x\n    return x\n")
     (tmp_path / "c.py").write_text("from a import y\n")
     (tmp_path / "d.py").write_text("import a\n")
-    assert import_circles(import_graph(sorted(tmp_path.glob("*.py")))) == [["a", "b", "c"]]
+    assert import_circles(import_graph(sorted(tmp_path.glob("*.py")), tmp_path)) == [["a", "b", "c"]]
+
+
+def test_the_circle_check_tells_modules_of_one_name_apart(tmp_path):
+    """The check of the check: in packages, a circle through `from pkg import mod` and a relative import is
+    found, and two modules of the same name in two packages are two modules, not one."""
+    for folder in ("pkg", "pkg/x", "pkg/y"):
+        (tmp_path / folder).mkdir(exist_ok=True)
+        (tmp_path / folder / "__init__.py").write_text("")
+    (tmp_path / "pkg" / "x" / "util.py").write_text("from pkg.y import util\n")  # no circle: x.util -> y.util
+    (tmp_path / "pkg" / "y" / "util.py").write_text("from . import core\n")
+    (tmp_path / "pkg" / "y" / "core.py").write_text("def f():\n    from pkg.y.util import g\n")
+    paths = sorted(tmp_path.rglob("*.py"))
+    assert import_circles(import_graph(paths, tmp_path)) == [["pkg.y.core", "pkg.y.util"]]

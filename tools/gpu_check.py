@@ -1,7 +1,7 @@
 """The GPU work as one prepared command (docs/gpu.md): the CUDA tests, benchmark.py's CUDA rows and a real
 Flickr8k training from random init, in at most 8 minutes, into one folder of summary.md and CSVs.
 
-    python gpu_check.py                   # writes $OUT when set, else runs/gpu_check/
+    python -m tools.gpu_check             # writes $OUT when set, else runs/gpu_check/
     make gpu-check PY=python3 OUT=$OUT    # on the lent GPU machine, with carry [".gpu_bundle"] (make gpu-bundle)
 
 Without CUDA it says so on its first line and runs the same sequence at tiny sizes on the CPU: a dry run
@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
-ROOT = Path(__file__).resolve().parent
+ROOT = Path(__file__).resolve().parents[1]
 # The figure the GPU run must beat, and the one place it is written (docs/gpu.md names it): the README's
 # XE row for configs/flickr8k_cpu.yaml, best.pt (epoch 20), test split, beam 3; tests/test_gpu_check.py
 # fails when the two differ.
@@ -218,7 +218,7 @@ def parse_table(text: str) -> tuple[str, list[dict[str, str]]]:
 
 def run_benchmark(check: Check) -> Step:
     table = check.work / "benchmark.md"
-    cmd = [sys.executable, "benchmark.py", *check.mode.benchmark]
+    cmd = [sys.executable, "-m", "tools.benchmark", *check.mode.benchmark]
     code, seconds = run_command(check, cmd, min(check.mode.caps_s["benchmark"], check.remaining()), stdout=table)
     text = table.read_text(encoding="utf-8", errors="replace") if table.is_file() else ""
     check.bench_header, check.bench = parse_table(text)

@@ -1,7 +1,7 @@
 """Prepare the folder that travels to a GPU machine for `make gpu-check` (docs/gpu.md).
 
-    python gpu_bundle.py                      # ../shared/data/flickr8k -> .gpu_bundle/ (what `make gpu-bundle` runs)
-    python gpu_bundle.py --quality 80 --max-mib 50
+    python -m tools.gpu_bundle                # ../shared/data/flickr8k -> .gpu_bundle/ (what `make gpu-bundle` runs)
+    python -m tools.gpu_bundle --quality 80 --max-mib 50
 
 A lent GPU machine has no package index and receives at most 64 MiB: the working tree plus the folders
 named in `carry`. So the bundle holds what is not in the tree and not on that machine:
@@ -35,7 +35,7 @@ from PIL import Image, ImageOps
 from satkit.infra.runtime import UserError, run_cli
 from satkit.data.text import tokenize
 
-ROOT = Path(__file__).resolve().parent
+ROOT = Path(__file__).resolve().parents[1]
 QUALITIES = (85, 80, 75, 70, 65, 60, 55, 50)  # tried in this order by --quality auto
 DEVICE_LIMIT_MIB = 64.0  # what the device machine receives: the working tree + carried folders
 SAMPLE_EVERY = 40  # --quality auto encodes every 40th image to project the size

@@ -1,12 +1,12 @@
 """Speed as ratios: each row runs two variants in this one process, alternating, and reports medians.
 
-    python benchmark.py            # the README's table (3.5 min on a 2-core CPU)
-    python benchmark.py --quick    # fewer repeats and smaller batches (1.5 min on a 2-core CPU)
-    python benchmark.py --tiny     # tiny models: the test suite runs it so it cannot rot
-    python benchmark.py --device cuda   # adds ms per step fp32 vs bf16 and eager vs compile_step, peak GPU memory
-    python benchmark.py --rows decode,cuda   # only these groups of rows (ROW_GROUPS; gpu_check.py picks some)
-    python benchmark.py --rows shards   # WebDataset shards vs the HDF5 pack, Flickr8k at 128 px (docs/speed.md)
-    python benchmark.py --rows encoders   # Lite0/1/2 vs ResNet-50/101, the feature cache, Captioner end to end
+    python -m tools.benchmark            # the README's table (3.5 min on a 2-core CPU)
+    python -m tools.benchmark --quick    # fewer repeats and smaller batches (1.5 min on a 2-core CPU)
+    python -m tools.benchmark --tiny     # tiny models: the test suite runs it so it cannot rot
+    python -m tools.benchmark --device cuda   # adds ms per step fp32 vs bf16 and eager vs compile_step, peak GPU memory
+    python -m tools.benchmark --rows decode,cuda   # only these groups of rows (ROW_GROUPS; gpu_check.py picks some)
+    python -m tools.benchmark --rows shards   # WebDataset shards vs the HDF5 pack, Flickr8k at 128 px (docs/speed.md)
+    python -m tools.benchmark --rows encoders   # Lite0/1/2 vs ResNet-50/101, the feature cache, Captioner end to end
 
 Absolute times on a shared machine mean little; a ratio of two variants measured side by side does.
 Models have random weights (decoding runs to max_len: no beam finishes early) and the dimensions of
@@ -56,7 +56,7 @@ from satkit.data.shards import expand_shards, shard_samples
 from satkit.data.text import load_word_map
 from satkit.training.trainer import TrainState, build_optimizer, make_loaders, stop_workers, train_step
 
-ROOT = Path(__file__).resolve().parent
+ROOT = Path(__file__).resolve().parents[1]
 # The groups of rows, in the table's order (--rows picks some): shared and scst run on the CPU only, cuda on
 # CUDA only.
 ROW_GROUPS = ("decode", "frozen", "trainable", "data", "shared", "cuda", "memory", "scst", "shards", "encoders")
@@ -307,7 +307,7 @@ def shared_machine_rows(s: Sizes, mode: str) -> list[Row]:
     repo's default, omp_env.py) and with OpenMP's default spinning threads, each in a fresh process."""
     results = {}
     for policy in ("PASSIVE", "ACTIVE"):
-        child = subprocess.run([sys.executable, __file__, f"--{mode}" if mode != "full" else "--full",
+        child = subprocess.run([sys.executable, "-m", "tools.benchmark", f"--{mode}" if mode != "full" else "--full",
                                 "--shared-child"], env={**os.environ, "OMP_WAIT_POLICY": policy},
                                capture_output=True, text=True, check=True)
         results[policy] = json.loads(child.stdout.strip().splitlines()[-1])
@@ -411,7 +411,7 @@ def scst_rows(s: Sizes) -> list[Row]:
     rows = []
     for samples in (1, 5, 10) if s.flags != ("--tiny",) else (2,):
         t_scst, t_xe = side_by_side(scst_step_fn(s, samples), xe_step_fn(s), max(1, s.repeats - 2))
-        rss_scst, rss_xe = (peak_rss_mb([sys.executable, str(ROOT / "benchmark.py"), *s.flags, "--scst-child", str(k)])
+        rss_scst, rss_xe = (peak_rss_mb([sys.executable, "-m", "tools.benchmark", *s.flags, "--scst-child", str(k)])
                             for k in (samples, 0))
         name = f"SCST step, K={samples} samples, vs cross-entropy step (5 captions), {s.trainable.encoder} config"
         rows += [Row(name, "s/step", f"SCST K={samples}", t_scst, "cross-entropy", t_xe, "the cost"),
@@ -638,7 +638,7 @@ def shards_child(overrides: Sequence[str]) -> None:
 def shards_memory_row(s: Sizes, data: ShardData, workdir: Path) -> Row:
     """Peak data memory of an epoch streamed by 2 workers from 2 and from 16 shards of the same train split.
     The two children run at once: their data memory is their own, and the wait for their imports halves."""
-    commands = {count: [sys.executable, str(ROOT / "benchmark.py"), "--shards-child",
+    commands = {count: [sys.executable, "-m", "tools.benchmark", "--shards-child",
                         *loader_overrides(s, data, "webdataset", 2, train_shards=reshard(
                             data.patterns["train"], count, workdir / f"train_in_{count}_shards"))]
                 for count in (2, 16)}
