@@ -29,7 +29,7 @@ demo: $(VENV)/.installed
 	rm -rf $(RUN)
 	$(PY) train.py --config configs/shapes.yaml data_folder=$(DATA) out_dir=$(RUN)
 	$(PY) eval.py --checkpoint $(RUN)/best.pt --data-folder $(DATA) --split test --beam-size 3 --out $(RUN)/test_beam3.json
-	$(PY) -m satkit.data.shapes --out-dir $(RUN)/samples --count 4
+	$(PY) -m tools.draw_shapes --out-dir $(RUN)/samples --count 4
 	$(PY) caption.py --img $(RUN)/samples --checkpoint $(RUN)/best.pt --beam-size 3 --out-dir $(RUN)/captions
 
 # The same with stochastic hard attention (run after `make demo`, which packs the data).
@@ -37,7 +37,7 @@ demo-hard: $(VENV)/.installed
 	rm -rf $(HARD_RUN)
 	$(PY) train.py --config configs/shapes_hard.yaml data_folder=$(DATA) out_dir=$(HARD_RUN)
 	$(PY) eval.py --checkpoint $(HARD_RUN)/best.pt --data-folder $(DATA) --split test --beam-size 3 --out $(HARD_RUN)/test_beam3.json
-	$(PY) -m satkit.data.shapes --out-dir $(HARD_RUN)/samples --count 4
+	$(PY) -m tools.draw_shapes --out-dir $(HARD_RUN)/samples --count 4
 	$(PY) caption.py --img $(HARD_RUN)/samples --checkpoint $(HARD_RUN)/best.pt --beam-size 3 --out-dir $(HARD_RUN)/captions
 
 # Flickr8k at 224 px through the frozen ImageNet EfficientNet-Lite0 (configs/flickr8k_lite.yaml): pack, train,

@@ -11,7 +11,7 @@ import pytest
 
 import create_input_files
 import eval as evaluation
-from satkit.data import shapes
+from tools import draw_shapes
 import train
 
 TINY = ["encoder_stages=1", "enc_size=2", "attention_dim=16", "embed_dim=16", "decoder_dim=16", "batch_size=8",
@@ -133,6 +133,6 @@ def test_csv_caption_swallowed_by_an_unclosed_quote(tmp_path, write_image, capsy
                                            (["--seed", "-1"], "--seed=-1 must be >= 0"),
                                            (["--image-size", "100000"], "--image-size=100000 must be <= 2048")])
 def test_shapes_cli_bounds(args, expected, tmp_path, capsys):
-    assert shapes.main(["--out-dir", str(tmp_path / "s"), *args]) == 1
+    assert draw_shapes.main(["--out-dir", str(tmp_path / "s"), *args]) == 1
     assert expected in one_error_line(capsys)
     assert not (tmp_path / "s").exists()
