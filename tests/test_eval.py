@@ -10,7 +10,7 @@ import torch
 from conftest import write_checkpoint
 
 import eval as eval_cli
-from satkit.evaluation import scoring
+from satkit.evaluation import fidelity, scoring
 from satkit.config import ModelConfig
 from models import build_model
 from satkit.data.text import tokenize
@@ -251,7 +251,7 @@ def test_attention_fidelity_hits_and_chance():
         {"index": 1, "words": ["a", "red", "circle", "a", "blue", "square", "green", "circle", "red", "square"],
          "alphas": peaked([(0, 0), (0, 1), (3, 3), (0, 0), (0, 0), (2, 3), (0, 0), (0, 0), (0, 0), (0, 0)])},
     ]
-    result = scoring.attention_fidelity(decoded, objects)
+    result = fidelity.attention_fidelity(decoded, objects)
     assert set(result) == {"all", "1_objects", "2_objects"}
     assert result["1_objects"] == {"mentions": 1, "hit_noun": 1.0, "hit_noun_or_colour": 1.0, "chance": 0.25}
     assert result["2_objects"] == {"mentions": 2, "hit_noun": 0.5, "hit_noun_or_colour": 1.0,
@@ -265,10 +265,10 @@ def test_attention_fidelity_hits_and_chance():
 def test_attention_fidelity_miss_and_no_mentions():
     objects = {0: [{"color": "red", "shape": "circle", "box": TOP_LEFT}]}
     miss = [{"index": 0, "words": ["red", "circle"], "alphas": peaked([(2, 2), (3, 1)])}]
-    result = scoring.attention_fidelity(miss, objects)
+    result = fidelity.attention_fidelity(miss, objects)
     assert result["all"] == {"mentions": 1, "hit_noun": 0.0, "hit_noun_or_colour": 0.0, "chance": 0.25}
     nothing = [{"index": 0, "words": ["a", "circle", "red"], "alphas": peaked([(0, 0)] * 3)}]
-    assert scoring.attention_fidelity(nothing, objects) == {}
+    assert fidelity.attention_fidelity(nothing, objects) == {}
 
 
 @pytest.mark.parametrize("box,chance", [([0.0, 0.0, 1.0, 1.0], 1.0), ([0.0, 0.0, 0.3, 0.3], 1 / 16),
@@ -276,7 +276,7 @@ def test_attention_fidelity_miss_and_no_mentions():
 def test_attention_fidelity_chance_is_the_fraction_of_cell_centres_in_the_box(box, chance):
     objects = {0: [{"color": "red", "shape": "circle", "box": box}]}
     decoded = [{"index": 0, "words": ["red", "circle"], "alphas": peaked([(0, 0), (0, 0)])}]
-    assert scoring.attention_fidelity(decoded, objects)["all"]["chance"] == pytest.approx(chance)
+    assert fidelity.attention_fidelity(decoded, objects)["all"]["chance"] == pytest.approx(chance)
 
 
 # --------------------------------------------------------------------------------------------

@@ -22,9 +22,9 @@ from satkit.infra.filesafety import atomic_write_all, check_writable
 from models import ShowAttendTell, load_model
 from satkit.evaluation.report import write_report
 from satkit.infra.runtime import UserError, dead_workers_explained, resolve_device
+from satkit.evaluation.fidelity import attention_fidelity
 from satkit.evaluation.scoring import (
     METRICS,
-    attention_fidelity,
     caption_diversity,
     default_metrics,
     runnable_metrics,
