@@ -1210,9 +1210,10 @@ def test_the_word_map_pass_counts_what_it_cannot_read_and_goes_on(kind, tiny_sha
 
 
 def test_packing_shards_checks_every_splits_shards_before_reading_any(tiny_shards, tmp_path, capsys, monkeypatch):
-    from satkit.data import shards
+    from satkit.data import shard_writer
 
-    monkeypatch.setattr(shards, "shard_samples", lambda *a: pytest.fail("a shard was read before all were checked"))
+    monkeypatch.setattr(shard_writer, "shard_samples",
+                        lambda *a: pytest.fail("a shard was read before all were checked"))
     assert create_input_files.main([*WORD_MAP_PASS, "--shards", str(tiny_shards / "s-{0..1}.tar"), "--val-shards",
                                     str(tmp_path / "v-gone.tar"), "--output-format", "hdf5",
                                     "--output-folder", str(tmp_path / "h5")]) == 1

@@ -46,7 +46,7 @@ from satkit.infra.runtime import UserError, one_line
 from satkit.data.shapes import DEFAULT_IMAGE_SIZE as DEFAULT_SHAPES_IMAGE_SIZE
 from satkit.data.shapes import MIN_IMAGE_SIZE as MIN_SHAPES_IMAGE_SIZE
 from satkit.data.shapes import generate_image, shape_filename
-from satkit.data import shards  # the shard writer and reader; it shares records.py with this module
+from satkit.data import shard_writer  # it shares records.py with this module
 from satkit.data.text import TOKENIZERS, tokenize
 from satkit.validation import check_fields, option
 
@@ -610,17 +610,17 @@ def create_input_files(options: PackOptions) -> dict[str, Any]:
 
     options = options.resolved()
     if options.output_format == "webdataset":
-        return shards.write_shards(read_records(options), options)
+        return shard_writer.write_shards(read_records(options), options)
     if options.dataset != "webdataset":
         return pack(read_records(options), options)
     if options.output_format is None:
-        return shards.write_word_map_pass(options.shards, options.output_folder, image_size=options.image_size,
-                                          captions_per_image=options.captions_per_image,
-                                          max_caption_words=options.max_caption_words,
-                                          min_word_freq=options.min_word_freq, tokenizer=options.tokenizer,
-                                          seed=options.seed, force=options.force)
-    records, problems = shards.shard_records({"train": options.shards, "val": options.val_shards,
-                                              "test": options.test_shards or ""}, options.tokenizer)
+        return shard_writer.write_word_map_pass(options.shards, options.output_folder, image_size=options.image_size,
+                                                captions_per_image=options.captions_per_image,
+                                                max_caption_words=options.max_caption_words,
+                                                min_word_freq=options.min_word_freq, tokenizer=options.tokenizer,
+                                                seed=options.seed, force=options.force)
+    records, problems = shard_writer.shard_records({"train": options.shards, "val": options.val_shards,
+                                                    "test": options.test_shards or ""}, options.tokenizer)
     if problems and not options.skip_bad_images:
         raise UserError(problems[0] + _SKIP_HINT)
     return pack(records, options)

@@ -1,7 +1,7 @@
 """What packing and shard streaming share: an image's caption record, the vocabulary, and caption encoding.
 
-Apart from packing.py so that shards.py (which streams and writes shards) and packing.py (which packs
-them, among other sources) both import it, and neither imports the other.
+Apart from packing.py so that shards.py (which streams shards), shard_writer.py (which writes them) and
+packing.py (which packs them, among other sources) all import it, and packing.py is imported by none of them.
 """
 from __future__ import annotations
 
