@@ -35,10 +35,11 @@ from satkit.plugins import check_plugins
 from satkit.infra.runtime import DistInfo, UserError, cleanup_distributed, init_distributed, run_cli
 from satkit.evaluation.scoring import scoring_words
 from satkit.data.shards import ShardLoader
-from satkit.training.trainer import (Run, RunLogger, StopRequest, TrainState, apply_resume_overrides, build_optimizer,
-                                     cached_features, check_losses, make_loaders, packed_splits, rank_states,
-                                     self_critical, stop_workers, train_one_epoch, truncate_metrics, use_feature_cache,
-                                     val_scores)
+from satkit.training.logger import RunLogger, truncate_metrics
+from satkit.training.optim import apply_resume_overrides, build_optimizer
+from satkit.training.trainer import (Run, StopRequest, TrainState, cached_features, check_losses, make_loaders,
+                                     packed_splits, rank_states, self_critical, stop_workers, train_one_epoch,
+                                     use_feature_cache, val_scores)
 from utils import seed_everything, set_rng_state
 
 # Fixed by the saved weights and optimizer state: a resume may not change them (ModelConfig keys neither).

@@ -36,7 +36,7 @@ import eval as evaluation
 from satkit.evaluation import scoring
 import train
 from satkit.evaluation import evaluation as evaluation_lib
-from satkit.training import trainer
+from satkit.training import logger, trainer
 from satkit.checkpoints import load_checkpoint
 from satkit.infra.runtime import UserError
 
@@ -274,7 +274,7 @@ def test_a_worker_lost_while_handing_over_a_batch_is_one_line(monkeypatch):
 def test_resume_drops_metrics_rows_past_the_checkpoint_and_a_cut_row(tmp_path):
     path = tmp_path / "metrics.csv"
     path.write_bytes(b"epoch,step\r\n1,3\r\n2,6\r\n3,9\r\n1")  # killed while appending epoch 11's row
-    trainer.truncate_metrics(path, 2)
+    logger.truncate_metrics(path, 2)
     assert path.read_bytes() == b"epoch,step\r\n1,3\r\n2,6\r\n"
 
 

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 import train
-from satkit.training import trainer
+from satkit.training import logger, trainer
 from satkit.checkpoints import load_checkpoint
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -189,7 +189,7 @@ def test_val_metric_cider_selects_the_model(shapes_folder, tmp_path):
 def test_metrics_csv_keeps_its_columns_on_resume(tmp_path):
     path = tmp_path / "metrics.csv"
     path.write_text("epoch,step,train_loss\n1,10,2.5\n")  # written by older code with fewer columns
-    trainer.append_metrics_row(path, {key: "7" for key in ("epoch", "step", "train_loss", "val_CIDEr")})
+    logger.append_metrics_row(path, {key: "7" for key in ("epoch", "step", "train_loss", "val_CIDEr")})
     assert path.read_text().splitlines() == ["epoch,step,train_loss", "1,10,2.5", "7,7,7"]
 
 

@@ -54,7 +54,8 @@ from satkit.infra.runtime import DistInfo, UserError, resolve_device
 from satkit.data.shapes import generate_image
 from satkit.data.shards import expand_shards, shard_samples
 from satkit.data.text import load_word_map
-from satkit.training.trainer import TrainState, build_optimizer, make_loaders, stop_workers, train_step
+from satkit.training.optim import build_optimizer
+from satkit.training.trainer import TrainState, make_loaders, stop_workers, train_step
 
 ROOT = Path(__file__).resolve().parents[1]
 # The groups of rows, in the table's order (--rows picks some): shared and scst run on the CPU only, cuda on

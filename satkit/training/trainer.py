@@ -1,20 +1,18 @@
-"""The training engine train.py drives: the step, the epoch, validation, loaders, the optimizer, the
-run state an exact resume needs, and the run's log (console, metrics.csv, TensorBoard, curves)."""
+"""The training engine train.py drives: the step, the epoch, validation, loaders and the run state an exact
+resume needs. The run's log is logger.py, the optimizer optim.py, the resumable sampler sampler.py."""
 from __future__ import annotations
 
-import csv
-import itertools
 import dataclasses
 import signal
 import sys
 import time
 from pathlib import Path
-from typing import Any, Callable, Iterator, Sequence, TypeVar
+from typing import TYPE_CHECKING, Any, Callable, TypeVar
 
 import torch
 import torch.distributed as dist
 import torch.nn as nn
-from torch.utils.data import DataLoader, DistributedSampler, Subset
+from torch.utils.data import DataLoader, Subset
 from torchvision.transforms.v2 import RandomHorizontalFlip
 
 from satkit.attention import is_stochastic
@@ -23,8 +21,6 @@ from satkit.config import Config
 from datasets import CaptionDataset, collate_captions
 from satkit.decoding import DecodeOptions, decode_split
 from satkit.data.feature_cache import ensure_cache
-from satkit.figures import write_curves
-from satkit.infra.filesafety import atomic_write_text
 from satkit.training.losses import SCST_PARTS, ConceptHead, SelfCritical, compute_loss
 from models import ShowAttendTell
 from satkit.infra.progress import progress_bar
@@ -32,9 +28,12 @@ from satkit.training.rewards import load_document_frequencies
 from satkit.infra.runtime import DistInfo, StopSignals, UserError, autocast_context, dead_workers_explained
 from satkit.data.shards import (ShardLoader, ShardStream, check_shards, collate_stream, expand_shards, read_stream_info,
                                 scan_captions)
-from satkit.evaluation.scoring import (DIVERSITY_KEYS, caption_diversity, score_captions, validation_keys,
-                                       validation_metrics, warn_if_collapsed)
+from satkit.evaluation.scoring import caption_diversity, score_captions, validation_metrics
+from satkit.training.sampler import ResumableSampler
 from utils import rng_state
+
+if TYPE_CHECKING:
+    from satkit.training.logger import RunLogger  # which imports this module
 
 
 T = TypeVar("T")
@@ -130,76 +129,6 @@ def rank_states(run: Run) -> list[dict[str, Any]] | None:
     gathered: list[Any] = [None] * run.info.world_size
     dist.all_gather_object(gathered, {"rng": rng_state(), "hard_baseline": float(run.state.hard_baseline)})
     return gathered
-
-
-class RunLogger:
-    """Where a run reports, in one place: console lines, metrics.csv, TensorBoard and curves.png.
-
-    Only rank 0 writes (out_dir given); other ranks hold a silent one, so the loop has no rank tests.
-    """
-
-    def __init__(self, out_dir: Path | None, log_every: int = 1, start_step: int = 0) -> None:
-        self.out_dir, self.log_every, self.writer = out_dir, log_every, None
-        if out_dir is not None:
-            from torch.utils.tensorboard import SummaryWriter  # imported late: it is slow to import
-
-            self.writer = SummaryWriter(log_dir=str(out_dir / "tensorboard"), purge_step=start_step or None)
-
-    def line(self, text: str, error: bool = False) -> None:
-        if self.out_dir is not None:
-            print(text, file=sys.stderr if error else sys.stdout, flush=True)
-
-    def step(self, step: int, parts: dict[str, torch.Tensor]) -> None:
-        if self.writer is not None and step % self.log_every == 0:
-            for key, value in parts.items():
-                self.writer.add_scalar(f"train/{key}", float(value), step)
-
-    def epoch(self, run: Run, losses: dict[str, float], val: dict[str, float], improved: bool,
-              seconds: float) -> None:
-        if self.writer is None:
-            return
-        state, lr = run.state, run.optimizer.param_groups[0]["lr"]
-        val_keys = validation_keys(run.cfg.val_metric) + DIVERSITY_KEYS
-        row = {"epoch": state.epoch, "step": state.step,
-               **{f"train_{key}": f"{losses[key]:.4f}" for key in epoch_parts(run.cfg)},
-               **({"train_bad_samples": int(losses["bad_samples"])} if "bad_samples" in losses else {}),
-               "lr": f"{lr:.3g}", **{f"val_{key}": f"{val[key]:.4g}" for key in val_keys},
-               "epoch_seconds": f"{seconds:.1f}"}
-        if "train_concept" in row and run.cfg.concept_loss_weight == 0:
-            row["train_concept"] = ""
-        append_metrics_row(self.out_dir / "metrics.csv", row)
-        write_curves(self.out_dir / "metrics.csv", self.out_dir / "curves.png")
-        for key in val_keys:
-            self.writer.add_scalar(f"val/{key}", val[key], state.step)
-        self.writer.add_scalar("train/lr", lr, state.step)
-        self.writer.flush()
-        detail = (f"reward {losses['reward']:.3f}, baseline {losses['baseline']:.3f}, entropy {losses['entropy']:.2f}"
-                  if "reward" in losses else f"ce {losses['ce']:.3f}, ds {losses['ds']:.4f}")
-        self.line(f"epoch {state.epoch}: loss {losses['loss']:.3f} ({detail}) "
-                  f"val BLEU-4 {val['BLEU-4']:.4f} CIDEr {val['CIDEr']:.4f}{' (best)' if improved else ''} "
-                  f"distinct {val['distinct_captions']:.0%} words {val['vocab_used']} lr {lr:.2g} {seconds:.0f}s")
-        if "bad_samples" in losses:
-            self.line(f"epoch {state.epoch}: {int(losses['bad_samples'])} bad samples skipped (corrupt image, no "
-                      "caption, unreadable tar member or shard)")
-        warn_if_collapsed(val)
-
-    def close(self, last_line: str, error: bool = False) -> None:
-        if self.writer is not None:
-            self.writer.close()
-        self.line(last_line, error)
-
-
-class ResumableSampler(DistributedSampler):
-    """A DistributedSampler whose epoch can start part-way, after `skip` samples: an epoch interrupted
-    mid-way continues with the very batches it had not trained, in the same order."""
-
-    skip = 0
-
-    def __iter__(self) -> Iterator[int]:
-        return itertools.islice(super().__iter__(), self.skip, None)
-
-    def __len__(self) -> int:
-        return super().__len__() - self.skip
 
 
 def _ignore_stop_signals(worker_id: int) -> None:
@@ -517,58 +446,3 @@ def self_critical(cfg: Config, run_model: ShowAttendTell, word_map: dict[str, in
                         "on this pack first")
     df = built_by_rank_0(info, lambda build: load_document_frequencies(cfg.data_folder, build=build))
     return SelfCritical(run_model, word_map, df, cfg)
-
-
-def build_optimizer(trained: ShowAttendTell | ConceptHead, cfg: Config) -> torch.optim.Optimizer:
-    """Adam with the encoder's learning rate for the encoder and the decoder's for the rest (the decoder
-    and any concept head); frozen encoder parameters are left out."""
-    encoder = (trained.model if isinstance(trained, ConceptHead) else trained).encoder
-    in_encoder = {id(p) for p in encoder.parameters()}
-    groups = [{"params": [p for p in trained.parameters() if id(p) not in in_encoder], "lr": cfg.decoder_lr}]
-    encoder_params = [p for p in encoder.parameters() if p.requires_grad]
-    if encoder_params:
-        groups.append({"params": encoder_params, "lr": cfg.encoder_lr})
-    return torch.optim.Adam(groups, weight_decay=cfg.weight_decay)
-
-
-def apply_resume_overrides(optimizer: torch.optim.Optimizer, scheduler: Any, cfg: Config,
-                           overridden: Sequence[str]) -> None:
-    """The restored optimizer and scheduler carry the settings of the run as saved; the config (and so
-    config.yaml) is the truth. Learning rates change only when given, since the scheduler may have
-    decayed them; weight decay and the plateau schedule always follow the config."""
-    groups = optimizer.param_groups
-    if "decoder_lr" in overridden:
-        groups[0]["lr"] = cfg.decoder_lr
-    if "encoder_lr" in overridden and len(groups) > 1:
-        groups[1]["lr"] = cfg.encoder_lr
-    for group in groups:
-        group["weight_decay"] = cfg.weight_decay
-    scheduler.factor, scheduler.patience = cfg.lr_decay_factor, cfg.lr_patience
-
-
-def truncate_metrics(path: Path, epoch: int) -> None:
-    """Drop rows past `epoch`: a run killed after writing an epoch's row but before its checkpoint
-    trains that epoch again on resume, which must not list it twice."""
-    if not path.exists():
-        return
-    with open(path, newline="") as f:
-        lines = f.read().splitlines(keepends=True)
-    # A row cut by a kill mid-append has no line end: drop it too, or the next row would be glued onto it.
-    kept = lines[:1] + [line for line in lines[1:] if line.endswith("\n") and line.split(",", 1)[0].isdigit()
-                        and int(line.split(",", 1)[0]) <= epoch]
-    if kept != lines:
-        atomic_write_text(path, "".join(kept))
-
-
-def append_metrics_row(path: Path, row: dict[str, Any]) -> None:
-    """One row per epoch, its keys the columns of a new file. A run resumed by newer code keeps the
-    columns its file started with."""
-    fieldnames = list(row)
-    if path.exists():
-        with open(path, newline="") as f:
-            fieldnames = next(csv.reader(f), fieldnames)
-    with open(path, "a", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=fieldnames, extrasaction="ignore")
-        if f.tell() == 0:
-            writer.writeheader()
-        writer.writerow(row)
