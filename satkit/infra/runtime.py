@@ -1,5 +1,5 @@
-"""What every entry point shares at run time: user errors as one line, stop signals, devices and
-distributed processes."""
+"""What every entry point shares at run time: user errors as one line, devices and distributed processes.
+Stop signals (SIGTERM, SIGINT) are signals.py."""
 from __future__ import annotations
 
 import os
@@ -10,7 +10,7 @@ import traceback
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from types import FrameType
-from typing import Any, Callable, ContextManager, Iterator
+from typing import Callable, ContextManager, Iterator
 
 import torch
 import torch.distributed as dist
@@ -45,45 +45,6 @@ def run_cli(body: Callable[[], int], debug: bool = False) -> int:
         message = " ".join(str(e).split()) if isinstance(e, UserError) else one_line(e)  # one line, uncut
         print(f"error: {message}", file=sys.stderr)
         return 1
-
-
-class StopSignals:
-    """SIGTERM and SIGINT (a scheduler's preemption, Ctrl-C) only set `received`, which the training loop
-    reads at a safe point (after a step, after a checkpoint), so a checkpoint is never cut mid-write and
-    the run can save where it stands. A second signal interrupts at once (KeyboardInterrupt).
-
-    Under torchrun the first two signals are one request and the third interrupts: the agent forwards
-    every signal it gets to each worker, so a job signalled as a whole (a scheduler's SIGTERM to all of
-    its processes) reaches every worker twice, and a forward taken as "stop at once" would lose the save.
-    Only signals this process got count: `received` set from another rank (StopRequest) does not.
-    """
-
-    def __init__(self) -> None:
-        self.received: str | None = None
-        self.signals = 0  # signals this process got
-        self.patience = 2 if "TORCHELASTIC_RUN_ID" in os.environ else 1  # signals taken as one request
-        self._previous: dict[int, Any] = {}
-
-    def __enter__(self) -> StopSignals:
-        if threading.current_thread() is threading.main_thread():
-            for sig in (signal.SIGTERM, signal.SIGINT):
-                self._previous[sig] = signal.signal(sig, self._handle)
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        for sig, handler in self._previous.items():
-            signal.signal(sig, handler)
-
-    def _handle(self, signum: int, frame: Any) -> None:
-        self.signals += 1
-        if self.signals > self.patience:
-            raise KeyboardInterrupt
-        self.received = self.received or signal.Signals(signum).name
-
-    @property
-    def exit_code(self) -> int:
-        """The shell's code for a process ended by the signal: 130 for SIGINT, 143 for SIGTERM."""
-        return 128 + signal.Signals[self.received].value if self.received else 0
 
 
 def one_line(error: BaseException) -> str:

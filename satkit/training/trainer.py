@@ -25,7 +25,8 @@ from satkit.training.losses import SCST_PARTS, ConceptHead, SelfCritical, comput
 from models import ShowAttendTell
 from satkit.infra.progress import progress_bar
 from satkit.training.rewards import load_document_frequencies
-from satkit.infra.runtime import DistInfo, StopSignals, UserError, autocast_context, dead_workers_explained
+from satkit.infra.runtime import DistInfo, UserError, autocast_context, dead_workers_explained
+from satkit.infra.signals import StopSignals
 from satkit.data.shards import (ShardLoader, ShardStream, check_shards, collate_stream, expand_shards, read_stream_info,
                                 scan_captions)
 from satkit.evaluation.scoring import caption_diversity, score_captions, validation_metrics
