@@ -128,7 +128,7 @@ class TrainConfig:
     nonfinite_loss: str = option("stop", choices=("stop", "skip"))  # a NaN/inf loss stops the run, or skips its batch
     log_every: int = option(50, min=1)  # steps between TensorBoard scalars
     # torch.compile the decoder's per-word step for teacher forcing (fused ops: fewer GPU kernel launches);
-    # costs a compile at start (~20 s on a 2-core CPU for the tiny test model). See benchmark.py --device cuda.
+    # costs a compile at start (~20 s on a 2-core CPU for the tiny test model). See tools/benchmark.py --device cuda.
     compile_step: bool = False
 
     # --- validation: decoded with the same options as eval.py / caption.py (see decoding.py) ---

@@ -1,7 +1,6 @@
 """Declared valid values of a dataclass's fields, and their check: what every options object uses.
 
-Apart from config.py so that modules config.py imports (shapes' drawing options, through scoring) can
-use it without an import circle.
+Apart from config.py so that modules config.py imports can use it without an import circle.
 """
 from __future__ import annotations
 
