@@ -926,7 +926,7 @@ def test_ctrl_c_in_eval_stops_meteor_and_prints_no_traceback(tiny_ckpt, shapes_f
 @pytest.mark.slow
 def test_eval_killed_mid_run_leaves_no_results(tiny_ckpt, shapes_folder, tmp_path):
     out = tmp_path / "test.json"
-    code = ("import os, signal, sys, eval, evaluation\n"
+    code = ("import os, signal, sys, eval\nfrom satkit.evaluation import evaluation\n"
             "evaluation.decode_split = lambda *a, **k: os.kill(os.getpid(), signal.SIGKILL)\n"
             "sys.exit(eval.main(sys.argv[1:]))")
     args = ["--checkpoint", str(tiny_ckpt), "--data-folder", str(shapes_folder), "--num-workers", "0",
