@@ -412,7 +412,7 @@ def results_rows(check: Check) -> list[dict[str, str]]:
     add("training images/s (last epoch, incl. val)", last.get("images_per_s_incl_val"), "images/s", "-", None)
     add("test BLEU-4", test.get("BLEU-4"), "", "-", None)
     cider = test.get("CIDEr")
-    add("test CIDEr", cider, "", f"> {CPU_RECIPE_CIDER} (CPU recipe, README)",
+    add("test CIDEr", cider, "", f"> {CPU_RECIPE_CIDER} (random-init CPU recipe, docs/training.md)",
         None if cider is None else cider > CPU_RECIPE_CIDER)
     return rows
 
