@@ -194,6 +194,12 @@ def show_grids(grids: Sequence[tuple[str, Path]]) -> None:
     plt.show()
 
 
+def logged_columns(rows: list[dict[str, str]], names: list[str]) -> list[str]:
+    """The columns of `names` with a value in some row: a term the run does not use (the concept loss at
+    weight 0) gets no empty legend entry."""
+    return [name for name in names if any(row.get(name) for row in rows)]
+
+
 def write_curves(metrics_csv: Path, out_png: Path) -> None:
     """Loss (or SCST's reward), val BLEU-4 and CIDEr, distinct captions and learning rate against epoch,
     redrawn after every epoch; matplotlib's Agg canvas directly, so no global backend is switched."""
@@ -208,13 +214,14 @@ def write_curves(metrics_csv: Path, out_png: Path) -> None:
         return [float(r[name]) if r.get(name) else float("nan") for r in rows]
 
     train = [("SCST reward", ["train_reward", "train_baseline"])] if rows and "train_reward" in rows[0] else \
-        [("train loss", ["train_loss", "train_ce", "train_concept"])]
+        [("train loss", ["train_loss", "train_ce", "train_ds", "train_concept"])]
     panels = [*train, ("val BLEU-4", ["val_BLEU-4"]), ("val CIDEr", ["val_CIDEr"]),
               ("val distinct captions", ["val_distinct_captions"]), ("learning rate", ["lr"])]
     fig = Figure(figsize=(4 * len(panels), 3.2), constrained_layout=True)
     FigureCanvasAgg(fig)
     axes = fig.subplots(1, len(panels))
     for ax, (title, names) in zip(axes, panels):
+        names = logged_columns(rows, names)
         for name in names:
             ax.plot(epochs, column(name), marker="o", markersize=3, label=name)
         ax.set_title(title)

@@ -30,7 +30,7 @@ from satkit.training.losses import target_log_probs
 from models import build_model
 
 pytestmark = [pytest.mark.cuda,
-              pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (run by gpu_check.py)")]
+              pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (run by python -m tools.gpu_check)")]
 
 WORD_MAP = {"<pad>": 0, "<start>": 1, "<end>": 2, "<unk>": 3, **{f"w{i}": i for i in range(4, 40)}}
 CUDA = torch.device("cuda")

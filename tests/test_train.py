@@ -14,6 +14,7 @@ import torch
 import train
 from satkit.training import logger, trainer
 from satkit.checkpoints import load_checkpoint
+from satkit.figures import logged_columns
 
 ROOT = Path(__file__).resolve().parent.parent
 TINY = [
@@ -47,6 +48,9 @@ def test_run_folder_contents_and_checkpoint(shapes_folder, tmp_path):
     assert ckpt["image_size"] == 48
     load_checkpoint(out / "best.pt")
     assert "batch_size: 8" in (out / "config.yaml").read_text()
+    # the curves' legend names the terms this run logged, not the concept loss it left at weight 0
+    assert rows[-1]["train_concept"] == "" and rows[-1]["train_ds"] != ""
+    assert logged_columns(rows, ["train_loss", "train_ds", "train_concept"]) == ["train_loss", "train_ds"]
 
 
 @pytest.mark.parametrize("extra", [("dropout=0.3",), ("concept_loss_weight=0.5",),
