@@ -210,3 +210,22 @@ def test_model_config_accepts_every_registered_encoder_and_refuses_others():
     ModelConfig(encoder="efficientnet_lite2").check()
     with pytest.raises(UserError, match="config encoder='vgg16' is not one of resnet18, .*efficientnet_lite0,"):
         ModelConfig(encoder="vgg16").check()
+
+
+@pytest.mark.parametrize("name, fine_tune, layout", [("resnet18", False, True), ("resnet18", True, False),
+                                                     ("efficientnet_lite0", False, True)])
+def test_frozen_encoders_run_channels_last_and_give_the_default_layouts_features(name, fine_tune, layout):
+    """The layout is speed only (docs/speed.md): features equal those of the same weights in NCHW."""
+    torch.manual_seed(0)
+    encoder = ENCODERS[name](weights="none", stages=4, enc_size=2, fine_tune=fine_tune).eval()
+    assert encoder.channels_last is layout
+    conv = next(m for m in encoder.modules() if isinstance(m, nn.Conv2d))
+    assert conv.weight.is_contiguous(memory_format=torch.channels_last) is layout
+    images = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        features = encoder(images)
+        encoder.channels_last = False
+        encoder.to(memory_format=torch.contiguous_format)
+        reference = encoder(images)
+    assert features.shape == (2, 4, encoder.out_dim)
+    torch.testing.assert_close(features, reference, rtol=1e-4, atol=1e-4)

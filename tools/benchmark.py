@@ -694,11 +694,8 @@ def encoder_forward(name: str, image_size: int, batch: int, channels_last: bool 
     encoder = build_encoder(name, weights="none", stages=4, enc_size=7).eval()
     images = torch.randn(batch, 3, image_size, image_size)
     if channels_last is not None:
-        layout = torch.channels_last if channels_last else torch.contiguous_format
-        encoder.to(memory_format=layout)
-        if not channels_last and hasattr(encoder, "input_scale"):  # Lite converts its input itself
-            encoder._to_input = lambda x: x * encoder.input_scale + encoder.input_shift  # type: ignore[method-assign]
-        images = images.contiguous(memory_format=layout)
+        encoder.channels_last = channels_last
+        encoder.to(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
 
     def forward() -> None:
         with torch.no_grad():
