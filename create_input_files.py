@@ -18,7 +18,7 @@ import sys
 from dataclasses import fields
 from typing import Any, Sequence
 
-from datasets import verify_pack
+from satkit.data.dataset import verify_pack
 from satkit.data.packing import (DATASETS, DEFAULT_IMAGE_SIZE, DEFAULT_SHAPES_IMAGE_SIZE, DEFAULT_SHAPES_NUM_IMAGES,
                                  OUTPUT_FORMATS, PackOptions, create_input_files)
 from satkit.infra.runtime import UserError, run_cli

@@ -30,7 +30,7 @@ from satkit.config import MODEL_KEYS, Config, apply_overrides, load_config, pars
 from satkit.infra.filesafety import check_writable, folder_lock, remove_stale_temporaries
 from satkit.training.finetune import caption_id_map, model_from_init, model_word_map, resolve_init
 from satkit.training.losses import ConceptHead
-from models import build_model
+from satkit.model import build_model
 from satkit.plugins import check_plugins
 from satkit.infra.runtime import DistInfo, UserError, cleanup_distributed, init_distributed, run_cli
 from satkit.evaluation.scoring import scoring_words
@@ -40,7 +40,7 @@ from satkit.training.optim import apply_resume_overrides, build_optimizer
 from satkit.training.trainer import (Run, StopRequest, TrainState, cached_features, check_losses, make_loaders,
                                      packed_splits, rank_states, self_critical, stop_workers, train_one_epoch,
                                      use_feature_cache, val_scores)
-from utils import seed_everything, set_rng_state
+from satkit.infra.seeding import seed_everything, set_rng_state
 
 # Fixed by the saved weights and optimizer state: a resume may not change them (ModelConfig keys neither).
 FIXED_ON_RESUME = ("fine_tune_encoder", "fine_tune_stages")

@@ -28,11 +28,11 @@ from PIL import Image
 
 from satkit.attention import is_stochastic
 from satkit.config import ModelConfig
-from datasets import load_image_tensor
+from satkit.data.dataset import load_image_tensor
 from satkit.decoding import DecodeOptions, Hypothesis, decode_images
 from satkit.figures import OVERLAY_STYLES, AttentionMaps, gif_writer, png_writer, render_panels
 from satkit.infra.filesafety import atomic_write_all, atomic_write_text
-from models import ShowAttendTell, load_model
+from satkit.model import ShowAttendTell, load_model
 from satkit.plugins import import_plugins
 from satkit.infra.runtime import UserError, one_line, resolve_device
 from satkit.data.text import decode_ids

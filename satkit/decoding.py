@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from satkit.config import HARD_DECODE_MODES, check_fields, option
-from models import ShowAttendTell, StepOutput
+from satkit.model import ShowAttendTell, StepOutput
 from satkit.infra.progress import progress_bar
 from satkit.infra.runtime import autocast_context
 from satkit.data.text import decode_ids

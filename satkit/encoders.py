@@ -27,7 +27,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 import torchvision
 
-from datasets import IMAGENET_MEAN, IMAGENET_STD
+from satkit.data.dataset import IMAGENET_MEAN, IMAGENET_STD
 from satkit.infra.runtime import UserError
 
 __all__ = ["ENCODERS", "register_encoder", "ImageEncoder", "ResNetEncoder", "EfficientNetLiteEncoder",

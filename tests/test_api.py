@@ -15,9 +15,9 @@ from test_caption import GRID, SIZE, WORD_MAP, make_checkpoint, shapes_image
 import caption
 from satkit import figures
 from satkit.captioner import Captioned, Captioner, Skipped, caption_files
-from datasets import load_image_tensor
+from satkit.data.dataset import load_image_tensor
 from satkit.decoding import DecodeOptions, beam_search
-from models import load_model
+from satkit.model import load_model
 from satkit.infra.runtime import UserError
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -14,12 +14,12 @@ from PIL import Image, ImageSequence
 
 import caption
 from satkit import captioner
-import datasets
+from satkit.data import dataset as datasets
 from satkit import figures
 from satkit.checkpoints import save_checkpoint
 from satkit.config import ModelConfig
-from datasets import load_image_tensor
-from models import build_model
+from satkit.data.dataset import load_image_tensor
+from satkit.model import build_model
 
 ROOT = Path(__file__).resolve().parent.parent
 WORDS = ["a", "red", "blue", "circle", "square", "triangle", "on", "left"]
@@ -251,7 +251,7 @@ def test_load_image_honours_exif_orientation(tmp_path):
 def test_load_image_matches_the_packed_training_images(tmp_path):
     from skimage import data
 
-    from datasets import load_image
+    from satkit.data.dataset import load_image
 
     images = {"photo.jpg": Image.fromarray(data.astronaut()),
               "rgba.png": Image.fromarray(data.coffee()).convert("RGBA"),
@@ -320,7 +320,7 @@ def test_images_are_decoded_in_batches(soft_ckpt, tmp_path, capsys, monkeypatch)
 def test_decode_images_batched_equals_one_by_one(soft_ckpt):
     from satkit.checkpoints import load_checkpoint
     from satkit.decoding import DecodeOptions, decode_images
-    from models import model_from_checkpoint
+    from satkit.model import model_from_checkpoint
 
     model, _ = model_from_checkpoint(load_checkpoint(soft_ckpt))
     torch.manual_seed(0)

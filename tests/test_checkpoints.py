@@ -15,7 +15,7 @@ from satkit.checkpoints import (
     save_checkpoint,
 )
 from satkit.config import ModelConfig
-from models import build_model, load_model
+from satkit.model import build_model, load_model
 from satkit.infra.runtime import UserError
 
 WORD_MAP = {"<pad>": 0, "<unk>": 1, "<start>": 2, "<end>": 3, "a": 4, "red": 5, "circle": 6}

@@ -27,7 +27,7 @@ from satkit.training import trainer
 from satkit.config import Config
 from satkit.decoding import beam_search
 from satkit.training.losses import target_log_probs
-from models import build_model
+from satkit.model import build_model
 
 pytestmark = [pytest.mark.cuda,
               pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (run by python -m tools.gpu_check)")]

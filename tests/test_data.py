@@ -22,10 +22,10 @@ from conftest import ROOT, SHAPES_ARGS
 from PIL import Image
 
 import create_input_files
-import datasets
+from satkit.data import dataset as datasets
 from satkit.data import packing
 from satkit.data import shapes
-from datasets import (
+from satkit.data.dataset import (
     IMAGENET_MEAN,
     IMAGENET_STD,
     SPLITS,
@@ -487,7 +487,7 @@ def test_load_image_tensor_is_the_packed_image_normalised(tmp_path: Path, write_
 
 def test_datasets_does_not_import_the_packer() -> None:
     """caption.py reads images through datasets.py; it must not pull in the packing library or script."""
-    tree = ast.parse((ROOT / "datasets.py").read_text())
+    tree = ast.parse((ROOT / "satkit" / "data" / "dataset.py").read_text())
     imported = {alias.name for node in ast.walk(tree) if isinstance(node, ast.Import) for alias in node.names}
     imported |= {name for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)
                  for name in (node.module, *(f"{node.module}.{alias.name}" for alias in node.names))}

@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from satkit.config import ModelConfig
 from satkit.decoding import beam_search
 from satkit.training.losses import target_log_probs
-from models import StepOutput, build_model
+from satkit.model import StepOutput, build_model
 
 WORDS = ["a", "red", "blue", "green", "circle", "square", "triangle", "on", "left", "of"]
 WORD_MAP = {"<pad>": 0, "<unk>": 1, "<start>": 2, "<end>": 3, **{w: i + 4 for i, w in enumerate(WORDS)}}

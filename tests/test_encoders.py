@@ -18,7 +18,7 @@ import eval as eval_cli
 import train
 from satkit.checkpoints import load_checkpoint
 from satkit.config import ModelConfig
-from datasets import normalize_image
+from satkit.data.dataset import normalize_image
 from satkit.encoders import ENCODERS, EfficientNetLiteEncoder, ImageEncoder, lite_state_dict, register_encoder
 from satkit.data.feature_cache import CACHE_DIR
 from satkit.infra.runtime import UserError

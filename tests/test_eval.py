@@ -12,7 +12,7 @@ from conftest import write_checkpoint
 import eval as eval_cli
 from satkit.evaluation import fidelity, scoring
 from satkit.config import ModelConfig
-from models import build_model
+from satkit.model import build_model
 from satkit.data.text import tokenize
 
 pytestmark = pytest.mark.java  # coco-caption's Java parts (PTB tokenizer, METEOR) are what this file checks
@@ -300,7 +300,7 @@ def chain_checkpoint(path: Path, folder: Path) -> tuple[Path, str]:
     mention for attention fidelity. Wiring: a one-hot embedding E, the h/z paths of the deep output cut,
     and L_o mapping the previous word to the next one: p(y_t | y_{t-1}) follows the chain.
     """
-    from datasets import CaptionDataset
+    from satkit.data.dataset import CaptionDataset
 
     dataset = CaptionDataset(str(folder), "test")
     first = dataset.objects(0)[0]

@@ -28,7 +28,7 @@ from test_shards import img2dataset_sample, write_tar
 
 import caption
 import create_input_files
-import datasets
+from satkit.data import dataset as datasets
 from satkit.infra import filesafety
 from satkit.data import packing
 from satkit.infra import runtime
@@ -1341,7 +1341,7 @@ def test_a_checkpoint_of_an_unregistered_attention_is_one_line(tmp_path, capsys)
     imported: eval.py and caption.py name the checkpoint, the variant and the registered ones."""
     from conftest import solid_image, write_checkpoint
     from satkit.config import ModelConfig
-    from models import build_model
+    from satkit.model import build_model
 
     cfg = ModelConfig(encoder="resnet18", encoder_stages=1, enc_size=2, attention_dim=8, embed_dim=8, decoder_dim=8,
                       vocab_size=6)

@@ -25,7 +25,7 @@ from tools import gpu_bundle
 from satkit.evaluation import scoring
 from conftest import write_checkpoint
 from satkit.config import ModelConfig
-from models import build_model
+from satkit.model import build_model
 from satkit.data.packing import read_karpathy
 from satkit.data.text import load_word_map, tokenize
 

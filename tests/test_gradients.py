@@ -18,7 +18,7 @@ import torch
 from satkit.training import trainer
 from satkit.config import load_config
 from satkit.training.losses import SelfCritical
-from models import build_model
+from satkit.model import build_model
 from satkit.training.rewards import DocumentFrequencies, reference_ids
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -12,7 +12,7 @@ from satkit.attention import HardAttention
 from satkit.checkpoints import build_checkpoint, load_checkpoint, save_checkpoint
 from satkit.config import Config, load_config
 from satkit.training.losses import doubly_stochastic_penalty, reinforce_surrogate
-from models import Encoder, WeightsDownloadError, build_model, model_from_checkpoint
+from satkit.model import Encoder, WeightsDownloadError, build_model, model_from_checkpoint
 from satkit.infra.runtime import UserError
 
 VOCAB = 12  # ids: 0 <pad>, 1..8 words, 9 <unk>, 10 <start>, 11 <end>

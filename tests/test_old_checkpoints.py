@@ -19,7 +19,7 @@ import caption
 import eval as eval_cli
 from satkit.evaluation import scoring
 import train
-from models import load_model
+from satkit.model import load_model
 from satkit.data.shapes import generate_image
 
 FIXTURES = Path(__file__).resolve().parent / "fixtures"

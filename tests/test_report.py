@@ -20,8 +20,8 @@ import eval as eval_cli
 from satkit import figures
 from satkit.evaluation import scoring
 from satkit.config import ModelConfig
-from datasets import CaptionDataset
-from models import build_model
+from satkit.data.dataset import CaptionDataset
+from satkit.model import build_model
 from satkit.data.text import tokenize
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")

@@ -17,7 +17,7 @@ from satkit.config import ModelConfig, load_config
 from satkit.decoding import Hypothesis
 from satkit.training.losses import SelfCritical, sample_batch, scst_baseline, self_critical_loss
 from satkit.training.losses import target_log_probs
-from models import build_model
+from satkit.model import build_model
 from satkit.training.rewards import DocumentFrequencies, cider_d
 from satkit.infra.runtime import UserError
 

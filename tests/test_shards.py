@@ -20,7 +20,7 @@ from PIL import Image
 
 import create_input_files
 from conftest import ROOT, pack_main
-from datasets import CaptionDataset
+from satkit.data.dataset import CaptionDataset
 from satkit.infra.runtime import UserError
 from satkit.data.shards import (ShardLoader, ShardStream, StreamInfo, check_shards, expand_shards, read_stream_info,
                                 shard_samples)

@@ -15,10 +15,10 @@ import torch
 import train
 from satkit.checkpoints import load_checkpoint
 from satkit.config import ModelConfig
-from datasets import CaptionDataset, collate_captions
+from satkit.data.dataset import CaptionDataset, collate_captions
 from satkit.decoding import beam_search
 from satkit.data.feature_cache import cache_path, weights_hash
-from models import build_model
+from satkit.model import build_model
 
 ROOT = Path(__file__).resolve().parent.parent
 WORD_MAP = {"<pad>": 0, "<start>": 1, "<end>": 2, "<unk>": 3, **{f"w{i}": i for i in range(4, 30)}}

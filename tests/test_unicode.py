@@ -13,7 +13,7 @@ import create_input_files
 import eval as eval_cli
 from satkit.evaluation import scoring
 from satkit.training import trainer
-from datasets import CaptionDataset
+from satkit.data.dataset import CaptionDataset
 from satkit.data.text import tokenize
 
 # Greek captions, with capitals, accents and punctuation; the colour word names the image's colour.
@@ -51,7 +51,7 @@ def test_pack_and_score_greek(greek, tmp_path, capsys):
     from conftest import write_checkpoint
 
     from satkit.config import ModelConfig
-    from models import build_model
+    from satkit.model import build_model
 
     captions, images = greek
     folder = tmp_path / "packed"

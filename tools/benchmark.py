@@ -42,14 +42,14 @@ from torch.utils.data import DataLoader
 from satkit.captioner import Captioner
 from satkit.checkpoints import build_checkpoint, save_checkpoint
 from satkit.config import Config, ModelConfig, load_config
-from datasets import CaptionDataset, collate_captions
+from satkit.data.dataset import CaptionDataset, collate_captions
 from satkit.encoders import build_encoder
 from satkit.data.feature_cache import ensure_cache
 from satkit.decoding import beam_search
 from satkit.training.losses import ConceptHead, SelfCritical, target_log_probs
 from satkit.data.packing import PackOptions, create_input_files
 from satkit.training.rewards import DocumentFrequencies, reference_ids
-from models import build_model
+from satkit.model import build_model
 from satkit.infra.runtime import DistInfo, UserError, resolve_device
 from satkit.data.shapes import generate_image
 from satkit.data.shards import expand_shards, shard_samples

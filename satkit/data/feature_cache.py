@@ -23,7 +23,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from satkit.config import ModelConfig
-from datasets import CaptionDataset, collate_captions
+from satkit.data.dataset import CaptionDataset, collate_captions
 from satkit.infra.filesafety import atomic_path, staged_h5
 from satkit.infra.progress import progress_bar
 from satkit.infra.runtime import UserError, one_line

@@ -37,7 +37,7 @@ from typing import Any, Callable, Iterator, Sequence
 import h5py
 import numpy as np
 
-from datasets import SPLITS, image_checksum, load_image, load_image_bytes
+from satkit.data.dataset import SPLITS, image_checksum, load_image, load_image_bytes
 from satkit.infra.filesafety import (_temporary_beside, check_writable, fsync_file, fsync_folder,
                                      remove_stale_temporaries, staged_h5)
 from satkit.infra.progress import progress_bar

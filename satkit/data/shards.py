@@ -37,7 +37,7 @@ import torch
 import torch.distributed as dist
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from datasets import collate_captions, load_image_bytes, normalize_image
+from satkit.data.dataset import collate_captions, load_image_bytes, normalize_image
 from satkit.infra.progress import progress_bar
 from satkit.data.records import choose_captions, encode_caption
 from satkit.infra.runtime import UserError, one_line

@@ -15,11 +15,11 @@ from torch.utils.data import DataLoader
 
 from satkit.attention import is_stochastic
 from satkit.config import ModelConfig
-from datasets import CaptionDataset, collate_captions
+from satkit.data.dataset import CaptionDataset, collate_captions
 from satkit.decoding import DecodeOptions, decode_split
 from satkit.data.feature_cache import ensure_cache
 from satkit.infra.filesafety import atomic_write_all, check_writable
-from models import ShowAttendTell, load_model
+from satkit.model import ShowAttendTell, load_model
 from satkit.evaluation.report import write_report
 from satkit.infra.runtime import UserError, dead_workers_explained, resolve_device
 from satkit.evaluation.fidelity import attention_fidelity

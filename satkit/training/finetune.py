@@ -17,7 +17,7 @@ import torch.nn as nn
 
 from satkit.checkpoints import load_checkpoint, model_config_from_checkpoint
 from satkit.config import MODEL_KEYS, Config, parse_overrides
-from models import ShowAttendTell, build_model, model_from_checkpoint
+from satkit.model import ShowAttendTell, build_model, model_from_checkpoint
 from satkit.infra.runtime import UserError
 
 

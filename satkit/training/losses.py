@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from satkit.attention import is_stochastic
 from satkit.config import Config
 from satkit.decoding import Hypothesis, beam_search
-from models import ShowAttendTell
+from satkit.model import ShowAttendTell
 from satkit.training.rewards import reference_ids, scst_rewards
 from satkit.data.text import SPECIAL_TOKENS
 

@@ -6,7 +6,7 @@ from typing import Any, Sequence
 
 import torch
 
-from models import ShowAttendTell
+from satkit.model import ShowAttendTell
 from satkit.config import Config
 from satkit.training.losses import ConceptHead
 

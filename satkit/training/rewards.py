@@ -35,7 +35,7 @@ from typing import Any, Sequence
 import h5py
 import numpy as np
 
-from datasets import check_packed
+from satkit.data.dataset import check_packed
 from satkit.infra.filesafety import atomic_write_text
 from satkit.infra.progress import progress_bar
 from satkit.infra.runtime import UserError, one_line

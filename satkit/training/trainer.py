@@ -18,11 +18,11 @@ from torchvision.transforms.v2 import RandomHorizontalFlip
 from satkit.attention import is_stochastic
 from satkit.checkpoints import build_checkpoint
 from satkit.config import Config
-from datasets import CaptionDataset, collate_captions
+from satkit.data.dataset import CaptionDataset, collate_captions
 from satkit.decoding import DecodeOptions, decode_split
 from satkit.data.feature_cache import ensure_cache
 from satkit.training.losses import SCST_PARTS, ConceptHead, SelfCritical, compute_loss
-from models import ShowAttendTell
+from satkit.model import ShowAttendTell
 from satkit.infra.progress import progress_bar
 from satkit.training.rewards import load_document_frequencies
 from satkit.infra.runtime import DistInfo, UserError, autocast_context, dead_workers_explained
@@ -31,7 +31,7 @@ from satkit.data.shards import (ShardLoader, ShardStream, check_shards, collate_
                                 scan_captions)
 from satkit.evaluation.scoring import caption_diversity, score_captions, validation_metrics
 from satkit.training.sampler import ResumableSampler
-from utils import rng_state
+from satkit.infra.seeding import rng_state
 
 if TYPE_CHECKING:
     from satkit.training.logger import RunLogger  # which imports this module
