@@ -238,7 +238,8 @@ def train(run: Run, resumed: bool) -> int:
         state.epoch += 1
         val = validate(run)
         improved = run.record_score(val[cfg.val_metric])
-        log.epoch(run, losses, val, improved, time.time() - start)
+        log.epoch(cfg, state.epoch, state.step, run.optimizer.param_groups[0]["lr"], losses, val, improved,
+                  time.time() - start)
         ranks = rank_states(run)
         if info.is_main:
             saved = run.checkpoint(ranks)

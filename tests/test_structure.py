@@ -1,7 +1,9 @@
 """The layout stays one a researcher can change: scripts parse arguments and call library modules (no
 script, and no library module, imports a script), no function grows past one screen, and no modules import
-each other round a circle. Every folder of code is walked: the root, satkit/ and its subpackages, tools/.
-A module is its dotted path (`satkit.data.packing`), so modules of the same name in two folders are distinct."""
+each other round a circle, not even for type hints. The package satkit/ stands alone (pip installs it without the
+root): it imports no root module and no tool. Every folder of code is walked: the root, satkit/ and its
+subpackages, tools/. A module is its dotted path (`satkit.data.packing`), so modules of the same name in two
+folders are distinct."""
 from __future__ import annotations
 
 import ast
@@ -31,34 +33,16 @@ NAMES = {module_name(p) for p in MODULES}
 SCRIPTS = {"train", "eval", "caption", "create_input_files"} | {n for n in NAMES if n.startswith("tools.")}
 
 
-def _is_type_checking(node: ast.AST) -> bool:
-    """`if TYPE_CHECKING:` (or typing.TYPE_CHECKING): imports for annotations only, never run."""
-    test = node.test if isinstance(node, ast.If) else None
-    return (isinstance(test, ast.Name) and test.id == "TYPE_CHECKING") or (
-        isinstance(test, ast.Attribute) and test.attr == "TYPE_CHECKING")
-
-
-def _run_time_nodes(tree: ast.AST):
-    """Every node of `tree` but those inside `if TYPE_CHECKING:` blocks (their `else:` is walked)."""
-    stack = [tree]
-    while stack:
-        node = stack.pop()
-        yield node
-        if _is_type_checking(node):
-            stack.extend(node.orelse)
-        else:
-            stack.extend(ast.iter_child_nodes(node))
-
-
 def imported_modules(path: Path, root: Path | None = ROOT) -> set[str]:
-    """Dotted names of every module `path` imports when it runs, at module level or inside functions:
+    """Dotted names of every module `path` imports, at module level, inside functions or under `if TYPE_CHECKING:`
+    (a type-only import still ties two modules together: each must be read to understand the other):
     `import a.b` gives a.b (and its packages a), `from a.b import c` gives a.b and a.b.c (c may be a
     submodule), relative imports are resolved against `path`'s package (`root`: where dotted names start)."""
     package = module_name(path, root).split(".") if root is not None and path.is_relative_to(root) else [path.stem]
     if path.name != "__init__.py":
         package = package[:-1]
     names = set()
-    for node in _run_time_nodes(ast.parse(path.read_text())):
+    for node in ast.walk(ast.parse(path.read_text())):
         if isinstance(node, ast.Import):
             dotted = [alias.name for alias in node.names]
         elif isinstance(node, ast.ImportFrom):
@@ -71,6 +55,17 @@ def imported_modules(path: Path, root: Path | None = ROOT) -> set[str]:
             parts = name.split(".")
             names |= {".".join(parts[:i]) for i in range(1, len(parts) + 1)}
     return names
+
+
+ROOT_MODULES = {n for n in NAMES if "." not in n and n not in ("satkit", "tools")}
+
+
+@pytest.mark.parametrize("path", sorted(ROOT.glob("satkit/**/*.py")), ids=lambda p: str(p.relative_to(ROOT)))
+def test_the_package_imports_no_root_module(path):
+    """satkit/ is what `pip install` ships: an import of a root module (models, hubconf, a script) or of a tool
+    works only from a checkout, with the root on sys.path."""
+    outside = {n for n in imported_modules(path) if n in ROOT_MODULES or n == "tools" or n.startswith("tools.")}
+    assert not outside, f"{path.relative_to(ROOT)} imports {', '.join(sorted(outside))} from outside satkit/"
 
 
 def test_every_script_exists():
@@ -107,13 +102,13 @@ def test_the_import_check_sees_function_local_imports(tmp_path):
 
 def test_the_import_check_resolves_package_and_relative_imports(tmp_path):
     """The check of the check: `from pkg import mod`, `from . import mod` and `from ..x import y` name the
-    submodule by its dotted path; an import under `if TYPE_CHECKING:` does not count (it never runs)."""
+    submodule by its dotted path; an import under `if TYPE_CHECKING:` counts too."""
     (tmp_path / "pkg" / "sub").mkdir(parents=True)
     module = tmp_path / "pkg" / "sub" / "m.py"
     module.write_text("from typing import TYPE_CHECKING\nfrom . import a\nfrom ..b import c\nfrom tools import t\n"
                       "import pkg.sub.d\nif TYPE_CHECKING:\n    import pkg.e\n")
     assert {"pkg.sub.a", "pkg.b", "tools.t", "pkg.sub.d", "pkg.sub", "pkg"} <= imported_modules(module, tmp_path)
-    assert "pkg.e" not in imported_modules(module, tmp_path)
+    assert "pkg.e" in imported_modules(module, tmp_path)
     assert module_name(tmp_path / "pkg" / "sub" / "__init__.py", tmp_path) == "pkg.sub"
 
 
@@ -168,6 +163,21 @@ def test_the_circle_check_finds_a_hidden_circle(tmp_path):
     (tmp_path / "c.py").write_text("from a import y\n")
     (tmp_path / "d.py").write_text("import a\n")
     assert import_circles(import_graph(sorted(tmp_path.glob("*.py")), tmp_path)) == [["a", "b", "c"]]
+
+
+def test_the_circle_check_counts_type_only_imports(tmp_path):
+    """The check of the check: the trainer/log loop of #34, closed by an import under `if TYPE_CHECKING:`."""
+    (tmp_path / "trainer.py").write_text("from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n    from logger import Log\n")
+    (tmp_path / "logger.py").write_text("from trainer import Run\n")
+    assert import_circles(import_graph(sorted(tmp_path.glob("*.py")), tmp_path)) == [["logger", "trainer"]]
+
+
+def test_the_root_module_check_sees_an_import_of_the_root(tmp_path):
+    """The check of the check: `from models import X` inside satkit/ names a root module."""
+    (tmp_path / "satkit").mkdir()
+    module = tmp_path / "satkit" / "m.py"
+    module.write_text("def f():\n    from models import build_model\n")
+    assert "models" in imported_modules(module, tmp_path)
 
 
 def test_the_circle_check_tells_modules_of_one_name_apart(tmp_path):

@@ -12,7 +12,8 @@ import torch
 from satkit.evaluation.scoring import DIVERSITY_KEYS, validation_keys, warn_if_collapsed
 from satkit.figures import write_curves
 from satkit.infra.filesafety import atomic_write_text
-from satkit.training.trainer import Run, epoch_parts
+from satkit.config import Config
+from satkit.training.losses import epoch_parts
 
 
 class RunLogger:
@@ -37,32 +38,33 @@ class RunLogger:
             for key, value in parts.items():
                 self.writer.add_scalar(f"train/{key}", float(value), step)
 
-    def epoch(self, run: Run, losses: dict[str, float], val: dict[str, float], improved: bool,
-              seconds: float) -> None:
+    def epoch(self, cfg: Config, epoch: int, step: int, lr: float, losses: dict[str, float], val: dict[str, float],
+              improved: bool, seconds: float) -> None:
+        """One epoch's row, scalars and line. Plain values, not the trainer's Run: the log does not import the
+        trainer (which imports the log)."""
         if self.writer is None:
             return
-        state, lr = run.state, run.optimizer.param_groups[0]["lr"]
-        val_keys = validation_keys(run.cfg.val_metric) + DIVERSITY_KEYS
-        row = {"epoch": state.epoch, "step": state.step,
-               **{f"train_{key}": f"{losses[key]:.4f}" for key in epoch_parts(run.cfg)},
+        val_keys = validation_keys(cfg.val_metric) + DIVERSITY_KEYS
+        row = {"epoch": epoch, "step": step,
+               **{f"train_{key}": f"{losses[key]:.4f}" for key in epoch_parts(cfg)},
                **({"train_bad_samples": int(losses["bad_samples"])} if "bad_samples" in losses else {}),
                "lr": f"{lr:.3g}", **{f"val_{key}": f"{val[key]:.4g}" for key in val_keys},
                "epoch_seconds": f"{seconds:.1f}"}
-        if "train_concept" in row and run.cfg.concept_loss_weight == 0:
+        if "train_concept" in row and cfg.concept_loss_weight == 0:
             row["train_concept"] = ""
         append_metrics_row(self.out_dir / "metrics.csv", row)
         write_curves(self.out_dir / "metrics.csv", self.out_dir / "curves.png")
         for key in val_keys:
-            self.writer.add_scalar(f"val/{key}", val[key], state.step)
-        self.writer.add_scalar("train/lr", lr, state.step)
+            self.writer.add_scalar(f"val/{key}", val[key], step)
+        self.writer.add_scalar("train/lr", lr, step)
         self.writer.flush()
         detail = (f"reward {losses['reward']:.3f}, baseline {losses['baseline']:.3f}, entropy {losses['entropy']:.2f}"
                   if "reward" in losses else f"ce {losses['ce']:.3f}, ds {losses['ds']:.4f}")
-        self.line(f"epoch {state.epoch}: loss {losses['loss']:.3f} ({detail}) "
+        self.line(f"epoch {epoch}: loss {losses['loss']:.3f} ({detail}) "
                   f"val BLEU-4 {val['BLEU-4']:.4f} CIDEr {val['CIDEr']:.4f}{' (best)' if improved else ''} "
                   f"distinct {val['distinct_captions']:.0%} words {val['vocab_used']} lr {lr:.2g} {seconds:.0f}s")
         if "bad_samples" in losses:
-            self.line(f"epoch {state.epoch}: {int(losses['bad_samples'])} bad samples skipped (corrupt image, no "
+            self.line(f"epoch {epoch}: {int(losses['bad_samples'])} bad samples skipped (corrupt image, no "
                       "caption, unreadable tar member or shard)")
         warn_if_collapsed(val)
 

@@ -122,6 +122,13 @@ def compute_loss(out: dict[str, torch.Tensor], cfg: Config, hard_baseline: float
 # Self-critical sequence training (objective=scst)
 # --------------------------------------------------------------------------------------------
 SCST_PARTS = ("loss", "reward", "baseline", "advantage_std", "entropy", "ds")  # logged per epoch
+XE_PARTS = ("loss", "ce", "ds", "concept")  # loss parts averaged over an epoch (train_* in metrics.csv)
+
+
+def epoch_parts(cfg: Config) -> tuple[str, ...]:
+    """The loss parts an epoch averages and metrics.csv records (train_*), by objective: here, beside the
+    objectives, so that the trainer and the log both read it without the log importing the trainer."""
+    return SCST_PARTS if cfg.objective == "scst" else XE_PARTS
 
 
 def scst_baseline(rewards: torch.Tensor, kind: str, greedy_rewards: torch.Tensor | None = None) -> torch.Tensor:

@@ -21,7 +21,7 @@ from satkit.config import Config
 from satkit.data.dataset import CaptionDataset, collate_captions
 from satkit.decoding import DecodeOptions, decode_split
 from satkit.data.feature_cache import ensure_cache
-from satkit.training.losses import SCST_PARTS, ConceptHead, SelfCritical, compute_loss
+from satkit.training.losses import ConceptHead, SelfCritical, compute_loss, epoch_parts
 from satkit.model import ShowAttendTell
 from satkit.infra.progress import progress_bar
 from satkit.training.rewards import load_document_frequencies
@@ -34,17 +34,10 @@ from satkit.training.sampler import ResumableSampler
 from satkit.infra.seeding import rng_state
 
 if TYPE_CHECKING:
-    from satkit.training.logger import RunLogger  # which imports this module
+    from satkit.training.logger import RunLogger
 
 
 T = TypeVar("T")
-XE_PARTS = ("loss", "ce", "ds", "concept")  # loss parts averaged over an epoch (train_* in metrics.csv)
-
-
-def epoch_parts(cfg: Config) -> tuple[str, ...]:
-    """The loss parts an epoch averages and metrics.csv records (train_*), by objective."""
-    return SCST_PARTS if cfg.objective == "scst" else XE_PARTS
-
 
 @dataclasses.dataclass
 class TrainState:
