@@ -51,6 +51,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--report-limit", type=int, default=defaults.report_limit,
                         help="attention GIFs for this many (the worst) images in the report, each ~0.5 s and "
                              "~0.3 MB (default: %(default)s)")
+    parser.add_argument("--attention-images", type=int, default=defaults.attention_images,
+                        help="the deletion test of attention on this many images (0 = off; default: %(default)s); "
+                             "the per-word attention measures cover every image")
     parser.add_argument("--num-workers", type=int, default=defaults.num_workers,
                         help="DataLoader workers (default: %(default)s)")
     parser.add_argument("--feature-cache", choices=FEATURE_CACHE_MODES, default=defaults.feature_cache,
@@ -66,7 +69,8 @@ def eval_options_from_args(args: argparse.Namespace) -> EvalOptions:
         raise UserError("--metrics-only needs at least one --metric NAME")
     metrics = tuple(dict.fromkeys([*(() if args.metrics_only else default_metrics()), *asked]))
     return EvalOptions(split=args.split, metrics=metrics, control=args.control, report_limit=args.report_limit,
-                       num_workers=args.num_workers, feature_cache=args.feature_cache)  # evaluate checks them
+                       attention_images=args.attention_images, num_workers=args.num_workers,
+                       feature_cache=args.feature_cache)  # evaluate checks them
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -97,6 +97,10 @@ class TrainConfig:
     # --- loss ---
     alpha_c: float = option(1.0, min=0.0)  # lambda of the doubly stochastic regulariser (Sec. 4.2.1)
     ds_reduction: str = option("mean", choices=("sum", "mean"))  # sum: paper's formula | mean: sum / L
+    # Not in the paper (off by default): weight of the mean entropy of alpha_t, in units of log L (so 1.0 is
+    # uniform attention), added to the loss. Frozen ImageNet heads make the grid's mean a strong caption
+    # feature, and a model then attends almost uniformly; this term makes it choose (docs/training.md).
+    attention_entropy_weight: float = option(0.0, min=0.0)
     # Not in the paper (off by default): weight of an auxiliary loss that trains the encoder to tell which
     # words an image's captions use, from its mean annotation vector; a stand-in for the ImageNet
     # pretraining a random-init encoder lacks (see losses.ConceptHead and configs/flickr8k_cpu.yaml).
@@ -184,9 +188,9 @@ TRAIN_KEYS = tuple(f.name for f in fields(TrainConfig))
 
 def _parse_value(key: str, text: str, current: Any) -> Any:
     """Convert a CLI string to the type of the field's default (as nanoGPT's configurator does); a list
-    is comma-separated."""
+    is comma-separated, with or without the brackets YAML and Hydra write it in (`[a, b]`)."""
     if isinstance(current, list):
-        return [item.strip() for item in text.split(",") if item.strip()]
+        return _parse_list(key, text)
     if isinstance(current, bool):
         low = text.lower()
         if low in ("1", "true", "yes", "on"):
@@ -205,6 +209,19 @@ def _parse_value(key: str, text: str, current: Any) -> Any:
         except ValueError:
             raise UserError(f"override {key}={text!r}: expected a number") from None
     return text
+
+
+def _parse_list(key: str, text: str) -> list[str]:
+    """`a,b`, `[a, b]` or `['a', "b"]` -> ["a", "b"]; `[]` or nothing -> []. Without the brackets' reading,
+    `imports=[my_attention]` would name one module called `[my_attention]`."""
+    body = text.strip()
+    if body.startswith("[") != body.endswith("]"):
+        raise UserError(f"override {key}={text!r}: unbalanced brackets; write {key}=[a,b] or {key}=a,b")
+    if body.startswith("["):
+        body = body[1:-1]
+    items = [item.strip() for item in body.split(",")]
+    return [item[1:-1].strip() if len(item) >= 2 and item[0] == item[-1] and item[0] in "'\"" else item
+            for item in items if item]
 
 
 YAML_SWITCHES = {True: "on", False: "off"}  # YAML 1.1 reads on/off (and yes/no) as booleans

@@ -22,6 +22,7 @@ from satkit.infra.filesafety import atomic_write_all, check_writable
 from satkit.model import ShowAttendTell, load_model
 from satkit.evaluation.report import write_report
 from satkit.infra.runtime import UserError, dead_workers_explained, resolve_device
+from satkit.evaluation.attention_measures import deletion_test, summarise_attention
 from satkit.evaluation.fidelity import attention_fidelity
 from satkit.evaluation.scoring import (
     METRICS,
@@ -52,6 +53,9 @@ class EvalOptions:
     report_limit: int = option(50, min=0)  # attention GIFs for this many (the worst) images in the report
     num_workers: int = option(2, min=0)  # DataLoader workers
     feature_cache: str = option("auto", choices=FEATURE_CACHE_MODES)  # see feature_cache.py
+    # The deletion test of attention (attention_measures.py) on the first N decoded images: each costs the
+    # encoder 1 + 2 x (its content words) passes. The per-word measures cover every image whatever N.
+    attention_images: int = option(100, min=0)
 
     def check(self) -> None:
         """Raise UserError naming the first bad flag."""
@@ -140,6 +144,18 @@ def fidelity_metrics(decoded: list[dict[str, Any]], dataset: CaptionDataset) -> 
     return metrics
 
 
+def attention_metrics(model: ShowAttendTell, decoded: list[dict[str, Any]], data_folder: str | Path,
+                      opts: EvalOptions, word_map: dict[str, int]) -> dict[str, Any]:
+    """How concentrated the attention of every generated word is, and the deletion test on the first
+    `opts.attention_images` images (read as pixels: a feature cache holds no image to grey out)."""
+    metrics = summarise_attention(decoded)
+    if opts.attention_images > 0:
+        pixels = CaptionDataset(str(data_folder), opts.split, with_references=False)
+        metrics.update(deletion_test(model, decoded[: opts.attention_images], lambda i: pixels[i]["image"],
+                                     word_map, progress=True))
+    return metrics
+
+
 def write_results(results_path: Path, metrics_path: Path, decoded: list[dict[str, Any]], dataset: CaptionDataset,
                   metrics: dict[str, Any]) -> None:
     """Results in COCO format (image_id: the image's cocoid, else its file name; index: its row in the
@@ -184,6 +200,7 @@ def evaluate(checkpoint: str | Path, data_folder: str | Path, opts: EvalOptions,
                     "attention": model_cfg.attention,
                     "control": opts.control, "tokenizer": dataset.tokenizer, "scoring_words": words})
     metrics.update(fidelity_metrics(decoded, dataset))
+    metrics.update(attention_metrics(model, decoded, data_folder, opts, ckpt["word_map"]))
     write_results(results_path, metrics_path, decoded, dataset, metrics)
     if report:
         index_html = write_report(report, decoded, dataset, metrics, per_image,

@@ -26,6 +26,12 @@ __all__ = ["write_report", "THUMBNAIL_SIZE"]
 
 THUMBNAIL_SIZE = 160  # px, the longer side
 DIAGNOSTICS = (*DIVERSITY_KEYS, "CIDEr_over_shuffled", "unfinished")
+ATTENTION_KEYS = (  # attention_measures.py: where the model looks, and whether its words depend on it
+    "attention_words", "attention_half_mass_area_median", "attention_half_mass_area_p90",
+    "attention_peak_x_uniform_median", "attention_peak_x_uniform_p90", "attention_entropy_median",
+    "attention_entropy_p90", "attention_tv_previous_median", "attention_tv_previous_p90",
+    "attention_distinct_peaks_median", "deletion_words", "deletion_ratio", "deletion_attended_wins",
+)
 ORDER_BY = "CIDEr"  # rows are sorted worst first by this per-image score, its column first
 
 _STYLE = """
@@ -155,6 +161,7 @@ def _page(title: str, source: str, metrics: dict[str, Any], table: str) -> str:
 {warning}<div class="top">
 <div><h2>Corpus metrics</h2>{_metrics_table(metrics, corpus_keys)}</div>
 <div><h2>Does the model use the image?</h2>{_metrics_table(metrics, DIAGNOSTICS)}</div>
+<div><h2>Where does it look?</h2>{_metrics_table(metrics, ATTENTION_KEYS)}</div>
 {shuffled}
 </div>
 {table}</body></html>

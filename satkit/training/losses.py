@@ -3,6 +3,7 @@ REINFORCE for hard attention (Sec. 4.1), the concept loss, and self-critical seq
 Rennie et al. 2017). The next objective goes here."""
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
@@ -34,6 +35,13 @@ def doubly_stochastic_penalty(alphas: torch.Tensor, mask: torch.Tensor, reductio
     if reduction == "mean":
         return per_location.mean(dim=1).mean()
     raise ValueError(f"ds_reduction={reduction!r} is not one of sum, mean")
+
+
+def normalised_attention_entropy(entropy: torch.Tensor, mask: torch.Tensor, num_locations: int) -> torch.Tensor:
+    """Mean H(alpha_t) / log L over real steps: 1 is uniform attention, 0 one location. Not in the paper."""
+    if num_locations < 2:
+        return entropy.new_zeros(())
+    return (entropy * mask).sum() / mask.sum().clamp_min(1) / math.log(num_locations)
 
 
 def reinforce_surrogate(
@@ -99,6 +107,11 @@ def compute_loss(out: dict[str, torch.Tensor], cfg: Config, hard_baseline: float
     ds = doubly_stochastic_penalty(out["alphas"], mask, cfg.ds_reduction)
     loss = ce + cfg.alpha_c * ds
     parts = {"ce": ce.detach(), "ds": ds.detach()}
+    # Logged always (how flat attention is while training: 1 is uniform); a loss term only when weighted.
+    attention_entropy = normalised_attention_entropy(out["entropy"], mask, out["alphas"].size(2))
+    parts["attention_entropy"] = attention_entropy.detach()
+    if cfg.attention_entropy_weight > 0:
+        loss = loss + cfg.attention_entropy_weight * attention_entropy
     if is_stochastic(cfg.attention):
         num_words = mask.sum(dim=1).clamp_min(1)  # (N,)
         # Entropy bonus lambda_e * H[s] (Eq. 12), averaged over real steps.
@@ -122,7 +135,7 @@ def compute_loss(out: dict[str, torch.Tensor], cfg: Config, hard_baseline: float
 # Self-critical sequence training (objective=scst)
 # --------------------------------------------------------------------------------------------
 SCST_PARTS = ("loss", "reward", "baseline", "advantage_std", "entropy", "ds")  # logged per epoch
-XE_PARTS = ("loss", "ce", "ds", "concept")  # loss parts averaged over an epoch (train_* in metrics.csv)
+XE_PARTS = ("loss", "ce", "ds", "attention_entropy", "concept")  # loss parts averaged over an epoch (train_* in metrics.csv)
 
 
 def epoch_parts(cfg: Config) -> tuple[str, ...]:
