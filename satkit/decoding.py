@@ -327,17 +327,17 @@ class DecodeOptions:
     temperature: float = option(1.0, above=0.0)  # sampling only: log-probabilities / T; < 1 sharper, > 1 flatter
     top_k: int = option(0, min=0)  # sampling only: draw among the k likeliest words (0 = all)
     top_p: float = option(1.0, above=0.0, max=1.0)  # sampling only: among the fewest words holding p (1 = all)
-    block_trigrams: bool = False  # no caption repeats one of its own trigrams (beam search and sampling)
+    # On by default: without it a beam can loop ("a man with a black and black and black ...") to max_len
+    # (measured on Flickr8k's test split: docs/training.md). --no-block-trigrams gives the plain search.
+    block_trigrams: bool = True  # no caption repeats one of its own trigrams (beam search and sampling)
 
     def record(self) -> dict[str, Any]:
-        """The options for a results file: sampling's knobs only when sampling, block_trigrams only when on,
-        so a beam-search record reads exactly as before these options existed."""
+        """The options for a results file: sampling's knobs only when sampling; block_trigrams always (its
+        default changed, so a record says which search made the captions)."""
         record = asdict(self)
         if not self.sample:
             for name in ("sample", "temperature", "top_k", "top_p"):
                 del record[name]
-        if not self.block_trigrams:
-            del record["block_trigrams"]
         return record
 
 
@@ -362,8 +362,8 @@ def decode_args_parser() -> argparse.ArgumentParser:
                              ("--top-p", float, "draw among the fewest words holding probability P (1 = all)")):
         group.add_argument(flag, type=kind, default=getattr(defaults, flag[2:].replace("-", "_")),
                            help=f"with --sample: {what} (default: %(default)s)")
-    group.add_argument("--block-trigrams", action="store_true",
-                       help="no caption repeats one of its own trigrams (beam search and --sample)")
+    group.add_argument("--block-trigrams", action=argparse.BooleanOptionalAction, default=defaults.block_trigrams,
+                       help="no caption repeats one of its own trigrams (beam search and --sample; default: on)")
     group.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N (default: auto)")
     parser.add_argument("--debug", action="store_true", help="show a traceback for every error")
     return parser

@@ -2,6 +2,7 @@
 through beam_search, DecodeOptions and the shared flags, the Captioner API and caption.py."""
 from __future__ import annotations
 
+import inspect
 import json
 
 import pytest
@@ -12,6 +13,7 @@ from test_decoding import (END, MAX_LEN, MODELS, PAD, START, WORD_MAP, controlle
 
 import caption
 from satkit.captioner import Captioner
+from satkit.config import TrainConfig
 from satkit.decoding import DecodeOptions, beam_search, decode_args_parser, decode_options_from_args
 from satkit.training.losses import target_log_probs
 from satkit.infra.runtime import UserError
@@ -194,15 +196,17 @@ def test_flags_and_options():
     defaults = decode_options_from_args(decode_args_parser().parse_args([]))
     assert defaults == DecodeOptions()
     assert (defaults.sample, defaults.temperature, defaults.top_k, defaults.top_p, defaults.block_trigrams) == (
-        False, 1.0, 0, 1.0, False)  # validation's DecodeOptions(beam_size=..., ...) stays a plain beam search
+        False, 1.0, 0, 1.0, True)  # a beam search that never repeats a trigram: no caption loops to max_len
     opts = decode_options_from_args(decode_args_parser().parse_args(
-        ["--sample", "--temperature", "0.7", "--top-k", "5", "--top-p", "0.9", "--block-trigrams"]))
-    assert (opts.sample, opts.temperature, opts.top_k, opts.top_p, opts.block_trigrams) == (True, 0.7, 5, 0.9, True)
+        ["--sample", "--temperature", "0.7", "--top-k", "5", "--top-p", "0.9", "--no-block-trigrams"]))
+    assert (opts.sample, opts.temperature, opts.top_k, opts.top_p, opts.block_trigrams) == (True, 0.7, 5, 0.9, False)
+    # Validation and the Captioner decode the same way by default.
+    assert TrainConfig().block_trigrams and inspect.signature(Captioner.__call__).parameters["block_trigrams"].default
     for argv, flag in ((["--temperature", "0"], "--temperature"), (["--top-k", "-1"], "--top-k"),
                        (["--top-p", "0"], "--top-p"), (["--top-p", "1.2"], "--top-p")):
         with pytest.raises(UserError, match=flag):
             decode_options_from_args(decode_args_parser().parse_args(argv))
-    assert "sample" not in DecodeOptions().record() and "block_trigrams" not in DecodeOptions().record()
+    assert "sample" not in DecodeOptions().record() and DecodeOptions().record()["block_trigrams"] is True
     assert DecodeOptions(sample=True, top_p=0.9).record()["top_p"] == 0.9
 
 

@@ -161,3 +161,29 @@ def test_init_from_refuses_architecture_overrides(base_run, shapes_folder, tmp_p
     assert train.main(["--config", "configs/shapes.yaml", f"data_folder={shapes_folder}", "extend_vocab=true"]) == 1
     assert capsys.readouterr().err.strip() == (
         "error: extend_vocab=true extends the word map of init_from=PATH; give init_from too")
+
+
+def test_a_hard_run_warm_started_from_a_soft_checkpoint_trains_and_evaluates(base_run, shapes_folder, tmp_path,
+                                                                            capsys):
+    """The paper's second variant from the first's weights (soft and hard share f_att): init_from= a soft
+    model with attention=hard trains with sampled locations and eval.py scores it."""
+    import eval as evaluation
+
+    base_ckpt, _ = base_run
+    base = torch.load(base_ckpt, weights_only=True)
+    assert base["model_config"]["attention"] == "soft"
+    out = tmp_path / "hard"
+    assert finetune(base_ckpt, shapes_folder, out, "attention=hard", "feature_cache=off") == 0
+    assert "attention=hard (the checkpoint's: soft" in capsys.readouterr().err
+    hard = torch.load(out / "last.pt", weights_only=True)
+    assert hard["model_config"]["attention"] == "hard"
+    assert hard["model"].keys() == base["model"].keys()
+    assert not torch.equal(hard["model"]["decoder.attention.score.weight"], base["model"]["decoder.attention.score.weight"])
+    rows = (out / "metrics.csv").read_text().splitlines()
+    assert len(rows) == 2  # one epoch trained
+    code = evaluation.main(["--checkpoint", str(out / "last.pt"), "--data-folder", str(shapes_folder), "--beam-size",
+                            "2", "--max-len", "8", "--num-workers", "0", "--control", "none", "--out",
+                            str(tmp_path / "test.json"), "--attention-images", "1"])
+    assert code == 0, capsys.readouterr().err
+    metrics = json.loads((tmp_path / "test.metrics.json").read_text())
+    assert metrics["attention"] == "hard" and metrics["attention_words"] > 0

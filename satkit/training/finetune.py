@@ -18,7 +18,8 @@ import torch.nn as nn
 from satkit.checkpoints import load_checkpoint, model_config_from_checkpoint
 from satkit.config import MODEL_KEYS, Config, parse_overrides
 from satkit.model import ShowAttendTell, build_model, model_from_checkpoint
-from satkit.infra.runtime import UserError
+from satkit.plugins import check_plugins
+from satkit.infra.runtime import UserError, one_line
 
 
 # --------------------------------------------------------------------------------------------
@@ -30,6 +31,9 @@ from satkit.infra.runtime import UserError
 # load through `caption_id_map` (pack id -> model id; words the model lacks become <unk>). Checkpoints
 # store the model's word map, and the pack's as `pack_word_map`, which lets eval.py accept that pack.
 # --------------------------------------------------------------------------------------------
+SAME_WEIGHTS_KEYS = ("attention",)  # model keys a run may change on init_from: soft and hard share f_att's weights
+
+
 def resolve_init(cfg: Config, overrides: Sequence[str]) -> tuple[Config, dict[str, Any] | None]:
     """With init_from (and not resuming): load that checkpoint and take its architecture.
 
@@ -41,11 +45,20 @@ def resolve_init(cfg: Config, overrides: Sequence[str]) -> tuple[Config, dict[st
     if not cfg.init_from or cfg.resume:
         return cfg, None
     init = load_checkpoint(cfg.init_from)
-    changed = [key for key in parse_overrides(overrides) if key in MODEL_KEYS]
+    # Before its config is read: a plugin's attention or encoder is unknown until imported (#34 d).
+    check_plugins((init.get("train_config") or {}).get("imports") or [], cfg.init_from, flag="imports={}")
+    changed = [key for key in parse_overrides(overrides) if key in MODEL_KEYS and key not in SAME_WEIGHTS_KEYS]
     if changed:
         raise UserError(f"init_from={cfg.init_from}: the architecture comes from that checkpoint; drop the "
                         f"override(s) of {', '.join(changed)}")
     model_cfg = dataclasses.asdict(model_config_from_checkpoint(init, cfg.init_from))
+    # The run's attention variant, not the checkpoint's: a hard-attention run warm-started from a soft model
+    # (model_from_init refuses a variant whose weights differ).
+    for key in SAME_WEIGHTS_KEYS:
+        if model_cfg[key] != getattr(cfg, key):
+            print(f"note: init_from={cfg.init_from}: {key}={getattr(cfg, key)} (the checkpoint's: {model_cfg[key]}; "
+                  f"the same weights)", file=sys.stderr)
+            model_cfg[key] = getattr(cfg, key)
     differ = [key for key, value in model_cfg.items() if key != "vocab_size" and getattr(cfg, key) != value]
     if differ:
         print(f"note: init_from={cfg.init_from}: using its {', '.join(differ)} (the config file's differ)",
@@ -117,7 +130,11 @@ def model_from_init(init: dict[str, Any], cfg: Config, word_map: dict[str, int],
     loaded, _ = model_from_checkpoint(init, cfg.init_from)  # UserError if its weights do not fit its config
     model = build_model(dataclasses.replace(cfg.model_config(), vocab_size=len(init["word_map"])),
                         encoder_weights="none", fine_tune=cfg.fine_tune_encoder, fine_tune_stages=cfg.fine_tune_stages)
-    model.load_state_dict(loaded.state_dict())
+    try:
+        model.load_state_dict(loaded.state_dict())
+    except RuntimeError as error:  # another attention variant with other weights than the checkpoint's
+        raise UserError(f"init_from={cfg.init_from}: its weights do not fit attention={cfg.attention} "
+                        f"({one_line(error)})") from None
     extend_vocab(model, len(word_map))
     if verbose:
         unknown = sum(word not in word_map for word in pack_word_map)
