@@ -143,7 +143,7 @@ class TrainConfig:
     val_beam_size: int = option(1, min=1)  # model selection decodes val with this beam (1 = greedy)
     val_max_images: int = option(0, min=0)  # decode at most this many val images per epoch (0 = all)
     max_len: int = option(50, min=1)  # longest caption decoded
-    block_trigrams: bool = False  # validation decodes without repeating a trigram (decoding.DecodeOptions)
+    block_trigrams: bool = True  # validation decodes without repeating a trigram (decoding.DecodeOptions)
     hard_decode: str = option("expected", choices=HARD_DECODE_MODES)  # hard models' context at decoding
 
 
@@ -220,8 +220,9 @@ def _parse_list(key: str, text: str) -> list[str]:
     if body.startswith("["):
         body = body[1:-1]
     items = [item.strip() for item in body.split(",")]
-    return [item[1:-1].strip() if len(item) >= 2 and item[0] == item[-1] and item[0] in "'\"" else item
-            for item in items if item]
+    items = [item[1:-1].strip() if len(item) >= 2 and item[0] == item[-1] and item[0] in "'\"" else item
+             for item in items]
+    return [item for item in items if item]
 
 
 YAML_SWITCHES = {True: "on", False: "off"}  # YAML 1.1 reads on/off (and yes/no) as booleans
