@@ -17,10 +17,11 @@ F8K_PHOTOS := 1107246521_d16a476380.jpg 113678030_87a6a6e42e.jpg 1082379191_ec1e
 
 .PHONY: demo demo-hard flickr8k test clean gpu-bundle gpu-check
 
-$(VENV)/.installed: requirements.txt
+# The pinned versions of requirements.txt, then satkit itself (editable: pyproject.toml), as a user would install it.
+$(VENV)/.installed: requirements.txt pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -r requirements.txt
+	$(PY) -m pip install -q -r requirements.txt -e .
 	touch $@
 
 # Pack the built-in dataset, train soft attention on CPU, score the test split, caption fresh images.

@@ -8,16 +8,18 @@ this process has not is refused in one line naming the `--import` to add.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import importlib
 import importlib.util
 import os
+import re
 import sys
 from pathlib import Path
 from typing import Sequence
 
 from satkit.infra.runtime import UserError
 
-__all__ = ["import_plugins", "imported_plugins", "check_plugins", "import_args_parser"]
+__all__ = ["import_plugins", "imported_plugins", "check_plugins", "import_args_parser", "file_module_name"]
 
 _IMPORTED: list[str] = []  # the module names import_plugins imported in this process
 
@@ -42,14 +44,22 @@ def import_plugins(modules: Sequence[str]) -> list[str]:
     return list(modules)
 
 
+def file_module_name(path: Path) -> str:
+    """The name a plugin file takes in sys.modules: its own (`satkit_plugin_<stem>_<hash of its path>`), never its
+    stem, so that a plugin saved as models.py or datasets.py does not become what `import models` (or Hugging
+    Face's `import datasets`) returns for the rest of the process."""
+    stem = re.sub(r"\W", "_", path.stem)
+    return f"satkit_plugin_{stem}_{hashlib.sha256(str(path.resolve()).encode()).hexdigest()[:8]}"
+
+
 def _import_one(name: str) -> None:
     if _is_file(name):
         path = Path(name)
         if not path.is_file():
             raise UserError(f"import {name}: no such file")
-        spec = importlib.util.spec_from_file_location(path.stem, path)
+        spec = importlib.util.spec_from_file_location(file_module_name(path), path)
         module = importlib.util.module_from_spec(spec)  # type: ignore[arg-type]
-        sys.modules[path.stem] = module
+        sys.modules[spec.name] = module  # type: ignore[union-attr]  # before it runs: dataclasses look it up
         spec.loader.exec_module(module)  # type: ignore[union-attr]  # its own errors keep their traceback
         return
     if os.getcwd() not in sys.path:  # as `python -m` would: a module beside the user, not beside train.py

@@ -123,7 +123,8 @@ def test_torch_hub_checkpoint_url_is_cached(ckpt, photos, tmp_path, monkeypatch)
 
     monkeypatch.setattr(torch.hub, "_hub_dir", str(tmp_path / "hub"))
     captioner = hubconf.show_attend_tell(ckpt.as_uri())
-    cached = tmp_path / "hub" / "checkpoints" / ckpt.name
+    cached = hubconf.checkpoint_cache_path(ckpt.as_uri(), ckpt.name)
+    assert cached.is_relative_to(tmp_path / "hub" / "checkpoints") and cached.name == ckpt.name
     assert cached.read_bytes() == ckpt.read_bytes()
     assert captioner(photos[0], max_len=4)[0].best.text
     monkeypatch.setattr(torch.hub, "download_url_to_file", lambda *a, **k: pytest.fail("downloaded again"))
@@ -138,7 +139,63 @@ def test_torch_hub_failed_download_is_one_line(tmp_path, monkeypatch):
     url = (tmp_path / "nowhere.pt").as_uri()
     with pytest.raises(UserError, match=rf"^{url}: download failed \(.*No such file"):
         hubconf.fetch_checkpoint(url)
-    assert not (tmp_path / "hub" / "checkpoints" / "nowhere.pt").exists()
+    assert not list((tmp_path / "hub").rglob("nowhere.pt*"))
+
+
+def test_torch_hub_two_urls_of_one_file_name_are_two_cache_entries(ckpt, tmp_path, monkeypatch):
+    """#34 h: two runs' best.pt at two URLs; the second must not be served the first's cached file."""
+    import hubconf
+
+    monkeypatch.setattr(torch.hub, "_hub_dir", str(tmp_path / "hub"))
+    first, second = tmp_path / "run_a" / "best.pt", tmp_path / "run_b" / "best.pt"
+    for path, payload in ((first, ckpt.read_bytes()), (second, b"another run's checkpoint")):
+        path.parent.mkdir()
+        path.write_bytes(payload)
+    cached = [hubconf.fetch_checkpoint(path.as_uri()) for path in (first, second)]
+    assert cached[0] != cached[1] and {p.name for p in cached} == {"best.pt"}
+    assert cached[0].read_bytes() == first.read_bytes() and cached[1].read_bytes() == second.read_bytes()
+
+
+def third_party_imports(start: str) -> set[str]:
+    """Top-level names of the non-stdlib modules that `start` (a project module) and every project module it
+    imports can import, at module level or inside functions (tests/test_structure.py's import reader)."""
+    import sys
+
+    from test_structure import MODULES, imported_modules, module_name
+
+    paths = {module_name(p): p for p in MODULES}
+    seen, todo, found = set(), [start], set()
+    while todo:
+        name = todo.pop()
+        if name in seen:
+            continue
+        seen.add(name)
+        for imported in imported_modules(paths[name]):
+            if imported in paths:
+                todo.append(imported)
+            elif "." not in imported and imported not in sys.stdlib_module_names and imported not in ("satkit", "tools"):
+                found.add(imported)
+    return found
+
+
+def test_hubconf_dependencies_name_every_module_captioning_imports():
+    """#34 h: torch.hub checks `dependencies` before the entry point runs; without timm there, a Lite checkpoint
+    failed later with a raw ModuleNotFoundError."""
+    import hubconf
+
+    needed = third_party_imports("hubconf")
+    assert "timm" in needed  # the reader sees the Lite encoder's function-level import
+    assert needed <= set(hubconf.dependencies), f"missing from hubconf.dependencies: {sorted(needed - set(hubconf.dependencies))}"
+
+
+def test_torch_hub_load_names_a_missing_dependency(ckpt, monkeypatch):
+    """torch.hub refuses before the entry point when a listed module is missing (timm stands in for any)."""
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a, **k: None if name == "timm" else real(name, *a, **k))
+    with pytest.raises(RuntimeError, match="Missing dependencies: timm"):
+        torch.hub.load(str(ROOT), "show_attend_tell", checkpoint=str(ckpt), source="local")
 
 
 # --------------------------------------------------------------------------------------------
