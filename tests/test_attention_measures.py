@@ -151,3 +151,27 @@ def test_eval_reports_the_attention_measures(shapes_folder, tmp_path):
     page = (tmp_path / "r" / "index.html").read_text()
     assert "attention_half_mass_area_median" in page and "Where does it look?" in page
     assert np.isfinite(metrics["attention_entropy_median"])
+
+
+def test_gallery_titles_each_photo_with_its_measures(shapes_folder, tmp_path, write_image):
+    """tools.attention_gallery: one title line and one strip of panels per photo, in one PNG."""
+    from PIL import Image
+
+    from conftest import write_checkpoint
+    from satkit.config import ModelConfig
+    from satkit.model import build_model
+    from tools import attention_gallery
+
+    word_map = json.loads((shapes_folder / "word_map.json").read_text())
+    cfg = ModelConfig(encoder="resnet18", encoder_stages=2, enc_size=3, attention_dim=8, embed_dim=8, decoder_dim=8,
+                      vocab_size=len(word_map))
+    torch.manual_seed(0)
+    checkpoint = write_checkpoint(tmp_path / "m.pt", build_model(cfg), cfg, word_map, image_size=48)
+    photos = [str(write_image(tmp_path / f"p{i}.png", Image.new("RGB", (60, 50), (40 * i, 90, 200)))) for i in range(2)]
+    out = tmp_path / "gallery.png"
+    assert attention_gallery.main(["--checkpoint", str(checkpoint), "--img", *photos, "--out", str(out),
+                                   "--beam-size", "1", "--max-words", "2", "--width", "400"]) == 0
+    with Image.open(out) as figure:
+        assert figure.width <= 400 and figure.height > 2 * attention_gallery.TITLE_HEIGHT * 400 / 1600
+    line = attention_gallery.measures_line(type("C", (), {"alphas": torch.full((2, 3, 3), 1 / 9), "words": ["a", "b"]}))
+    assert line == "half-mass 56% of the image, peak 1.0x uniform, entropy 1.00 (medians over 2 words)"
