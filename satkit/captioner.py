@@ -220,7 +220,7 @@ def caption_words(hyp: Hypothesis, rev_word_map: dict[int, str]) -> tuple[list[s
 
 
 # --------------------------------------------------------------------------------------------
-# Inputs: paths, patterns and folders -> image files (datasets.load_image_tensor reads each one)
+# Inputs: paths, patterns and folders -> image files (dataset.load_image_tensor reads each one)
 # --------------------------------------------------------------------------------------------
 def collect_images(patterns: Sequence[str]) -> tuple[list[Path], list[tuple[str, str]]]:
     """Expand files, folders and glob patterns into image paths, in the order given.

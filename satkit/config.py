@@ -27,12 +27,12 @@ from satkit.validation import check_fields, option
 # GPTConfig apart from its training globals). Each choice and bound is written once, in the field's
 # metadata and read by every `check`; choice lists that argparse also offers are named constants.
 # --------------------------------------------------------------------------------------------
-HARD_DECODE_MODES = ("expected", "argmax", "sample")  # hard attention's context at decoding (see models.py)
+HARD_DECODE_MODES = ("expected", "argmax", "sample")  # hard attention's context at decoding (see model.py)
 
 
 @dataclass
 class ModelConfig:
-    """Everything `models.build_model` needs; stored in every checkpoint as `model_config`."""
+    """Everything `model.build_model` needs; stored in every checkpoint as `model_config`."""
 
     # --- encoder (paper: VGG conv5 14x14x512; we use a torchvision ResNet or EfficientNet-Lite, see encoders.py) ---
     encoder: str = option("resnet101", choices=ENCODERS)  # any registered encoder (encoders.register_encoder)

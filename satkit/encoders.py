@@ -2,7 +2,7 @@
 
 A new encoder is one `ImageEncoder` subclass (here or in your own file) plus `@register_encoder("name")`:
 the config key `encoder` accepts every registered name. Each encoder owns its input normalisation (it
-receives the ImageNet-normalised images of datasets.normalize_image and converts them to what its weights
+receives the ImageNet-normalised images of data.dataset.normalize_image and converts them to what its weights
 expect), says its channels D (`out_dim`) and native grid for an image size (`grid`), and numbers its
 `stages` 1..4 by stride (4, 8, 16, 32) for `encoder_stages` and `fine_tune_stages`.
 

@@ -68,7 +68,7 @@ def test_captioner_mixes_paths_and_pil_images(ckpt, photos):
 
 
 def test_captioner_goes_through_beam_search(ckpt, photos):
-    """The API's captions and scores are models.beam_search's on the same preprocessed image."""
+    """The API's captions and scores are decoding.beam_search's on the same preprocessed image."""
     captioner = Captioner.from_checkpoint(ckpt)
     result = captioner(photos[2], beam_size=3, n_best=2, max_len=6, length_penalty=0.5)[0]  # one image, no list
     model, _, _ = load_model(ckpt)

@@ -1,4 +1,4 @@
-"""Tests of the data layer: shapes generator, packing (packing.py, create_input_files.py), datasets.CaptionDataset."""
+"""Tests of the data layer: shapes generator, packing (packing.py, create_input_files.py), satkit.data.dataset.CaptionDataset."""
 from __future__ import annotations
 
 import ast
@@ -486,7 +486,7 @@ def test_load_image_tensor_is_the_packed_image_normalised(tmp_path: Path, write_
 
 
 def test_datasets_does_not_import_the_packer() -> None:
-    """caption.py reads images through datasets.py; it must not pull in the packing library or script."""
+    """caption.py reads images through satkit/data/dataset.py; it must not pull in the packing library or script."""
     tree = ast.parse((ROOT / "satkit" / "data" / "dataset.py").read_text())
     imported = {alias.name for node in ast.walk(tree) if isinstance(node, ast.Import) for alias in node.names}
     imported |= {name for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)
@@ -631,7 +631,7 @@ def test_choose_captions() -> None:
 
 
 # --------------------------------------------------------------------------------------------
-# datasets.py
+# satkit/data/dataset.py
 # --------------------------------------------------------------------------------------------
 def test_caption_dataset_items(shapes_folder: Path) -> None:
     dataset = CaptionDataset(str(shapes_folder), "val")

@@ -1,4 +1,4 @@
-"""models.beam_search on tiny seeded random models: greedy equivalence, batching, scores, fallbacks."""
+"""decoding.beam_search on tiny seeded random models: greedy equivalence, batching, scores, fallbacks."""
 from __future__ import annotations
 
 import pytest

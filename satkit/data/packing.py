@@ -2,7 +2,7 @@
 
 Why one HDF5 file per split: training reads random images thousands of times, and a chunked uint8
 array (one chunk per image, no compression) is the fastest thing to read from many DataLoader workers;
-datasets.CaptionDataset reads what this writes. Sources (`read_records`): a Karpathy split JSON
+dataset.CaptionDataset reads what this writes. Sources (`read_records`): a Karpathy split JSON
 (`read_karpathy`), a custom captions file (`read_custom`), or the built-in shapes set (`shapes_records`);
 any other source is a reader that returns each split's `Record`s (a record may carry its encoded image
 in `data` instead of a file `path`), then `pack`.
@@ -156,7 +156,7 @@ def _available_cpus() -> int:
 
 
 # --------------------------------------------------------------------------------------------
-# Images (decoding itself is datasets.load_image / load_image_bytes, shared with caption.py)
+# Images (decoding itself is dataset.load_image / load_image_bytes, shared with caption.py)
 # --------------------------------------------------------------------------------------------
 Result = tuple[np.ndarray | None, str | None, dict[str, Any] | None]  # (image, error, extra fields)
 
@@ -418,7 +418,7 @@ def _write_images(tmp_path: Path, split: str, records: list[Record], options: Pa
     else:
         jobs, fn = [(r.path if r.data is None else r.data, size, r.filename) for r in records], _decode_job
     kept: list[Record] = []
-    checksums: list[int] = []  # per image kept, for check_packed and --verify (datasets.image_checksum)
+    checksums: list[int] = []  # per image kept, for check_packed and --verify (dataset.image_checksum)
     with staged_h5(tmp_path, "w") as (h5, check_written):
         shape = (len(records), 3, size, size)
         images = h5.create_dataset("images", shape=shape, maxshape=(None,) + shape[1:], dtype=np.uint8,

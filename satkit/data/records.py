@@ -30,7 +30,7 @@ class Record:
     image_id: int | None = None  # the dataset's own image id (COCO's `cocoid`), stored as image_ids when all have one
     objects: list[dict[str, Any]] | None = None  # shapes only
     # The encoded image (JPEG, PNG, ...) to decode instead of reading `path`, e.g. from a WebDataset shard;
-    # decoded exactly as a file is (datasets.load_image_bytes).
+    # decoded exactly as a file is (dataset.load_image_bytes).
     data: bytes | None = field(default=None, repr=False)
 
     def add_caption(self, text: str, tokens: list[str]) -> None:

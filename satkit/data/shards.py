@@ -11,7 +11,7 @@ decoding them (docs/data.md, "Shards").
 
 What a sample must have: an image member (jpg, jpeg, png or webp) and a caption, taken from the
 `.json`'s `captions` list (what `write_shards` stores: every reference, with `tokens`), else the `.txt`,
-else the `.json`'s `caption` field. Images go through datasets.load_image_bytes, the packer's own
+else the `.json`'s `caption` field. Images go through dataset.load_image_bytes, the packer's own
 preprocessing (EXIF, RGB, resize). A sample without them, an image PIL cannot decode, an unreadable
 tar member or a truncated shard (also one cut at a member's header, which tarfile reads as a shorter
 whole tar: a local tar must end with its two zero blocks) is skipped and counted (`bad`), never fatal; a
