@@ -59,7 +59,7 @@ class TrainConfig:
     # --- run ---
     name: str = "run"  # run name; the run folder defaults to runs/<name>
     # Your own modules (an attention variant, encoder or metric in a file of yours), imported before the
-    # registries are read: `imports: [my_pkg.my_attention]` or `imports=my_attention.py,other` (plugins.py).
+    # registries are read: `imports: [my_pkg.my_attention]` or `imports=[my_attention.py,other]` (or `a,b`; plugins.py).
     # Checkpoints record them; eval.py and caption.py then need `--import` for each.
     imports: list[str] = field(default_factory=list)
     out_dir: str = ""  # run folder (config, metrics.csv, curves.png, TensorBoard events, last.pt, best.pt)
