@@ -167,7 +167,8 @@ def test_the_circle_check_finds_a_hidden_circle(tmp_path):
 
 def test_the_circle_check_counts_type_only_imports(tmp_path):
     """The check of the check: the trainer/log loop of #34, closed by an import under `if TYPE_CHECKING:`."""
-    (tmp_path / "trainer.py").write_text("from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n    from logger import Log\n")
+    (tmp_path / "trainer.py").write_text(
+        "from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n    from logger import Log\n")
     (tmp_path / "logger.py").write_text("from trainer import Run\n")
     assert import_circles(import_graph(sorted(tmp_path.glob("*.py")), tmp_path)) == [["logger", "trainer"]]
 
