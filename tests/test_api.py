@@ -73,7 +73,8 @@ def test_captioner_goes_through_beam_search(ckpt, photos):
     result = captioner(photos[2], beam_size=3, n_best=2, max_len=6, length_penalty=0.5)[0]  # one image, no list
     model, _, _ = load_model(ckpt)
     tensor, _ = load_image_tensor(photos[2], SIZE)
-    (hyps,) = beam_search(model, tensor[None], WORD_MAP, beam_size=3, max_len=6, length_penalty=0.5, n_best=2)
+    (hyps,) = beam_search(model, tensor[None], WORD_MAP, beam_size=3, max_len=6, length_penalty=0.5, n_best=2,
+                          block_trigrams=True)  # the API's default
     assert [c.tokens for c in result.captions] == [h.tokens for h in hyps]
     assert [c.score for c in result.captions] == pytest.approx([h.score for h in hyps], abs=1e-6)
     assert [c.normalized_score for c in result.captions] == pytest.approx([h.normalized_score for h in hyps], abs=1e-6)
@@ -212,7 +213,7 @@ def test_json_and_csv_round_trip(ckpt, photos, tmp_path, capsys):
     assert code == 0
     data = json.loads(json_path.read_text())
     assert data["decode"] == {"beam_size": 3, "max_len": 8, "length_penalty": 0.0, "hard_decode": "expected",
-                              "batch_size": 32, "n_best": 2}
+                              "batch_size": 32, "block_trigrams": True, "n_best": 2}
     assert data["overlay"] == "highlight" and data["checkpoint"] == str(ckpt)
     images = data["images"]
     assert [r["file"] for r in images] == [str(p) for p in photos]
