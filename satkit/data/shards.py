@@ -27,6 +27,7 @@ import os
 import random
 import sys
 import tarfile
+import zlib
 from collections import Counter
 from contextlib import closing
 from dataclasses import dataclass, field
@@ -52,6 +53,11 @@ MARKER = "dataset.json"  # written last by the word-map pass, as by packing: a f
 
 class BadSample(Exception):
     """A sample that cannot be trained on; counted and skipped."""
+
+
+# What reading a tar stream raises (tarfile, gzip, a pipe): after one, the rest of that shard is unreadable.
+READ_ERRORS = (tarfile.TarError, OSError, EOFError, zlib.error)
+DAMAGED = "__damaged__"  # a raw sample's flag: read after its shard's read error, which was counted (shard_samples)
 
 
 class TruncatedShard(Exception):
@@ -94,23 +100,46 @@ def check_shards(urls: Sequence[str]) -> None:
 def shard_samples(urls: Iterable[str], on_error: Callable[[Exception], bool]) -> Iterator[dict[str, Any]]:
     """Raw samples ({"__key__", "jpg": bytes, "txt": bytes, ...}) of `urls` in order; `on_error` gets
     each unreadable member or shard, and each local tar read without error that lacks its end (tarfile ends
-    an archive quietly at a missing or cut header: a copy cut there would pass as whole); return True to go on."""
+    an archive quietly at a missing or cut header: a copy cut there would pass as whole); return True to go on.
+
+    A damaged member is one error: webdataset reports its read error twice, for the member and again for
+    the shard, whose stream cannot be read past it (tarfile's stream mode does not resync), so a shard's
+    read errors after its first are not passed on. Other errors (a duplicate member name) are each passed on.
+    The sample a damage cut into (the one read after its shard's read error, or a truncated shard's last; a
+    whole one when the cut fell between samples) is marked `DAMAGED`, so that a reader that finds it
+    unusable does not count that damage twice."""
     import webdataset as wds
 
     errors = 0
+    read_failed: bool | None = None  # this shard's first read error's verdict (go on?); None: none yet
 
     def counted(error: Exception) -> bool:
-        nonlocal errors
+        nonlocal errors, read_failed
+        if isinstance(error, READ_ERRORS):
+            if read_failed is not None:  # the same damage, reported again
+                return read_failed
+            read_failed = on_error(error)
+            errors += 1
+            return read_failed
         errors += 1
         return on_error(error)
 
     for url in urls:
-        before = errors
-        yield from wds.tarfile_to_samples(handler=counted)([{"url": url}])
+        before, read_failed, last = errors, None, None
+        for sample in wds.tarfile_to_samples(handler=counted)([{"url": url}]):
+            if last is not None:
+                yield last
+            if read_failed is not None:
+                sample[DAMAGED] = True
+            last = sample  # held back: whether the shard was cut after it is known at its end
         if errors == before and not _tar_ends(url):
             error = TruncatedShard(f"{url}: truncated (no end-of-archive blocks): a partial copy?")
             if not on_error(error):
                 raise error
+            if last is not None:
+                last[DAMAGED] = True
+        if last is not None:
+            yield last
 
 
 def _tar_ends(url: str) -> bool:
@@ -295,7 +324,7 @@ class ShardStream(IterableDataset):
             mine = itertools.islice(shard_samples(shared, errors), self.rank, None, self.world_size)
             samples = itertools.chain(samples, mine)
         if self.shuffle_buffer > 1:
-            samples = wds.filters._shuffle(samples, self.shuffle_buffer, min(100, self.shuffle_buffer), rng=rng)
+            samples = wds.shuffle(self.shuffle_buffer, min(100, self.shuffle_buffer), rng=rng)(samples)
         return samples
 
     def _no_sample(self, urls: Sequence[str]) -> None:
@@ -338,7 +367,7 @@ class ShardStream(IterableDataset):
             try:
                 item = self.decode(sample)
             except BadSample:
-                self.bad += 1
+                self.bad += not sample.get(DAMAGED)  # a damaged one's read error is counted
                 continue
             index += 1
             item.update(index=index, stream=(worker, position, self.bad, False))
@@ -516,7 +545,7 @@ def scan_captions(urls: Sequence[str], tokenizer: str, max_words: int, desc: str
                 if not any(ext in sample for ext in IMAGE_EXTENSIONS):
                     raise BadSample("no image member")
             except BadSample:
-                bad += 1
+                bad += not sample.get(DAMAGED)  # its read error is counted
                 continue
             good += 1
             counts.update(w for t in tokens for w in t[:max_words])
