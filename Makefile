@@ -13,9 +13,10 @@ OUT ?=
 FLICKR8K ?= ../shared/data/flickr8k
 F8K_DATA := data/flickr8k_224
 F8K_RUN := runs/flickr8k_lite
+F8K_HARD_RUN := runs/flickr8k_lite_hard
 F8K_PHOTOS := 1107246521_d16a476380.jpg 113678030_87a6a6e42e.jpg 1082379191_ec1e53f996.jpg
 
-.PHONY: demo demo-hard flickr8k test clean gpu-bundle gpu-check
+.PHONY: demo demo-hard flickr8k flickr8k-hard test clean gpu-bundle gpu-check
 
 # The pinned versions of requirements.txt, then satkit itself (editable: pyproject.toml), as a user would install it.
 $(VENV)/.installed: requirements.txt pyproject.toml
@@ -52,6 +53,16 @@ flickr8k: $(VENV)/.installed
 		--out $(F8K_RUN)/test_beam3.json
 	$(PY) caption.py --img $(addprefix $(FLICKR8K)/images/,$(F8K_PHOTOS)) --checkpoint $(F8K_RUN)/best.pt \
 		--beam-size 3 --out-dir $(F8K_RUN)/captions
+
+# Hard attention warm-started from the soft model (run after `make flickr8k`, as demo-hard after demo): train
+# configs/flickr8k_lite_hard.yaml from $(F8K_RUN)/best.pt, score the test split with beam 3.
+flickr8k-hard: $(VENV)/.installed
+	@test -f $(F8K_RUN)/best.pt || { echo "make flickr8k-hard: no $(F8K_RUN)/best.pt; run make flickr8k first" >&2; exit 2; }
+	rm -rf $(F8K_HARD_RUN)
+	$(PY) train.py --config configs/flickr8k_lite_hard.yaml data_folder=$(F8K_DATA) out_dir=$(F8K_HARD_RUN) \
+		init_from=$(F8K_RUN)/best.pt
+	$(PY) eval.py --checkpoint $(F8K_HARD_RUN)/best.pt --data-folder $(F8K_DATA) --split test --beam-size 3 \
+		--out $(F8K_HARD_RUN)/test_beam3.json
 
 # pytest exits 5 when it collected nothing; make treats any non-zero exit as failure.
 # Two test processes (pytest-xdist): the suite is mostly single-threaded Python, so 2 cores halve its time.
