@@ -39,7 +39,7 @@ from satkit.training.logger import RunLogger, truncate_metrics
 from satkit.training.optim import apply_resume_overrides, build_optimizer
 from satkit.training.trainer import (Run, StopRequest, TrainState, cached_features, check_losses, make_loaders,
                                      packed_splits, rank_states, self_critical, stop_workers, train_one_epoch,
-                                     use_feature_cache, val_scores)
+                                     use_feature_cache, val_scores, warn_if_pooled_up)
 from satkit.infra.seeding import seed_everything, set_rng_state
 
 # Fixed by the saved weights and optimizer state: a resume may not change them (ModelConfig keys neither).
@@ -138,6 +138,12 @@ def setup_run(cfg: Config, ckpt: dict[str, Any] | None, init: dict[str, Any] | N
     if cfg.compile_step:
         model.decoder.compile_step()
     trained = ConceptHead(model, word_map).to(device) if cfg.concept_loss_weight > 0 else model
+    if info.is_main:
+        warn_if_pooled_up(model, train_loader.dataset.image_size, cfg)
+    if info.enabled:
+        # seed + rank: each rank its own dropout masks, hard-attention draws and captions per step. Only now,
+        # so that every rank builds the same initial weights (and finds rank 0's feature cache by their hash).
+        seed_everything(cfg.seed + info.rank)
     optimizer = build_optimizer(trained, cfg)
     run = Run(cfg, info, device, out_dir, model, trained, trained, optimizer,
               torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, mode="max", factor=cfg.lr_decay_factor,
@@ -237,9 +243,9 @@ def train(run: Run, resumed: bool) -> int:
             return run.stop.exit_code
         state.epoch += 1
         val = validate(run)
+        lr = run.optimizer.param_groups[0]["lr"]  # what the epoch trained at: record_score's schedule may lower it
         improved = run.record_score(val[cfg.val_metric])
-        log.epoch(cfg, state.epoch, state.step, run.optimizer.param_groups[0]["lr"], losses, val, improved,
-                  time.time() - start)
+        log.epoch(cfg, state.epoch, state.step, lr, losses, val, improved, time.time() - start)
         ranks = rank_states(run)
         if info.is_main:
             saved = run.checkpoint(ranks)

@@ -205,3 +205,68 @@ def test_training_with_persistent_workers_exits(shapes_folder, tmp_path):
     result = subprocess.run(argv, cwd=ROOT, capture_output=True, text=True, timeout=180)
     assert result.returncode == 0, result.stderr[-2000:]
     assert "done: best val" in result.stdout
+
+
+def test_each_epoch_logs_the_lr_it_trained_at(shapes_folder, tmp_path, capsys, monkeypatch):
+    """The schedule halves the LR after epoch 2's worse val score: metrics.csv's lr says what epochs 1 and 2
+    trained at (2e-3 both), not the LR after the schedule's step; the checkpoint holds the halved one.
+    enc_size=4 on the 6x6 grid pools down: no warning."""
+    scores = iter([0.5, 0.4])
+    real = train.val_scores
+    monkeypatch.setattr(train, "val_scores", lambda *args, **kwargs: {**real(*args, **kwargs), "BLEU-4": next(scores)})
+    out = tmp_path / "run"
+    assert run_train(shapes_folder, out, "epochs=2", "decoder_lr=2e-3", "lr_patience=0", "lr_decay_factor=0.5") == 0
+    assert [row["lr"] for row in csv.DictReader(open(out / "metrics.csv"))] == ["0.002", "0.002"]
+    assert torch.load(out / "last.pt", weights_only=True)["optimizer"]["param_groups"][0]["lr"] == pytest.approx(1e-3)
+    assert "enc_size" not in capsys.readouterr().err
+
+
+def test_enc_size_above_the_encoders_grid_is_named_in_one_line(shapes_folder, tmp_path, capsys):
+    """48 px through ResNet-18's layer2 (stride 8) is a 6x6 grid: enc_size=8 pools it up, copying cells."""
+    assert run_train(shapes_folder, tmp_path / "run", "epochs=1", "enc_size=8") == 0
+    lines = [line for line in capsys.readouterr().err.splitlines() if "enc_size=8" in line]
+    assert len(lines) == 1 and lines[0].startswith("warning: enc_size=8 pools resnet18's 6x6 grid"), lines
+    assert "1.8x the attention" in lines[0] and "enc_size=6" in lines[0]
+
+
+RANK_DRAWS = """
+    import json, sys
+    import torch
+    import train
+    from satkit.config import load_config
+    from satkit.infra.runtime import cleanup_distributed, init_distributed
+
+    folder, out = sys.argv[1], sys.argv[2]
+    overrides = [f"data_folder={folder}", f"out_dir={out}/run", "encoder_stages=2", "enc_size=4", "attention_dim=16",
+                 "embed_dim=16", "decoder_dim=16", "batch_size=4", "num_workers=0", "fine_tune_encoder=false",
+                 "device=cpu"]
+    cfg = load_config("configs/shapes.yaml", overrides)
+    info, device = init_distributed(cfg.device)
+    run = train.setup_run(cfg, None, None, info, device, None, ())
+    result = {"draws": torch.rand(4).tolist(), "cache": str(run.train_loader.dataset.features_path),
+              "weights": [float(p.double().sum()) for p in run.model.parameters()]}
+    with open(f"{out}/rank{info.rank}.json", "w") as f:
+        json.dump(result, f)
+    cleanup_distributed(info)
+"""
+
+
+def test_each_rank_draws_its_own_numbers_from_the_same_initial_weights(shapes_folder, tmp_path):
+    """seed + rank: the two ranks' dropout masks and hard-attention draws differ (before, both drew the same
+    numbers). The model is built before that, from the seed alone: every rank holds the same weights, so
+    rank 1 finds the feature cache rank 0 built for the frozen encoder (its name holds the weights' hash)."""
+    import shutil
+    import textwrap
+
+    pack = shutil.copytree(shapes_folder, tmp_path / "pack", ignore=shutil.ignore_patterns("features"))
+    script = tmp_path / "rank_draws.py"
+    script.write_text(textwrap.dedent(RANK_DRAWS))
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": "", "PYTHONPATH": str(ROOT)}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(script),
+           str(pack), str(tmp_path)]
+    result = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+    assert ranks[0]["draws"] != ranks[1]["draws"]
+    assert ranks[0]["weights"] == ranks[1]["weights"]
+    assert ranks[0]["cache"] == ranks[1]["cache"] != "None"

@@ -345,8 +345,9 @@ def make_loaders(cfg: Config, info: DistInfo, device: torch.device
     common = {"num_workers": cfg.num_workers, "collate_fn": collate_captions, "persistent_workers": cfg.num_workers > 0,
               "pin_memory": device.type == "cuda",
               "worker_init_fn": _ignore_stop_signals if cfg.num_workers > 0 else None}
+    # seed + rank: each rank's workers seed their own augmentation (hflip) draws (rank 0: as in one process)
     train_loader = DataLoader(train_set, batch_size=cfg.batch_size, sampler=sampler, drop_last=True,
-                              generator=torch.Generator().manual_seed(cfg.seed), **common)
+                              generator=torch.Generator().manual_seed(cfg.seed + info.rank), **common)
     if len(train_loader) == 0:  # drop_last would "train" zero steps
         raise UserError(f"{train_set.path}: {len(train_set)} images give no full batch of batch_size="
                         f"{cfg.batch_size} per process ({info.world_size} process(es)); lower batch_size")
@@ -412,6 +413,19 @@ def use_feature_cache(cfg: Config) -> bool:
             raise UserError("feature_cache=on needs an HDF5 pack (data_format=hdf5): shards are streamed, not cached")
         return False
     return cfg.feature_cache == "on" or (cfg.feature_cache == "auto" and not cfg.fine_tune_encoder and not cfg.hflip)
+
+
+def warn_if_pooled_up(model: ShowAttendTell, image_size: int, cfg: Config) -> None:
+    """One line when enc_size exceeds the encoder's native grid at this image size: adaptive pooling then
+    copies cells (7x7 to 14x14: each four times), which costs attention and cache as a finer grid would and
+    adds no detail. A warning, not a refusal: the common ports' ResNet-101 recipe (8x8 at 256 px, pooled to
+    14x14, configs/flickr8k.yaml) does this on purpose."""
+    native = model.encoder.grid(image_size)
+    if cfg.enc_size > native:
+        print(f"warning: enc_size={cfg.enc_size} pools {cfg.encoder}'s {native}x{native} grid (encoder_stages="
+              f"{cfg.encoder_stages}, {image_size} px) up to {cfg.enc_size}x{cfg.enc_size}: copied cells, "
+              f"{cfg.enc_size ** 2 / native ** 2:.1f}x the attention and feature-cache cost for no finer detail; "
+              f"enc_size={native} attends over the grid itself", file=sys.stderr)
 
 
 def built_by_rank_0(info: DistInfo, make: Callable[[bool], T]) -> T:
