@@ -219,9 +219,11 @@ def test_model_config_accepts_every_registered_encoder_and_refuses_others():
 
 
 @pytest.mark.parametrize("name, fine_tune, layout", [("resnet18", False, True), ("resnet18", True, False),
-                                                     ("efficientnet_lite0", False, True)])
+                                                     ("efficientnet_lite0", False, True),
+                                                     ("efficientnet_lite0", True, True)])
 def test_frozen_encoders_run_channels_last_and_give_the_default_layouts_features(name, fine_tune, layout):
-    """The layout is speed only (docs/speed.md): features equal those of the same weights in NCHW."""
+    """The layout is speed only (docs/speed.md): features equal those of the same weights in NCHW. A trained
+    ResNet keeps NCHW; Lite runs channels_last fine-tuned too."""
     torch.manual_seed(0)
     encoder = ENCODERS[name](weights="none", stages=4, enc_size=2, fine_tune=fine_tune).eval()
     assert encoder.channels_last is layout
