@@ -58,7 +58,8 @@ def get_args_parser() -> argparse.ArgumentParser:
                         help="DataLoader workers (default: %(default)s)")
     parser.add_argument("--feature-cache", choices=FEATURE_CACHE_MODES, default=defaults.feature_cache,
                         help="decode from the split's cached encoder features (feature_cache.py): auto (default) "
-                             "when a cache made by this checkpoint's encoder exists, on: build it if missing")
+                             "when a cache made by this checkpoint's encoder from this pack exists, on: build it if "
+                             "missing or made from an earlier pack")
     return parser
 
 
