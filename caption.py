@@ -28,7 +28,8 @@ K-1 captions follow, indented, with their log-probabilities) and writes into --o
                         so frames = words + 1; 800 ms per frame, looping forever
 
 --overlay highlight (default) keeps the image's own colours where attention is high and dims the rest
-toward black, as the paper's figures do; --overlay colormap tints the image with a jet colormap.
+toward black; --overlay paper draws the paper's figures (alpha smoothed by a wider Gaussian, a white veil
+where attention is high, black elsewhere); --overlay colormap tints the image with a jet colormap.
 --json FILE / --csv FILE also write, per image, the file, its caption and score, the n-best list with
 scores and the figure paths (CSV: one row per image and rank).
 
@@ -66,8 +67,9 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
                         help="keep the K best captions of the beam (or samples) per image, 1..--beam-size "
                              "(default: 1)")
     parser.add_argument("--overlay", choices=OVERLAY_STYLES, default="highlight",
-                        help="highlight: the image's colours where attention is high, the rest dimmed (the "
-                             "paper's style); colormap: a jet tint (default: %(default)s)")
+                        help="highlight: the image's colours where attention is high, the rest dimmed; paper: "
+                             "the paper's figures (a white veil where attention is high); colormap: a jet tint "
+                             "(default: %(default)s)")
     parser.add_argument("--json", metavar="FILE", help="also write the results (n-best, scores, figures) as JSON")
     parser.add_argument("--csv", metavar="FILE", help="also write them as CSV, one row per image and rank")
     return parser

@@ -28,7 +28,7 @@ from PIL import Image
 
 from satkit.attention import is_stochastic
 from satkit.config import ModelConfig
-from satkit.data.dataset import load_image_tensor
+from satkit.data.dataset import load_image_bytes, load_image_tensor, normalize_image
 from satkit.decoding import DecodeOptions, Hypothesis, decode_images
 from satkit.figures import OVERLAY_STYLES, AttentionMaps, gif_writer, png_writer, render_panels
 from satkit.infra.filesafety import atomic_write_all, atomic_write_text
@@ -129,6 +129,13 @@ class Captioner:
     def load(self, image: ImageInput) -> tuple[torch.Tensor, Image.Image]:
         """An image file or PIL image -> (normalised (3, S, S) tensor, S x S RGB image); UserError if unreadable."""
         return load_image_tensor(image, self.image_size)
+
+    def load_bytes(self, data: bytes, name: str) -> tuple[torch.Tensor, Image.Image]:
+        """`load` for an encoded image held in memory (an upload to satkit.serve): the same pixels and the
+        same one-line UserErrors (`NAME: empty file`, truncated, not an image, PIL's decompression-bomb
+        limit) as the same bytes read from a file, without writing them anywhere."""
+        pixels = load_image_bytes(data, self.image_size, name)  # (3, S, S) uint8
+        return normalize_image(torch.from_numpy(pixels)), Image.fromarray(pixels.transpose(1, 2, 0))
 
     def __call__(
         self,

@@ -20,8 +20,14 @@ from satkit.infra.runtime import UserError
 GIF_FRAME_MS = 800  # slow enough to read each word
 GRID_COLUMNS = 5
 PANEL_INCHES, TITLE_INCHES, PANEL_DPI = 2.6, 0.45, 100  # equal panels, so grid and GIF frames agree
-OVERLAY_STYLES = ("highlight", "colormap")
+OVERLAY_STYLES = ("highlight", "colormap", "paper")
 HIGHLIGHT_FLOOR = 0.15  # brightness left where attention is zero: dark, yet the scene stays readable
+SMOOTH_CELLS = 0.5  # Gaussian sigma of highlight and colormap, in grid cells
+# The paper's figures (Xu et al.'s released code): alpha upsampled 16x from 14x14 with
+# skimage's pyramid_expand(upscale=16, sigma=20), i.e. a Gaussian of 20/16 = 1.25 cells, drawn as a grey
+# map (white = high) at opacity 0.8 over the image.
+PAPER_SMOOTH_CELLS = 1.25
+PAPER_VEIL = 0.8
 
 
 # --------------------------------------------------------------------------------------------
@@ -38,24 +44,50 @@ class AttentionMaps:
     stochastic: bool = False  # the variant samples one location s_t: outline the argmax cell
 
 
-def smooth_attention(alpha: np.ndarray, size: tuple[int, int]) -> np.ndarray:
-    """alpha_t (g, g) -> (H, W): bilinear upsampling, then a Gaussian about half a cell wide."""
+def smooth_attention(alpha: np.ndarray, size: tuple[int, int], sigma_cells: float = SMOOTH_CELLS) -> np.ndarray:
+    """alpha_t (g, g) -> (H, W): bilinear upsampling, then a Gaussian `sigma_cells` grid cells wide."""
     from skimage.filters import gaussian
     from skimage.transform import resize
 
     up = resize(alpha.astype(np.float64), size, order=1, mode="edge", anti_aliasing=False)  # (H, W)
-    sigma = 0.5 * max(size) / max(alpha.shape)
+    sigma = sigma_cells * max(size) / max(alpha.shape)
     return gaussian(up, sigma=sigma, mode="nearest")
 
 
-def attention_weights(alphas: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+def attention_weights(alphas: np.ndarray, size: tuple[int, int], sigma_cells: float = SMOOTH_CELLS) -> np.ndarray:
     """alpha_t (T, g, g) -> (T, H, W) smoothed maps on ONE scale for the whole caption, in [0, 1].
 
     Dividing by the caption's largest value (not each step's own max) keeps a flat map flat: a step
     whose alpha is nearly uniform draws as a nearly even dimming, never as a strong hot-to-cold gradient.
     """
-    heat = np.stack([smooth_attention(alpha, size) for alpha in alphas]) if len(alphas) else np.zeros((0, *size))
+    heat = (np.stack([smooth_attention(alpha, size, sigma_cells) for alpha in alphas]) if len(alphas)
+            else np.zeros((0, *size)))
     return heat / max(float(heat.max(initial=0.0)), 1e-12)
+
+
+def overlay_weights(alphas: np.ndarray, size: tuple[int, int], overlay: str) -> np.ndarray:
+    """alpha_t (T, g, g) -> (T, H, W) in [0, 1] on one scale, smoothed as `overlay` draws them: the paper's
+    style with its own wider Gaussian. What render_panels and the browser page (satkit.serve) both draw."""
+    return attention_weights(alphas, size, PAPER_SMOOTH_CELLS if overlay == "paper" else SMOOTH_CELLS)
+
+
+def paper_overlay(image: np.ndarray, weight: np.ndarray, veil: float = PAPER_VEIL) -> np.ndarray:
+    """The paper's figures: a grey map (white where weight is 1, black at 0) at opacity `veil` over the image.
+
+    image: (H, W, 3) uint8; weight: (H, W) in [0, 1]. Returns (H, W, 3) uint8.
+    """
+    grey = 255.0 * np.clip(weight, 0.0, 1.0)[..., None]  # (H, W, 1)
+    return np.rint((1.0 - veil) * image.astype(np.float64) + veil * grey).astype(np.uint8)
+
+
+def attention_measures(alpha: np.ndarray) -> dict[str, float]:
+    """How peaked alpha_t (g, g) is, in numbers a figure cannot exaggerate: `peak` (its largest weight),
+    `x_uniform` (peak / (1/L): 1.0 is a flat map) and `entropy` (H(alpha) / log L: 1 flat, 0 one cell)."""
+    flat = alpha.astype(np.float64).ravel()  # (L,)
+    peak = float(flat.max())
+    positive = flat[flat > 0]
+    entropy = float(-(positive * np.log(positive)).sum() / math.log(flat.size)) if flat.size > 1 else 0.0
+    return {"peak": peak, "x_uniform": peak * flat.size, "entropy": entropy}
 
 
 def highlight(image: np.ndarray, weight: np.ndarray, floor: float = HIGHLIGHT_FLOOR) -> np.ndarray:
@@ -69,17 +101,19 @@ def highlight(image: np.ndarray, weight: np.ndarray, floor: float = HIGHLIGHT_FL
 
 def step_title(t: int, word: str, alpha: np.ndarray, beta: float | None) -> str:
     """`3: dog (β=0.52)` over `peak 0.038 = 2.4x uniform`: a flat map says so in numbers."""
-    peak = float(alpha.max())
+    measures = attention_measures(alpha)
     title = f"{t}: {word}" + (f" (β={beta:.2f})" if beta is not None else "")
     # The step number keeps consecutive frames distinct: PIL merges identical GIF frames.
-    return f"{title}\npeak {peak:.2g} = {peak * alpha.size:.1f}x uniform"
+    return f"{title}\npeak {measures['peak']:.2g} = {measures['x_uniform']:.1f}x uniform"
 
 
 def render_panels(maps: AttentionMaps, overlay: str = "highlight") -> list[Image.Image]:
     """Panel 0 is the plain image; panel t (1..T) overlays alpha_t on it with word t as the title.
 
-    overlay: "highlight" (the image's colours where alpha is high, dimmed elsewhere) or "colormap"
-    (jet over the image). All panels of a caption share one scale (see `attention_weights`).
+    overlay: "highlight" (the image's colours where alpha is high, dimmed elsewhere), "colormap"
+    (jet over the image) or "paper" (the paper's figures: a wider Gaussian, a white veil where alpha is
+    high). All panels of a caption share one scale (see `attention_weights`), the paper's style too,
+    where the paper stretched each panel to its own range; the titles give each step's peak.
     Drawn with matplotlib's Agg canvas directly (no pyplot, no global backend switch), so it works
     headless and leaves an interactive session's backend alone. All panels have the same pixel size.
     """
@@ -91,7 +125,7 @@ def render_panels(maps: AttentionMaps, overlay: str = "highlight") -> list[Image
     image = np.asarray(maps.image)  # (H, W, 3)
     height, width = image.shape[:2]
     alphas = maps.alphas.detach().float().cpu().numpy()  # (T, g, g)
-    weights = attention_weights(alphas, (height, width))  # (T, H, W), one scale
+    weights = overlay_weights(alphas, (height, width), overlay)  # (T, H, W), one scale
     panels = []
     for t in range(len(maps.words) + 1):
         fig = Figure(figsize=(PANEL_INCHES, PANEL_INCHES + TITLE_INCHES), dpi=PANEL_DPI)
@@ -105,6 +139,8 @@ def render_panels(maps: AttentionMaps, overlay: str = "highlight") -> list[Image
             alpha = alphas[t - 1]  # (g, g)
             if overlay == "highlight":
                 ax.imshow(highlight(image, weights[t - 1]))
+            elif overlay == "paper":
+                ax.imshow(paper_overlay(image, weights[t - 1]))
             else:
                 ax.imshow(image)
                 ax.imshow(weights[t - 1], cmap="jet", alpha=0.5, vmin=0.0, vmax=1.0)

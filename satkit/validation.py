@@ -24,15 +24,16 @@ def option(default: Any = dataclasses.MISSING, *, choices: Sequence[Any] | None 
     return field(default=default, metadata={k: v for k, v in meta.items() if v is not None})
 
 
-def check_fields(obj: Any, as_flags: bool = False) -> None:
+def check_fields(obj: Any, as_flags: bool = False, prefix: str | None = None) -> None:
     """Raise UserError naming the first field of dataclass `obj` outside its declared choices or bounds,
-    as `config key` or, with as_flags, as the command-line flag `--key`. None (unset, the owner fills in
-    its default later) is not checked."""
+    as `config key`, with as_flags as the command-line flag `--key`, or with a prefix as `{prefix}key`
+    (satkit.serve's form fields). None (unset, the owner fills in its default later) is not checked."""
     for f in fields(obj):
         value, meta = getattr(obj, f.name), f.metadata
         if value is None:
             continue
-        label = f"--{f.name.replace('_', '-')}" if as_flags else f"config {f.name}"
+        label = (f"{prefix}{f.name}" if prefix is not None else f"--{f.name.replace('_', '-')}" if as_flags
+                 else f"config {f.name}")
         if "choices" in meta and value not in meta["choices"]:
             raise UserError(f"{label}={value!r} is not one of {', '.join(map(str, meta['choices']))}")
         if isinstance(value, float) and not math.isfinite(value):
