@@ -1,7 +1,7 @@
 """Speed as ratios: each row runs two variants in this one process, alternating, and reports medians.
 
     python -m tools.benchmark            # the README's table (3.5 min on a 2-core CPU)
-    python -m tools.benchmark --quick    # fewer repeats and smaller batches (1.5 min on a 2-core CPU)
+    python -m tools.benchmark --quick    # fewer repeats, smaller batches, no encoder rows (meant: < 3 min, 2 cores)
     python -m tools.benchmark --tiny     # tiny models: the test suite runs it so it cannot rot
     python -m tools.benchmark --device cuda   # adds ms per step fp32 vs bf16 and eager vs compile_step, peak GPU memory
     python -m tools.benchmark --rows decode,cuda   # only these groups of rows (ROW_GROUPS; gpu_check.py picks some)
@@ -61,6 +61,9 @@ ROOT = Path(__file__).resolve().parents[1]
 # The groups of rows, in the table's order (--rows picks some): shared and scst run on the CPU only, cuda on
 # CUDA only.
 ROW_GROUPS = ("decode", "frozen", "trainable", "data", "shared", "cuda", "memory", "scst", "shards", "encoders")
+# Left out of --quick unless --rows names them: the encoder rows alone take minutes (five ImageNet-size CNNs at
+# 224 px, a cache build, Captioner end to end), and --quick is the look that takes under 3 minutes.
+NOT_QUICK = ("encoders",)
 FLICKR8K_CPU = ROOT / "configs" / "flickr8k_cpu.yaml"  # the shards rows' config: data, batch, step
 
 
@@ -791,7 +794,9 @@ def print_table(rows: list[Row], header: str) -> None:
 def get_args_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     mode = parser.add_mutually_exclusive_group()
-    mode.add_argument("--quick", action="store_true", help="fewer repeats, smaller batches (< 3 min on 2 cores)")
+    mode.add_argument("--quick", action="store_true",
+                      help="fewer repeats, smaller batches, no encoder rows unless --rows names them "
+                           "(< 3 min on 2 cores)")
     mode.add_argument("--tiny", action="store_true", help="tiny models: checks that every row runs")
     mode.add_argument("--full", action="store_true", help=argparse.SUPPRESS)  # the default
     parser.add_argument("--shared-child", action="store_true", help=argparse.SUPPRESS)
@@ -799,8 +804,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--shards-child", nargs="+", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--device", default="cpu", help="cpu | cuda (default: cpu)")
     parser.add_argument("--num-workers", type=int, default=1, help="DataLoader workers of the data row (default: 1)")
-    parser.add_argument("--rows", default=",".join(ROW_GROUPS),
-                        help="comma-separated groups of rows to measure (default: all: %(default)s)")
+    parser.add_argument("--rows", default=None,
+                        help=f"comma-separated groups of rows to measure (default: all: {','.join(ROW_GROUPS)}; "
+                             f"--quick: all but {','.join(NOT_QUICK)})")
     parser.add_argument("--flickr8k-pack", type=Path, default=Path("data/flickr8k_128"),
                         help="the shards rows (full mode): the Flickr8k pack to compare with, only read "
                              "(default: %(default)s, as configs/flickr8k_cpu.yaml)")
@@ -822,11 +828,12 @@ def missing_flickr8k(pack: Path, source: Path) -> str:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = get_args_parser()
     args = parser.parse_args(argv)
-    wanted = [name.strip() for name in args.rows.split(",") if name.strip()]
+    mode = "tiny" if args.tiny else "quick" if args.quick else "full"
+    every = [name for name in ROW_GROUPS if not (mode == "quick" and name in NOT_QUICK)]
+    wanted = [name.strip() for name in args.rows.split(",") if name.strip()] if args.rows is not None else every
     unknown = [name for name in wanted if name not in ROW_GROUPS]
     if unknown or not wanted:
         parser.error(f"--rows: {', '.join(unknown) or 'none given'}; choose from {','.join(ROW_GROUPS)}")
-    mode = "tiny" if args.tiny else "quick" if args.quick else "full"
     s = sizes(mode)
     if args.shared_child:
         shared_child(s)
@@ -838,7 +845,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         shards_child(args.shards_child)
         return 0
     missing = missing_flickr8k(args.flickr8k_pack, args.flickr8k) if "shards" in wanted and mode == "full" else ""
-    if missing and args.rows != parser.get_default("rows"):
+    if missing and args.rows is not None:
         parser.error(f"--rows shards: {missing}")
     if missing:  # the default, every group: the others still run
         print(f"note: the shards rows are left out: {missing}", file=sys.stderr)
@@ -860,11 +867,14 @@ def main(argv: Sequence[str] | None = None) -> int:
                     "encoders": lambda: encoder_rows(s, workdir, Path("data/flickr8k_224"), args.flickr8k)
                     if device.type == "cpu" else []}
         for name in (n for n in ROW_GROUPS if n in wanted):
+            started = time.perf_counter()
             new = measures[name]()
             rows += new
             for r in new:
                 print(f"  {r.name}: {r.a} {r.a_value:.3g} vs {r.b} {r.b_value:.3g} {r.unit} ({r.ratio:.2f}x)",
                       file=sys.stderr, flush=True)
+            if new:  # what each group costs: --quick must stay a quick look
+                print(f"  ({name} rows: {time.perf_counter() - started:.0f} s)", file=sys.stderr, flush=True)
     print_table(rows, header)
     return 0
 
