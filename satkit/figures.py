@@ -14,6 +14,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from satkit.evaluation.attention_measures import word_measures
 from satkit.infra.filesafety import atomic_write
 from satkit.infra.runtime import UserError
 
@@ -82,12 +83,11 @@ def paper_overlay(image: np.ndarray, weight: np.ndarray, veil: float = PAPER_VEI
 
 def attention_measures(alpha: np.ndarray) -> dict[str, float]:
     """How peaked alpha_t (g, g) is, in numbers a figure cannot exaggerate: `peak` (its largest weight),
-    `x_uniform` (peak / (1/L): 1.0 is a flat map) and `entropy` (H(alpha) / log L: 1 flat, 0 one cell)."""
-    flat = alpha.astype(np.float64).ravel()  # (L,)
-    peak = float(flat.max())
-    positive = flat[flat > 0]
-    entropy = float(-(positive * np.log(positive)).sum() / math.log(flat.size)) if flat.size > 1 else 0.0
-    return {"peak": peak, "x_uniform": peak * flat.size, "entropy": entropy}
+    `x_uniform` (peak / (1/L): 1.0 is a flat map), `entropy` (H(alpha) / log L: 1 flat, 0 one cell) and
+    `half_mass_area` (the share of cells holding half its mass), as eval.py measures them."""
+    measures = word_measures(torch.as_tensor(np.asarray(alpha, dtype=np.float64))[None])
+    return {"peak": float(np.max(alpha)), "x_uniform": float(measures["peak_x_uniform"][0]),
+            "entropy": float(measures["entropy"][0]), "half_mass_area": float(measures["half_mass_area"][0])}
 
 
 def highlight(image: np.ndarray, weight: np.ndarray, floor: float = HIGHLIGHT_FLOOR) -> np.ndarray:
