@@ -470,7 +470,8 @@ class ShardLoader:
         # process: its gloo threads made a forked worker hang in os.fork() (2026-12-01, a 2-rank test run;
         # pytorch/pytorch#75147). One process keeps fork, which tests may monkeypatch through.
         context = "forkserver" if self.num_workers and self.stream.world_size > 1 else None
-        seed = self.stream.seed * 1000 + self.stream.epoch + 1_000_003 * self.pass_
+        # The workers' torch seeds (hflip draws): their own per epoch, pass and rank (rank 0: as in one process)
+        seed = self.stream.seed * 1000 + self.stream.epoch + 1_000_003 * self.pass_ + 7_919 * self.stream.rank
         loader = DataLoader(self.stream, batch_size=self.batch_size, num_workers=self.num_workers,
                             collate_fn=collate_stream, pin_memory=self.pin_memory, multiprocessing_context=context,
                             worker_init_fn=self.worker_init_fn if self.num_workers else None,
