@@ -16,7 +16,7 @@ F8K_RUN := runs/flickr8k_lite
 F8K_HARD_RUN := runs/flickr8k_lite_hard
 F8K_PHOTOS := 1107246521_d16a476380.jpg 113678030_87a6a6e42e.jpg 1082379191_ec1e53f996.jpg
 
-.PHONY: demo demo-hard flickr8k flickr8k-hard test clean gpu-bundle gpu-check
+.PHONY: demo demo-hard flickr8k flickr8k-hard serve test clean gpu-bundle gpu-check
 
 # The pinned versions of requirements.txt, then satkit itself (editable: pyproject.toml), as a user would install it.
 $(VENV)/.installed: requirements.txt pyproject.toml
@@ -63,6 +63,16 @@ flickr8k-hard: $(VENV)/.installed
 		init_from=$(F8K_RUN)/best.pt
 	$(PY) eval.py --checkpoint $(F8K_HARD_RUN)/best.pt --data-folder $(F8K_DATA) --split test --beam-size 3 \
 		--out $(F8K_HARD_RUN)/test_beam3.json
+
+# Caption your own photos in a browser (satkit/serve.py): http://127.0.0.1:$(PORT)/ and POST /api/caption.
+# CHECKPOINT=PATH serves another model (default: make flickr8k's); the page offers make flickr8k's three
+# test photos when the default model and the photos are there, else the samples/ folder beside the checkpoint.
+PORT ?= 8000
+CHECKPOINT ?=
+EXAMPLES ?= $(if $(CHECKPOINT),,$(wildcard $(addprefix $(FLICKR8K)/images/,$(F8K_PHOTOS))))
+serve: $(VENV)/.installed
+	OMP_WAIT_POLICY=$${OMP_WAIT_POLICY:-PASSIVE} $(PY) -m satkit.serve $(if $(CHECKPOINT),--checkpoint $(CHECKPOINT)) \
+		--port $(PORT) $(if $(EXAMPLES),--examples $(EXAMPLES))
 
 # pytest exits 5 when it collected nothing; make treats any non-zero exit as failure.
 # Two test processes (pytest-xdist): the suite is mostly single-threaded Python, so 2 cores halve its time.

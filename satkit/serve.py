@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import base64
 import email.message
+import faulthandler
 import io
 import json
 import mimetypes
@@ -278,7 +279,7 @@ def caption_payload(result: CaptionResult, overlays: bool) -> list[dict[str, Any
     word the measures of satkit.figures.attention_measures; with overlays, the maps the page draws."""
     captions = []
     for caption in result.captions:
-        alphas = caption.alphas.detach().float().cpu().numpy()  # (T, g, g)
+        alphas = caption.alphas.detach().double().cpu().numpy()  # (T, g, g); float64, so 4 decimals print as 4
         entry = {
             "caption": caption.text,
             "score": caption.score,
@@ -364,7 +365,7 @@ class CaptionServer(ThreadingHTTPServer):
                    "grid": int(result.best.alphas.shape[-1]),
                    "image_size": self.captioner.image_size,
                    "model": self.model_info,
-                   "decode": {**opts.record(), "n_best": n_best},
+                   "decode": {**{k: v for k, v in opts.record().items() if k != "batch_size"}, "n_best": n_best},
                    "batch": batch,
                    "decode_seconds": round(decoded - waited, 4)}
         if overlays:
@@ -475,7 +476,7 @@ def make_server(checkpoint: str | Path, host: str = "127.0.0.1", port: int = DEF
         if str(checkpoint) == DEFAULT_CHECKPOINT:
             raise UserError(f"{DEFAULT_CHECKPOINT} not found: train it with `make flickr8k` (Flickr8k, about 60 min "
                             "on 2 cores) or `make demo` (shapes, about 18 min; then CHECKPOINT=runs/shapes/best.pt), "
-                            "or pass --checkpoint PATH")
+                            "or serve another one: --checkpoint PATH (make serve CHECKPOINT=PATH)")
         raise UserError(f"{checkpoint}: checkpoint not found")
     captioner = Captioner.from_checkpoint(path, device=device, imports=imports)
     found, _ = collect_images(list(examples)) if examples else ([], [])
@@ -500,6 +501,7 @@ def serve_until_stopped(server: CaptionServer) -> int:
         stop.set()
 
     previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
+    faulthandler.register(signal.SIGUSR1, all_threads=True)  # `kill -USR1 PID`: every thread's stack on stderr
     thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.1}, name="satkit-serve-accept")
     thread.start()
     try:
@@ -509,6 +511,7 @@ def serve_until_stopped(server: CaptionServer) -> int:
         server.server_close()  # closes the listening socket, then joins the request threads in flight
         server.worker.close()
         thread.join()
+        faulthandler.unregister(signal.SIGUSR1)
         for sig, handler in previous.items():
             signal.signal(sig, handler)
     print("stopped", file=sys.stderr, flush=True)

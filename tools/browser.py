@@ -230,13 +230,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--photo", required=True, type=Path)
     parser.add_argument("--word", type=int, default=3, help="the word to click, 1-based (default: %(default)s)")
     parser.add_argument("--out", type=Path, default=Path("docs/serve.png"))
+    parser.add_argument("--examples", nargs="*", default=[], help="example photos the page offers")
     parser.add_argument("--debug", action="store_true")
     args = parser.parse_args(argv)
 
     def body() -> int:
         if find_chromium() is None:
             raise UserError("no chromium found: apt-get install chromium")
-        server = make_server(args.checkpoint, port=0, quiet=True)
+        server = make_server(args.checkpoint, port=0, quiet=True, examples=args.examples)
         thread = threading.Thread(target=server.serve_forever, daemon=True)
         thread.start()
         try:
