@@ -508,6 +508,7 @@ def serve_until_stopped(server: CaptionServer) -> int:
         stop.wait()
     finally:
         server.shutdown()  # serve_forever returns: nothing new is accepted
+        _serve_backlog(server)
         server.server_close()  # closes the listening socket, then joins the request threads in flight
         server.worker.close()
         thread.join()
@@ -516,6 +517,19 @@ def serve_until_stopped(server: CaptionServer) -> int:
             signal.signal(sig, handler)
     print("stopped", file=sys.stderr, flush=True)
     return 0
+
+
+def _serve_backlog(server: CaptionServer) -> None:
+    """Take the connections the kernel had already accepted when the stop came, as requests in flight:
+    closing the listening socket with them queued would reset them."""
+    server.socket.setblocking(False)
+    while True:
+        try:
+            request, address = server.socket.accept()
+        except (BlockingIOError, InterruptedError):
+            return
+        request.setblocking(True)
+        server.process_request(request, address)
 
 
 def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:

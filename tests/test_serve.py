@@ -331,7 +331,7 @@ def _stop_with_a_request_in_flight(port: int, photo: Path, stop: Any) -> dict[st
         while True:  # new connections are refused once the listening socket closes
             try:
                 socket.create_connection(("127.0.0.1", port), timeout=1).close()
-            except ConnectionRefusedError:
+            except (ConnectionRefusedError, ConnectionResetError):  # reset: the socket closed mid-handshake
                 break
             assert time.monotonic() < deadline, "still accepting connections a minute after the signal"
             time.sleep(0.05)

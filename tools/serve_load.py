@@ -176,8 +176,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     served = load_server(args.checkpoint, photos, args.clients, args.per_client, args.rounds)
     command = caption_py(args.checkpoint, photos)
     library = library_batch(args.checkpoint, photos)
-    print(f"\nserver: ready in {served['ready_s']:.1f} s (cold start, warm-up included), RSS {served['idle_rss_mb']:.0f} MiB "
-          f"idle, peak {served['hwm_mb']:.0f} MiB (VmHWM); SIGTERM -> exit code {served['exit_code']}")
+    print(f"\nserver: ready in {served['ready_s']:.1f} s (cold start, warm-up included), "
+          f"RSS {served['idle_rss_mb']:.0f} MiB idle, peak {served['hwm_mb']:.0f} MiB (VmHWM); "
+          f"SIGTERM -> exit code {served['exit_code']}")
     print("| run | requests answered | wall s | images/s | p50 s | p95 s | largest batch | peak RSS MiB |")
     print("|---|---|---|---|---|---|---|---|")
     for n, r in enumerate(served["rounds"], start=1):
